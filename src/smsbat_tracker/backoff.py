@@ -1,0 +1,111 @@
+"""The polling schedule: pure functions, no I/O, no clock of their own."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from smsbat_tracker.config import Settings
+
+__all__ = [
+    "DEFAULT_BACKOFF_FACTOR",
+    "DEFAULT_FIRST_DELAY",
+    "DEFAULT_JITTER",
+    "DEFAULT_MAX_DELAY",
+    "MIN_INTERVAL",
+    "Schedule",
+    "compute_backoff",
+]
+
+# The provider advises checks every 5-10 s with exponential backoff; the defaults start at
+# 5 s and grow by 1.6x to 20 s, tuned with bench/ (see bench/RESULTS.md).
+DEFAULT_FIRST_DELAY: Final = 5.0
+DEFAULT_BACKOFF_FACTOR: Final = 1.6
+DEFAULT_MAX_DELAY: Final = 20.0
+DEFAULT_JITTER: Final = 0.1
+# Never two status requests for one message within a second (the provider's rule).
+MIN_INTERVAL: Final = 1.0
+
+
+def compute_backoff(
+    attempt: int,
+    *,
+    first_delay: float = DEFAULT_FIRST_DELAY,
+    factor: float = DEFAULT_BACKOFF_FACTOR,
+    max_delay: float = DEFAULT_MAX_DELAY,
+    jitter: float = DEFAULT_JITTER,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait before check number ``attempt`` (0 is the first check).
+
+    ``first_delay * factor ** attempt``, capped at ``max_delay``, then spread by up to
+    ``±jitter`` of itself so that messages sent together do not poll in lockstep; the
+    result never exceeds ``max_delay``.
+    """
+    if attempt < 0:
+        raise ValueError("attempt must be >= 0")
+    # Cap the exponent first: factor ** attempt overflows long before attempts run out.
+    base = first_delay if factor == 1 else min(max_delay, first_delay * factor ** min(attempt, 64))
+    spread = base * jitter * (2.0 * rng() - 1.0)
+    return max(0.0, min(max_delay, base + spread))
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """When to check a message next, given how far its tracking has come."""
+
+    first_delay: float = DEFAULT_FIRST_DELAY
+    factor: float = DEFAULT_BACKOFF_FACTOR
+    max_delay: float = DEFAULT_MAX_DELAY
+    jitter: float = DEFAULT_JITTER
+    min_interval: float = MIN_INTERVAL
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Schedule:
+        """The schedule the settings describe."""
+        return cls(
+            first_delay=settings.first_delay,
+            factor=settings.backoff_factor,
+            max_delay=settings.max_delay,
+            jitter=settings.jitter,
+            min_interval=settings.min_interval,
+        )
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """The backoff before check number ``attempt``."""
+        return compute_backoff(
+            attempt,
+            first_delay=self.first_delay,
+            factor=self.factor,
+            max_delay=self.max_delay,
+            jitter=self.jitter,
+            rng=rng,
+        )
+
+    def next_wait(
+        self,
+        *,
+        now: float,
+        deadline_at: float,
+        attempt: int,
+        last_check_at: float | None = None,
+        retry_after: float | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> float | None:
+        """Seconds until the next check, or ``None`` once the deadline has come.
+
+        The backoff is stretched to honour ``retry_after`` and the minimum interval since
+        ``last_check_at``, and cut so that the last wait lands exactly on the deadline,
+        where the final check happens.
+        """
+        remaining = deadline_at - now
+        if remaining <= 0:
+            return None
+        wait = self.delay(attempt, rng)
+        if retry_after is not None:
+            wait = max(wait, retry_after)
+        if last_check_at is not None:
+            wait = max(wait, self.min_interval - (now - last_check_at))
+        return min(wait, remaining)

@@ -1,0 +1,323 @@
+"""HTTP clients for the SMSBAT API: :class:`SmsbatClient` (sync) and :class:`AsyncSmsbatClient`.
+
+Both keep one pooled connection set for their lifetime; build one per process and reuse it.
+Every failure is turned into an exception from :mod:`smsbat_tracker.errors`: transient ones
+(network, timeouts, 5xx, 429, malformed bodies) and permanent ones (401/403, 404, other 4xx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Self
+
+import httpx
+from pydantic import ValidationError
+
+from smsbat_tracker import __version__
+from smsbat_tracker.config import Settings
+from smsbat_tracker.errors import (
+    AuthenticationError,
+    ClientError,
+    ConnectionFailed,
+    MalformedResponse,
+    MessageNotFound,
+    RateLimited,
+    RequestTimeout,
+    ServerError,
+    SmsbatError,
+)
+from smsbat_tracker.models import MessageStatus, OutgoingMessage, SendResult, validate_message_id
+
+__all__ = ["AsyncSmsbatClient", "SmsbatClient", "parse_retry_after"]
+
+SEND_PATH = "/bat/messagelist"
+USER_AGENT = f"smsbat-tracker/{__version__}"
+
+
+def status_path(message_id: str) -> str:
+    """The path of one message's status; raises InvalidMessageId before anything is sent."""
+    return f"/bat/message/{validate_message_id(message_id)}"
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), 3_600.0)
+
+
+def _check_response(response: httpx.Response) -> Any:
+    """Raise the matching error for a non-2xx answer, else return the decoded JSON body."""
+    code = response.status_code
+    if code == 429:
+        raise RateLimited(parse_retry_after(response.headers.get("Retry-After")))
+    if code in (401, 403):
+        raise AuthenticationError(code, f"SMSBAT API refused the credentials (HTTP {code})")
+    if code == 404:
+        raise MessageNotFound(code, "SMSBAT API does not know this message (HTTP 404)")
+    if 400 <= code < 500:
+        raise ClientError(code)
+    if code >= 500:
+        raise ServerError(code)
+    if code >= 300:
+        raise ClientError(code, f"SMSBAT API answered an unexpected HTTP {code}")
+    try:
+        return json.loads(response.content)
+    except ValueError:
+        raise MalformedResponse(
+            f"SMSBAT API answered HTTP {code} with a body that is not valid JSON "
+            f"({len(response.content)} bytes)"
+        ) from None
+
+
+def _parse_status(response: httpx.Response) -> MessageStatus:
+    body = _check_response(response)
+    if not isinstance(body, dict):
+        raise MalformedResponse("SMSBAT status answer is not a JSON object")
+    try:
+        return MessageStatus.model_validate(body)
+    except ValidationError as exc:
+        fields = ", ".join(str(e["loc"][0]) for e in exc.errors() if e["loc"]) or "body"
+        raise MalformedResponse(f"SMSBAT status answer has invalid fields: {fields}") from None
+
+
+def _parse_send(response: httpx.Response) -> SendResult:
+    body = _check_response(response)
+    try:
+        return SendResult.model_validate(body)
+    except ValidationError:
+        raise MalformedResponse("SMSBAT send answer is not the documented shape") from None
+
+
+def _send_body(messages: Iterable[OutgoingMessage | Mapping[str, Any]]) -> dict[str, Any]:
+    items = [
+        m if isinstance(m, OutgoingMessage) else OutgoingMessage.model_validate(m) for m in messages
+    ]
+    if not items:
+        raise ValueError("send_messages needs at least one message")
+    return {"messages": [m.model_dump(by_alias=True, exclude_none=True) for m in items]}
+
+
+def _transport_error(exc: httpx.TransportError) -> SmsbatError:
+    # Only the exception class goes into the message: httpx texts may quote URLs.
+    if isinstance(exc, httpx.TimeoutException):
+        return RequestTimeout(f"SMSBAT API did not answer in time ({type(exc).__name__})")
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return MalformedResponse(f"SMSBAT API answer was cut off ({type(exc).__name__})")
+    return ConnectionFailed(f"could not reach the SMSBAT API ({type(exc).__name__})")
+
+
+class _Options:
+    """What both clients need to build their httpx client."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        auth: str,
+        username: str | None,
+        password: str | None,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        self.auth: httpx.Auth | None = None
+        if api_key is not None and (username is not None or password is not None):
+            raise ValueError("pass an api_key or a username and password, not both")
+        if api_key:
+            if auth == "basic-key":
+                self.auth = httpx.BasicAuth("@", api_key)
+            elif auth == "header":
+                headers["X-Authorization-Key"] = api_key
+            else:
+                raise ValueError("auth must be 'header' or 'basic-key'")
+        elif username and password:
+            self.auth = httpx.BasicAuth(username, password)
+        else:
+            raise ValueError("credentials are missing: pass api_key, or username and password")
+        self.headers = headers
+        self.base_url = base_url.rstrip("/")
+        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+
+
+def _options_from_settings(settings: Settings) -> dict[str, Any]:
+    return {
+        "api_key": settings.api_key.get_secret_value() if settings.api_key else None,
+        "auth": settings.auth,
+        "username": settings.username,
+        "password": settings.password.get_secret_value() if settings.password else None,
+        "connect_timeout": settings.connect_timeout,
+        "read_timeout": settings.read_timeout,
+    }
+
+
+class SmsbatClient:
+    """Synchronous SMSBAT API client with one connection pool.
+
+    >>> with SmsbatClient("https://restapi.smsbat.com", api_key="...") as client:
+    ...     client.get_status("abc123def456").deliverystatus
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        auth: str = "header",
+        username: str | None = None,
+        password: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+        max_connections: int = 20,
+    ) -> None:
+        opts = _Options(
+            base_url,
+            api_key=api_key,
+            auth=auth,
+            username=username,
+            password=password,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
+        self._http = httpx.Client(
+            base_url=opts.base_url,
+            headers=opts.headers,
+            auth=opts.auth,
+            timeout=opts.timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max_connections),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
+        """A client configured from :class:`~smsbat_tracker.config.Settings`."""
+        return cls(settings.base_url, **_options_from_settings(settings), **kwargs)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _transport_error(exc) from None
+
+    def get_status(self, message_id: str) -> MessageStatus:
+        """The current status of one message (``GET /bat/message/{id}``)."""
+        return _parse_status(self._request("GET", status_path(message_id)))
+
+    def send_messages(self, messages: Sequence[OutgoingMessage | Mapping[str, Any]]) -> SendResult:
+        """Send messages (``POST /bat/messagelist``); ``.message_ids`` lists the accepted ones."""
+        return _parse_send(self._request("POST", SEND_PATH, json=_send_body(messages)))
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncSmsbatClient:
+    """Asynchronous twin of :class:`SmsbatClient`, for checking many messages at once."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        auth: str = "header",
+        username: str | None = None,
+        password: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 50,
+    ) -> None:
+        opts = _Options(
+            base_url,
+            api_key=api_key,
+            auth=auth,
+            username=username,
+            password=password,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
+        self._http = httpx.AsyncClient(
+            base_url=opts.base_url,
+            headers=opts.headers,
+            auth=opts.auth,
+            timeout=opts.timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max_connections),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
+        """A client configured from :class:`~smsbat_tracker.config.Settings`."""
+        return cls(settings.base_url, **_options_from_settings(settings), **kwargs)
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _transport_error(exc) from None
+
+    async def get_status(self, message_id: str) -> MessageStatus:
+        """The current status of one message (``GET /bat/message/{id}``)."""
+        return _parse_status(await self._request("GET", status_path(message_id)))
+
+    async def get_statuses(
+        self, message_ids: Sequence[str], *, concurrency: int = 10
+    ) -> dict[str, MessageStatus | SmsbatError]:
+        """Statuses of many messages, at most ``concurrency`` requests in flight.
+
+        Each id maps to its status or to the error its request raised; ids are all
+        validated before the first request.
+        """
+        for message_id in message_ids:
+            validate_message_id(message_id)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(message_id: str) -> MessageStatus | SmsbatError:
+            async with gate:
+                try:
+                    return await self.get_status(message_id)
+                except SmsbatError as exc:
+                    return exc
+
+        results = await asyncio.gather(*(one(m) for m in message_ids))
+        return dict(zip(message_ids, results, strict=True))
+
+    async def send_messages(
+        self, messages: Sequence[OutgoingMessage | Mapping[str, Any]]
+    ) -> SendResult:
+        """Send messages (``POST /bat/messagelist``); ``.message_ids`` lists the accepted ones."""
+        return _parse_send(await self._request("POST", SEND_PATH, json=_send_body(messages)))
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

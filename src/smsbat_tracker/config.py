@@ -1,0 +1,162 @@
+"""Settings: one typed object, read from the environment (and an optional ``.env``) once.
+
+Every variable is ``SMSBAT_<FIELD>`` except ``REDIS_URL``. Invalid settings raise
+:class:`~smsbat_tracker.errors.ConfigError` naming each bad variable, never its value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from smsbat_tracker.errors import ConfigError
+
+__all__ = ["Settings", "load_settings"]
+
+ENV_PREFIX = "SMSBAT_"
+
+
+class Settings(BaseSettings):
+    """Everything smsbat-tracker can be told; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    # --- the SMSBAT API -------------------------------------------------------------
+    base_url: str = "https://restapi.smsbat.com"
+    api_key: SecretStr | None = None
+    # How the API key is sent: "header" (X-Authorization-Key) or "basic-key" (Basic "@:<key>").
+    auth: Literal["header", "basic-key"] = "header"
+    username: str | None = None
+    password: SecretStr | None = None
+    connect_timeout: float = Field(default=5.0, gt=0, le=120)
+    read_timeout: float = Field(default=10.0, gt=0, le=300)
+
+    # --- Redis: the Celery broker, the result backend and the status cache ----------
+    redis_url: str = Field(default="redis://localhost:6379/0", validation_alias="REDIS_URL")
+    key_prefix: str = Field(default="smsbat", min_length=1, max_length=64, pattern=r"^[\w.:-]+$")
+
+    # --- tracking schedule (seconds) ------------------------------------------------
+    deadline: float = Field(default=120.0, gt=0, le=86_400)
+    first_delay: float = Field(default=5.0, ge=0, le=3_600)
+    backoff_factor: float = Field(default=1.6, ge=1.0, le=10.0)
+    max_delay: float = Field(default=20.0, gt=0, le=3_600)
+    jitter: float = Field(default=0.1, ge=0, lt=1)
+    # The provider forbids more than one status request per second per message.
+    min_interval: float = Field(default=1.0, ge=1.0, le=3_600)
+    # A just-sent id may not be visible yet: a 404 within this window is retried.
+    not_found_grace: float = Field(default=30.0, ge=0, le=3_600)
+    # A poller accepts a cached in-flight status this young instead of calling the API.
+    fresh_for: float = Field(default=1.0, ge=0, le=60)
+
+    # --- cache ----------------------------------------------------------------------
+    cache_ttl: float = Field(default=30.0, gt=0, le=3_600)
+    final_ttl: float = Field(default=86_400.0, gt=0, le=30 * 86_400)
+    history_length: int = Field(default=32, ge=1, le=1_000)
+
+    # --- Celery over Redis ----------------------------------------------------------
+    # Unacked tasks are redelivered after this; every countdown must stay far below it.
+    visibility_timeout: float = Field(default=3_600.0, ge=1, le=43_200)
+    unacked_restore_interval: float = Field(default=10.0, gt=0, le=3_600)
+
+    # --- webhook --------------------------------------------------------------------
+    webhook_token: SecretStr | None = None
+    webhook_open: bool = False
+
+    # --- global API rate limit (requests per second across every worker; 0 = off) ---
+    rate_limit: float = Field(default=50.0, ge=0, le=100_000)
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("must name a host")
+        try:
+            parts.port  # noqa: B018 - raises on a non-numeric or out-of-range port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        has_key = self.api_key is not None and bool(self.api_key.get_secret_value())
+        has_login = bool(self.username) or self.password is not None
+        if has_key and has_login:
+            raise ValueError(
+                "SMSBAT_API_KEY and SMSBAT_USERNAME/SMSBAT_PASSWORD: set one way to log in, "
+                "not both"
+            )
+        if not has_key and not has_login:
+            raise ValueError(
+                "SMSBAT_API_KEY: no credentials; set SMSBAT_API_KEY, or SMSBAT_USERNAME "
+                "and SMSBAT_PASSWORD"
+            )
+        if has_login and (not self.username or self.password is None):
+            missing = "SMSBAT_PASSWORD" if self.username else "SMSBAT_USERNAME"
+            raise ValueError(f"{missing}: needed with the other half of the login")
+        if self.first_delay > self.max_delay:
+            raise ValueError("SMSBAT_FIRST_DELAY: must not exceed SMSBAT_MAX_DELAY")
+        if self.max_delay * 4 > self.visibility_timeout:
+            # A countdown task is held unacked while it waits; one that outlives the
+            # visibility timeout is redelivered to a second worker.
+            raise ValueError(
+                "SMSBAT_VISIBILITY_TIMEOUT: must be at least 4 x SMSBAT_MAX_DELAY "
+                f"({self.max_delay * 4:g} s)"
+            )
+        return self
+
+    @property
+    def auth_method(self) -> Literal["header", "basic-key", "basic"]:
+        """The way credentials go on the wire."""
+        return "basic" if self.api_key is None else self.auth
+
+
+def _env_name(loc: str) -> str:
+    info = Settings.model_fields.get(loc)
+    if info is None:  # pydantic reported the alias itself, e.g. REDIS_URL
+        return loc
+    if isinstance(info.validation_alias, str):
+        return info.validation_alias
+    return f"{ENV_PREFIX}{loc.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, or raise :class:`ConfigError` naming each bad variable.
+
+    ``overrides`` (field names) take precedence over the environment; the tests, the demo
+    and embedding applications use them instead of mutating ``os.environ``.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            loc = [str(part) for part in error["loc"]]
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if loc:
+                problems.append(f"{_env_name(loc[0])}: {message}")
+            else:
+                problems.append(message)
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

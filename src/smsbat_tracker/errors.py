@@ -1,0 +1,99 @@
+"""Every exception smsbat-tracker raises, rooted at :class:`SmsbatError`.
+
+Errors from the SMSBAT API are split in two families, because the tracker reacts to
+them differently: a :class:`TransientError` is retried on the polling schedule, a
+:class:`PermanentError` ends tracking with the outcome ``error``.
+
+No message in this module ever contains a credential: exceptions are logged and may
+be stored by Celery, so they carry status codes and field names, never secrets.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "ClientError",
+    "ConfigError",
+    "ConnectionFailed",
+    "InvalidMessageId",
+    "MalformedResponse",
+    "MessageNotFound",
+    "PermanentError",
+    "RateLimited",
+    "RequestTimeout",
+    "ServerError",
+    "SmsbatError",
+    "TransientError",
+]
+
+
+class SmsbatError(Exception):
+    """Base class for every error raised by smsbat-tracker."""
+
+
+class ConfigError(SmsbatError, ValueError):
+    """Raised when settings are missing or invalid at start-up.
+
+    The message names each offending environment variable, e.g. ``SMSBAT_BASE_URL``.
+    """
+
+
+class InvalidMessageId(SmsbatError, ValueError):
+    """Raised when a message id is empty, too long or not safe in one URL path segment.
+
+    Raised before any request is sent, so a hostile id never reaches the network.
+    """
+
+
+class TransientError(SmsbatError):
+    """Raised when a call failed in a way that may succeed if retried later."""
+
+
+class ConnectionFailed(TransientError):
+    """Raised when the SMSBAT API could not be reached (DNS, refused, reset)."""
+
+
+class RequestTimeout(TransientError):
+    """Raised when connecting to or reading from the SMSBAT API took too long."""
+
+
+class ServerError(TransientError):
+    """Raised when the SMSBAT API answered with a 5xx status."""
+
+    def __init__(self, status_code: int, message: str | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message or f"SMSBAT API answered HTTP {status_code}")
+
+
+class RateLimited(TransientError):
+    """Raised when the SMSBAT API answered 429; ``retry_after`` is its Retry-After in seconds."""
+
+    def __init__(self, retry_after: float | None) -> None:
+        self.status_code = 429
+        self.retry_after = retry_after
+        hint = f", retry after {retry_after:g} s" if retry_after is not None else ""
+        super().__init__(f"SMSBAT API answered HTTP 429 (rate limited){hint}")
+
+
+class MalformedResponse(TransientError):
+    """Raised when a 2xx answer is not the JSON object the API documents (truncated, invalid)."""
+
+
+class PermanentError(SmsbatError):
+    """Raised when a call failed in a way that retrying will not fix."""
+
+    def __init__(self, status_code: int, message: str | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message or f"SMSBAT API answered HTTP {status_code}")
+
+
+class AuthenticationError(PermanentError):
+    """Raised when the SMSBAT API refused the credentials (HTTP 401 or 403)."""
+
+
+class MessageNotFound(PermanentError):
+    """Raised when the SMSBAT API does not know the message id (HTTP 404)."""
+
+
+class ClientError(PermanentError):
+    """Raised when the SMSBAT API rejected the request with another 4xx status."""

@@ -1,0 +1,54 @@
+"""Redis key names, all in one place, under a configurable prefix.
+
+Every key of one message shares the hash tag ``{<message id>}`` so that the Lua scripts
+touching several of them stay valid on a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Builds key names under ``prefix`` (``SMSBAT_KEY_PREFIX``)."""
+
+    prefix: str = "smsbat"
+
+    def status(self, message_id: str) -> str:
+        """Cached status: JSON ``{status, observed_at, source, ...}``; TTL cache/final TTL."""
+        return f"{self.prefix}:status:{{{message_id}}}"
+
+    def history(self, message_id: str) -> str:
+        """Compact history list of ``"<status> <observed_at>"`` entries, newest last."""
+        return f"{self.prefix}:history:{{{message_id}}}"
+
+    def track(self, message_id: str) -> str:
+        """Tracking session hash: owner task id, started_at, deadline_at, polls."""
+        return f"{self.prefix}:track:{{{message_id}}}"
+
+    def subs(self, message_id: str) -> str:
+        """Subscriptions hash: subscription id -> callbacks JSON."""
+        return f"{self.prefix}:subs:{{{message_id}}}"
+
+    def fired(self, message_id: str) -> str:
+        """Dispatch marks hash: subscription id -> ``pending:<claimer>`` or ``sent``."""
+        return f"{self.prefix}:fired:{{{message_id}}}"
+
+    def outcome(self, message_id: str) -> str:
+        """The final result dict of the message's tracking, written once (SET NX)."""
+        return f"{self.prefix}:outcome:{{{message_id}}}"
+
+    def poll_gate(self, message_id: str) -> str:
+        """Held for the minimum interval after each status request (SET NX PX)."""
+        return f"{self.prefix}:gate:{{{message_id}}}"
+
+    def rate_limit(self) -> str:
+        """The global API token bucket shared by every worker."""
+        return f"{self.prefix}:ratelimit"
+
+    def rate_pause(self) -> str:
+        """Set while the API asked everyone to back off (HTTP 429 Retry-After)."""
+        return f"{self.prefix}:ratelimit:pause"

@@ -1,0 +1,119 @@
+"""One rate limit for calls to the SMSBAT API, shared by every worker and process.
+
+A GCRA token bucket in one Lua script on the Redis server's clock, so workers on several
+machines agree. A 429 from the API pauses everyone for its Retry-After. Celery's own
+``rate_limit`` is per worker and cannot do either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Final
+
+import redis
+
+from smsbat_tracker.config import Settings
+from smsbat_tracker.errors import RateLimited
+from smsbat_tracker.keys import Keys
+from smsbat_tracker.log import get_logger
+
+__all__ = ["DEFAULT_PAUSE", "RateLimiter"]
+
+# Pause after a 429 that carries no Retry-After.
+DEFAULT_PAUSE: Final = 1.0
+
+log = get_logger(__name__)
+
+# KEYS: bucket (theoretical arrival time, in microseconds), pause.
+# ARGV: emission interval us, burst tolerance us, tokens wanted.
+# Returns 0 when the tokens are granted, else microseconds to wait before asking again.
+_ACQUIRE = """
+local pause = redis.call('PTTL', KEYS[2])
+if pause > 0 then return pause * 1000 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval * n
+local allow_at = new_tat - tolerance - interval
+if allow_at > now then return math.ceil(allow_at - now) end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return 0
+"""
+
+
+class RateLimiter:
+    """Blocks (or awaits) until the global request budget allows ``n`` more calls."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        keys: Keys | None = None,
+        *,
+        rate: float | None = None,
+        burst: float | None = None,
+    ) -> None:
+        self.rate = settings.rate_limit if rate is None else rate
+        keys = keys or Keys(settings.key_prefix)
+        self._keys = (keys.rate_limit(), keys.rate_pause())
+        self._redis = client
+        self._script = client.register_script(_ACQUIRE)
+        self._interval_us = 1_000_000 / self.rate if self.rate > 0 else 0.0
+        # Allow a burst of a twentieth of a second's budget (at least one request).
+        burst = max(1.0, self.rate / 20) if burst is None else burst
+        self._tolerance_us = self._interval_us * max(burst - 1, 0)
+
+    @property
+    def enabled(self) -> bool:
+        """False when the limit is off (``SMSBAT_RATE_LIMIT=0``)."""
+        return self.rate > 0
+
+    def try_acquire(self, n: int = 1) -> float:
+        """Take ``n`` tokens now and return 0, or return seconds to wait and take none."""
+        if not self.enabled:
+            return 0.0
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        # A request larger than the burst would wait forever: take it in slices.
+        wait_us = self._script(
+            keys=list(self._keys), args=[repr(self._interval_us), repr(self._tolerance_us), n]
+        )
+        return int(wait_us) / 1_000_000
+
+    def acquire(self, n: int = 1) -> None:
+        """Block until ``n`` calls are allowed."""
+        for chunk in self._chunks(n):
+            while (wait := self.try_acquire(chunk)) > 0:
+                time.sleep(wait)
+
+    async def acquire_async(self, n: int = 1) -> None:
+        """Await until ``n`` calls are allowed (the Redis call itself is brief and sync)."""
+        for chunk in self._chunks(n):
+            while (wait := self.try_acquire(chunk)) > 0:
+                await asyncio.sleep(wait)
+
+    def _chunks(self, n: int) -> list[int]:
+        if not self.enabled:
+            return []
+        most = max(1, math.floor(self._tolerance_us / self._interval_us) + 1)
+        return [most] * (n // most) + ([n % most] if n % most else [])
+
+    def pause(self, seconds: float) -> None:
+        """Stop every caller for ``seconds`` (after a 429)."""
+        ms = max(1, int(seconds * 1000))
+        # Only ever extend a pause, never shorten one another worker set.
+        current = self._redis.pttl(self._keys[1])
+        if int(current) < ms:
+            self._redis.set(self._keys[1], 1, px=ms)
+            log.warning("ratelimit.pause", seconds=round(seconds, 3))
+
+    def observe_error(self, exc: BaseException) -> None:
+        """Pause everyone when the API says it is rate limiting us."""
+        if isinstance(exc, RateLimited):
+            self.pause(exc.retry_after if exc.retry_after is not None else DEFAULT_PAUSE)

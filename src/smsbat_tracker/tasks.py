@@ -1,0 +1,268 @@
+"""Celery tasks: :func:`track_message` and the helpers users code against.
+
+.. code-block:: python
+
+    track_message.delay(message_id, deadline=120,
+        on_delivered=mark_order_notified.s(order_id),
+        on_failed=schedule_retry.s(order_id),
+        on_timeout=send_email_otp.s(email))
+
+One call tracks one message: the first check comes ``SMSBAT_FIRST_DELAY`` seconds after the
+enqueue, later ones back off exponentially, and the last wait lands on the deadline. When
+the message reaches a final state (or the deadline passes) exactly one of the callbacks is
+applied with the result dict as its first argument, and the task returns the same dict.
+
+A second ``track_message`` for a message that is already tracked *joins* the running
+session instead of polling again: its callbacks (and chain) are kept and fired with the
+session's outcome; an identical second call (same callbacks) is the same subscription and
+fires nothing more. The session's deadline is the first call's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from celery import Task
+
+from smsbat_tracker.errors import (
+    MessageNotFound,
+    PermanentError,
+    RateLimited,
+    TransientError,
+)
+from smsbat_tracker.log import get_logger
+from smsbat_tracker.models import MessageStatus, validate_message_id
+from smsbat_tracker.tracking import (
+    Engine,
+    GateClosed,
+    Outcome,
+    Session,
+    Subscription,
+    build_result,
+    outcome_of,
+)
+from smsbat_tracker.worker import TrackerApp, app
+
+__all__ = ["get_status", "settle_message", "track_message"]
+
+if TYPE_CHECKING:
+    AnyTask = Task[Any, Any]
+else:
+    AnyTask = Task
+
+log = get_logger(__name__)
+
+_CALLBACK_ARGS = ("on_delivered", "on_failed", "on_timeout")
+# Checks due within this of the deadline are the deadline check.
+_DEADLINE_SLACK = 0.05
+
+
+def _as_signature_dict(name: str, value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict) and isinstance(value.get("task"), str):
+        return dict(value)
+    raise TypeError(f"{name} must be a Celery signature (e.g. my_task.s(order_id)) or None")
+
+
+class TrackTask(AnyTask):
+    """Checks ``track_message`` arguments when enqueued, so bad input never reaches Redis."""
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        message_id = kwargs.get("message_id", args[0] if args else None)
+        validate_message_id(message_id)
+        deadline = kwargs.get("deadline", args[1] if len(args) > 1 else None)
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, int | float) or deadline <= 0
+        ):
+            raise ValueError("deadline must be a positive number of seconds")
+        for i, name in enumerate(_CALLBACK_ARGS, start=2):
+            value = kwargs.get(name, args[i] if len(args) > i else None)
+            _as_signature_dict(name, value)
+        # The deadline counts from the first enqueue, not from the first run.
+        kwargs.setdefault("enqueued_at", time.time())
+        return super().apply_async(args, kwargs, *rest, **options)
+
+
+def _engine(task: AnyTask) -> Engine:
+    return cast(TrackerApp, task.app).engine
+
+
+def _take_chain(task: AnyTask) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+    """Take the rest of a chain and link callbacks off the request.
+
+    The engine then runs them once, with the final result, through the same exactly-once
+    path as the callbacks; Celery would otherwise run them after whichever execution of
+    this task returns, including a joined duplicate that returns before the outcome.
+    """
+    request = task.request
+    steps = cast("list[dict[str, Any]]", request.chain or [])
+    chain: list[dict[str, Any]] | None = [dict(s) for s in steps] or None
+    links: list[dict[str, Any]] | None = [dict(s) for s in request.callbacks or ()] or None
+    request.chain = None
+    request.callbacks = None
+    return chain, links
+
+
+@app.task(bind=True, base=TrackTask, name="smsbat_tracker.track_message", max_retries=None)
+def track_message(
+    self: AnyTask,
+    message_id: str,
+    deadline: float | None = None,
+    on_delivered: dict[str, Any] | None = None,
+    on_failed: dict[str, Any] | None = None,
+    on_timeout: dict[str, Any] | None = None,
+    enqueued_at: float | None = None,
+) -> dict[str, Any]:
+    """Track one message to its final state or the deadline; see the module docstring."""
+    validate_message_id(message_id)
+    engine = _engine(self)
+    settings = engine.settings
+    now = time.time()
+    task_id = str(self.request.id)
+    first_run = not self.request.retries
+
+    if first_run:
+        chain, links = _take_chain(self)
+        sub = Subscription(
+            on_delivered=_as_signature_dict("on_delivered", on_delivered),
+            on_failed=_as_signature_dict("on_failed", on_failed),
+            on_timeout=_as_signature_dict("on_timeout", on_timeout),
+            chain=chain,
+            links=links,
+        )
+        if not sub.is_empty and not engine.subscribe(message_id, sub):
+            log.info("track.duplicate", message_id=message_id, subscription=sub.id)
+    started = enqueued_at if enqueued_at is not None else now
+    session = engine.open_session(
+        message_id,
+        owner=task_id,
+        started_at=started,
+        deadline_at=started + (deadline if deadline is not None else settings.deadline),
+    )
+    if first_run:
+        log.info(
+            "track.enqueued",
+            message_id=message_id,
+            deadline_at=session.deadline_at,
+            joined=session.owner != task_id,
+        )
+
+    recorded = engine.outcome(message_id)
+    if recorded is not None:
+        # Finished already (webhook, an earlier run, another session): claim what is ours.
+        return engine.settle(message_id, None, claimer=task_id).result or recorded
+    if session.owner != task_id:
+        log.info("track.joined", message_id=message_id, owner=session.owner)
+        return {"message_id": message_id, "outcome": "joined", "owner": session.owner}
+
+    cached = engine.cache.get(message_id)
+    if cached is not None and cached.is_final:
+        return _finish(engine, session, message_id, outcome_of(cached.status), task_id)
+
+    if first_run:
+        wait = min(settings.first_delay, max(session.deadline_at - now, 0.0))
+        log.info("track.scheduled", message_id=message_id, next_in=round(wait, 3))
+        raise self.retry(countdown=wait)
+
+    at_deadline = now >= session.deadline_at - _DEADLINE_SLACK
+    retry_after: float | None = None
+    status: MessageStatus | None = None
+    if cached is not None and cached.age(now) < settings.fresh_for and not at_deadline:
+        status = cached.status  # someone else just checked; that answer is as good as ours
+        source = "cache"
+    else:
+        source = "api"
+        try:
+            status = engine.poll(message_id)
+        except GateClosed as closed:
+            if at_deadline:
+                return _finish(engine, session, message_id, "timeout", task_id)
+            raise self.retry(countdown=closed.retry_in) from None
+        except MessageNotFound as exc:
+            if now - session.started_at > settings.not_found_grace or at_deadline:
+                return _finish(engine, session, message_id, "error", task_id, error=str(exc))
+            log.info("track.not_found_yet", message_id=message_id)
+        except PermanentError as exc:
+            log.warning("track.permanent_error", message_id=message_id, error=str(exc))
+            return _finish(engine, session, message_id, "error", task_id, error=str(exc))
+        except TransientError as exc:
+            retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+            log.warning("track.transient_error", message_id=message_id, error=str(exc))
+    engine.count_check(message_id)
+
+    if status is not None:
+        if status.is_final:
+            return _finish(engine, session, message_id, outcome_of(status), task_id)
+        if status.deliverystatus not in ("scheduled", "processing") and engine.note_unknown_status(
+            message_id, status.deliverystatus
+        ):
+            log.warning(
+                "track.unknown_status", message_id=message_id, deliverystatus=status.deliverystatus
+            )
+
+    if at_deadline:
+        return _finish(engine, session, message_id, "timeout", task_id)
+    wait_next = engine.schedule.next_wait(
+        now=time.time(),
+        deadline_at=session.deadline_at,
+        attempt=session.checks + 1,
+        last_check_at=now,
+        retry_after=retry_after,
+    )
+    if wait_next is None:
+        return _finish(engine, session, message_id, "timeout", task_id)
+    log.info(
+        "track.check",
+        message_id=message_id,
+        deliverystatus=status.deliverystatus if status else None,
+        source=source,
+        attempt=session.checks + 1,
+        next_in=round(wait_next, 3),
+    )
+    raise self.retry(countdown=wait_next)
+
+
+def _finish(
+    engine: Engine,
+    session: Session,
+    message_id: str,
+    outcome: Outcome,
+    claimer: str,
+    *,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """Record the outcome (unless recorded already) and dispatch what this run claimed."""
+    fresh = engine.session(message_id) or session  # polls counted since the run began
+    result = build_result(
+        message_id, outcome, session=fresh, cached=engine.cache.get(message_id), error=error
+    )
+    return engine.settle(message_id, result, claimer=claimer).result
+
+
+@app.task(bind=True, name="smsbat_tracker.settle_message", acks_late=True)
+def settle_message(self: AnyTask, message_id: str) -> dict[str, Any] | None:
+    """Finish a tracked message from its cached final status (the webhook enqueues this).
+
+    A no-op when nobody tracks the message yet: ``track_message`` finds the cached final
+    status on its first run and finishes at once.
+    """
+    validate_message_id(message_id)
+    engine = _engine(self)
+    cached = engine.cache.get(message_id)
+    session = engine.session(message_id)
+    if cached is None or not cached.is_final or session is None:
+        return None
+    return _finish(engine, session, message_id, outcome_of(cached.status), str(self.request.id))
+
+
+def get_status(message_id: str) -> MessageStatus:
+    """A message's status, read through the Redis cache (30 s while in flight).
+
+    Raises :class:`~smsbat_tracker.errors.InvalidMessageId` before any request for a bad
+    id, and the client's errors when the API fails.
+    """
+    return app.engine.get_status(message_id)

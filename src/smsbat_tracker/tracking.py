@@ -1,0 +1,466 @@
+"""The tracking engine: sessions, status checks, and the exactly-once final outcome.
+
+Celery tasks (:mod:`smsbat_tracker.tasks`) and the webhook call into :class:`Engine`; it
+holds no state of its own beyond connections, so one per process serves every task.
+
+Per message, Redis holds (see :mod:`smsbat_tracker.keys`):
+
+- a *session* hash: the owner task id (the one poller), start and deadline, counters;
+- *subscriptions*: each distinct set of callbacks (and captured chain) asking for the
+  outcome; the same set enqueued twice is one subscription;
+- the *outcome*: written once with SET NX semantics inside a Lua script that also claims
+  every subscription not yet dispatched. Only the caller that claims a subscription
+  dispatches its callback, so a duplicate enqueue, a redelivered task or a webhook racing
+  the poller never fires a callback twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import redis
+
+from smsbat_tracker.backoff import Schedule
+from smsbat_tracker.cache import CachedStatus, StatusCache
+from smsbat_tracker.client import SmsbatClient
+from smsbat_tracker.config import Settings
+from smsbat_tracker.keys import Keys
+from smsbat_tracker.log import get_logger
+from smsbat_tracker.models import DELIVERED, FAILED_STATUSES, MessageStatus, validate_message_id
+from smsbat_tracker.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = [
+    "OUTCOMES",
+    "Engine",
+    "GateClosed",
+    "Outcome",
+    "Session",
+    "SettleResult",
+    "Subscription",
+    "build_result",
+    "iso",
+]
+
+Outcome = Literal["delivered", "undeliverable", "permanenterror", "timeout", "error"]
+OUTCOMES: Final[tuple[str, ...]] = (
+    "delivered",
+    "undeliverable",
+    "permanenterror",
+    "timeout",
+    "error",
+)
+
+# A dispatch claimed but never confirmed (the claimer died) may be re-claimed after this.
+STALE_CLAIM_MS: Final = 60_000
+
+log = get_logger(__name__)
+
+# KEYS: track.  ARGV: owner, started_at, deadline_at, ttl ms.
+# Creates the session if absent; returns its owner, started_at, deadline_at, checks, polls.
+_OPEN = """
+if redis.call('HSETNX', KEYS[1], 'owner', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[2], 'deadline_at', ARGV[3], 'checks', 0, 'polls', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at', 'checks', 'polls')
+"""
+
+# KEYS: outcome, subs, fired, track.  ARGV: result JSON ('' to record nothing), ttl ms,
+# claimer, now ms, stale claim ms.
+# Records the outcome if none is recorded, then claims every subscription that is not
+# dispatched: unmarked, claimed earlier by this same claimer (its run was interrupted), or
+# claimed by another claimer longer ago than STALE_CLAIM_MS (that claimer died).
+_SETTLE = """
+local outcome = redis.call('GET', KEYS[1])
+local recorded = 0
+if not outcome then
+  if ARGV[1] == '' then return {0, '', {}} end
+  outcome = ARGV[1]
+  recorded = 1
+  redis.call('SET', KEYS[1], outcome, 'PX', ARGV[2])
+  if redis.call('EXISTS', KEYS[4]) == 1 then
+    redis.call('HSET', KEYS[4], 'finished', '1')
+    redis.call('PEXPIRE', KEYS[4], ARGV[2])
+  end
+end
+local now = tonumber(ARGV[4])
+local mine = 'pending:' .. ARGV[3] .. ':'
+local claimed = {}
+local subs = redis.call('HGETALL', KEYS[2])
+for i = 1, #subs, 2 do
+  local mark = redis.call('HGET', KEYS[3], subs[i])
+  local take = false
+  if not mark then
+    take = true
+  elseif string.sub(mark, 1, 8) == 'pending:' then
+    local at = tonumber(string.match(mark, ':(%d+)$')) or 0
+    take = string.sub(mark, 1, #mine) == mine or now - at > tonumber(ARGV[5])
+  end
+  if take then
+    redis.call('HSET', KEYS[3], subs[i], mine .. ARGV[4])
+    claimed[#claimed + 1] = subs[i]
+    claimed[#claimed + 1] = subs[i + 1]
+  end
+end
+if #subs > 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+end
+return {recorded, outcome, claimed}
+"""
+
+
+def iso(epoch: float | None) -> str | None:
+    """ISO-8601 UTC text for an epoch time."""
+    if epoch is None:
+        return None
+    return (
+        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+class GateClosed(Exception):
+    """The message was checked less than the minimum interval ago; wait ``retry_in`` s."""
+
+    def __init__(self, retry_in: float) -> None:
+        super().__init__(f"checked too recently; retry in {retry_in:.3f} s")
+        self.retry_in = retry_in
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A message's tracking session as stored in Redis."""
+
+    message_id: str
+    owner: str
+    started_at: float
+    deadline_at: float
+    checks: int = 0
+    polls: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """Who wants a message's outcome: the callbacks of one ``track_message`` call.
+
+    ``chain`` and ``links`` are the rest of a Celery chain and link callbacks taken from
+    the task request, so that they too run once, with the final result.
+    """
+
+    on_delivered: dict[str, Any] | None = None
+    on_failed: dict[str, Any] | None = None
+    on_timeout: dict[str, Any] | None = None
+    chain: list[dict[str, Any]] | None = None
+    links: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """Canonical JSON: equal subscriptions give equal text, hence equal ids."""
+        return json.dumps(
+            {
+                "on_delivered": self.on_delivered,
+                "on_failed": self.on_failed,
+                "on_timeout": self.on_timeout,
+                "chain": self.chain,
+                "links": self.links,
+                "extra": self.extra,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+            default=str,
+        )
+
+    @property
+    def id(self) -> str:
+        """Content hash of the subscription."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:24]
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nobody would be told anything."""
+        return not (
+            self.on_delivered or self.on_failed or self.on_timeout or self.chain or self.links
+        )
+
+    @classmethod
+    def from_json(cls, raw: str) -> Subscription:
+        """Parse :meth:`to_json` output."""
+        data = json.loads(raw)
+        return cls(
+            on_delivered=data.get("on_delivered"),
+            on_failed=data.get("on_failed"),
+            on_timeout=data.get("on_timeout"),
+            chain=data.get("chain"),
+            links=data.get("links"),
+            extra=data.get("extra") or {},
+        )
+
+    def callback_for(self, outcome: str) -> dict[str, Any] | None:
+        """The callback an outcome selects."""
+        if outcome == DELIVERED:
+            return self.on_delivered
+        if outcome == "timeout":
+            return self.on_timeout
+        return self.on_failed
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    """What :meth:`Engine.settle` did."""
+
+    recorded: bool
+    result: dict[str, Any]
+    claimed: list[tuple[str, Subscription]]
+
+
+def outcome_of(status: MessageStatus) -> Outcome:
+    """The outcome a final status means."""
+    if status.deliverystatus == DELIVERED:
+        return "delivered"
+    if status.deliverystatus in FAILED_STATUSES:
+        return status.deliverystatus  # type: ignore[return-value]
+    raise ValueError(f"{status.deliverystatus!r} is not final")
+
+
+def build_result(
+    message_id: str,
+    outcome: Outcome,
+    *,
+    session: Session | None,
+    cached: CachedStatus | None,
+    error: str | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The result dict every callback receives (and ``track_message`` returns)."""
+    status = cached.status if cached else None
+    return {
+        "message_id": message_id,
+        "outcome": outcome,
+        "deliverystatus": status.deliverystatus if status else None,
+        "cost": status.cost if status else None,
+        "polls": session.polls if session else 0,
+        "started_at": iso(session.started_at) if session else None,
+        "finished_at": iso(time.time() if now is None else now),
+        "source": cached.source if cached else None,
+        "error": error,
+        "status": status.to_json_dict() if status else None,
+    }
+
+
+class Engine:
+    """Sessions, checks and settlement for one process; thread-safe."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_client: redis.Redis,
+        api: SmsbatClient,
+        app: Celery | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis_client
+        self.api = api
+        self.app = app
+        self.keys = Keys(settings.key_prefix)
+        self.cache = StatusCache(redis_client, settings, self.keys)
+        self.schedule = Schedule.from_settings(settings)
+        self.limiter = RateLimiter(redis_client, settings, self.keys)
+        self._open = redis_client.register_script(_OPEN)
+        self._settle = redis_client.register_script(_SETTLE)
+
+    # --- sessions and subscriptions ---------------------------------------------------
+
+    def open_session(
+        self, message_id: str, *, owner: str, started_at: float, deadline_at: float
+    ) -> Session:
+        """Create the message's session unless one exists; return the session in force."""
+        ttl_ms = int((max(deadline_at - time.time(), 0) + self.settings.final_ttl) * 1000)
+        owner_, started, deadline, checks, polls = self._open(
+            keys=[self.keys.track(message_id)],
+            args=[owner, repr(started_at), repr(deadline_at), ttl_ms],
+        )
+        return Session(
+            message_id=message_id,
+            owner=str(owner_),
+            started_at=float(started),
+            deadline_at=float(deadline),
+            checks=int(checks or 0),
+            polls=int(polls or 0),
+        )
+
+    def session(self, message_id: str) -> Session | None:
+        """The message's session, or None."""
+        values = self.redis.hmget(
+            self.keys.track(message_id), ["owner", "started_at", "deadline_at", "checks", "polls"]
+        )
+        owner, started, deadline, checks, polls = values
+        if owner is None or started is None or deadline is None:
+            return None
+        return Session(
+            message_id=message_id,
+            owner=str(owner),
+            started_at=float(started),
+            deadline_at=float(deadline),
+            checks=int(checks or 0),
+            polls=int(polls or 0),
+        )
+
+    def subscribe(self, message_id: str, subscription: Subscription) -> bool:
+        """Register a subscription; False when an equal one was registered already."""
+        key = self.keys.subs(message_id)
+        added = bool(self.redis.hsetnx(key, subscription.id, subscription.to_json()))
+        self.redis.pexpire(key, int((self.settings.deadline * 4 + self.settings.final_ttl) * 1000))
+        return added
+
+    def outcome(self, message_id: str) -> dict[str, Any] | None:
+        """The recorded final result, or None while tracking goes on."""
+        raw = self.redis.get(self.keys.outcome(message_id))
+        return json.loads(raw) if raw else None
+
+    def count_check(self, message_id: str) -> None:
+        """Count one check (API or cache) of the session; the backoff grows with it."""
+        self.redis.hincrby(self.keys.track(message_id), "checks", 1)
+
+    def note_unknown_status(self, message_id: str, status: str) -> bool:
+        """True the first time this unknown status is seen for the message (log it once)."""
+        return bool(self.redis.hsetnx(self.keys.track(message_id), f"unknown:{status[:64]}", 1))
+
+    # --- checking -----------------------------------------------------------------------
+
+    def open_gate(self, message_id: str) -> None:
+        """Take the per-message minimum-interval gate or raise :class:`GateClosed`.
+
+        Shared by every worker and process: the first caller in each interval wins.
+        """
+        key = self.keys.poll_gate(message_id)
+        interval_ms = int(self.settings.min_interval * 1000)
+        if not self.redis.set(key, 1, px=interval_ms, nx=True):
+            left = self.redis.pttl(key)
+            raise GateClosed(max(int(left), 1) / 1000 if left and int(left) > 0 else 0.05)
+
+    def poll(self, message_id: str, *, for_session: bool = True) -> MessageStatus:
+        """One status request through the gate and the global rate limit, cached.
+
+        Raises :class:`GateClosed`, or the client's :mod:`~smsbat_tracker.errors`.
+        """
+        validate_message_id(message_id)
+        self.open_gate(message_id)
+        self.limiter.acquire()
+        if for_session:
+            self.redis.hincrby(self.keys.track(message_id), "polls", 1)
+        try:
+            status = self.api.get_status(message_id)
+        except Exception as exc:
+            self.limiter.observe_error(exc)
+            raise
+        self.cache.store(message_id, status, source="poll")
+        return status
+
+    def get_status(self, message_id: str) -> MessageStatus:
+        """The message's status, from the cache while fresh, else from the API.
+
+        When another caller checked the message within the last interval, waits for the
+        gate and reads what that caller cached instead of calling the API again.
+        """
+        validate_message_id(message_id)
+        give_up = time.monotonic() + self.settings.min_interval + self.settings.read_timeout
+        while True:
+            cached = self.cache.get(message_id)
+            if cached is not None:
+                return cached.status
+            try:
+                return self.poll(message_id, for_session=False)
+            except GateClosed as closed:
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(min(closed.retry_in, 0.25))
+
+    # --- settling ------------------------------------------------------------------------
+
+    def settle(
+        self, message_id: str, result: Mapping[str, Any] | None, *, claimer: str
+    ) -> SettleResult:
+        """Record ``result`` unless an outcome is recorded; claim and dispatch callbacks.
+
+        With ``result=None`` nothing new is recorded: only pending subscriptions of an
+        already recorded outcome are claimed (a late joiner, or a dispatch to finish).
+        """
+        ttl_ms = int(self.settings.final_ttl * 1000)
+        recorded, outcome_raw, flat = self._settle(
+            keys=[
+                self.keys.outcome(message_id),
+                self.keys.subs(message_id),
+                self.keys.fired(message_id),
+                self.keys.track(message_id),
+            ],
+            args=[
+                json.dumps(result, separators=(",", ":")) if result is not None else "",
+                ttl_ms,
+                claimer,
+                int(time.time() * 1000),
+                STALE_CLAIM_MS,
+            ],
+        )
+        if not outcome_raw:  # result None and nothing recorded: nothing to do
+            return SettleResult(False, {}, [])
+        final: dict[str, Any] = json.loads(outcome_raw)
+        claimed = [
+            (str(flat[i]), Subscription.from_json(str(flat[i + 1]))) for i in range(0, len(flat), 2)
+        ]
+        settled = SettleResult(bool(recorded), final, claimed)
+        if settled.recorded:
+            log.info(
+                "track.final",
+                message_id=message_id,
+                outcome=final["outcome"],
+                deliverystatus=final.get("deliverystatus"),
+                polls=final.get("polls"),
+            )
+        self.dispatch(message_id, settled)
+        return settled
+
+    def dispatch(self, message_id: str, settled: SettleResult) -> None:
+        """Send the callbacks of the subscriptions ``settled`` claimed, then mark them sent."""
+        if not settled.claimed:
+            return
+        from celery import signature
+
+        result = settled.result
+        outcome = str(result["outcome"])
+        for sub_id, sub in settled.claimed:
+            callback = sub.callback_for(outcome)
+            if callback:
+                sig = signature(callback, app=self.app)
+                sig.apply_async((result,))
+                log.info(
+                    "track.callback",
+                    message_id=message_id,
+                    outcome=outcome,
+                    callback=sig.task,
+                    subscription=sub_id,
+                )
+            for link in sub.links or ():
+                signature(link, app=self.app).apply_async((result,))
+            if sub.chain:
+                # As Celery itself continues a chain: the last entry is the next step.
+                nxt = signature(sub.chain[-1], app=self.app)
+                nxt.apply_async((result,), chain=sub.chain[:-1] or None)
+            self.redis.hset(self.keys.fired(message_id), sub_id, "sent")
+
+    def forget(self, message_ids: Sequence[str]) -> None:
+        """Delete everything stored about these messages (tests, re-tracking by hand)."""
+        keys = []
+        for m in message_ids:
+            k = self.keys
+            keys += [k.status(m), k.history(m), k.track(m), k.subs(m), k.fired(m), k.outcome(m)]
+        if keys:
+            self.redis.delete(*keys)

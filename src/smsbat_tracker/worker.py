@@ -1,0 +1,164 @@
+"""The Celery application: ``celery -A smsbat_tracker.worker worker`` starts a worker.
+
+Redis is the broker, the result backend and the status cache. The settings that make
+countdown retries safe on Redis are set here, explicitly:
+
+- ``visibility_timeout`` (``SMSBAT_VISIBILITY_TIMEOUT``, 1 h) far above every countdown
+  (the settings refuse a ``SMSBAT_MAX_DELAY`` above a quarter of it): a waiting countdown
+  task is held unacked, and one that outlived the timeout would run twice;
+- ``acks_late`` with ``reject_on_worker_lost``: a worker killed mid-task leaves its message
+  unacked, and Redis hands it to another worker after the visibility timeout;
+- JSON only, task events on (Flower), and the deadline is tracked by the task itself,
+  never by Celery's ``expires``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any
+
+import redis
+import structlog
+from celery import Celery, signals
+
+from smsbat_tracker.client import SmsbatClient
+from smsbat_tracker.config import Settings, load_settings
+from smsbat_tracker.errors import ConfigError
+from smsbat_tracker.log import configure_logging
+from smsbat_tracker.tracking import Engine
+
+__all__ = ["TrackerApp", "app", "create_app"]
+
+
+class TrackerApp(Celery):
+    """A Celery app that carries its :class:`Settings` and one :class:`Engine` per process."""
+
+    def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        self._engine: Engine | None = None
+        self._engine_pid = 0
+        self._engine_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """This process's engine; built on first use and again after a fork."""
+        pid = os.getpid()
+        if self._engine is None or self._engine_pid != pid:
+            with self._engine_lock:
+                if self._engine is None or self._engine_pid != pid:
+                    # Connections are not shared across fork: build new ones in the child.
+                    client = redis.Redis.from_url(
+                        self.settings.redis_url, decode_responses=True, health_check_interval=30
+                    )
+                    api = SmsbatClient.from_settings(self.settings)
+                    self._engine = Engine(self.settings, client, api, app=self)
+                    self._engine_pid = pid
+        return self._engine
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Use other settings from now on (tests, embedding applications, the demo).
+
+        Call before the first task is sent or a worker starts: connections already made
+        by Celery are not rebuilt.
+        """
+        self.close_engine()
+        self.settings = settings
+        self.conf.update(celery_config(settings))
+
+    def close_engine(self) -> None:
+        """Close this process's connections (tests, embedding applications)."""
+        with self._engine_lock:
+            if self._engine is not None and self._engine_pid == os.getpid():
+                self._engine.api.close()
+                self._engine.redis.close()
+            self._engine = None
+
+
+def create_app(settings: Settings | None = None) -> TrackerApp:
+    """Build the Celery app for ``settings`` (default: from the environment)."""
+    settings = settings or load_settings()
+    tracker = TrackerApp(
+        settings,
+        "smsbat_tracker",
+        include=["smsbat_tracker.tasks", "smsbat_tracker.recipes"],
+    )
+    tracker.conf.update(celery_config(settings))
+    return tracker
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery settings for ``settings``."""
+    return dict(
+        broker_url=settings.redis_url,
+        result_backend=settings.redis_url,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": settings.unacked_restore_interval,
+            "unacked_restore_throttle": 1,
+        },
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_expires=int(settings.final_ttl),
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_track_started=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+        timezone="UTC",
+    )
+
+
+def _load() -> TrackerApp:
+    try:
+        return create_app()
+    except ConfigError as exc:
+        # Stop start-up with the one clear message, not a traceback from deep inside.
+        if "celery" in os.path.basename(sys.argv[0]) or os.environ.get(
+            "SMSBAT_EXIT_ON_CONFIG_ERROR"
+        ):
+            raise SystemExit(f"smsbat-tracker: {exc}") from None
+        raise
+
+
+app = _load()
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: Any = None, **_: Any) -> None:
+    settings = app.settings
+    configure_logging(
+        level=loglevel or "INFO",
+        secrets=[
+            settings.api_key.get_secret_value() if settings.api_key else None,
+            settings.password.get_secret_value() if settings.password else None,
+            settings.webhook_token.get_secret_value() if settings.webhook_token else None,
+        ],
+    )
+
+
+@signals.task_prerun.connect
+def _bind_task_context(
+    task_id: str | None = None, task: Any = None, args: Any = None, kwargs: Any = None, **_: Any
+) -> None:
+    structlog.contextvars.clear_contextvars()
+    context: dict[str, Any] = {"task_id": task_id, "task_name": getattr(task, "name", None)}
+    message_id = (kwargs or {}).get("message_id")
+    if message_id is None and args and isinstance(args[0], str):
+        message_id = args[0]
+    if message_id is not None:
+        context["message_id"] = message_id
+    structlog.contextvars.bind_contextvars(**context)
+
+
+@signals.task_postrun.connect
+def _unbind_task_context(**_: Any) -> None:
+    structlog.contextvars.clear_contextvars()

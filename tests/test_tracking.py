@@ -1,0 +1,227 @@
+"""track_message end to end: a real worker, a real Redis, the sandbox API over HTTP."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis
+from structlog.testing import capture_logs
+
+from smsbat_tracker.errors import InvalidMessageId
+from smsbat_tracker.recipes import record_outcome
+from smsbat_tracker.sandbox import SandboxServer
+from smsbat_tracker.tasks import get_status, track_message
+from tests.conftest import recorded, wait_for
+
+
+def scripted(sandbox: SandboxServer, *steps: tuple[str, float], **kw: Any) -> str:
+    return sandbox.state.create_scripted(list(steps), **kw)
+
+
+def callbacks(label: str = "default") -> dict[str, Any]:
+    sig = record_outcome.s(label=label)
+    return {"on_delivered": sig, "on_failed": sig, "on_timeout": sig}
+
+
+def outcomes(client: redis.Redis, label: str = "default") -> list[dict[str, Any]]:
+    return [entry["result"] for entry in recorded(client, label)]
+
+
+@pytest.mark.parametrize(
+    ("final", "expected"),
+    [
+        ("delivered", "delivered"),
+        ("undeliverable", "undeliverable"),
+        ("permanenterror", "permanenterror"),
+    ],
+)
+def test_each_final_status_fires_its_outcome_once(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis, final: str, expected: str
+) -> None:
+    """A message moving scheduled -> processing -> final fires one callback with that outcome."""
+    mid = scripted(sandbox, ("scheduled", 0), ("processing", 0.3), (final, 0.9), cost=0.07)
+    track_message.delay(mid, **callbacks())
+    [result] = wait_for(lambda: outcomes(redis_client), timeout=15)
+    assert result["message_id"] == mid
+    assert result["outcome"] == expected
+    assert result["deliverystatus"] == final
+    assert result["polls"] >= 1
+    assert result["started_at"] < result["finished_at"]
+    assert result["status"]["deliverystatus"] == final
+    if final == "delivered":
+        assert result["cost"] == pytest.approx(0.07)
+    time.sleep(0.5)  # nothing more may arrive
+    assert len(outcomes(redis_client)) == 1
+
+
+def test_the_right_callback_is_chosen(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """on_delivered for delivered, on_failed for failures; the others are not called."""
+    ok = scripted(sandbox, ("processing", 0), ("delivered", 0.2))
+    bad = scripted(sandbox, ("processing", 0), ("undeliverable", 0.2))
+    for mid in (ok, bad):
+        track_message.delay(
+            mid,
+            on_delivered=record_outcome.s(label="delivered"),
+            on_failed=record_outcome.s(label="failed"),
+            on_timeout=record_outcome.s(label="timeout"),
+        )
+    wait_for(lambda: outcomes(redis_client, "delivered") and outcomes(redis_client, "failed"))
+    assert [r["message_id"] for r in outcomes(redis_client, "delivered")] == [ok]
+    assert [r["message_id"] for r in outcomes(redis_client, "failed")] == [bad]
+    assert outcomes(redis_client, "timeout") == []
+
+
+def test_deadline_fires_timeout_close_to_it(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """A message that never becomes final times out at the deadline, not much after."""
+    mid = scripted(sandbox, ("scheduled", 0), ("processing", 0.2))
+    sent_at = time.time()
+    track_message.delay(mid, deadline=3, **callbacks())
+    [result] = wait_for(lambda: outcomes(redis_client), timeout=10)
+    assert result["outcome"] == "timeout"
+    assert result["deliverystatus"] == "processing"
+    finished = recorded(redis_client)[0]["recorded_at"]
+    assert 3 <= finished - sent_at < 5
+    truth = sandbox.state.truth(mid)
+    # never past the deadline: every request happened before it (plus scheduling slack)
+    assert max(truth["poll_times"]) <= sent_at + 3 + 1.0
+
+
+def test_never_two_requests_within_one_second(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """Even with a tiny backoff and three trackers, requests for one id are >= 1 s apart."""
+    mid = scripted(sandbox, ("processing", 0), ("delivered", 4.5))
+    for label in ("a", "b", "c"):
+        track_message.delay(mid, on_delivered=record_outcome.s(label=label))
+    wait_for(lambda: all(outcomes(redis_client, x) for x in "abc"), timeout=15)
+    times = sorted(sandbox.state.truth(mid)["poll_times"])
+    assert len(times) >= 2
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) >= 0.98
+
+
+def test_duplicate_enqueue_fires_once(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """The same tracking enqueued three times is one subscription: one callback."""
+    mid = scripted(sandbox, ("processing", 0), ("delivered", 0.8))
+    for _ in range(3):
+        track_message.delay(mid, **callbacks())
+    wait_for(lambda: outcomes(redis_client))
+    time.sleep(1.0)
+    assert len(outcomes(redis_client)) == 1
+
+
+def test_second_tracker_joins_and_its_callbacks_fire(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """Two calls with different callbacks share one poller; each callback fires once."""
+    mid = scripted(sandbox, ("processing", 0), ("delivered", 1.5))
+    track_message.delay(mid, on_delivered=record_outcome.s(label="first"))
+    track_message.delay(mid, on_delivered=record_outcome.s(label="second"))
+    wait_for(lambda: outcomes(redis_client, "first") and outcomes(redis_client, "second"))
+    first, second = outcomes(redis_client, "first"), outcomes(redis_client, "second")
+    assert len(first) == len(second) == 1
+    assert first[0]["polls"] == second[0]["polls"]  # the very same outcome record
+
+
+def test_tracking_an_already_final_message_needs_no_request(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis, tracker_app: Any
+) -> None:
+    """A cached final status (earlier check or push) ends a new tracking with 0 polls."""
+    mid = scripted(sandbox, ("delivered", 0))
+    assert get_status(mid).deliverystatus == "delivered"  # one API call, cached as final
+    track_message.delay(mid, **callbacks())
+    [result] = wait_for(lambda: outcomes(redis_client))
+    assert result["outcome"] == "delivered"
+    assert result["polls"] == 0
+    assert sandbox.state.truth(mid)["polls"] == 1
+
+
+def test_get_status_reads_through_the_cache(
+    tracker_app: Any, sandbox: SandboxServer
+) -> None:
+    """Two get_status calls within the cache TTL make one API call."""
+    mid = scripted(sandbox, ("processing", 0))
+    assert get_status(mid).deliverystatus == "processing"
+    assert get_status(mid).deliverystatus == "processing"
+    assert sandbox.state.truth(mid)["polls"] == 1
+
+
+def test_bad_credentials_end_with_error(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """A 401 is permanent: the outcome is error, delivered to on_failed, no more polls."""
+    mid = scripted(sandbox, ("processing", 0), ("delivered", 5))
+    sandbox.state.set_faults(message_faults={mid: ["401"]})
+    track_message.delay(
+        mid,
+        on_delivered=record_outcome.s(label="delivered"),
+        on_failed=record_outcome.s(label="failed"),
+    )
+    [result] = wait_for(lambda: outcomes(redis_client, "failed"))
+    assert result["outcome"] == "error"
+    assert "401" in result["error"]
+    assert sandbox.state.truth(mid)["polls"] == 1
+
+
+def test_unknown_message_errors_after_grace(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """A 404 is retried during the grace period (2 s here), then ends with error."""
+    track_message.delay("neverexisted123", **callbacks())
+    [result] = wait_for(lambda: outcomes(redis_client), timeout=15)
+    assert result["outcome"] == "error"
+    assert result["polls"] >= 2
+
+
+def test_transient_errors_are_retried(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """5xx, 429 and malformed answers do not end tracking; the next checks succeed."""
+    mid = scripted(sandbox, ("processing", 0), ("delivered", 0.5))
+    sandbox.state.set_faults(message_faults={mid: ["500", "429", "malformed"]}, retry_after=1)
+    track_message.delay(mid, **callbacks())
+    [result] = wait_for(lambda: outcomes(redis_client), timeout=15)
+    assert result["outcome"] == "delivered"
+    assert sandbox.state.truth(mid)["polls"] == 4
+
+
+def test_unknown_status_is_logged_once_and_not_final(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """A status the product does not know is kept, logged once, and polling goes on."""
+    mid = scripted(sandbox, ("queued_at_carrier", 0), ("delivered", 3.0))
+    with capture_logs() as logs:
+        track_message.delay(mid, **callbacks())
+        [result] = wait_for(lambda: outcomes(redis_client), timeout=15)
+    assert result["outcome"] == "delivered"
+    unknown = [e for e in logs if e["event"] == "track.unknown_status"]
+    assert len(unknown) == 1
+    assert unknown[0]["deliverystatus"] == "queued_at_carrier"
+    assert sandbox.state.truth(mid)["polls"] >= 2
+
+
+def test_chain_gets_the_result(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """track_message.s(id) | next.s() passes the final result dict, once."""
+    mid = scripted(sandbox, ("processing", 0), ("delivered", 0.5))
+    (track_message.s(mid) | record_outcome.s(label="chain")).delay()
+    [result] = wait_for(lambda: outcomes(redis_client, "chain"))
+    assert result["outcome"] == "delivered"
+    assert result["message_id"] == mid
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "a b", "x" * 200])
+def test_hostile_ids_are_refused_at_enqueue(tracker_app: Any, bad: str) -> None:
+    """A hostile id never reaches the broker."""
+    with pytest.raises(InvalidMessageId):
+        track_message.delay(bad)
+    assert tracker_app.engine.redis.llen("celery") == 0
