@@ -16,6 +16,21 @@ Design:
   thread (tests use it in-process), so every read and write of it happens under one
   ``threading.Lock``, never held across an ``await``.
 
+Admin endpoints (JSON in and out):
+
+* ``POST /sandbox/messages`` ``{"messages": [{"messageId"?, "timeline": [[status, seconds],
+  ...], "cost"?, "partscount"?, "extended"?}]}`` -> ``{"messageIds": [...]}``.
+* ``GET /sandbox/messages/{id}`` -> the truth of one message (see
+  :meth:`SandboxState.truth`); ``GET /sandbox/messages`` -> ``{"messages": [truth, ...]}``.
+* ``GET /sandbox/stats`` -> counters of the ``/bat/`` API (see :meth:`SandboxState.stats`).
+* ``POST /sandbox/faults`` -> see :meth:`SandboxState.set_faults` (same keys; ``"clear":
+  true`` first turns every fault off).
+* ``POST /sandbox/reset`` -> forget messages, faults and counters.
+
+The app also speaks the ASGI lifespan protocol (binding the loop for webhooks at start-up and
+closing the webhook client at shutdown), so any ASGI server can host :func:`create_app`;
+:class:`SandboxServer` and :func:`main` run uvicorn with lifespan off and do this themselves.
+
 Run it standalone with ``python -m smsbat_tracker.sandbox --port 8080``, or in-process::
 
     with SandboxServer(SandboxConfig(seed=1)) as server:
@@ -52,6 +67,7 @@ import httpx
 import uvicorn
 
 __all__ = [
+    "FAULT_KINDS",
     "FINAL_STATUSES",
     "MESSAGE_TYPES",
     "BackgroundServer",
@@ -90,12 +106,13 @@ MESSAGE_TYPES: frozenset[str] = frozenset(
 FAULT_KINDS: frozenset[str] = frozenset({"500", "429", "malformed", "truncated", "slow", "401"})
 """Kinds accepted in the per-message fault queues (``message_faults``)."""
 
-_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+# ASCII digits only, and fullmatch() so a trailing newline is not accepted.
+_E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 # Price per part in USD; a Viber message delivered by its SMS fallback is billed as SMS.
 _RATES: dict[str, float] = {"sms": 0.05, "rcs": 0.04, "flashcall": 0.01}
 _VIBER_RATE = 0.03
 _Z_95 = 1.645  # standard normal quantile of 0.95
-_MAX_BODY = 10 * 1024 * 1024  # local tool: refuse absurd request bodies instead of buffering them
+_MAX_BODY = 64 * 1024 * 1024  # local tool: refuse absurd request bodies instead of buffering them
 _FIRST_LIST_ID = 100_000
 
 _JSON_HEADERS: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
@@ -623,7 +640,7 @@ class SandboxState:
                 kind = item.get("type")
                 text = item.get("text")
                 reason = None
-                if not isinstance(to, str) or not _E164.match(to):
+                if not isinstance(to, str) or not _E164.fullmatch(to):
                     reason = "to must be an E.164 number"
                 elif kind not in MESSAGE_TYPES:
                     reason = "unknown type"
