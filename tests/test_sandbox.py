@@ -306,6 +306,8 @@ def test_send_accepts_and_rejects(server: SandboxServer, client: httpx.Client) -
             {"from": "Shop", "to": "0501234567", "type": "sms", "text": "hi"},
             {"from": "Shop", "to": "+380501234567", "type": "fax", "text": "hi"},
             {"from": "Shop", "to": "+0123456789", "type": "sms", "text": "hi"},
+            {"from": "Shop", "to": "+380501234567\n", "type": "sms", "text": "hi"},
+            "not an object",
         ]
     }
     response = client.post("/bat/messagelist", json=payload, headers=HEADER_AUTH)
@@ -316,6 +318,8 @@ def test_send_accepts_and_rejects(server: SandboxServer, client: httpx.Client) -
     assert [r["status"] for r in results] == [
         "accepted",
         "accepted",
+        "rejected",
+        "rejected",
         "rejected",
         "rejected",
         "rejected",
@@ -450,6 +454,15 @@ def test_fault_429_retry_after(server: SandboxServer, client: httpx.Client) -> N
     response = client.get(f"/bat/message/{message_id}", headers=HEADER_AUTH)
     assert response.status_code == 429
     assert response.headers["retry-after"] == "3"
+
+
+def test_fault_429_default_retry_after(server: SandboxServer, client: httpx.Client) -> None:
+    """Without a retry_after setting, a 429 fault sends Retry-After: 1."""
+    message_id = server.state.create_scripted([("delivered", 0)])
+    server.state.set_faults(message_faults={message_id: ["429"]})
+    response = client.get(f"/bat/message/{message_id}", headers=HEADER_AUTH)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "1"
 
 
 def test_fault_malformed(server: SandboxServer, client: httpx.Client) -> None:

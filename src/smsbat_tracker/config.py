@@ -127,6 +127,24 @@ class Settings(BaseSettings):
             )
         return self
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables, secrets included, for child processes.
+
+        For handing to a worker started by the demo or the tests; never log the result.
+        """
+        env: dict[str, str] = {}
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            key = info.validation_alias if isinstance(info.validation_alias, str) else None
+            env[key or f"{ENV_PREFIX}{name.upper()}"] = (
+                ("true" if value else "false") if isinstance(value, bool) else str(value)
+            )
+        return env
+
     @property
     def auth_method(self) -> Literal["header", "basic-key", "basic"]:
         """The way credentials go on the wire."""

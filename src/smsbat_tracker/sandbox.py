@@ -309,7 +309,7 @@ class _Message:
             body.update(self.extended)
         return body
 
-    def truth(self, now: float) -> dict[str, object]:
+    def truth(self, now: float) -> dict[str, Any]:
         """Ground truth of the message, for tests and benchmarks."""
         return {
             "messageId": self.message_id,
@@ -446,20 +446,33 @@ class SandboxState:
         )
         return self._create_scripted_batch([spec])[0]
 
-    def truth(self, message_id: str) -> dict[str, object]:
-        """Ground truth of one message (see ``GET /sandbox/messages/{id}``); KeyError if unknown."""
+    def truth(self, message_id: str) -> dict[str, Any]:
+        """Ground truth of one message; KeyError if unknown.
+
+        Keys: ``messageId``, ``messagelistId``, ``created_at`` (epoch), ``final_status`` (None
+        if never final), ``final_at`` (epoch or None), ``status`` (as of now), ``fallback``,
+        ``timeline`` (``[[status, epoch], ...]``), ``polls`` (authenticated status GETs,
+        faulted ones included), ``poll_times`` (their arrival epochs) and ``pushes``
+        (``{"deliverystatus", "sent_at", "http_status", "error"}``, http_status None when the
+        push failed).
+        """
         now = time.time()
         with self._lock:
             return self._messages[message_id].truth(now)
 
-    def all_truths(self) -> list[dict[str, object]]:
+    def all_truths(self) -> list[dict[str, Any]]:
         """Ground truth of every message, in creation order."""
         now = time.time()
         with self._lock:
             return [message.truth(now) for message in self._messages.values()]
 
-    def stats(self) -> dict[str, object]:
-        """Request counters of the ``/bat/`` API (admin requests are counted apart)."""
+    def stats(self) -> dict[str, Any]:
+        """Request counters of the ``/bat/`` API; ``/sandbox/`` calls only in admin_requests.
+
+        Keys: ``requests``, ``status_requests``, ``send_requests``, ``admin_requests``,
+        ``messages`` (currently stored), ``auth`` (per method) and ``responses`` (per HTTP
+        status code, as strings).
+        """
         with self._lock:
             return {
                 "requests": self._requests,
@@ -1069,7 +1082,7 @@ class SandboxApp:
         elif code == 500:
             await _respond(send, 500, _INTERNAL)
         else:
-            seconds = str(max(1, math.ceil(retry_after))).encode()
+            seconds = str(math.ceil(retry_after)).encode()
             await _respond(send, 429, _RATE_LIMITED, retry_after=seconds)
 
     def _draw_fault(self) -> str | None:
