@@ -139,6 +139,8 @@ def worker(tracker_app: Any) -> Iterator[Any]:
         yield running
 
 
-def recorded(client: redis.Redis, label: str = "default", prefix: str = "smsbat") -> list[dict[str, Any]]:
+def recorded(
+    client: redis.Redis, label: str = "default", prefix: str = "smsbat"
+) -> list[dict[str, Any]]:
     """What :func:`smsbat_tracker.recipes.record_outcome` (and friends) recorded."""
     return [json.loads(x) for x in client.lrange(f"{prefix}:recorded:{label}", 0, -1)]

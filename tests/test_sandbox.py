@@ -16,13 +16,13 @@ import httpx
 import pytest
 
 from smsbat_tracker.sandbox import (
-    BackgroundServer,
     SandboxConfig,
     SandboxServer,
     SandboxState,
     create_app,
     main,
 )
+from smsbat_tracker.serving import BackgroundServer
 
 KEY = "test-key"
 USER = "tester"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -102,7 +103,7 @@ def test_never_two_requests_within_one_second(
     wait_for(lambda: all(outcomes(redis_client, x) for x in "abc"), timeout=15)
     times = sorted(sandbox.state.truth(mid)["poll_times"])
     assert len(times) >= 2
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 0.98
 
 
@@ -144,9 +145,7 @@ def test_tracking_an_already_final_message_needs_no_request(
     assert sandbox.state.truth(mid)["polls"] == 1
 
 
-def test_get_status_reads_through_the_cache(
-    tracker_app: Any, sandbox: SandboxServer
-) -> None:
+def test_get_status_reads_through_the_cache(tracker_app: Any, sandbox: SandboxServer) -> None:
     """Two get_status calls within the cache TTL make one API call."""
     mid = scripted(sandbox, ("processing", 0))
     assert get_status(mid).deliverystatus == "processing"

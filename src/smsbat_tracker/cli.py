@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the demo (embedded Redis, sandbox API, a worker)",
-                   add_help=False)
+    sub.add_parser(
+        "demo", help="run the demo (embedded Redis, sandbox API, a worker)", add_help=False
+    )
     sub.add_parser("sandbox", help="serve the simulated SMSBAT API", add_help=False)
     status = sub.add_parser("status", help="print one message's status from the API")
     status.add_argument("message_id")

@@ -59,7 +59,7 @@ def worker_process(
     """A real ``celery worker`` subprocess using ``settings``; stopped on exit."""
     env = {**os.environ, **settings.to_env()}
     with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             [
                 sys.executable,
                 "-m",

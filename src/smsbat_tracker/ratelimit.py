@@ -42,7 +42,8 @@ if tat < now then tat = now end
 local new_tat = tat + interval * n
 local allow_at = new_tat - tolerance - interval
 if allow_at > now then return math.ceil(allow_at - now) end
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', ttl_ms)
 return 0
 """
 
@@ -80,7 +81,6 @@ class RateLimiter:
             return 0.0
         if n < 1:
             raise ValueError("n must be >= 1")
-        # A request larger than the burst would wait forever: take it in slices.
         wait_us = self._script(
             keys=list(self._keys), args=[repr(self._interval_us), repr(self._tolerance_us), n]
         )
@@ -99,6 +99,7 @@ class RateLimiter:
                 await asyncio.sleep(wait)
 
     def _chunks(self, n: int) -> list[int]:
+        # More tokens than the burst allows would never be granted at once: take slices.
         if not self.enabled:
             return []
         most = max(1, math.floor(self._tolerance_us / self._interval_us) + 1)

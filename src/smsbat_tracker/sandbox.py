@@ -53,24 +53,30 @@ import math
 import random
 import re
 import secrets
-import socket
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
-import uvicorn
+
+from smsbat_tracker.serving import (
+    BackgroundServer,
+    ReadyServer,
+    Receive,
+    Scope,
+    Send,
+    bind_socket,
+    serve_on,
+    uvicorn_config,
+)
 
 __all__ = [
     "FAULT_KINDS",
     "FINAL_STATUSES",
     "MESSAGE_TYPES",
-    "BackgroundServer",
     "SandboxApp",
     "SandboxConfig",
     "SandboxServer",
@@ -79,12 +85,6 @@ __all__ = [
     "main",
 ]
 
-# ASGI types, spelled out so the module needs no extra dependency for them.
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 FINAL_STATUSES: frozenset[str] = frozenset({"delivered", "undeliverable", "permanenterror"})
 """Statuses after which a message never changes again."""
@@ -1251,160 +1251,6 @@ def create_app(config: SandboxConfig, state: SandboxState | None = None) -> Sand
 # --------------------------------------------------------------------- serving
 
 
-def _uvicorn_config(app: ASGIApp, *, log_config: bool) -> uvicorn.Config:
-    try:
-        import httptools  # noqa: F401
-    except ImportError:  # pragma: no cover - uvicorn[standard] ships it
-        http = "auto"
-    else:
-        http = "httptools"
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:  # pragma: no cover - not available on Windows
-        loop = "asyncio"
-    else:
-        loop = "uvloop"
-    kwargs: dict[str, Any] = {"log_level": logging.WARNING}
-    if not log_config:
-        # In-process use must not reconfigure the host application's logging or log levels.
-        kwargs = {"log_config": None, "log_level": None}
-    return uvicorn.Config(
-        app,
-        http=http,
-        loop=loop,
-        lifespan="off",
-        access_log=False,
-        timeout_graceful_shutdown=2,
-        **kwargs,
-    )
-
-
-class _Server(uvicorn.Server):
-    """uvicorn.Server that reports the end of its start-up through a threading.Event."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        try:
-            await super().startup(sockets=sockets)
-        finally:
-            self.ready.set()
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-async def _serve(
-    server: _Server,
-    sock: socket.socket,
-    on_start: Callable[[asyncio.AbstractEventLoop], None] | None,
-    on_stop: Callable[[], Awaitable[None]] | None,
-) -> None:
-    if on_start is not None:
-        on_start(asyncio.get_running_loop())
-    try:
-        await server.serve(sockets=[sock])
-    finally:
-        if on_stop is not None:
-            await on_stop()
-
-
-class BackgroundServer:
-    """Serve any ASGI app with uvicorn on a daemon thread (used for the sandbox and tests).
-
-    The socket is bound in :meth:`start`, so with ``port=0`` the chosen port is known at once;
-    :meth:`start` returns when uvicorn accepts connections.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        startup_timeout: float = 10.0,
-        on_start: Callable[[asyncio.AbstractEventLoop], None] | None = None,
-        on_stop: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        self.app = app
-        self.host = host
-        self.port = port
-        self.startup_timeout = startup_timeout
-        self._on_start = on_start
-        self._on_stop = on_stop
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def url(self) -> str:
-        """Base URL, e.g. ``http://127.0.0.1:54321`` (the real port once started)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self) -> None:
-        """Bind, start uvicorn on a daemon thread and wait until it accepts connections."""
-        if self._thread is not None:
-            raise RuntimeError("server already started")
-        sock = _bind(self.host, self.port)
-        self.port = sock.getsockname()[1]
-        config = _uvicorn_config(self.app, log_config=False)
-        server = _Server(config)
-        loop_factory = config.get_loop_factory()
-
-        def run() -> None:
-            try:
-                with asyncio.Runner(loop_factory=loop_factory) as runner:
-                    runner.run(_serve(server, sock, self._on_start, self._on_stop))
-            except BaseException as exc:  # reported by start()/stop() in the caller's thread
-                self._error = exc
-            finally:
-                sock.close()
-                server.ready.set()
-
-        self._server = server
-        self._thread = threading.Thread(target=run, name=f"uvicorn-{self.port}", daemon=True)
-        self._thread.start()
-        if not server.ready.wait(self.startup_timeout) or not server.started:
-            self.stop()
-            raise RuntimeError(f"server on {self.url} did not start") from self._error
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask uvicorn to exit and wait for the thread; idempotent."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        server.should_exit = True
-        thread.join(timeout)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
 class SandboxServer(BackgroundServer):
     """The sandbox on 127.0.0.1 (a free port by default) in a background daemon thread.
 
@@ -1500,20 +1346,20 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             push_url=args.push_url,
         )
-        sock = _bind(args.host, args.port)
+        sock = bind_socket(args.host, args.port)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app = create_app(config)
-    uv_config = _uvicorn_config(app, log_config=True)
-    server = _Server(uv_config)
+    uv_config = uvicorn_config(app, log_config=True)
+    server = ReadyServer(uv_config)
     host = f"[{args.host}]" if ":" in args.host else args.host
     port = sock.getsockname()[1]
     # The credentials are deliberately not printed: terminals and CI logs are kept.
     print(f"SMSBAT sandbox listening on http://{host}:{port} (local use only)", flush=True)
     try:
         with asyncio.Runner(loop_factory=uv_config.get_loop_factory()) as runner:
-            runner.run(_serve(server, sock, app.state._attach_loop, app.state._aclose))
+            runner.run(serve_on(server, sock, app.state._attach_loop, app.state._aclose))
     except KeyboardInterrupt:
         pass
     finally:

@@ -68,7 +68,8 @@ log = get_logger(__name__)
 # Creates the session if absent; returns its owner, started_at, deadline_at, checks, polls.
 _OPEN = """
 if redis.call('HSETNX', KEYS[1], 'owner', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'started_at', ARGV[2], 'deadline_at', ARGV[3], 'checks', 0, 'polls', 0)
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[2], 'deadline_at', ARGV[3])
+  redis.call('HSET', KEYS[1], 'checks', 0, 'polls', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
 return redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at', 'checks', 'polls')

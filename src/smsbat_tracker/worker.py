@@ -91,30 +91,30 @@ def create_app(settings: Settings | None = None) -> TrackerApp:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings for ``settings``."""
-    return dict(
-        broker_url=settings.redis_url,
-        result_backend=settings.redis_url,
-        broker_transport_options={
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": settings.unacked_restore_interval,
             "unacked_restore_throttle": 1,
         },
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
-        broker_connection_retry_on_startup=True,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        result_expires=int(settings.final_ttl),
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_track_started=True,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
-        worker_hijack_root_logger=False,
-        enable_utc=True,
-        timezone="UTC",
-    )
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": int(settings.final_ttl),
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_track_started": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
 
 
 def _load() -> TrackerApp:
