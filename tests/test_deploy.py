@@ -1,0 +1,105 @@
+"""The deployment files: docker-compose.yml, Procfile and the README's commands.
+
+There is no Docker engine where the tests run, so the compose file is parsed and its
+services and commands checked against what the package really provides.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+
+
+def test_compose_has_the_services(compose: dict[str, Any]) -> None:
+    """redis, worker, flower and web always; the sandbox only in its profile."""
+    services = compose["services"]
+    assert {"redis", "worker", "flower", "sandbox"} <= set(services)
+    assert services["sandbox"]["profiles"] == ["sandbox"]
+    for name in ("redis", "worker", "flower"):
+        assert "profiles" not in services[name]
+
+
+def test_redis_keeps_tasks(compose: dict[str, Any]) -> None:
+    """The broker runs with an append-only file and never evicts keys."""
+    command = _command(compose["services"]["redis"])
+    assert command[0] == "redis-server"
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert any(v.endswith(":/data") for v in compose["services"]["redis"]["volumes"])
+
+
+def test_worker_and_flower_run_the_package_app(compose: dict[str, Any]) -> None:
+    """Worker and Flower start the Celery app this package defines, on the compose Redis."""
+    services = compose["services"]
+    worker, flower = _command(services["worker"]), _command(services["flower"])
+    assert worker[:4] == ["celery", "-A", "smsbat_tracker.worker", "worker"]
+    assert flower[:4] == ["celery", "-A", "smsbat_tracker.worker", "flower"]
+    assert "--port=5555" in flower
+    assert "5555:5555" in services["flower"]["ports"]
+    for name in ("worker", "flower"):
+        assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_sandbox_service_runs_the_sandbox_module(compose: dict[str, Any]) -> None:
+    """The optional sandbox service runs the module that exists and listens on all hosts."""
+    command = _command(compose["services"]["sandbox"])
+    assert command[:3] == ["python", "-m", "smsbat_tracker.sandbox"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+
+    from smsbat_tracker.sandbox import main
+
+    assert callable(main)
+
+
+def test_procfile_lines() -> None:
+    """The Procfile has worker and flower processes running the package app."""
+    lines = dict(
+        line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
+    )
+    assert {"worker", "flower"} <= set(lines)
+    assert lines["worker"].split()[:4] == ["celery", "-A", "smsbat_tracker.worker", "worker"]
+    assert lines["flower"].split()[:4] == ["celery", "-A", "smsbat_tracker.worker", "flower"]
+
+
+def test_readme_commands_exist() -> None:
+    """The README's two commands are Makefile targets, and CI runs the test one."""
+    readme = (ROOT / "README.md").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    assert "make demo" in readme
+    assert "make test" in readme
+    targets = set(re.findall(r"^([a-z-]+):", makefile, flags=re.MULTILINE))
+    assert {"demo", "test", "lint", "types", "check"} <= targets
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make check" in ci
+    assert re.search(r"^check: .*\btest\b", makefile, flags=re.MULTILINE)
+
+
+def test_readme_documents_every_setting() -> None:
+    """Every settings field has its environment variable in the README's table."""
+    from smsbat_tracker.config import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias if isinstance(info.validation_alias, str) else None
+        env = alias or f"SMSBAT_{name.upper()}"
+        assert f"`{env}`" in readme, env
