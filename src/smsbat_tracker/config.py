@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     # --- tracking schedule (seconds) ------------------------------------------------
     deadline: float = Field(default=120.0, gt=0, le=86_400)
     first_delay: float = Field(default=5.0, ge=0, le=3_600)
-    backoff_factor: float = Field(default=1.6, ge=1.0, le=10.0)
-    max_delay: float = Field(default=20.0, gt=0, le=3_600)
+    backoff_factor: float = Field(default=1.5, ge=1.0, le=10.0)
+    max_delay: float = Field(default=10.0, gt=0, le=3_600)
     jitter: float = Field(default=0.1, ge=0, lt=1)
     # The provider forbids more than one status request per second per message.
     min_interval: float = Field(default=1.0, ge=1.0, le=3_600)
