@@ -132,8 +132,12 @@ class StatusCache:
         source: Source = "poll",
         observed_at: float | None = None,
         ts: float | None = None,
+        pipe: redis.client.Pipeline | None = None,
     ) -> bool:
-        """Cache a status unless the cached one is final or newer; True when stored."""
+        """Cache a status unless the cached one is final or newer; True when stored.
+
+        With ``pipe`` the write is queued on that pipeline and True is returned at once.
+        """
         entry = CachedStatus(
             status=status,
             observed_at=time.time() if observed_at is None else observed_at,
@@ -154,8 +158,9 @@ class StatusCache:
                 self._history_length,
                 status.deliverystatus,
             ],
+            client=pipe,
         )
-        return bool(stored)
+        return True if pipe is not None else bool(stored)
 
     def history(self, message_id: str) -> list[HistoryEntry]:
         """The message's status changes, oldest first."""

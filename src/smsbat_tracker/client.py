@@ -8,6 +8,7 @@ Every failure is turned into an exception from :mod:`smsbat_tracker.errors`: tra
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import json
 import math
@@ -33,7 +34,16 @@ from smsbat_tracker.errors import (
 )
 from smsbat_tracker.models import MessageStatus, OutgoingMessage, SendResult, validate_message_id
 
-__all__ = ["AsyncSmsbatClient", "SmsbatClient", "parse_retry_after"]
+__all__ = [
+    "AsyncSmsbatClient",
+    "SmsbatClient",
+    "auth_headers",
+    "decode_answer",
+    "options_from_settings",
+    "parse_retry_after",
+    "parse_status",
+    "status_path",
+]
 
 SEND_PATH = "/bat/messagelist"
 USER_AGENT = f"smsbat-tracker/{__version__}"
@@ -62,11 +72,13 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return min(max(seconds, 0.0), 3_600.0)
 
 
-def _check_response(response: httpx.Response) -> Any:
-    """Raise the matching error for a non-2xx answer, else return the decoded JSON body."""
-    code = response.status_code
+def decode_answer(code: int, retry_after: str | None, content: bytes) -> Any:
+    """Raise the matching error for a non-2xx answer, else return the decoded JSON body.
+
+    Shared by every client, whatever its HTTP library: status code, Retry-After, body.
+    """
     if code == 429:
-        raise RateLimited(parse_retry_after(response.headers.get("Retry-After")))
+        raise RateLimited(parse_retry_after(retry_after))
     if code in (401, 403):
         raise AuthenticationError(code, f"SMSBAT API refused the credentials (HTTP {code})")
     if code == 404:
@@ -78,16 +90,17 @@ def _check_response(response: httpx.Response) -> Any:
     if code >= 300:
         raise ClientError(code, f"SMSBAT API answered an unexpected HTTP {code}")
     try:
-        return json.loads(response.content)
+        return json.loads(content)
     except ValueError:
         raise MalformedResponse(
             f"SMSBAT API answered HTTP {code} with a body that is not valid JSON "
-            f"({len(response.content)} bytes)"
+            f"({len(content)} bytes)"
         ) from None
 
 
-def _parse_status(response: httpx.Response) -> MessageStatus:
-    body = _check_response(response)
+def parse_status(code: int, retry_after: str | None, content: bytes) -> MessageStatus:
+    """A status answer as a :class:`MessageStatus`, or the matching error."""
+    body = decode_answer(code, retry_after, content)
     if not isinstance(body, dict):
         raise MalformedResponse("SMSBAT status answer is not a JSON object")
     try:
@@ -97,8 +110,14 @@ def _parse_status(response: httpx.Response) -> MessageStatus:
         raise MalformedResponse(f"SMSBAT status answer has invalid fields: {fields}") from None
 
 
+def _parse_status(response: httpx.Response) -> MessageStatus:
+    return parse_status(response.status_code, response.headers.get("Retry-After"), response.content)
+
+
 def _parse_send(response: httpx.Response) -> SendResult:
-    body = _check_response(response)
+    body = decode_answer(
+        response.status_code, response.headers.get("Retry-After"), response.content
+    )
     try:
         return SendResult.model_validate(body)
     except ValidationError:
@@ -123,6 +142,30 @@ def _transport_error(exc: httpx.TransportError) -> SmsbatError:
     return ConnectionFailed(f"could not reach the SMSBAT API ({type(exc).__name__})")
 
 
+def auth_headers(
+    *, api_key: str | None, auth: str, username: str | None, password: str | None
+) -> dict[str, str]:
+    """Request headers carrying the credentials, one of the API's three ways.
+
+    ``X-Authorization-Key: <key>``; Basic ``@:<key>``; or Basic ``<username>:<password>``.
+    """
+    headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+    if api_key is not None and (username is not None or password is not None):
+        raise ValueError("pass an api_key or a username and password, not both")
+    if api_key:
+        if auth == "header":
+            headers["X-Authorization-Key"] = api_key
+            return headers
+        if auth != "basic-key":
+            raise ValueError("auth must be 'header' or 'basic-key'")
+        username, password = "@", api_key
+    elif not (username and password):
+        raise ValueError("credentials are missing: pass api_key, or username and password")
+    token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    headers["Authorization"] = f"Basic {token}"
+    return headers
+
+
 class _Options:
     """What both clients need to build their httpx client."""
 
@@ -137,27 +180,15 @@ class _Options:
         connect_timeout: float,
         read_timeout: float,
     ) -> None:
-        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-        self.auth: httpx.Auth | None = None
-        if api_key is not None and (username is not None or password is not None):
-            raise ValueError("pass an api_key or a username and password, not both")
-        if api_key:
-            if auth == "basic-key":
-                self.auth = httpx.BasicAuth("@", api_key)
-            elif auth == "header":
-                headers["X-Authorization-Key"] = api_key
-            else:
-                raise ValueError("auth must be 'header' or 'basic-key'")
-        elif username and password:
-            self.auth = httpx.BasicAuth(username, password)
-        else:
-            raise ValueError("credentials are missing: pass api_key, or username and password")
-        self.headers = headers
+        self.headers = auth_headers(
+            api_key=api_key, auth=auth, username=username, password=password
+        )
         self.base_url = base_url.rstrip("/")
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
 
 
-def _options_from_settings(settings: Settings) -> dict[str, Any]:
+def options_from_settings(settings: Settings) -> dict[str, Any]:
+    """Client keyword arguments (credentials, timeouts) from the settings."""
     return {
         "api_key": settings.api_key.get_secret_value() if settings.api_key else None,
         "auth": settings.auth,
@@ -200,7 +231,6 @@ class SmsbatClient:
         self._http = httpx.Client(
             base_url=opts.base_url,
             headers=opts.headers,
-            auth=opts.auth,
             timeout=opts.timeout,
             transport=transport,
             limits=httpx.Limits(max_connections=max_connections),
@@ -209,7 +239,7 @@ class SmsbatClient:
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
         """A client configured from :class:`~smsbat_tracker.config.Settings`."""
-        return cls(settings.base_url, **_options_from_settings(settings), **kwargs)
+        return cls(settings.base_url, **options_from_settings(settings), **kwargs)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -264,7 +294,6 @@ class AsyncSmsbatClient:
         self._http = httpx.AsyncClient(
             base_url=opts.base_url,
             headers=opts.headers,
-            auth=opts.auth,
             timeout=opts.timeout,
             transport=transport,
             limits=httpx.Limits(max_connections=max_connections),
@@ -273,7 +302,7 @@ class AsyncSmsbatClient:
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
         """A client configured from :class:`~smsbat_tracker.config.Settings`."""
-        return cls(settings.base_url, **_options_from_settings(settings), **kwargs)
+        return cls(settings.base_url, **options_from_settings(settings), **kwargs)
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

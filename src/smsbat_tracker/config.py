@@ -68,6 +68,14 @@ class Settings(BaseSettings):
     visibility_timeout: float = Field(default=3_600.0, ge=1, le=43_200)
     unacked_restore_interval: float = Field(default=10.0, gt=0, le=3_600)
 
+    # --- campaigns --------------------------------------------------------------------
+    # Messages one batch task claims and checks concurrently.
+    campaign_batch: int = Field(default=500, ge=1, le=10_000)
+    # Batch-task chains per campaign running side by side (about one per worker process).
+    campaign_ticks: int = Field(default=2, ge=1, le=64)
+    # Status requests in flight at once within one batch.
+    campaign_concurrency: int = Field(default=64, ge=1, le=1_000)
+
     # --- webhook --------------------------------------------------------------------
     webhook_token: SecretStr | None = None
     webhook_open: bool = False

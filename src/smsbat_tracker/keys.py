@@ -45,6 +45,26 @@ class Keys:
         """Held for the minimum interval after each status request (SET NX PX)."""
         return f"{self.prefix}:gate:{{{message_id}}}"
 
+    def campaign(self, campaign_id: str) -> str:
+        """Campaign hash: started_at, deadline_at, total, done, per-outcome counts, callbacks."""
+        return f"{self.prefix}:campaign:{{{campaign_id}}}"
+
+    def campaign_due(self, campaign_id: str) -> str:
+        """Sorted set of the campaign's unfinished messages, scored by next check time."""
+        return f"{self.prefix}:campaign:{{{campaign_id}}}:due"
+
+    def campaign_checks(self, campaign_id: str) -> str:
+        """Hash: message id -> checks made so far (the backoff grows with it)."""
+        return f"{self.prefix}:campaign:{{{campaign_id}}}:checks"
+
+    def campaign_outcomes(self, campaign_id: str) -> str:
+        """Hash: message id -> compact outcome record, written once (HSETNX)."""
+        return f"{self.prefix}:campaign:{{{campaign_id}}}:outcomes"
+
+    def campaign_report(self, campaign_id: str) -> str:
+        """The final report JSON, written once (SET NX)."""
+        return f"{self.prefix}:campaign:{{{campaign_id}}}:report"
+
     def rate_limit(self) -> str:
         """The global API token bucket shared by every worker."""
         return f"{self.prefix}:ratelimit"

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from celery import Task
 
+from smsbat_tracker.campaign import validate_campaign_id
 from smsbat_tracker.errors import (
     MessageNotFound,
     PermanentError,
@@ -44,7 +45,14 @@ from smsbat_tracker.tracking import (
 )
 from smsbat_tracker.worker import TrackerApp, app
 
-__all__ = ["get_status", "settle_message", "track_message"]
+__all__ = [
+    "campaign_tick",
+    "get_campaign_report",
+    "get_status",
+    "settle_message",
+    "track_campaign",
+    "track_message",
+]
 
 if TYPE_CHECKING:
     AnyTask = Task[Any, Any]
@@ -56,6 +64,8 @@ log = get_logger(__name__)
 _CALLBACK_ARGS = ("on_delivered", "on_failed", "on_timeout")
 # Checks due within this of the deadline are the deadline check.
 _DEADLINE_SLACK = 0.05
+# A campaign tick works through due batches for this long before handing over.
+_TICK_BUDGET = 5.0
 
 
 def _as_signature_dict(name: str, value: Any) -> dict[str, Any] | None:
@@ -266,3 +276,94 @@ def get_status(message_id: str) -> MessageStatus:
     id, and the client's errors when the API fails.
     """
     return app.engine.get_status(message_id)
+
+
+class CampaignTask(AnyTask):
+    """Checks ``track_campaign`` arguments when enqueued: bad ids never reach the broker."""
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        validate_campaign_id(kwargs.get("campaign_id", args[0] if args else None))
+        message_ids = kwargs.get("message_ids", args[1] if len(args) > 1 else None)
+        if not isinstance(message_ids, list | tuple) or not message_ids:
+            raise ValueError("message_ids must be a non-empty list of message ids")
+        for message_id in message_ids:
+            validate_message_id(message_id)
+        for name in ("on_report", *_CALLBACK_ARGS):
+            _as_signature_dict(name, kwargs.get(name))
+        kwargs.setdefault("enqueued_at", time.time())
+        return super().apply_async(args, kwargs, *rest, **options)
+
+
+@app.task(bind=True, base=CampaignTask, name="smsbat_tracker.track_campaign")
+def track_campaign(
+    self: AnyTask,
+    campaign_id: str,
+    message_ids: list[str],
+    deadline: float | None = None,
+    on_report: dict[str, Any] | None = None,
+    on_delivered: dict[str, Any] | None = None,
+    on_failed: dict[str, Any] | None = None,
+    on_timeout: dict[str, Any] | None = None,
+    enqueued_at: float | None = None,
+) -> dict[str, Any]:
+    """Track many messages as one campaign and report its delivery rate.
+
+    ``on_report`` receives the report when every message is final or the deadline has
+    passed; the per-message callbacks are optional. The report stays retrievable with
+    :func:`get_campaign_report`. See :mod:`smsbat_tracker.campaign` for the design.
+    """
+    runner = cast(TrackerApp, self.app).campaigns
+    sub = Subscription(
+        on_delivered=_as_signature_dict("on_delivered", on_delivered),
+        on_failed=_as_signature_dict("on_failed", on_failed),
+        on_timeout=_as_signature_dict("on_timeout", on_timeout),
+    )
+    started = runner.start(
+        campaign_id,
+        message_ids,
+        deadline=deadline,
+        subscription=sub,
+        on_report=_as_signature_dict("on_report", on_report),
+        enqueued_at=enqueued_at if enqueued_at is not None else time.time(),
+    )
+    if not started:
+        log.info("campaign.duplicate", campaign_id=campaign_id)
+        return {"campaign_id": campaign_id, "started": False}
+    first = runner.settings.first_delay * (1 - runner.settings.jitter)
+    for _ in range(runner.settings.campaign_ticks):
+        campaign_tick.apply_async((campaign_id,), countdown=first)
+    return {"campaign_id": campaign_id, "started": True, "total": len(set(message_ids))}
+
+
+@app.task(bind=True, name="smsbat_tracker.campaign_tick")
+def campaign_tick(self: AnyTask, campaign_id: str) -> dict[str, Any]:
+    """Check the campaign's due messages for a few seconds, then schedule the next tick.
+
+    Each tick holds one batch at a time and re-enqueues itself: at most
+    ``SMSBAT_CAMPAIGN_TICKS`` ticks per campaign exist, whatever its size.
+    """
+    runner = cast(TrackerApp, self.app).campaigns
+    until = time.monotonic() + _TICK_BUDGET
+    claimed = calls = recorded = 0
+    while True:
+        result = runner.tick(campaign_id)
+        claimed += result.claimed
+        calls += result.api_calls
+        recorded += result.recorded
+        if result.finished or result.next_in is None:
+            break
+        if result.next_in > 0 or time.monotonic() > until:
+            self.apply_async((campaign_id,), countdown=result.next_in)
+            break
+    return {"claimed": claimed, "api_calls": calls, "recorded": recorded}
+
+
+def get_campaign_report(campaign_id: str) -> dict[str, Any] | None:
+    """The campaign's final report, or its report so far while it runs (None if unknown)."""
+    runner = app.campaigns
+    validate_campaign_id(campaign_id)
+    return runner.stored_report(campaign_id) or (
+        runner.report(campaign_id) if runner.meta(campaign_id) else None
+    )

@@ -23,6 +23,7 @@ import redis
 import structlog
 from celery import Celery, signals
 
+from smsbat_tracker.campaign import CampaignRunner
 from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.errors import ConfigError
@@ -41,6 +42,7 @@ class TrackerApp(Celery):
         self._engine: Engine | None = None
         self._engine_pid = 0
         self._engine_lock = threading.Lock()
+        self._campaigns: CampaignRunner | None = None
 
     @property
     def engine(self) -> Engine:
@@ -58,6 +60,15 @@ class TrackerApp(Celery):
                     self._engine_pid = pid
         return self._engine
 
+    @property
+    def campaigns(self) -> CampaignRunner:
+        """This process's campaign runner (shares the engine's connections)."""
+        engine = self.engine
+        runner = self._campaigns
+        if runner is None or runner.engine is not engine:
+            runner = self._campaigns = CampaignRunner(engine)
+        return runner
+
     def reconfigure(self, settings: Settings) -> None:
         """Use other settings from now on (tests, embedding applications, the demo).
 
@@ -72,9 +83,12 @@ class TrackerApp(Celery):
         """Close this process's connections (tests, embedding applications)."""
         with self._engine_lock:
             if self._engine is not None and self._engine_pid == os.getpid():
+                if self._campaigns is not None:
+                    self._campaigns.close()
                 self._engine.api.close()
                 self._engine.redis.close()
             self._engine = None
+            self._campaigns = None
 
 
 def create_app(settings: Settings | None = None) -> TrackerApp:

@@ -1,0 +1,102 @@
+"""Checking many statuses at once: :class:`BatchStatusClient`, on aiohttp.
+
+The campaign path checks thousands of messages a second; aiohttp's connection pool does
+that on one core where httpx's async pool does not. Answers are decoded by the same code
+as :class:`~smsbat_tracker.client.SmsbatClient`, so errors are the same classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Self
+
+import aiohttp
+
+from smsbat_tracker.client import auth_headers, options_from_settings, parse_status, status_path
+from smsbat_tracker.config import Settings
+from smsbat_tracker.errors import (
+    ConnectionFailed,
+    MalformedResponse,
+    RequestTimeout,
+    SmsbatError,
+)
+from smsbat_tracker.models import MessageStatus, validate_message_id
+
+__all__ = ["BatchStatusClient"]
+
+
+class BatchStatusClient:
+    """Async client for status checks only, built for many concurrent requests.
+
+    Create it inside the event loop that uses it (aiohttp sessions belong to one loop).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        auth: str = "header",
+        username: str | None = None,
+        password: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 10.0,
+        max_connections: int = 64,
+    ) -> None:
+        headers = auth_headers(api_key=api_key, auth=auth, username=username, password=password)
+        self._session = aiohttp.ClientSession(
+            base_url=base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout),
+            connector=aiohttp.TCPConnector(limit=max_connections),
+            raise_for_status=False,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
+        """A client configured from the settings."""
+        return cls(settings.base_url, **options_from_settings(settings), **kwargs)
+
+    async def get_status(self, message_id: str) -> MessageStatus:
+        """One message's status; raises the errors of :mod:`smsbat_tracker.errors`."""
+        path = status_path(message_id).lstrip("/")
+        try:
+            async with self._session.get(path) as response:
+                content = await response.read()
+                return parse_status(response.status, response.headers.get("Retry-After"), content)
+        except TimeoutError:
+            raise RequestTimeout("SMSBAT API did not answer in time") from None
+        except aiohttp.ClientPayloadError:
+            raise MalformedResponse("SMSBAT API answer was cut off") from None
+        except aiohttp.ClientError as exc:
+            reason = type(exc).__name__  # only the class: aiohttp texts may quote URLs
+            raise ConnectionFailed(f"could not reach the SMSBAT API ({reason})") from None
+
+    async def get_statuses(
+        self, message_ids: Sequence[str], *, concurrency: int = 64
+    ) -> dict[str, MessageStatus | SmsbatError]:
+        """Statuses of many messages, at most ``concurrency`` in flight; errors as values."""
+        for message_id in message_ids:
+            validate_message_id(message_id)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(message_id: str) -> MessageStatus | SmsbatError:
+            async with gate:
+                try:
+                    return await self.get_status(message_id)
+                except SmsbatError as exc:
+                    return exc
+
+        results = await asyncio.gather(*(one(m) for m in message_ids))
+        return dict(zip(message_ids, results, strict=True))
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._session.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

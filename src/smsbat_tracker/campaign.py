@@ -1,0 +1,549 @@
+"""Campaigns: following thousands of messages with memory that does not grow with them.
+
+One countdown task per message does not scale on Redis: a worker holds every ETA task in
+memory until it is due (about 11 KB each), ignores the prefetch limit for them, and
+redelivers those that outlive the visibility timeout. A campaign instead keeps each
+message's next check time in a Redis sorted set, and a few short *tick* tasks claim the
+due messages in batches, check them concurrently (cache first, then the API through the
+global rate limit and the per-message 1 s gate), and re-score the rest. A worker holds at
+most one batch per tick in memory, whatever the campaign's size.
+
+Each message's outcome is recorded once (HSETNX in a Lua script); only the tick that
+records it dispatches that message's callback. The report is written once (SET NX) and
+only its writer dispatches ``on_report``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from smsbat_tracker.batch import BatchStatusClient
+from smsbat_tracker.cache import CachedStatus
+from smsbat_tracker.errors import MessageNotFound, PermanentError, RateLimited, SmsbatError
+from smsbat_tracker.log import get_logger
+from smsbat_tracker.models import MessageStatus, validate_message_id
+from smsbat_tracker.tracking import Engine, Outcome, Subscription, iso, outcome_of
+
+__all__ = ["CampaignRunner", "TickResult", "build_report", "validate_campaign_id"]
+
+T = TypeVar("T")
+log = get_logger(__name__)
+
+# Claimed messages come back to the due set after this if their tick dies mid-batch.
+LEASE_SECONDS: Final = 60.0
+ZADD_CHUNK: Final = 10_000
+
+# KEYS: due.  ARGV: now, limit, lease until.  Claims the due messages for one batch.
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id) end
+return ids
+"""
+
+# KEYS: outcomes, due, checks, meta.  ARGV: ttl ms, then id, outcome, record triples.
+# Records each outcome once; returns the ids this call recorded.
+_RECORD = """
+local recorded = {}
+for i = 2, #ARGV, 3 do
+  local id = ARGV[i]
+  if redis.call('HSETNX', KEYS[1], id, ARGV[i + 2]) == 1 then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('HINCRBY', KEYS[4], 'done', 1)
+    redis.call('HINCRBY', KEYS[4], 'n:' .. ARGV[i + 1], 1)
+    recorded[#recorded + 1] = id
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return recorded
+"""
+
+
+def validate_campaign_id(campaign_id: object) -> str:
+    """Campaign ids follow the message-id rule (they become part of Redis keys)."""
+    try:
+        return validate_message_id(campaign_id)
+    except SmsbatError as exc:
+        raise type(exc)(str(exc).replace("message id", "campaign id")) from None
+
+
+class LoopThread:
+    """One event loop on a daemon thread per process, for the async batch client.
+
+    aiohttp sessions belong to one loop; keeping the loop (and its connections) alive
+    between ticks avoids a new connection pool, and new TLS handshakes, every batch.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def stop(self) -> None:
+        """Stop the loop and wait for the thread."""
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+
+@dataclass(frozen=True, slots=True)
+class TickResult:
+    """What one tick did."""
+
+    claimed: int
+    api_calls: int
+    recorded: int
+    finished: bool
+    next_in: float | None
+
+
+def _currency(status: MessageStatus) -> str:
+    return status.billCurrency or status.rateCurrency or "unknown"
+
+
+def _amount(status: MessageStatus) -> float:
+    for value in (status.billAmount, status.cost):
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def _compact(outcome: str, status: MessageStatus | None, elapsed: float) -> str:
+    """The per-message record: a few dozen bytes, enough for the report."""
+    record: dict[str, Any] = {"o": outcome, "t": round(elapsed, 2)}
+    if status is not None:
+        record["s"] = status.deliverystatus
+        record["c"] = _amount(status)
+        record["cur"] = _currency(status)
+        if status.fallbacks or status.extendedStatuses:
+            record["x"] = 1
+        if status.used_fallback:
+            record["fb"] = 1
+    return json.dumps(record, separators=(",", ":"))
+
+
+def build_report(
+    campaign_id: str, meta: dict[str, str], records: Iterable[str], *, now: float | None = None
+) -> dict[str, Any]:
+    """The delivery report from the campaign hash and its compact outcome records."""
+    counts: Counter[str] = Counter()
+    costs: dict[str, float] = defaultdict(float)
+    times: list[float] = []
+    extended = fallback = 0
+    for raw in records:
+        rec = json.loads(raw)
+        counts[rec["o"]] += 1
+        if rec.get("c"):
+            costs[rec.get("cur") or "unknown"] += float(rec["c"])
+        if rec["o"] in ("delivered", "undeliverable", "permanenterror"):
+            times.append(float(rec["t"]))
+        extended += int(rec.get("x", 0))
+        fallback += int(rec.get("fb", 0))
+    total = int(meta.get("total", 0))
+    pending = max(total - sum(counts.values()), 0)
+
+    def pct(q: float) -> float | None:
+        if not times:
+            return None
+        if len(times) == 1:
+            return round(times[0], 2)
+        return round(statistics.quantiles(times, n=100, method="inclusive")[int(q) - 1], 2)
+
+    return {
+        "campaign_id": campaign_id,
+        "total": total,
+        "finished": pending == 0 and meta.get("state") == "finished",
+        "pending": pending,
+        "outcomes": {
+            k: counts.get(k, 0)
+            for k in ("delivered", "undeliverable", "permanenterror", "timeout", "error")
+        },
+        "delivery_rate": round(counts.get("delivered", 0) / total, 4) if total else None,
+        "cost": {cur: round(v, 6) for cur, v in sorted(costs.items())},
+        "time_to_final_p50": pct(50),
+        "time_to_final_p95": pct(95),
+        "fallback": {"extended": extended, "used": fallback},
+        "started_at": iso(float(meta["started_at"])) if "started_at" in meta else None,
+        "deadline_at": iso(float(meta["deadline_at"])) if "deadline_at" in meta else None,
+        "reported_at": iso(time.time() if now is None else now),
+    }
+
+
+class CampaignRunner:
+    """Campaign operations for one process, on top of the tracking :class:`Engine`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.settings = engine.settings
+        self.keys = engine.keys
+        self.redis = engine.redis
+        self._claim = self.redis.register_script(_CLAIM)
+        self._record = self.redis.register_script(_RECORD)
+        self._loop: LoopThread | None = None
+        self._client: BatchStatusClient | None = None
+        self._lock = threading.Lock()
+
+    # --- starting -------------------------------------------------------------------------
+
+    def start(
+        self,
+        campaign_id: str,
+        message_ids: Sequence[str],
+        *,
+        deadline: float | None,
+        subscription: Subscription,
+        on_report: dict[str, Any] | None,
+        enqueued_at: float,
+    ) -> bool:
+        """Register the campaign and schedule every first check; False if it exists."""
+        validate_campaign_id(campaign_id)
+        ids = list(dict.fromkeys(validate_message_id(m) for m in message_ids))  # dedupe
+        meta_key = self.keys.campaign(campaign_id)
+        deadline_at = enqueued_at + (deadline if deadline is not None else self.settings.deadline)
+        ttl_ms = int((deadline_at - time.time() + self.settings.final_ttl) * 1000)
+        if not self.redis.hsetnx(meta_key, "total", len(ids)):
+            return False
+        self.redis.hset(
+            meta_key,
+            mapping={
+                "started_at": repr(enqueued_at),
+                "deadline_at": repr(deadline_at),
+                "done": 0,
+                "state": "running",
+                "subscription": subscription.to_json(),
+                "on_report": json.dumps(on_report) if on_report else "",
+            },
+        )
+        self.redis.pexpire(meta_key, ttl_ms)
+        due = self.keys.campaign_due(campaign_id)
+        first = self.settings.first_delay
+        jitter = self.settings.jitter
+        for start in range(0, len(ids), ZADD_CHUNK):
+            chunk = ids[start : start + ZADD_CHUNK]
+            # Spread the first checks so a large send does not poll in one burst.
+            scores = {
+                m: min(enqueued_at + first * (1 + jitter * (2 * random.random() - 1)), deadline_at)
+                for m in chunk
+            }
+            self.redis.zadd(due, scores)
+        self.redis.pexpire(due, ttl_ms)
+        log.info(
+            "campaign.started", campaign_id=campaign_id, total=len(ids), deadline_at=deadline_at
+        )
+        return True
+
+    def meta(self, campaign_id: str) -> dict[str, str]:
+        """The campaign hash (empty when unknown)."""
+        raw = self.redis.hgetall(self.keys.campaign(campaign_id))
+        return {str(k): str(v) for k, v in raw.items()}
+
+    # --- ticking --------------------------------------------------------------------------
+
+    def _runtime(self) -> tuple[LoopThread, BatchStatusClient]:
+        with self._lock:
+            if self._loop is None:
+                self._loop = LoopThread()
+            if self._client is None:
+                settings = self.settings
+
+                async def make() -> BatchStatusClient:
+                    return BatchStatusClient.from_settings(
+                        settings, max_connections=settings.campaign_concurrency
+                    )
+
+                self._client = self._loop.run(make())
+            return self._loop, self._client
+
+    def close(self) -> None:
+        """Close the batch client and its loop."""
+        with self._lock:
+            if self._loop is not None:
+                if self._client is not None:
+                    self._loop.run(self._client.aclose())
+                self._loop.stop()
+            self._loop = self._client = None
+
+    def tick(self, campaign_id: str) -> TickResult:
+        """Claim one batch of due messages, check it, record and re-score; maybe finish."""
+        meta = self.meta(campaign_id)
+        if not meta or meta.get("state") == "finished":
+            return TickResult(0, 0, 0, True, None)
+        now = time.time()
+        started_at = float(meta["started_at"])
+        deadline_at = float(meta["deadline_at"])
+        grace = self.settings.max_delay + self.settings.min_interval
+        if now > deadline_at + grace:
+            self.finish(campaign_id, meta)
+            return TickResult(0, 0, 0, True, None)
+
+        due_key = self.keys.campaign_due(campaign_id)
+        batch = self.settings.campaign_batch
+        lease = LEASE_SECONDS + (
+            batch / self.engine.limiter.rate if self.engine.limiter.enabled else 0
+        )
+        ids = [
+            str(m) for m in self._claim(keys=[due_key], args=[repr(now), batch, repr(now + lease)])
+        ]
+        api_calls = recorded = 0
+        if ids:
+            api_calls, recorded = self._check_batch(campaign_id, meta, ids, started_at, deadline_at)
+        if not self.redis.zcard(due_key):
+            self.finish(campaign_id, meta)
+            return TickResult(len(ids), api_calls, recorded, True, None)
+        head = self.redis.zrange(due_key, 0, 0, withscores=True)
+        next_in = max(0.0, float(head[0][1]) - time.time()) if head else 0.0
+        return TickResult(
+            len(ids), api_calls, recorded, False, min(next_in, self.settings.max_delay)
+        )
+
+    def _check_batch(
+        self,
+        campaign_id: str,
+        meta: dict[str, str],
+        ids: list[str],
+        started_at: float,
+        deadline_at: float,
+    ) -> tuple[int, int]:
+        engine, settings = self.engine, self.settings
+        now = time.time()
+        cached = self._cached(ids)
+        statuses: dict[str, MessageStatus | SmsbatError | None] = {}
+        to_call: list[str] = []
+        for m in ids:
+            c = cached.get(m)
+            if c is not None and (c.is_final or c.age(now) < settings.fresh_for):
+                statuses[m] = c.status
+            else:
+                to_call.append(m)
+        # The per-message minimum interval, shared with track_message and get_status.
+        interval_ms = int(settings.min_interval * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        for m in to_call:
+            pipe.set(self.keys.poll_gate(m), 1, px=interval_ms, nx=True)
+        opened = pipe.execute()
+        gated = [m for m, ok in zip(to_call, opened, strict=True) if ok]
+        for m, ok in zip(to_call, opened, strict=True):
+            if not ok:
+                statuses[m] = None  # checked by someone else just now: look again shortly
+        if gated:
+            loop, client = self._runtime()
+
+            async def fetch() -> dict[str, MessageStatus | SmsbatError]:
+                await engine.limiter.acquire_async(len(gated))
+                return await client.get_statuses(gated, concurrency=settings.campaign_concurrency)
+
+            fetched = loop.run(fetch())
+            statuses.update(fetched)
+            pipe = self.redis.pipeline(transaction=False)
+            for m, value in fetched.items():
+                if isinstance(value, MessageStatus):
+                    engine.cache.store(m, value, source="poll", pipe=pipe)
+                elif isinstance(value, RateLimited):
+                    engine.limiter.observe_error(value)
+            pipe.execute()
+        return len(gated), self._settle(campaign_id, meta, statuses, started_at, deadline_at)
+
+    def _cached(self, ids: list[str]) -> dict[str, CachedStatus]:
+        raws = self.redis.mget([self.keys.status(m) for m in ids])
+        out = {}
+        for m, raw in zip(ids, raws, strict=True):
+            if raw:
+                try:
+                    out[m] = CachedStatus.from_json(raw)
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return out
+
+    def _settle(
+        self,
+        campaign_id: str,
+        meta: dict[str, str],
+        statuses: dict[str, MessageStatus | SmsbatError | None],
+        started_at: float,
+        deadline_at: float,
+    ) -> int:
+        settings = self.settings
+        now = time.time()
+        at_deadline = now >= deadline_at - 0.05
+        checks_key = self.keys.campaign_checks(campaign_id)
+        checks = dict(zip(statuses, self.redis.hmget(checks_key, list(statuses)), strict=True))
+        finals: list[tuple[str, Outcome, MessageStatus | None, str | None]] = []
+        rescore: dict[str, float] = {}
+        for m, value in statuses.items():
+            attempt = int(checks.get(m) or 0) + 1
+            retry_after: float | None = None
+            if isinstance(value, MessageStatus):
+                if value.is_final:
+                    finals.append((m, outcome_of(value), value, None))
+                    continue
+            elif isinstance(value, MessageNotFound):
+                if now - started_at > settings.not_found_grace or at_deadline:
+                    finals.append((m, "error", None, str(value)))
+                    continue
+            elif isinstance(value, PermanentError):
+                finals.append((m, "error", None, str(value)))
+                continue
+            elif isinstance(value, RateLimited):
+                retry_after = value.retry_after
+            if at_deadline and value is not None:
+                finals.append(
+                    (m, "timeout", value if isinstance(value, MessageStatus) else None, None)
+                )
+                continue
+            if value is None:  # gate closed: another caller just checked it
+                rescore[m] = now + settings.min_interval
+                continue
+            wait = self.engine.schedule.next_wait(
+                now=now,
+                deadline_at=deadline_at,
+                attempt=attempt,
+                last_check_at=now,
+                retry_after=retry_after,
+            )
+            rescore[m] = deadline_at if wait is None else now + wait
+        pipe = self.redis.pipeline(transaction=False)
+        if rescore:
+            pipe.zadd(self.keys.campaign_due(campaign_id), rescore, xx=True)
+        for m in statuses:
+            pipe.hincrby(checks_key, m, 1)
+        pipe.execute()
+        return self._record_outcomes(campaign_id, meta, finals, started_at)
+
+    def _record_outcomes(
+        self,
+        campaign_id: str,
+        meta: dict[str, str],
+        finals: list[tuple[str, Outcome, MessageStatus | None, str | None]],
+        started_at: float,
+    ) -> int:
+        if not finals:
+            return 0
+        now = time.time()
+        args: list[Any] = [int(self.settings.final_ttl * 1000)]
+        for m, outcome, status, _error in finals:
+            args += [m, outcome, _compact(outcome, status, now - started_at)]
+        recorded = {
+            str(m)
+            for m in self._record(
+                keys=[
+                    self.keys.campaign_outcomes(campaign_id),
+                    self.keys.campaign_due(campaign_id),
+                    self.keys.campaign_checks(campaign_id),
+                    self.keys.campaign(campaign_id),
+                ],
+                args=args,
+            )
+        }
+        sub = Subscription.from_json(meta["subscription"]) if meta.get("subscription") else None
+        if sub is not None and not sub.is_empty and recorded:
+            from celery import signature
+
+            for m, outcome, status, error in finals:
+                callback = sub.callback_for(outcome)
+                if m in recorded and callback:
+                    signature(callback, app=self.engine.app).apply_async(
+                        (self._result(campaign_id, m, outcome, status, error, started_at, now),)
+                    )
+        return len(recorded)
+
+    @staticmethod
+    def _result(
+        campaign_id: str,
+        message_id: str,
+        outcome: str,
+        status: MessageStatus | None,
+        error: str | None,
+        started_at: float,
+        now: float,
+    ) -> dict[str, Any]:
+        return {
+            "message_id": message_id,
+            "campaign_id": campaign_id,
+            "outcome": outcome,
+            "deliverystatus": status.deliverystatus if status else None,
+            "cost": status.cost if status else None,
+            "started_at": iso(started_at),
+            "finished_at": iso(now),
+            "error": error,
+            "status": status.to_json_dict() if status else None,
+        }
+
+    # --- finishing ------------------------------------------------------------------------
+
+    def finish(self, campaign_id: str, meta: dict[str, str] | None = None) -> dict[str, Any] | None:
+        """Time out what is left, write the report once, and dispatch ``on_report``."""
+        meta = meta or self.meta(campaign_id)
+        if not meta:
+            return None
+        due_key = self.keys.campaign_due(campaign_id)
+        started_at = float(meta["started_at"])
+        while True:
+            left = [str(m) for m in self.redis.zrange(due_key, 0, 999)]
+            if not left:
+                break
+            cached = self._cached(left)
+            self._record_outcomes(
+                campaign_id,
+                meta,
+                [(m, "timeout", cached[m].status if m in cached else None, None) for m in left],
+                started_at,
+            )
+            self.redis.zrem(due_key, *left)  # recorded earlier by another tick: drop anyway
+        self.redis.hset(self.keys.campaign(campaign_id), "state", "finished")
+        meta = self.meta(campaign_id)
+        report = self.report(campaign_id, meta)
+        written = self.redis.set(
+            self.keys.campaign_report(campaign_id),
+            json.dumps(report),
+            nx=True,
+            px=int(self.settings.final_ttl * 1000),
+        )
+        if not written:
+            return self.stored_report(campaign_id)
+        log.info(
+            "campaign.report",
+            campaign_id=campaign_id,
+            total=report["total"],
+            delivery_rate=report["delivery_rate"],
+            outcomes=report["outcomes"],
+        )
+        on_report = json.loads(meta["on_report"]) if meta.get("on_report") else None
+        if on_report:
+            from celery import signature
+
+            signature(on_report, app=self.engine.app).apply_async((report,))
+        self.redis.delete(self.keys.campaign_checks(campaign_id))
+        return report
+
+    def report(self, campaign_id: str, meta: dict[str, str] | None = None) -> dict[str, Any]:
+        """The report as of now (partial while the campaign runs)."""
+        meta = meta if meta is not None else self.meta(campaign_id)
+        records = self.redis.hscan_iter(self.keys.campaign_outcomes(campaign_id), count=2_000)
+        return build_report(campaign_id, meta, (str(v) for _, v in records))
+
+    def stored_report(self, campaign_id: str) -> dict[str, Any] | None:
+        """The final report, once written."""
+        raw = self.redis.get(self.keys.campaign_report(campaign_id))
+        return json.loads(raw) if raw else None
+
+    def progress(self, campaign_id: str) -> dict[str, int]:
+        """Totals for a progress display: total, done, and counts per outcome."""
+        meta = self.meta(campaign_id)
+        out = {"total": int(meta.get("total", 0)), "done": int(meta.get("done", 0))}
+        for key, value in meta.items():
+            if key.startswith("n:"):
+                out[key[2:]] = int(value)
+        return out

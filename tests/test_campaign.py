@@ -1,0 +1,126 @@
+"""Campaigns end to end: batch ticks, one outcome per message, the report, the rate limit."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis
+
+from smsbat_tracker.errors import InvalidMessageId
+from smsbat_tracker.recipes import record_outcome
+from smsbat_tracker.sandbox import SandboxServer
+from smsbat_tracker.tasks import get_campaign_report, get_status, track_campaign
+from tests.conftest import recorded, wait_for
+
+MIX = [
+    ("delivered", 0.3),
+    ("delivered", 1.2),
+    ("undeliverable", 0.5),
+    ("permanenterror", 0.8),
+    ("delivered", 2.0),
+]
+
+
+def make_messages(sandbox: SandboxServer, n: int, *, never_final: int = 0) -> dict[str, str]:
+    """n scripted messages cycling through MIX (plus some that never finish): id -> truth."""
+    truth = {}
+    for i in range(n):
+        final, at = MIX[i % len(MIX)]
+        extended = {"fallback": True} if i % 7 == 0 and final == "delivered" else None
+        mid = sandbox.state.create_scripted(
+            [("scheduled", 0), ("processing", at / 2), (final, at)], cost=0.05, extended=extended
+        )
+        truth[mid] = final
+    for _ in range(never_final):
+        truth[sandbox.state.create_scripted([("processing", 0)])] = "timeout"
+    return truth
+
+
+def test_campaign_reports_every_outcome_once(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """Every message ends with its true outcome, once; the report adds them up."""
+    truth = make_messages(sandbox, 40, never_final=3)
+    track_campaign.delay(
+        "spring-sale",
+        list(truth),
+        deadline=5,
+        on_report=record_outcome.s(label="report"),
+        on_delivered=record_outcome.s(label="msg"),
+        on_failed=record_outcome.s(label="msg"),
+        on_timeout=record_outcome.s(label="msg"),
+    )
+    [entry] = wait_for(lambda: recorded(redis_client, "report"), timeout=20)
+    report = entry["result"]
+    wait_for(lambda: len(recorded(redis_client, "msg")) >= len(truth), timeout=10)
+    per_message = [e["result"] for e in recorded(redis_client, "msg")]
+    assert len(per_message) == len(truth)
+    assert {r["message_id"]: r["outcome"] for r in per_message} == truth
+    expected = {k: list(truth.values()).count(k) for k in
+                ("delivered", "undeliverable", "permanenterror", "timeout", "error")}
+    assert report["outcomes"] == expected
+    assert report["total"] == len(truth)
+    assert report["finished"] is True
+    assert report["delivery_rate"] == pytest.approx(expected["delivered"] / len(truth), abs=1e-4)
+    # Basic bodies carry no currency; extended ones (the Viber fallbacks here) say USD.
+    assert set(report["cost"]) == {"USD", "unknown"}
+    assert report["cost"]["unknown"] > 0
+    assert report["fallback"]["used"] >= 1
+    assert report["time_to_final_p50"] is not None
+    assert get_campaign_report("spring-sale") == report
+    # Every message was checked at least once and never twice within a second.
+    for mid in truth:
+        times = sorted(sandbox.state.truth(mid)["poll_times"])
+        assert all(b - a >= 0.98 for a, b in zip(times, times[1:], strict=False))
+
+
+def test_campaign_started_twice_runs_once(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """A second track_campaign with the same id is refused; one report."""
+    truth = make_messages(sandbox, 5)
+    for _ in range(2):
+        track_campaign.delay("dup", list(truth), deadline=5,
+                             on_report=record_outcome.s(label="report"))
+    wait_for(lambda: recorded(redis_client, "report"), timeout=20)
+    wait_for(lambda: redis_client.llen("celery") == 0, timeout=10)
+    assert len(recorded(redis_client, "report")) == 1
+
+
+def test_cached_final_status_needs_no_request(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis, tracker_app: Any
+) -> None:
+    """A message already known final (cache) is settled by the campaign without a request."""
+    done = sandbox.state.create_scripted([("delivered", 0)])
+    get_status(done)
+    assert sandbox.state.truth(done)["polls"] == 1
+    track_campaign.delay("cached", [done], deadline=5, on_report=record_outcome.s(label="r"))
+    [entry] = wait_for(lambda: recorded(redis_client, "r"), timeout=15)
+    assert entry["result"]["outcomes"]["delivered"] == 1
+    assert sandbox.state.truth(done)["polls"] == 1
+
+
+def test_campaign_ids_are_checked_at_enqueue(tracker_app: Any) -> None:
+    """Bad campaign or message ids never reach the broker."""
+    with pytest.raises(InvalidMessageId, match="campaign id"):
+        track_campaign.delay("../x", ["abc"])
+    with pytest.raises(InvalidMessageId):
+        track_campaign.delay("ok", ["abc", "a/b"])
+    with pytest.raises(ValueError, match="non-empty"):
+        track_campaign.delay("ok", [])
+    assert tracker_app.engine.redis.llen("celery") == 0
+
+
+def test_report_is_json_serialisable_while_running(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """A running campaign has a partial report with pending messages."""
+    truth = make_messages(sandbox, 3, never_final=2)
+    track_campaign.delay("partial", list(truth), deadline=30)
+    wait_for(lambda: get_campaign_report("partial") is not None, timeout=10)
+    report = get_campaign_report("partial")
+    assert report is not None
+    assert report["finished"] is False
+    json.dumps(report)
