@@ -1,25 +1,98 @@
-"""The ``smsbat-tracker`` command: demo, sandbox, status, config check."""
+"""The ``smsbat-tracker`` command: demo, sandbox, status, campaigns, config check."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
+from typing import Any, TextIO
 
 from smsbat_tracker import __version__
 from smsbat_tracker.errors import ConfigError, SmsbatError
+from smsbat_tracker.models import validate_message_id
+from smsbat_tracker.tracking import iso
 
 __all__ = ["main"]
 
 
 def _status(args: argparse.Namespace) -> int:
-    from smsbat_tracker.client import SmsbatClient
-    from smsbat_tracker.config import load_settings
+    from smsbat_tracker.tasks import get_status
+    from smsbat_tracker.worker import app
 
-    settings = load_settings()
-    with SmsbatClient.from_settings(settings) as client:
-        status = client.get_status(args.message_id)
+    status = get_status(args.message_id)  # through the cache: repeated calls are free
     print(json.dumps(status.to_json_dict(), indent=2))
+    for entry in app.engine.cache.history(args.message_id):
+        print(f"  {iso(entry.observed_at)}  {entry.deliverystatus:<16} ({entry.source})")
+    return 0
+
+
+def _read_ids(source: str) -> list[str]:
+    stream = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
+    with stream:
+        ids = [line.strip() for line in stream if line.strip() and not line.startswith("#")]
+    for message_id in ids:
+        validate_message_id(message_id)
+    return ids
+
+
+def print_report(report: dict[str, Any], out: TextIO | None = None) -> None:
+    """A campaign report as a small table."""
+    out = out or sys.stdout
+    rows = [(k, str(v)) for k, v in report["outcomes"].items()]
+    rows += [
+        ("total", str(report["total"])),
+        ("pending", str(report["pending"])),
+        ("delivery rate", f"{(report['delivery_rate'] or 0) * 100:.1f} %"),
+        ("time to final p50", f"{report['time_to_final_p50']} s"),
+        ("time to final p95", f"{report['time_to_final_p95']} s"),
+        ("viber with fallback data", str(report["fallback"]["extended"])),
+        ("sms fallback used", str(report["fallback"]["used"])),
+    ]
+    rows += [(f"cost ({currency})", f"{amount:.4f}") for currency, amount in report["cost"].items()]
+    width = max(len(k) for k, _ in rows)
+    print(f"campaign {report['campaign_id']}", file=out)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}", file=out)
+
+
+def _campaign(args: argparse.Namespace) -> int:
+    from smsbat_tracker.tasks import get_campaign_report, track_campaign
+    from smsbat_tracker.worker import app
+
+    if args.action == "report":
+        report = get_campaign_report(args.campaign_id)
+        if report is None:
+            print(f"smsbat-tracker: no campaign {args.campaign_id!r}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print_report(report)
+        return 0
+    ids = _read_ids(args.file)
+    if not ids:
+        print("smsbat-tracker: no message ids given", file=sys.stderr)
+        return 2
+    track_campaign.delay(args.campaign_id, ids, deadline=args.deadline)
+    print(f"campaign {args.campaign_id}: tracking {len(set(ids))} messages", file=sys.stderr)
+    if args.no_wait:
+        return 0
+    from tqdm import tqdm
+
+    runner = app.campaigns
+    report = None
+    total = len(set(ids))
+    with tqdm(total=total, unit="msg", desc="final", file=sys.stderr) as bar:
+        while report is None:
+            progress = runner.progress(args.campaign_id)
+            bar.update(progress.get("done", 0) - bar.n)
+            bar.set_postfix({k: v for k, v in progress.items() if k not in ("total", "done")})
+            report = runner.stored_report(args.campaign_id)
+            if report is None:
+                time.sleep(0.5)
+        bar.update(total - bar.n)
+    print_report(report)
     return 0
 
 
@@ -48,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="print one message's status from the API")
     status.add_argument("message_id")
     sub.add_parser("check-config", help="validate the settings and print them (secrets hidden)")
+    campaign = sub.add_parser("campaign", help="track a campaign, or show its report")
+    actions = campaign.add_subparsers(dest="action", required=True)
+    start = actions.add_parser("start", help="track message ids from a file (or - for stdin)")
+    start.add_argument("campaign_id")
+    start.add_argument("file", help="one message id per line; - reads stdin")
+    start.add_argument("--deadline", type=float, default=None, help="seconds (default: settings)")
+    start.add_argument("--no-wait", action="store_true", help="enqueue and exit")
+    report = actions.add_parser("report", help="print a campaign's report")
+    report.add_argument("campaign_id")
+    report.add_argument("--json", action="store_true", help="print JSON")
 
     args, rest = parser.parse_known_args(argv)
     try:
@@ -63,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "status":
             return _status(args)
+        if args.command == "campaign":
+            return _campaign(args)
         return _check_config(args)
     except ConfigError as exc:
         print(f"smsbat-tracker: {exc}", file=sys.stderr)
         return 2
-    except SmsbatError as exc:
+    except (SmsbatError, OSError) as exc:
         print(f"smsbat-tracker: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,99 @@
+"""The ``smsbat-tracker`` command, run in-process against a real worker and the sandbox."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smsbat_tracker.cli import main
+from smsbat_tracker.sandbox import SandboxServer
+
+
+def test_campaign_start_shows_progress_and_prints_the_report(
+    worker: Any, sandbox: SandboxServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`campaign start` tracks ids from a file, shows a progress bar, prints the report."""
+    ids = [
+        sandbox.state.create_scripted([("processing", 0), (final, 0.3)])
+        for final in ("delivered", "delivered", "undeliverable")
+    ]
+    path = tmp_path / "ids.txt"
+    path.write_text("# campaign ids\n" + "\n".join(ids) + "\n")
+    assert main(["campaign", "start", "cli-run", str(path), "--deadline", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert "campaign cli-run" in out
+    assert "delivered" in out
+    assert "66.7 %" in out
+    assert "3/3" in err  # tqdm's bar reached the total
+
+    assert main(["campaign", "report", "cli-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["outcomes"]["delivered"] == 2
+    assert report["outcomes"]["undeliverable"] == 1
+
+
+def test_campaign_refuses_a_hostile_id_in_the_file(
+    tracker_app: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad id in the file stops the command before anything is enqueued."""
+    path = tmp_path / "ids.txt"
+    path.write_text("abc123\n../etc/passwd\n")
+    assert main(["campaign", "start", "bad", str(path), "--no-wait"]) == 1
+    assert "InvalidMessageId" in capsys.readouterr().err
+    assert tracker_app.engine.redis.llen("celery") == 0
+
+
+def test_unknown_campaign_report(tracker_app: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Asking for a campaign nobody started says so and exits 1."""
+    assert main(["campaign", "report", "nope"]) == 1
+    assert "no campaign" in capsys.readouterr().err
+
+
+def test_status_reads_through_the_cache(
+    tracker_app: Any, sandbox: SandboxServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status <id>` prints the body and history; a second call makes no request."""
+    mid = sandbox.state.create_scripted([("delivered", 0)])
+    assert main(["status", mid]) == 0
+    assert main(["status", mid]) == 0
+    out = capsys.readouterr().out
+    assert '"deliverystatus": "delivered"' in out
+    assert sandbox.state.truth(mid)["polls"] == 1
+
+
+def test_check_config_hides_secrets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config prints every setting but never the API key."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SMSBAT_API_KEY", "sk_live_cli_marker")
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "base_url = https://restapi.smsbat.com" in out
+    assert "sk_live_cli_marker" not in out
+
+
+def test_bad_settings_exit_2_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Invalid settings stop the command with one line naming the variable."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SMSBAT_DEADLINE", "soon")
+    assert main(["check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "SMSBAT_DEADLINE" in err
+    assert "Traceback" not in err
+
+
+def test_subcommand_help_exits_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help of the command and of the demo exit 0 with usage text."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    assert "--count" in capsys.readouterr().out
