@@ -32,9 +32,9 @@ def _command(service: dict[str, Any]) -> list[str]:
 def test_compose_has_the_services(compose: dict[str, Any]) -> None:
     """redis, worker, flower and web always; the sandbox only in its profile."""
     services = compose["services"]
-    assert {"redis", "worker", "flower", "sandbox"} <= set(services)
+    assert {"redis", "worker", "flower", "web", "sandbox"} <= set(services)
     assert services["sandbox"]["profiles"] == ["sandbox"]
-    for name in ("redis", "worker", "flower"):
+    for name in ("redis", "worker", "flower", "web"):
         assert "profiles" not in services[name]
 
 
@@ -60,6 +60,17 @@ def test_worker_and_flower_run_the_package_app(compose: dict[str, Any]) -> None:
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_web_service_serves_the_webhook_app(compose: dict[str, Any]) -> None:
+    """The web service runs uvicorn on the webhook app that the package exports."""
+    command = _command(compose["services"]["web"])
+    assert command[:2] == ["uvicorn", "smsbat_tracker.webhook:app"]
+    assert "8000:8000" in compose["services"]["web"]["ports"]
+
+    from smsbat_tracker.webhook import app
+
+    assert callable(app)
+
+
 def test_sandbox_service_runs_the_sandbox_module(compose: dict[str, Any]) -> None:
     """The optional sandbox service runs the module that exists and listens on all hosts."""
     command = _command(compose["services"]["sandbox"])
@@ -72,11 +83,12 @@ def test_sandbox_service_runs_the_sandbox_module(compose: dict[str, Any]) -> Non
 
 
 def test_procfile_lines() -> None:
-    """The Procfile has worker and flower processes running the package app."""
+    """The Procfile has worker, flower and web processes running the package's apps."""
     lines = dict(
         line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
     )
-    assert {"worker", "flower"} <= set(lines)
+    assert {"worker", "flower", "web"} <= set(lines)
+    assert lines["web"].split()[:2] == ["uvicorn", "smsbat_tracker.webhook:app"]
     assert lines["worker"].split()[:4] == ["celery", "-A", "smsbat_tracker.worker", "worker"]
     assert lines["flower"].split()[:4] == ["celery", "-A", "smsbat_tracker.worker", "flower"]
 

@@ -1,4 +1,4 @@
-"""The Redis TTL cache of message statuses, and each message's compact history.
+"""The Redis TTL cache of message statuses, each with its compact history.
 
 Polled and pushed statuses go through :meth:`StatusCache.store`, one Lua script that keeps
 the newest word: a final status is never replaced, and a status older than the cached one
@@ -22,42 +22,55 @@ __all__ = ["CachedStatus", "HistoryEntry", "StatusCache"]
 
 Source = Literal["poll", "push"]
 
-# KEYS: status, history.  ARGV: entry JSON, final (0/1), time, in-flight TTL ms, final TTL ms,
-# history entry, history length, status.
-# Returns 1 when stored, 0 when the cached entry is final or newer.
+# KEYS: status.  ARGV: body JSON, final (0/1), time (ts or observed), in-flight TTL ms,
+# final TTL ms, observed_at, source, ts or '', history length, deliverystatus.
+# Returns 1 when stored, 0 when the cached entry is final or newer. The entry is built by
+# concatenation so the provider's body is stored byte for byte (cjson would turn [] into {}).
 _STORE = """
 local old = redis.call('GET', KEYS[1])
 local new_final = ARGV[2] == '1'
-local new_time = tonumber(ARGV[3])
+local history = {}
 local last_status = nil
 if old then
   local ok, e = pcall(cjson.decode, old)
-  if ok then
-    if e['final'] then return 0 end
-    local old_time = tonumber(e['ts'] or e['observed_at']) or 0
-    if (not new_final) and old_time > new_time then return 0 end
-    last_status = e['deliverystatus']
+  if ok and type(e) == 'table' then
+    if e['f'] == 1 then return 0 end
+    local old_time = tonumber(e['ts']) or tonumber(e['o']) or 0
+    if (not new_final) and old_time > tonumber(ARGV[3]) then return 0 end
+    if type(e['h']) == 'table' then history = e['h'] end
+    if type(e['b']) == 'table' then last_status = e['b']['deliverystatus'] end
   end
 end
-local ttl = new_final and ARGV[5] or ARGV[4]
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-if last_status ~= ARGV[8] then
-  redis.call('RPUSH', KEYS[2], ARGV[6])
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[7]), -1)
+if last_status ~= ARGV[10] then
+  history[#history + 1] = {ARGV[10], tonumber(ARGV[6]), ARGV[7]}
+  while #history > tonumber(ARGV[9]) do table.remove(history, 1) end
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
+local ts = ARGV[8] == '' and 'null' or ARGV[8]
+local entry = '{"b":' .. ARGV[1] .. ',"o":' .. ARGV[6] .. ',"s":"' .. ARGV[7] .. '","ts":' .. ts
+  .. ',"f":' .. (new_final and '1' or '0') .. ',"h":' .. cjson.encode(history) .. '}'
+redis.call('SET', KEYS[1], entry, 'PX', new_final and ARGV[5] or ARGV[4])
 return 1
 """
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One status change of a message."""
+
+    deliverystatus: str
+    observed_at: float
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
 class CachedStatus:
-    """A status as the cache holds it."""
+    """A status as the cache holds it, with the message's recent status changes."""
 
     status: MessageStatus
     observed_at: float
     source: Source
     ts: float | None = None  # the provider's own timestamp, for pushes
+    history: tuple[HistoryEntry, ...] = ()
 
     @property
     def is_final(self) -> bool:
@@ -68,43 +81,28 @@ class CachedStatus:
         """Seconds since the status was observed."""
         return (time.time() if now is None else now) - self.observed_at
 
-    def to_json(self) -> str:
-        """The cache entry's JSON."""
-        return json.dumps(
-            {
-                "deliverystatus": self.status.deliverystatus,
-                "final": self.is_final,
-                "observed_at": self.observed_at,
-                "source": self.source,
-                "ts": self.ts,
-                "body": self.status.to_json_dict(),
-            },
-            separators=(",", ":"),
-        )
-
     @classmethod
     def from_json(cls, raw: str | bytes) -> CachedStatus:
-        """Parse a cache entry."""
+        """Parse a cache entry: ``{"b": body, "o": observed_at, "s": source, "ts", "f", "h"}``."""
         data: dict[str, Any] = json.loads(raw)
         return cls(
-            status=MessageStatus.model_validate(data["body"]),
-            observed_at=float(data["observed_at"]),
-            source=data.get("source", "poll"),
+            status=MessageStatus.model_validate(data["b"]),
+            observed_at=float(data["o"]),
+            source=data.get("s", "poll"),
             ts=data.get("ts"),
+            history=tuple(
+                HistoryEntry(str(h[0]), float(h[1]), str(h[2])) for h in data.get("h") or ()
+            ),
         )
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryEntry:
-    """One line of a message's history."""
-
-    deliverystatus: str
-    observed_at: float
-    source: str
 
 
 class StatusCache:
-    """Statuses per message in Redis, with TTLs from the settings."""
+    """Statuses per message in Redis, with TTLs from the settings.
+
+    One key per message holds the last status body and its recent changes (the history):
+    a few hundred bytes, kept ``SMSBAT_CACHE_TTL`` while in flight and ``SMSBAT_FINAL_TTL``
+    once final.
+    """
 
     def __init__(self, client: redis.Redis, settings: Settings, keys: Keys | None = None) -> None:
         self._redis = client
@@ -119,10 +117,15 @@ class StatusCache:
         raw = self._redis.get(self._keys.status(message_id))
         if raw is None:
             return None
+        return self.parse(raw)
+
+    @staticmethod
+    def parse(raw: str | bytes) -> CachedStatus | None:
+        """A raw entry as a :class:`CachedStatus`; a damaged entry is as good as a miss."""
         try:
             return CachedStatus.from_json(raw)
-        except (ValueError, KeyError, TypeError):
-            return None  # a damaged entry is as good as a miss
+        except (ValueError, KeyError, TypeError, IndexError):
+            return None
 
     def store(
         self,
@@ -138,23 +141,18 @@ class StatusCache:
 
         With ``pipe`` the write is queued on that pipeline and True is returned at once.
         """
-        entry = CachedStatus(
-            status=status,
-            observed_at=time.time() if observed_at is None else observed_at,
-            source=source,
-            ts=ts,
-        )
-        when = entry.ts if entry.ts is not None else entry.observed_at
-        line = f"{status.deliverystatus} {entry.observed_at:.3f} {source}"
+        observed = time.time() if observed_at is None else observed_at
         stored = self._store(
-            keys=[self._keys.status(message_id), self._keys.history(message_id)],
+            keys=[self._keys.status(message_id)],
             args=[
-                entry.to_json(),
+                json.dumps(status.to_json_dict(), separators=(",", ":")),
                 "1" if is_final(status.deliverystatus) else "0",
-                repr(when),
+                repr(ts if ts is not None else observed),
                 self._ttl_ms,
                 self._final_ttl_ms,
-                line,
+                repr(round(observed, 3)),
+                source,
+                repr(ts) if ts is not None else "",
                 self._history_length,
                 status.deliverystatus,
             ],
@@ -163,11 +161,6 @@ class StatusCache:
         return True if pipe is not None else bool(stored)
 
     def history(self, message_id: str) -> list[HistoryEntry]:
-        """The message's status changes, oldest first."""
-        entries = []
-        for raw in self._redis.lrange(self._keys.history(message_id), 0, -1):
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            status, _, rest = text.partition(" ")
-            observed, _, source = rest.partition(" ")
-            entries.append(HistoryEntry(status, float(observed), source))
-        return entries
+        """The message's recent status changes, oldest first (empty once expired)."""
+        cached = self.get(message_id)
+        return list(cached.history) if cached else []

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo", help="run the demo (embedded Redis, sandbox API, a worker)", add_help=False
     )
     sub.add_parser("sandbox", help="serve the simulated SMSBAT API", add_help=False)
+    sub.add_parser("webhook", help="serve the webhook receiver", add_help=False)
     status = sub.add_parser("status", help="print one message's status from the API")
     status.add_argument("message_id")
     sub.add_parser("check-config", help="validate the settings and print them (secrets hidden)")
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             from smsbat_tracker.sandbox import main as sandbox_main
 
             return sandbox_main(rest)
+        if args.command == "webhook":
+            from smsbat_tracker.webhook import main as webhook_main
+
+            return webhook_main(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "status":

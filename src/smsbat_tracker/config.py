@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     # --- cache ----------------------------------------------------------------------
     cache_ttl: float = Field(default=30.0, gt=0, le=3_600)
     final_ttl: float = Field(default=86_400.0, gt=0, le=30 * 86_400)
-    history_length: int = Field(default=32, ge=1, le=1_000)
+    history_length: int = Field(default=8, ge=1, le=100)
 
     # --- Celery over Redis ----------------------------------------------------------
     # Unacked tasks are redelivered after this; every countdown must stay far below it.

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,7 +27,9 @@ import redis
 from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.embedded import EmbeddedRedis
+from smsbat_tracker.log import configure_logging
 from smsbat_tracker.sandbox import SandboxConfig, SandboxServer
+from smsbat_tracker.serving import BackgroundServer
 
 __all__ = ["main", "run_demo"]
 
@@ -103,9 +107,29 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(*, count: int = 6, deadline: float = 15.0, seed: int = 1, out: Any = None) -> int:
-    """Run the demo; return 0 when every outcome matches the sandbox's truth."""
+@contextlib.contextmanager
+def push_receiver(settings: Settings, sandbox: SandboxServer) -> Iterator[str]:
+    """Serve the webhook and make the sandbox push every status change to it."""
+    from smsbat_tracker.webhook import create_app
+
+    token = settings.webhook_token.get_secret_value() if settings.webhook_token else ""
+    with BackgroundServer(create_app(settings)) as web:
+        sandbox.state.config = dataclasses.replace(
+            sandbox.state.config, push_url=f"{web.url}/webhook?token={token}"
+        )
+        yield web.url
+
+
+def run_demo(
+    *, count: int = 6, deadline: float = 15.0, seed: int = 1, push: bool = False, out: Any = None
+) -> int:
+    """Run the demo; return 0 when every outcome matches the sandbox's truth.
+
+    With ``push`` the sandbox also pushes each status change to the webhook receiver,
+    which ends tracking at once (the ``source`` column then says ``push``).
+    """
     out = out or sys.stdout
+    configure_logging(level="WARNING")  # the table is the output; warnings still show
     count = max(1, min(count, len(DEMO_RECIPIENTS)))
     sandbox_config = SandboxConfig(
         median_final=2.0,
@@ -124,6 +148,7 @@ def run_demo(*, count: int = 6, deadline: float = 15.0, seed: int = 1, out: Any 
             max_delay=3.0,
             deadline=deadline,
             key_prefix=f"smsbat-demo-{uuid.uuid4().hex[:6]}",
+            webhook_token=secrets.token_urlsafe(16),
         )
         # The Celery app reads the environment when first imported; give it these settings.
         os.environ.update(settings.to_env())
@@ -138,7 +163,10 @@ def run_demo(*, count: int = 6, deadline: float = 15.0, seed: int = 1, out: Any 
         with (
             worker_process(settings, log_path=log_path),
             SmsbatClient.from_settings(settings) as client,
+            push_receiver(settings, sandbox) if push else contextlib.nullcontext() as web_url,
         ):
+            if web_url:
+                print(f"push mode: the sandbox pushes to {web_url}/webhook\n", file=out)
             messages = [
                 {"from": "DemoShop", "to": to, "type": kind, "text": text}
                 for to, kind, text in DEMO_RECIPIENTS[:count]
@@ -187,12 +215,16 @@ def run_demo(*, count: int = 6, deadline: float = 15.0, seed: int = 1, out: Any 
                     outcome,
                     expected,
                     str(result.get("polls", "-")),
+                    str(result.get("source") or "-"),
                     after,
                     fallback,
                 ]
             )
         print(
-            _table(rows, ["message", "type", "outcome", "truth", "polls", "after s", "fallback"]),
+            _table(
+                rows,
+                ["message", "type", "outcome", "truth", "polls", "source", "after s", "fallback"],
+            ),
             file=out,
         )
         print(f"\n{right}/{len(ids)} outcomes match the sandbox's truth", file=out)
@@ -205,5 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=6, help="messages to send (1-8)")
     parser.add_argument("--deadline", type=float, default=15.0, help="seconds to track each")
     parser.add_argument("--seed", type=int, default=1, help="sandbox outcome seed")
+    parser.add_argument(
+        "--push", action="store_true", help="also push statuses to the webhook receiver"
+    )
     args = parser.parse_args(argv)
-    return run_demo(count=args.count, deadline=args.deadline, seed=args.seed)
+    return run_demo(count=args.count, deadline=args.deadline, seed=args.seed, push=args.push)

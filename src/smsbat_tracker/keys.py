@@ -18,12 +18,8 @@ class Keys:
     prefix: str = "smsbat"
 
     def status(self, message_id: str) -> str:
-        """Cached status: JSON ``{status, observed_at, source, ...}``; TTL cache/final TTL."""
+        """Cached status: last body, observed_at, source and recent changes (the history)."""
         return f"{self.prefix}:status:{{{message_id}}}"
-
-    def history(self, message_id: str) -> str:
-        """Compact history list of ``"<status> <observed_at>"`` entries, newest last."""
-        return f"{self.prefix}:history:{{{message_id}}}"
 
     def track(self, message_id: str) -> str:
         """Tracking session hash: owner task id, started_at, deadline_at, polls."""

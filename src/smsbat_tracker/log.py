@@ -18,7 +18,14 @@ from typing import Any
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["REDACTED", "configure_logging", "get_logger", "redact", "register_secret"]
+__all__ = [
+    "REDACTED",
+    "configure_logging",
+    "get_logger",
+    "redact",
+    "redact_text",
+    "register_secret",
+]
 
 REDACTED = "[REDACTED]"
 
@@ -47,6 +54,11 @@ def register_secret(value: str | None) -> None:
     if value and len(value) >= 4:
         with _registered_lock:
             _registered.add(value)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every known secret and secret-looking value replaced."""
+    return _redact_text(text)
 
 
 def _redact_text(text: str) -> str:

@@ -337,7 +337,7 @@ def track_campaign(
     return {"campaign_id": campaign_id, "started": True, "total": len(set(message_ids))}
 
 
-@app.task(bind=True, name="smsbat_tracker.campaign_tick")
+@app.task(bind=True, name="smsbat_tracker.campaign_tick", ignore_result=True)
 def campaign_tick(self: AnyTask, campaign_id: str) -> dict[str, Any]:
     """Check the campaign's due messages for a few seconds, then schedule the next tick.
 

@@ -462,6 +462,6 @@ class Engine:
         keys = []
         for m in message_ids:
             k = self.keys
-            keys += [k.status(m), k.history(m), k.track(m), k.subs(m), k.fired(m), k.outcome(m)]
+            keys += [k.status(m), k.track(m), k.subs(m), k.fired(m), k.outcome(m)]
         if keys:
             self.redis.delete(*keys)

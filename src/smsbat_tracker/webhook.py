@@ -1,0 +1,724 @@
+"""The webhook receiver: SMSBAT pushes status changes here instead of waiting for a poll.
+
+Serve it with ``uvicorn smsbat_tracker.webhook:app`` or ``python -m smsbat_tracker.webhook
+--host 0.0.0.0 --port 8080``, and give the provider ``https://<host>/webhook?token=<secret>``.
+
+Routes:
+
+- ``POST /webhook``: one push, ``{"messageId", "deliverystatus", "timestamp", "cost"}``.
+  Authenticated by the shared secret ``SMSBAT_WEBHOOK_TOKEN`` in the query parameter
+  ``token`` (the provider only takes a URL) or the header ``X-Webhook-Token``. A valid push
+  goes through :meth:`StatusCache.store <smsbat_tracker.cache.StatusCache.store>` with the
+  provider's timestamp, so a late, duplicate or out-of-order push never overwrites a newer
+  or final status. A newly stored final status enqueues ``settle_message``, which ends the
+  tracking through the same exactly-once path as the poller.
+- ``GET /healthz``: 200 when Redis answers PING, else 503.
+- ``GET /openapi.json``: a hand-written OpenAPI 3.1 description of the above.
+
+Answers: 200 ``{"status": "stored"|"ignored", "final": bool}``; 401 ``{"error":
+"unauthorized"}``; 400/413/415/422 ``{"error": "...", "field": <name or null>}``; 503 when
+Redis is unreachable. No input causes any other 5xx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+import math
+import re
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final
+
+import redis
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from smsbat_tracker.client import SmsbatClient
+from smsbat_tracker.config import Settings, load_settings
+from smsbat_tracker.errors import ConfigError, InvalidMessageId
+from smsbat_tracker.log import configure_logging, get_logger, redact_text, register_secret
+from smsbat_tracker.models import MAX_MESSAGE_ID_LENGTH, MessageStatus, validate_message_id
+from smsbat_tracker.serving import Receive, Scope, Send
+from smsbat_tracker.tracking import Engine
+
+if TYPE_CHECKING:
+    from smsbat_tracker.worker import TrackerApp
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "TOKEN_HEADER",
+    "LazyWebhookApp",
+    "Push",
+    "PushRejected",
+    "WebhookReceiver",
+    "app",
+    "create_app",
+    "main",
+    "openapi_document",
+    "parse_push",
+]
+
+MAX_BODY_BYTES: Final = 64 * 1024
+MAX_STATUS_LENGTH: Final = 64
+MAX_TIMESTAMP_LENGTH: Final = 64
+TOKEN_HEADER: Final = "X-Webhook-Token"  # noqa: S105 - a header name, not a secret
+TOKEN_QUERY: Final = "token"  # noqa: S105 - a parameter name
+
+# Visible ASCII only: a pushed status ends up in the cache, in log lines and in callback
+# results, where whitespace and control characters (line breaks) only do harm.
+_STATUS_RE: Final = re.compile(r"[!-~]+")
+_JSON_CHARSETS: Final = frozenset({"utf-8", "utf8"})
+
+log = get_logger(__name__)
+
+
+# --------------------------------------------------------------------- parsing
+
+
+class PushRejected(Exception):
+    """A request the webhook refuses: the HTTP status, a message and the offending field."""
+
+    def __init__(self, status_code: int, error: str, field: str | None = None) -> None:
+        super().__init__(error)
+        self.status_code = status_code
+        self.error = error
+        self.field = field
+
+    def response(self) -> JSONResponse:
+        """The JSON answer for this rejection."""
+        return JSONResponse({"error": self.error, "field": self.field}, self.status_code)
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """One validated push: the status to cache and the provider's timestamp (epoch s)."""
+
+    message_id: str
+    status: MessageStatus
+    ts: float
+
+
+def _reject_constant(name: str) -> Any:
+    # json.loads accepts NaN and Infinity by default; JSON itself does not.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _invalid(field: str, error: str) -> PushRejected:
+    return PushRejected(422, error, field)
+
+
+def _parse_status(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _invalid("deliverystatus", "deliverystatus must be a non-empty string")
+    if len(value) > MAX_STATUS_LENGTH:
+        raise _invalid(
+            "deliverystatus", f"deliverystatus must be at most {MAX_STATUS_LENGTH} characters"
+        )
+    if not _STATUS_RE.fullmatch(value):
+        raise _invalid("deliverystatus", "deliverystatus may contain only visible ASCII characters")
+    return value
+
+
+def _parse_timestamp(value: object) -> float:
+    if not isinstance(value, str) or not value or len(value) > MAX_TIMESTAMP_LENGTH:
+        raise _invalid("timestamp", "timestamp must be an ISO-8601 string with a timezone")
+    text = value[:-1] + "+00:00" if value[-1] in "Zz" else value
+    try:
+        when = datetime.fromisoformat(text)
+    except (ValueError, TypeError, OverflowError):
+        raise _invalid("timestamp", "timestamp is not an ISO-8601 date and time") from None
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise _invalid("timestamp", "timestamp must carry a timezone (e.g. Z or +02:00)")
+    try:
+        epoch = when.timestamp()
+    except (ValueError, OverflowError):  # pragma: no cover - aware datetimes always convert
+        raise _invalid("timestamp", "timestamp is out of range") from None
+    return epoch
+
+
+def _parse_cost(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _invalid("cost", "cost must be a number or null")
+    try:
+        cost = float(value)
+    except OverflowError:  # an integer literal too large for a float
+        raise _invalid("cost", "cost must be a finite number") from None
+    if not math.isfinite(cost):  # 1e999 parses as inf
+        raise _invalid("cost", "cost must be a finite number")
+    return cost
+
+
+def parse_push(body: bytes) -> Push:
+    """Validate a push body; raise :class:`PushRejected` (400 or 422) when it is unusable.
+
+    400 for anything that is not one UTF-8 JSON object; 422 naming the first bad field.
+    Fields the provider adds later are ignored.
+    """
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except Exception:  # decode errors, bad JSON, too deep, too-long integers: all 400
+        raise PushRejected(400, "body is not valid UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise PushRejected(400, "body must be a JSON object")
+    if "messageId" not in data:
+        raise _invalid("messageId", "messageId is required")
+    try:
+        message_id = validate_message_id(data["messageId"])
+    except InvalidMessageId as exc:
+        raise _invalid("messageId", str(exc)) from None
+    deliverystatus = _parse_status(data.get("deliverystatus"))
+    ts = _parse_timestamp(data.get("timestamp"))
+    fields: dict[str, Any] = {"deliverystatus": deliverystatus, "messageId": message_id}
+    if "cost" in data:  # absent stays unset, so the cached body shows only what was sent
+        fields["cost"] = _parse_cost(data["cost"])
+    try:
+        status = MessageStatus(**fields)
+    except Exception:  # pragma: no cover - the checks above cover every model constraint
+        raise PushRejected(422, "push does not form a valid status") from None
+    return Push(message_id=message_id, status=status, ts=ts)
+
+
+def _is_json_media_type(value: str | None) -> bool:
+    """``application/json``, optionally with ``charset=utf-8``; nothing else."""
+    if value is None:
+        return False
+    media, _, params = value.partition(";")
+    if media.strip().lower() != "application/json":
+        return False
+    params = params.strip()
+    if not params:
+        return True
+    name, sep, charset = params.partition("=")
+    return (
+        bool(sep)
+        and name.strip().lower() == "charset"
+        and charset.strip().strip('"').lower() in _JSON_CHARSETS
+    )
+
+
+# --------------------------------------------------------------------- the receiver
+
+
+def _default_enqueue_settle(message_id: str) -> None:
+    """Enqueue ``settle_message`` on the package's Celery app."""
+    from smsbat_tracker.tasks import settle_message
+
+    settle_message.apply_async((message_id,))
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions meaning "Redis (the cache or the broker) is unreachable": answered 503."""
+    from kombu.exceptions import OperationalError
+
+    return (redis.RedisError, OSError, OperationalError)
+
+
+class WebhookReceiver:
+    """The webhook's state and request handlers; :func:`create_app` wires them to routes.
+
+    The engine is, in order of preference: the one given; the Celery app's per-process
+    engine when the Celery app carries these very settings (one set of connections per
+    process); otherwise one built here on first use and closed by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        enqueue_settle: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        token = settings.webhook_token.get_secret_value() if settings.webhook_token else ""
+        if not token and not settings.webhook_open:
+            raise ConfigError(
+                "invalid settings: SMSBAT_WEBHOOK_TOKEN: required by the webhook (set "
+                "SMSBAT_WEBHOOK_OPEN=true to run it without authentication, for local tests only)"
+            )
+        register_secret(token)  # whatever logging is configured later redacts it too
+        self._token: bytes | None = token.encode() if token else None
+        self._engine = engine
+        self._celery: TrackerApp | None = None
+        if engine is None or enqueue_settle is None:
+            # Imported here, not at module level: importing smsbat_tracker.worker builds the
+            # Celery app from the environment, which may raise ConfigError; at build time
+            # that is a clear start-up error, never one inside a request.
+            from smsbat_tracker.worker import app as celery_app
+
+            self._celery = celery_app
+        if enqueue_settle is None:
+            import smsbat_tracker.tasks  # noqa: F401 - registers settle_message now, not later
+
+            enqueue_settle = _default_enqueue_settle
+        self._enqueue_settle = enqueue_settle
+        self._own_engine: Engine | None = None
+        self._lock = threading.Lock()
+        self._unavailable = _unavailable_errors()
+
+    @property
+    def open(self) -> bool:
+        """True when no token is set and every request is accepted (SMSBAT_WEBHOOK_OPEN)."""
+        return self._token is None
+
+    def engine(self) -> Engine:
+        """The engine pushes are stored through (see the class docstring)."""
+        if self._engine is not None:
+            return self._engine
+        celery_app = self._celery
+        # Looked up per call: TrackerApp.reconfigure and forks replace its engine.
+        if celery_app is not None and celery_app.settings is self.settings:
+            return celery_app.engine
+        with self._lock:
+            if self._own_engine is None:
+                self._own_engine = Engine(
+                    self.settings,
+                    redis.Redis.from_url(self.settings.redis_url, decode_responses=True),
+                    SmsbatClient.from_settings(self.settings),
+                    app=celery_app,
+                )
+            return self._own_engine
+
+    def close(self) -> None:
+        """Close the connections of an engine built here (never a given or shared one)."""
+        with self._lock:
+            engine, self._own_engine = self._own_engine, None
+        if engine is not None:
+            engine.api.close()
+            engine.redis.close()
+
+    # --- authentication and reading -------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        """Whether the request carries the token (first header, then first query value)."""
+        if self._token is None:
+            return True
+        candidates: list[bytes] = []
+        header_name = TOKEN_HEADER.lower().encode()
+        for name, value in request.scope.get("headers", ()):
+            if name == header_name:
+                candidates.append(value)  # raw bytes: no decoding to get wrong
+                break
+        query = request.query_params.get(TOKEN_QUERY)
+        if query is not None:
+            candidates.append(query.encode("utf-8", "replace"))
+        matched = False
+        for candidate in candidates:
+            # Constant-time for each candidate; no early exit on the first match either.
+            matched |= hmac.compare_digest(candidate, self._token)
+        return matched
+
+    async def read_push(self, request: Request) -> Push:
+        """Check the media type and size, read the body while streaming, and parse it."""
+        if not _is_json_media_type(request.headers.get("content-type")):
+            raise PushRejected(415, "Content-Type must be application/json")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()):
+                raise PushRejected(400, "invalid Content-Length")
+            if int(declared) > MAX_BODY_BYTES:
+                raise PushRejected(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with aclosing(request.stream()) as stream:
+                async for chunk in stream:
+                    size += len(chunk)
+                    if size > MAX_BODY_BYTES:  # chunked or lying Content-Length: stop reading
+                        raise PushRejected(413, f"body larger than {MAX_BODY_BYTES} bytes")
+                    chunks.append(chunk)
+        except ClientDisconnect:
+            raise PushRejected(400, "client disconnected before the body ended") from None
+        return parse_push(b"".join(chunks))
+
+    # --- effect ---------------------------------------------------------------------
+
+    def apply(self, push: Push) -> bool:
+        """Store the push (blocking); enqueue the settle when a final status was stored."""
+        stored = self.engine().cache.store(push.message_id, push.status, source="push", ts=push.ts)
+        if stored and push.status.is_final:
+            # If this enqueue fails the request answers 503; a retried push is then a
+            # duplicate (ignored), and the running tracker still ends at its next check,
+            # which reads the cached final status before anything else.
+            self._enqueue_settle(push.message_id)
+        return stored
+
+    # --- handlers -------------------------------------------------------------------
+
+    async def webhook(self, request: Request) -> Response:
+        """``POST /webhook``."""
+        if not self.authorized(request):  # before reading a single byte of the body
+            return JSONResponse({"error": "unauthorized"}, 401)
+        try:
+            push = await self.read_push(request)
+        except PushRejected as rejected:
+            log.debug(
+                "webhook.rejected",
+                http_status=rejected.status_code,
+                error=rejected.error,
+                field=rejected.field,
+            )
+            return rejected.response()
+        try:
+            stored = await run_in_threadpool(self.apply, push)
+        except self._unavailable as exc:
+            log.warning("webhook.unavailable", message_id=push.message_id, error=type(exc).__name__)
+            return JSONResponse(
+                {"error": "unavailable", "field": None}, 503, headers={"Retry-After": "5"}
+            )
+        final = push.status.is_final
+        log.info(
+            "webhook.push",
+            message_id=push.message_id,
+            deliverystatus=push.status.deliverystatus,
+            stored=stored,
+            final=final,
+        )
+        return JSONResponse({"status": "stored" if stored else "ignored", "final": final})
+
+    def ping(self) -> bool:
+        """PING Redis through the engine (blocking)."""
+        return bool(self.engine().redis.ping())
+
+    async def healthz(self, _request: Request) -> Response:
+        """``GET /healthz``."""
+        try:
+            ok = await run_in_threadpool(self.ping)
+        except Exception:  # any failure to reach Redis (or to build the engine) is "down"
+            ok = False
+        if ok:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, 503)
+
+    async def openapi(self, _request: Request) -> Response:
+        """``GET /openapi.json``."""
+        return JSONResponse(openapi_document())
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    enqueue_settle: Callable[[str], None] | None = None,
+) -> Starlette:
+    """Build the webhook ASGI app; ``app.state.receiver`` is its :class:`WebhookReceiver`.
+
+    ``settings`` default to :func:`~smsbat_tracker.config.load_settings`. Raises
+    :class:`ConfigError` naming ``SMSBAT_WEBHOOK_TOKEN`` when no token is set and
+    ``SMSBAT_WEBHOOK_OPEN`` is not true. ``enqueue_settle`` defaults to enqueueing
+    :func:`smsbat_tracker.tasks.settle_message`.
+    """
+    settings = settings if settings is not None else load_settings()
+    receiver = WebhookReceiver(settings, engine=engine, enqueue_settle=enqueue_settle)
+    if receiver.open:
+        log.warning(
+            "webhook.open",
+            detail="SMSBAT_WEBHOOK_OPEN is set and no SMSBAT_WEBHOOK_TOKEN: every push is "
+            "accepted without authentication; use only for local tests",
+        )
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        yield
+        receiver.close()
+
+    application = Starlette(
+        routes=[
+            Route("/webhook", receiver.webhook, methods=["POST"]),
+            Route("/healthz", receiver.healthz, methods=["GET"]),
+            Route("/openapi.json", receiver.openapi, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    application.state.receiver = receiver
+    return application
+
+
+# --------------------------------------------------------------------- OpenAPI
+
+
+def _error_schema(*, with_field: bool = True) -> dict[str, Any]:
+    properties: dict[str, Any] = {"error": {"type": "string"}}
+    if with_field:
+        properties["field"] = {
+            "type": ["string", "null"],
+            "description": "the offending body field, null when the body as a whole is bad",
+        }
+    return {"type": "object", "required": list(properties), "properties": properties}
+
+
+def _answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The hand-written OpenAPI 3.1 document served at ``/openapi.json``."""
+    push_schema = {
+        "type": "object",
+        "required": ["messageId", "deliverystatus", "timestamp"],
+        "additionalProperties": True,
+        "properties": {
+            "messageId": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_MESSAGE_ID_LENGTH,
+                "pattern": "^[A-Za-z0-9][A-Za-z0-9._~-]*$",
+            },
+            "deliverystatus": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_STATUS_LENGTH,
+                "pattern": "^[!-~]+$",
+                "description": "scheduled, processing, delivered, undeliverable, "
+                "permanenterror; unknown values are kept and treated as not final",
+            },
+            "timestamp": {
+                "type": "string",
+                "format": "date-time",
+                "description": "ISO-8601 with a timezone; orders late and duplicate pushes",
+            },
+            "cost": {"type": ["number", "null"]},
+        },
+        "example": {
+            "messageId": "abc123def456",
+            "deliverystatus": "delivered",
+            "timestamp": "2025-01-23T10:30:00Z",
+            "cost": 0.05,
+        },
+    }
+    accepted = {
+        "type": "object",
+        "required": ["status", "final"],
+        "properties": {
+            "status": {"type": "string", "enum": ["stored", "ignored"]},
+            "final": {"type": "boolean", "description": "whether the pushed status is final"},
+        },
+    }
+    health = {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string", "enum": ["ok", "unavailable"]}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "smsbat-tracker webhook",
+            "version": "1",
+            "description": "Receives SMSBAT delivery-status pushes.",
+        },
+        "paths": {
+            "/webhook": {
+                "post": {
+                    "operationId": "pushStatus",
+                    "summary": "Receive one status change pushed by SMSBAT",
+                    "parameters": [
+                        {
+                            "name": TOKEN_QUERY,
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "the shared secret (SMSBAT_WEBHOOK_TOKEN)",
+                        },
+                        {
+                            "name": TOKEN_HEADER,
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "the shared secret, as an alternative to the query",
+                        },
+                    ],
+                    "security": [{"queryToken": []}, {"headerToken": []}],
+                    "requestBody": {
+                        "required": True,
+                        "description": f"at most {MAX_BODY_BYTES} bytes",
+                        "content": {"application/json": {"schema": push_schema}},
+                    },
+                    "responses": {
+                        "200": _answer(
+                            "accepted: stored, or ignored as a duplicate or stale push",
+                            accepted,
+                        ),
+                        "400": _answer(
+                            "not a UTF-8 JSON object, or bad Content-Length", _error_schema()
+                        ),
+                        "401": _answer("missing or wrong token", _error_schema(with_field=False)),
+                        "413": _answer(f"body larger than {MAX_BODY_BYTES} bytes", _error_schema()),
+                        "415": _answer("Content-Type is not application/json", _error_schema()),
+                        "422": _answer("a field is missing or invalid", _error_schema()),
+                        "503": _answer("Redis is unreachable; retry later", _error_schema()),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Whether Redis answers",
+                    "responses": {
+                        "200": _answer("Redis answers PING", health),
+                        "503": _answer("Redis is unreachable", health),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {"200": {"description": "the OpenAPI document"}},
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "queryToken": {"type": "apiKey", "in": "query", "name": TOKEN_QUERY},
+                "headerToken": {"type": "apiKey", "in": "header", "name": TOKEN_HEADER},
+            }
+        },
+    }
+
+
+# --------------------------------------------------------------------- serving
+
+
+class _RedactAccessLog(logging.Filter):
+    """Scrubs ``?token=`` from uvicorn's access lines, which uvicorn formats itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_text(arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
+
+
+def _protect_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _RedactAccessLog) for f in access.filters):
+        access.addFilter(_RedactAccessLog())
+
+
+class LazyWebhookApp:
+    """ASGI app that builds the webhook from the environment at lifespan start-up.
+
+    Importing it never raises. A :class:`ConfigError` at start-up is reported to the server
+    as ``lifespan.startup.failed`` with one line naming the variable (uvicorn logs it and
+    exits), then raised. Served without lifespan, the app is built on the first request,
+    and a configuration error answers 503 (logged once per request) instead of a traceback.
+    """
+
+    def __init__(self, factory: Callable[[], Starlette] = create_app) -> None:
+        self._factory = factory
+        self._app: Starlette | None = None
+        self._lock = threading.Lock()
+
+    def build(self) -> Starlette:
+        """The webhook app, built on first call; raises :class:`ConfigError`."""
+        with self._lock:
+            if self._app is None:
+                _protect_access_log()
+                self._app = self._factory()
+            return self._app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection or the lifespan protocol."""
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        try:
+            application = self.build()
+        except ConfigError as exc:
+            log.error("webhook.config_error", error=str(exc))
+            if scope["type"] == "http":
+                await JSONResponse({"error": "unavailable", "field": None}, 503)(
+                    scope, receive, send
+                )
+            return
+        await application(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        startup = await receive()
+        try:
+            application = self.build()
+        except ConfigError as exc:
+            await send(
+                {"type": "lifespan.startup.failed", "message": f"smsbat-tracker webhook: {exc}"}
+            )
+            raise
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return startup
+            return await receive()
+
+        # The built app runs the rest of the protocol (its shutdown closes its connections).
+        await application(scope, replay, send)
+
+
+def _from_environment() -> Starlette:
+    """Settings from the environment, the project's (redacting) logging, then the app."""
+    settings = load_settings()
+    configure_logging(
+        secrets=[settings.webhook_token.get_secret_value() if settings.webhook_token else None]
+    )
+    return create_app(settings)
+
+
+app = LazyWebhookApp(_from_environment)
+"""The module-level app for ``uvicorn smsbat_tracker.webhook:app``; built at start-up."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m smsbat_tracker.webhook [--host H] [--port P]``: serve in the foreground.
+
+    Prints one line and returns 2 on a configuration error.
+    """
+    import uvicorn
+
+    parser = argparse.ArgumentParser(
+        prog="python -m smsbat_tracker.webhook",
+        description="Serve the SMSBAT webhook receiver.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default %(default)s)")
+    parser.add_argument("--log-level", default="INFO", help="log level (default %(default)s)")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        settings = load_settings()
+        configure_logging(
+            level=args.log_level.upper(),
+            secrets=[settings.webhook_token.get_secret_value() if settings.webhook_token else None],
+        )
+        application = create_app(settings)
+    except ConfigError as exc:
+        print(f"smsbat-tracker webhook: {exc}", file=sys.stderr)
+        return 2
+    _protect_access_log()
+    # log_config=None: uvicorn's own lines go through the project's (redacting) handler.
+    config = uvicorn.Config(
+        application,
+        host=args.host,
+        port=args.port,
+        lifespan="on",
+        log_config=None,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
