@@ -13,7 +13,13 @@ from typing import Any, Self
 
 import aiohttp
 
-from smsbat_tracker.client import auth_headers, options_from_settings, parse_status, status_path
+from smsbat_tracker.client import (
+    auth_headers,
+    check_batch_args,
+    options_from_settings,
+    parse_status,
+    status_path,
+)
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import (
     ConnectionFailed,
@@ -77,6 +83,7 @@ class BatchStatusClient:
         self, message_ids: Sequence[str], *, concurrency: int = 64
     ) -> dict[str, MessageStatus | SmsbatError]:
         """Statuses of many messages, at most ``concurrency`` in flight; errors as values."""
+        check_batch_args(message_ids, concurrency)
         for message_id in message_ids:
             validate_message_id(message_id)
         gate = asyncio.Semaphore(concurrency)

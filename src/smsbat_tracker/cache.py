@@ -114,7 +114,10 @@ class StatusCache:
 
     def get(self, message_id: str) -> CachedStatus | None:
         """The cached status, or None when absent or expired."""
-        raw = self._redis.get(self._keys.status(message_id))
+        try:
+            raw = self._redis.get(self._keys.status(message_id))
+        except UnicodeDecodeError:  # written by something else; as good as a miss
+            return None
         if raw is None:
             return None
         return self.parse(raw)

@@ -360,11 +360,9 @@ class CampaignRunner:
         raws = self.redis.mget([self.keys.status(m) for m in ids])
         out = {}
         for m, raw in zip(ids, raws, strict=True):
-            if raw:
-                try:
-                    out[m] = CachedStatus.from_json(raw)
-                except (ValueError, KeyError, TypeError):
-                    continue
+            entry = self.engine.cache.parse(raw) if raw else None
+            if entry is not None:
+                out[m] = entry
         return out
 
     def _settle(

@@ -38,6 +38,7 @@ __all__ = [
     "AsyncSmsbatClient",
     "SmsbatClient",
     "auth_headers",
+    "check_batch_args",
     "decode_answer",
     "options_from_settings",
     "parse_retry_after",
@@ -91,7 +92,7 @@ def decode_answer(code: int, retry_after: str | None, content: bytes) -> Any:
         raise ClientError(code, f"SMSBAT API answered an unexpected HTTP {code}")
     try:
         return json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         raise MalformedResponse(
             f"SMSBAT API answered HTTP {code} with a body that is not valid JSON "
             f"({len(content)} bytes)"
@@ -164,6 +165,14 @@ def auth_headers(
     token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
     headers["Authorization"] = f"Basic {token}"
     return headers
+
+
+def check_batch_args(message_ids: object, concurrency: int) -> None:
+    """Refuse a bare string (it would be polled letter by letter) and a concurrency below 1."""
+    if isinstance(message_ids, str | bytes):
+        raise TypeError("message_ids must be a sequence of ids, not one string")
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
 
 
 class _Options:
@@ -322,6 +331,7 @@ class AsyncSmsbatClient:
         Each id maps to its status or to the error its request raised; ids are all
         validated before the first request.
         """
+        check_batch_args(message_ids, concurrency)
         for message_id in message_ids:
             validate_message_id(message_id)
         gate = asyncio.Semaphore(concurrency)

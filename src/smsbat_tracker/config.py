@@ -91,6 +91,10 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL with a host")
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
+        try:
+            parts.port  # noqa: B018 - raises on a non-numeric or out-of-range port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
         return value.rstrip("/")
 
     @field_validator("redis_url")

@@ -28,7 +28,7 @@ __all__ = [
 
 
 class SmsbatError(Exception):
-    """Base class for every error raised by smsbat-tracker."""
+    """Raised when anything in smsbat-tracker fails; the base of every error it raises."""
 
 
 class ConfigError(SmsbatError, ValueError):

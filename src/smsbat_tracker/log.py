@@ -43,7 +43,15 @@ _SECRET_PATTERNS = (
     re.compile(r"(?i)\b(basic|bearer)\s+[A-Za-z0-9+/=._~-]{6,}"),
     re.compile(r"(?i)([?&](?:token|api_key|key|password)=)[^&\s'\"]+"),
     re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+(@)"),
+    # key=value / key: value pairs in free text, e.g. an exception message.
+    re.compile(
+        r"(?i)\b(api[_-]?key|password|passwd|secret|webhook[_ -]?token|token)"
+        r"(['\"]?\s*[:=]\s*['\"]?)(?!\[REDACTED\])[^\s'\",}&]+"
+    ),
 )
+
+# Containers nested deeper than this are replaced whole rather than inspected.
+_MAX_DEPTH = 8
 
 _registered: set[str] = set()
 _registered_lock = threading.Lock()
@@ -68,7 +76,8 @@ def _redact_text(text: str) -> str:
     text = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
     text = _SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _SECRET_PATTERNS[2].sub(lambda m: f"{m.group(1)}{REDACTED}", text)
-    return _SECRET_PATTERNS[3].sub(lambda m: f"{m.group(1)}{REDACTED}{m.group(2)}", text)
+    text = _SECRET_PATTERNS[3].sub(lambda m: f"{m.group(1)}{REDACTED}{m.group(2)}", text)
+    return _SECRET_PATTERNS[4].sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
 
 
 def _redact_value(key: str | None, value: Any, depth: int = 0) -> Any:
@@ -76,12 +85,15 @@ def _redact_value(key: str | None, value: Any, depth: int = 0) -> Any:
         return REDACTED
     if isinstance(value, str):
         return _redact_text(value)
-    if depth > 6:
-        return value
+    if isinstance(value, MutableMapping | list | tuple) and depth > _MAX_DEPTH:
+        return REDACTED  # too deep to inspect: fail closed
     if isinstance(value, MutableMapping):
         return {k: _redact_value(str(k), v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_redact_value(None, v, depth + 1) for v in value)
+        items = [_redact_value(None, v, depth + 1) for v in value]
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+            return type(value)(*items)
+        return type(value)(items)
     if isinstance(value, bytes | bytearray):
         return _redact_text(bytes(value).decode("utf-8", "replace"))
     # Other objects (log records, exceptions) pass; the rendered line is redacted again.
@@ -149,7 +161,8 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        # ExtraAdder first: stdlib extra= values must pass the redaction too.
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             *tail,

@@ -129,7 +129,8 @@ class OutgoingMessage(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     sender: str = Field(alias="from", min_length=1)
-    to: str = Field(pattern=r"^\+[1-9]\d{6,14}$")
+    # [0-9], not \d: \d also matches fullwidth and other non-ASCII digits.
+    to: str = Field(pattern=r"^\+[1-9][0-9]{6,14}$")
     type: str = "sms"
     text: str = Field(min_length=1)
     customerMessageId: str | None = None

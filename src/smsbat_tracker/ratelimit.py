@@ -99,6 +99,8 @@ class RateLimiter:
                 await asyncio.sleep(wait)
 
     def _chunks(self, n: int) -> list[int]:
+        if n < 1:
+            raise ValueError("n must be >= 1")
         # More tokens than the burst allows would never be granted at once: take slices.
         if not self.enabled:
             return []

@@ -1,0 +1,218 @@
+"""Unit tests of smsbat_tracker.backoff: compute_backoff and Schedule.next_wait."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from smsbat_tracker.backoff import (
+    DEFAULT_BACKOFF_FACTOR,
+    DEFAULT_FIRST_DELAY,
+    DEFAULT_MAX_DELAY,
+    MIN_INTERVAL,
+    Schedule,
+    compute_backoff,
+)
+from smsbat_tracker.config import load_settings
+
+
+def fixed(value: float) -> object:
+    """An rng that always returns ``value``."""
+    return lambda: value
+
+
+# ------------------------------------------------------------------ compute_backoff
+
+
+def test_grows_exponentially_without_jitter() -> None:
+    """first_delay * factor ** attempt while under the cap."""
+    delays = [
+        compute_backoff(n, first_delay=1.0, factor=2.0, max_delay=100.0, jitter=0.0)
+        for n in range(7)
+    ]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+
+
+def test_defaults_follow_the_provider_advice() -> None:
+    """Defaults start within 5-10 s, grow by DEFAULT_BACKOFF_FACTOR, and end at the cap."""
+    delays = [compute_backoff(n, jitter=0.0) for n in range(40)]
+    expected = [
+        min(DEFAULT_MAX_DELAY, DEFAULT_FIRST_DELAY * DEFAULT_BACKOFF_FACTOR**n) for n in range(40)
+    ]
+    assert delays == pytest.approx(expected)
+    assert 5.0 <= delays[0] <= 10.0
+    assert delays == sorted(delays)
+    assert delays[-1] == DEFAULT_MAX_DELAY
+
+
+def test_is_capped_at_max_delay() -> None:
+    """Once first_delay * factor ** attempt passes max_delay, max_delay is returned."""
+    assert compute_backoff(10, first_delay=1.0, factor=2.0, max_delay=30.0, jitter=0.0) == 30.0
+
+
+def test_factor_one_is_constant() -> None:
+    """A factor of 1 means a constant delay."""
+    assert {compute_backoff(n, first_delay=3.0, factor=1.0, jitter=0.0) for n in range(50)} == {3.0}
+
+
+@pytest.mark.parametrize(
+    ("rng_value", "expected"),
+    [(0.0, 9.0), (0.5, 10.0), (1.0, 11.0)],
+)
+def test_jitter_bounds_with_fixed_rng(rng_value: float, expected: float) -> None:
+    """rng 0 gives base * (1 - jitter), 0.5 the base, 1 base * (1 + jitter)."""
+    delay = compute_backoff(
+        0, first_delay=10.0, factor=2.0, max_delay=100.0, jitter=0.1, rng=fixed(rng_value)
+    )
+    assert delay == pytest.approx(expected)
+
+
+def test_jitter_never_exceeds_max_delay() -> None:
+    """At the cap, positive jitter is clipped while negative jitter still spreads."""
+    high = compute_backoff(20, max_delay=20.0, jitter=0.5, rng=fixed(1.0))
+    low = compute_backoff(20, max_delay=20.0, jitter=0.5, rng=fixed(0.0))
+    assert high == 20.0
+    assert low == pytest.approx(10.0)
+
+
+def test_negative_attempt_is_an_error() -> None:
+    """attempt < 0 raises ValueError."""
+    with pytest.raises(ValueError, match="attempt must be >= 0"):
+        compute_backoff(-1)
+
+
+@pytest.mark.parametrize("attempt", [64, 65, 1_000, 10**6, 10**18])
+def test_huge_attempt_does_not_overflow(attempt: int) -> None:
+    """Huge attempt numbers return max_delay instead of raising OverflowError."""
+    delay = compute_backoff(attempt, factor=10.0, max_delay=60.0, jitter=0.0)
+    assert delay == 60.0
+    assert math.isfinite(delay)
+
+
+# ---------------------------------------------------------------- Schedule.next_wait
+
+PLAIN = Schedule(first_delay=5.0, factor=2.0, max_delay=20.0, jitter=0.0, min_interval=1.0)
+
+
+@pytest.mark.parametrize("now", [100.0, 100.5, 1e9])
+def test_next_wait_is_none_at_or_after_deadline(now: float) -> None:
+    """No wait is given once the deadline has come."""
+    assert PLAIN.next_wait(now=now, deadline_at=100.0, attempt=0) is None
+
+
+def test_next_wait_is_the_backoff_when_far_from_deadline() -> None:
+    """Far from the deadline, the wait is the backoff of the attempt."""
+    assert PLAIN.next_wait(now=0.0, deadline_at=1000.0, attempt=1) == 10.0
+
+
+def test_last_wait_lands_exactly_on_deadline() -> None:
+    """A backoff past the deadline is cut so that now + wait == deadline_at."""
+    now, deadline_at = 1_700_000_000.25, 1_700_000_003.0
+    wait = PLAIN.next_wait(now=now, deadline_at=deadline_at, attempt=3)
+    assert wait is not None
+    assert now + wait == pytest.approx(deadline_at, abs=1e-6)
+
+
+def test_retry_after_stretches_but_never_shortens() -> None:
+    """A Retry-After longer than the backoff wins; a shorter one leaves the backoff."""
+    assert PLAIN.next_wait(now=0.0, deadline_at=100.0, attempt=0, retry_after=12.0) == 12.0
+    assert PLAIN.next_wait(now=0.0, deadline_at=100.0, attempt=0, retry_after=2.0) == 5.0
+    # ... and is cut at the deadline too.
+    assert PLAIN.next_wait(now=0.0, deadline_at=8.0, attempt=0, retry_after=30.0) == 8.0
+
+
+def test_min_interval_floor_since_last_check() -> None:
+    """The wait reaches at least min_interval after the last check, no more than needed."""
+    quick = Schedule(first_delay=0.2, factor=1.0, max_delay=1.0, jitter=0.0, min_interval=1.0)
+    wait = quick.next_wait(now=10.0, deadline_at=100.0, attempt=0, last_check_at=9.7)
+    assert wait == pytest.approx(0.7)
+    long_ago = quick.next_wait(now=10.0, deadline_at=100.0, attempt=0, last_check_at=2.0)
+    assert long_ago == pytest.approx(0.2)
+
+
+def test_defaults_respect_the_provider_minimum_interval() -> None:
+    """The default schedule keeps the provider's one-second minimum interval."""
+    assert Schedule().min_interval == MIN_INTERVAL == 1.0
+
+
+def test_from_settings() -> None:
+    """Schedule.from_settings copies the five schedule settings."""
+    settings = load_settings(
+        api_key="k",
+        first_delay=2.0,
+        backoff_factor=3.0,
+        max_delay=30.0,
+        jitter=0.2,
+        min_interval=2.5,
+    )
+    assert Schedule.from_settings(settings) == Schedule(
+        first_delay=2.0, factor=3.0, max_delay=30.0, jitter=0.2, min_interval=2.5
+    )
+
+
+# ------------------------------------------------------------------------ property
+
+_seconds = st.floats(min_value=0.0, max_value=3_600.0, allow_nan=False)
+
+
+@hypothesis_settings(max_examples=300, deadline=None, database=None)
+@given(
+    first_delay=_seconds,
+    max_delay=st.floats(min_value=0.001, max_value=3_600.0),
+    factor=st.floats(min_value=1.0, max_value=10.0),
+    jitter=st.floats(min_value=0.0, max_value=0.999),
+    min_interval=st.floats(min_value=1.0, max_value=3_600.0),
+    attempt=st.integers(min_value=0, max_value=10**9),
+    now=st.floats(min_value=0.0, max_value=2e9),
+    remaining=st.floats(min_value=-100.0, max_value=86_400.0),
+    since_last=st.one_of(st.none(), _seconds),
+    retry_after=st.one_of(st.none(), _seconds),
+    rng_value=st.floats(min_value=0.0, max_value=1.0),
+)
+def test_next_wait_is_bounded(
+    first_delay: float,
+    max_delay: float,
+    factor: float,
+    jitter: float,
+    min_interval: float,
+    attempt: int,
+    now: float,
+    remaining: float,
+    since_last: float | None,
+    retry_after: float | None,
+    rng_value: float,
+) -> None:
+    """0 <= wait <= min(max(max_delay, retry_after or 0, min_interval), remaining), or None."""
+    schedule = Schedule(
+        first_delay=min(first_delay, max_delay),
+        factor=factor,
+        max_delay=max_delay,
+        jitter=jitter,
+        min_interval=min_interval,
+    )
+    deadline_at = now + remaining
+    last_check_at = None if since_last is None else now - since_last
+    wait = schedule.next_wait(
+        now=now,
+        deadline_at=deadline_at,
+        attempt=attempt,
+        last_check_at=last_check_at,
+        retry_after=retry_after,
+        rng=fixed(rng_value),
+    )
+    left = deadline_at - now
+    if left <= 0:
+        assert wait is None
+        return
+    assert wait is not None
+    bound = min(max(max_delay, retry_after or 0.0, min_interval), left)
+    assert 0.0 <= wait <= bound + 1e-9
+    # The floors hold wherever the deadline leaves room for them.
+    if retry_after is not None:
+        assert wait >= min(retry_after, left) - 1e-9
+    if last_check_at is not None:
+        assert wait >= min(min_interval - (now - last_check_at), left) - 1e-9

@@ -1,0 +1,170 @@
+"""Tests of smsbat_tracker.ratelimit.RateLimiter against a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+from structlog.testing import capture_logs
+
+from smsbat_tracker.config import Settings
+from smsbat_tracker.errors import RateLimited, ServerError
+from smsbat_tracker.ratelimit import DEFAULT_PAUSE, RateLimiter
+
+
+@pytest.fixture
+def limiter_for(redis_client: redis.Redis, settings: Settings) -> Callable[..., RateLimiter]:
+    """Build a RateLimiter on the emptied test Redis."""
+
+    def make(rate: float, burst: float | None = None) -> RateLimiter:
+        return RateLimiter(redis_client, settings, rate=rate, burst=burst)
+
+    return make
+
+
+def test_rate_from_settings(
+    redis_client: redis.Redis, make_settings: Callable[..., Settings]
+) -> None:
+    """Without an explicit rate, SMSBAT_RATE_LIMIT is used."""
+    limiter = RateLimiter(redis_client, make_settings(rate_limit=7.0))
+    assert limiter.rate == 7.0
+    assert limiter.enabled
+
+
+def test_rate_zero_is_disabled(
+    limiter_for: Callable[..., RateLimiter], redis_client: redis.Redis
+) -> None:
+    """rate=0 grants everything at once and never touches Redis."""
+    limiter = limiter_for(0)
+    assert not limiter.enabled
+    assert [limiter.try_acquire() for _ in range(1_000)] == [0.0] * 1_000
+    limiter.acquire(10_000)
+    asyncio.run(limiter.acquire_async(10_000))
+    assert redis_client.keys("*") == []
+
+
+def test_grants_then_asks_to_wait(limiter_for: Callable[..., RateLimiter]) -> None:
+    """At 0.5/s without burst, the first call is granted and the second waits about 2 s."""
+    limiter = limiter_for(0.5, burst=1)
+    assert limiter.try_acquire() == 0.0
+    wait = limiter.try_acquire()
+    assert 1.5 < wait <= 2.0
+    # A refused call takes no token: asking again gives the same (or a shorter) wait.
+    assert 0.0 < limiter.try_acquire() <= wait
+
+
+def test_burst_is_granted_at_once(limiter_for: Callable[..., RateLimiter]) -> None:
+    """A burst of 5 is granted back to back; the sixth call waits."""
+    limiter = limiter_for(1, burst=5)
+    assert [limiter.try_acquire() for _ in range(5)] == [0.0] * 5
+    assert limiter.try_acquire() > 0.0
+
+
+def test_try_acquire_needs_a_positive_count(limiter_for: Callable[..., RateLimiter]) -> None:
+    """try_acquire(0) is a programming error."""
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        limiter_for(10).try_acquire(0)
+
+
+def test_acquire_needs_a_positive_count(limiter_for: Callable[..., RateLimiter]) -> None:
+    """acquire() with a negative count raises like try_acquire, taking no tokens."""
+    with pytest.raises(ValueError, match="n must be"):
+        limiter_for(200).acquire(-1)
+
+
+def test_pause_blocks_for_about_the_pause(limiter_for: Callable[..., RateLimiter]) -> None:
+    """After pause(10), try_acquire asks every caller to wait about 10 s, and logs it once."""
+    limiter = limiter_for(1000)
+    with capture_logs() as events:
+        limiter.pause(10.0)
+        limiter.pause(1.0)  # never shortens a running pause
+    assert 9.0 < limiter.try_acquire() <= 10.0
+    assert events == [{"event": "ratelimit.pause", "log_level": "warning", "seconds": 10.0}]
+
+
+def test_pause_is_shared_across_limiters(redis_client: redis.Redis, settings: Settings) -> None:
+    """A pause set through one limiter (one worker) stops another on the same Redis."""
+    first = RateLimiter(redis_client, settings, rate=100)
+    second = RateLimiter(redis_client, settings, rate=100)
+    first.pause(2.0)
+    assert 1.5 < second.try_acquire() <= 2.0
+
+
+def test_observe_rate_limited_pauses_for_retry_after(
+    limiter_for: Callable[..., RateLimiter],
+) -> None:
+    """observe_error(RateLimited(2.0)) pauses everyone about 2 s."""
+    limiter = limiter_for(1000)
+    limiter.observe_error(RateLimited(2.0))
+    assert 1.5 < limiter.try_acquire() <= 2.0
+
+
+def test_observe_rate_limited_without_retry_after_uses_default(
+    limiter_for: Callable[..., RateLimiter],
+) -> None:
+    """A 429 without Retry-After pauses for DEFAULT_PAUSE."""
+    limiter = limiter_for(1000)
+    limiter.observe_error(RateLimited(None))
+    assert DEFAULT_PAUSE * 0.5 < limiter.try_acquire() <= DEFAULT_PAUSE
+
+
+def test_other_errors_do_not_pause(limiter_for: Callable[..., RateLimiter]) -> None:
+    """Errors other than RateLimited leave the limiter alone."""
+    limiter = limiter_for(1000)
+    limiter.observe_error(ServerError(500))
+    limiter.observe_error(ValueError("x"))
+    assert limiter.try_acquire() == 0.0
+
+
+def test_acquire_more_than_the_burst_is_sliced(limiter_for: Callable[..., RateLimiter]) -> None:
+    """acquire(n) beyond the burst completes, spread at the rate (105 at 1000/s, burst 5)."""
+    limiter = limiter_for(1000, burst=5)
+    started = time.monotonic()
+    limiter.acquire(105)
+    elapsed = time.monotonic() - started
+    # GCRA cannot grant 100 tokens beyond the burst in less than 100 ms at 1000/s.
+    assert 0.095 <= elapsed < 5.0
+
+
+def test_acquire_async(limiter_for: Callable[..., RateLimiter]) -> None:
+    """acquire_async waits for tokens like acquire (here 2 at 20/s without burst)."""
+    limiter = limiter_for(20, burst=1)
+    started = time.monotonic()
+    asyncio.run(limiter.acquire_async(2))
+    assert 0.03 <= time.monotonic() - started < 1.0
+
+
+def test_threads_together_stay_within_the_rate(
+    limiter_for: Callable[..., RateLimiter],
+) -> None:
+    """4 threads acquiring for 0.5 s at 200/s get no more than 5% over 100 plus the burst."""
+    rate, window, threads = 200, 0.5, 4
+    limiter = limiter_for(rate)
+    burst = rate / 20  # the default burst
+    start = threading.Barrier(threads + 1)
+    grants: list[int] = [0] * threads
+    began = 0.0
+
+    def work(index: int) -> None:
+        start.wait()
+        while True:
+            limiter.acquire()
+            if time.monotonic() - began >= window:
+                return
+            grants[index] += 1
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    began = time.monotonic()
+    start.wait()
+    for worker in workers:
+        worker.join(timeout=10)
+    total = sum(grants)
+    assert total <= rate * window * 1.05 + burst
+    assert total >= rate * window * 0.6
+    assert min(grants) > 0  # every thread got its share, none starved
