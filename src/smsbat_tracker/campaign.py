@@ -342,8 +342,22 @@ class CampaignRunner:
             loop, client = self._runtime()
 
             async def fetch() -> dict[str, MessageStatus | SmsbatError]:
-                await engine.limiter.acquire_async(len(gated))
-                return await client.get_statuses(gated, concurrency=settings.campaign_concurrency)
+                # Send each slice as soon as its tokens are granted, so requests leave at
+                # the limit's pace instead of in one burst after the whole batch's wait.
+                step = engine.limiter.burst if engine.limiter.enabled else len(gated)
+                sent = []
+                for start in range(0, len(gated), step):
+                    chunk = gated[start : start + step]
+                    await engine.limiter.acquire_async(len(chunk))
+                    sent.append(
+                        asyncio.ensure_future(
+                            client.get_statuses(chunk, concurrency=settings.campaign_concurrency)
+                        )
+                    )
+                results: dict[str, MessageStatus | SmsbatError] = {}
+                for future in sent:
+                    results.update(await future)
+                return results
 
             fetched = loop.run(fetch())
             statuses.update(fetched)

@@ -19,7 +19,7 @@ from smsbat_tracker.errors import RateLimited
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 
-__all__ = ["DEFAULT_PAUSE", "RateLimiter"]
+__all__ = ["DEFAULT_PAUSE", "RESERVE_AHEAD", "RateLimiter"]
 
 # Pause after a 429 that carries no Retry-After.
 DEFAULT_PAUSE: Final = 1.0
@@ -47,6 +47,31 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', ttl_ms)
 return 0
 """
 
+# As _ACQUIRE, but books tokens up to ARGV[4] microseconds ahead. Returns {1, wait}: the
+# tokens are yours from ``wait`` us on; or {0, wait}: nothing booked, ask again then.
+# Booking ahead keeps the bucket busy back to back: no token is lost while a caller
+# sleeps, wakes late, or makes its round trip.
+_RESERVE = """
+local pause = redis.call('PTTL', KEYS[2])
+if pause > 0 then return {0, pause * 1000} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval * n
+local wait = new_tat - tolerance - interval - now
+if wait > tonumber(ARGV[4]) then return {0, math.ceil(wait - tonumber(ARGV[4]))} end
+local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', ttl_ms)
+if wait < 0 then wait = 0 end
+return {1, math.ceil(wait)}
+"""
+# How far ahead acquire() books tokens.
+RESERVE_AHEAD: Final = 1.0
+
 
 class RateLimiter:
     """Blocks (or awaits) until the global request budget allows ``n`` more calls."""
@@ -65,10 +90,18 @@ class RateLimiter:
         self._keys = (keys.rate_limit(), keys.rate_pause())
         self._redis = client
         self._script = client.register_script(_ACQUIRE)
+        self._reserve = client.register_script(_RESERVE)
         self._interval_us = 1_000_000 / self.rate if self.rate > 0 else 0.0
         # Allow a burst of a twentieth of a second's budget (at least one request).
         burst = max(1.0, self.rate / 20) if burst is None else burst
         self._tolerance_us = self._interval_us * max(burst - 1, 0)
+
+    @property
+    def burst(self) -> int:
+        """The most tokens granted at once."""
+        if not self.enabled:
+            return 1
+        return max(1, math.floor(self._tolerance_us / self._interval_us) + 1)
 
     @property
     def enabled(self) -> bool:
@@ -86,17 +119,46 @@ class RateLimiter:
         )
         return int(wait_us) / 1_000_000
 
+    def reserve(self, n: int = 1) -> tuple[bool, float]:
+        """Book ``n`` tokens at most :data:`RESERVE_AHEAD` s ahead.
+
+        ``(True, wait)``: they are yours once ``wait`` seconds have passed.
+        ``(False, wait)``: nothing was booked; ask again in ``wait`` seconds.
+        """
+        if not self.enabled:
+            return True, 0.0
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        booked, wait_us = self._reserve(
+            keys=list(self._keys),
+            args=[
+                repr(self._interval_us),
+                repr(self._tolerance_us),
+                n,
+                int(RESERVE_AHEAD * 1_000_000),
+            ],
+        )
+        return bool(booked), int(wait_us) / 1_000_000
+
     def acquire(self, n: int = 1) -> None:
         """Block until ``n`` calls are allowed."""
         for chunk in self._chunks(n):
-            while (wait := self.try_acquire(chunk)) > 0:
-                time.sleep(wait)
+            while True:
+                booked, wait = self.reserve(chunk)
+                if wait > 0:
+                    time.sleep(wait)
+                if booked:
+                    break
 
     async def acquire_async(self, n: int = 1) -> None:
         """Await until ``n`` calls are allowed (the Redis call itself is brief and sync)."""
         for chunk in self._chunks(n):
-            while (wait := self.try_acquire(chunk)) > 0:
-                await asyncio.sleep(wait)
+            while True:
+                booked, wait = self.reserve(chunk)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if booked:
+                    break
 
     def _chunks(self, n: int) -> list[int]:
         if n < 1:
@@ -104,7 +166,7 @@ class RateLimiter:
         # More tokens than the burst allows would never be granted at once: take slices.
         if not self.enabled:
             return []
-        most = max(1, math.floor(self._tolerance_us / self._interval_us) + 1)
+        most = self.burst
         return [most] * (n // most) + ([n % most] if n % most else [])
 
     def pause(self, seconds: float) -> None:
