@@ -203,7 +203,24 @@ def track_message(
             retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
             log.warning("track.transient_error", message_id=message_id, error=str(exc))
     engine.count_check(message_id)
-
+    final = status is not None and status.is_final
+    wait_next = None
+    if not final and not at_deadline:
+        wait_next = engine.schedule.next_wait(
+            now=time.time(),
+            deadline_at=session.deadline_at,
+            attempt=session.checks + 1,
+            last_check_at=now,
+            retry_after=retry_after,
+        )
+    log.info(
+        "track.check",
+        message_id=message_id,
+        deliverystatus=status.deliverystatus if status else None,
+        source=source,
+        attempt=session.checks + 1,
+        next_in=round(wait_next, 3) if wait_next is not None else None,
+    )
     if status is not None:
         if status.is_final:
             return _finish(engine, session, message_id, outcome_of(status), task_id)
@@ -213,26 +230,8 @@ def track_message(
             log.warning(
                 "track.unknown_status", message_id=message_id, deliverystatus=status.deliverystatus
             )
-
-    if at_deadline:
+    if wait_next is None:  # the deadline check has happened
         return _finish(engine, session, message_id, "timeout", task_id)
-    wait_next = engine.schedule.next_wait(
-        now=time.time(),
-        deadline_at=session.deadline_at,
-        attempt=session.checks + 1,
-        last_check_at=now,
-        retry_after=retry_after,
-    )
-    if wait_next is None:
-        return _finish(engine, session, message_id, "timeout", task_id)
-    log.info(
-        "track.check",
-        message_id=message_id,
-        deliverystatus=status.deliverystatus if status else None,
-        source=source,
-        attempt=session.checks + 1,
-        next_in=round(wait_next, 3),
-    )
     raise self.retry(countdown=wait_next)
 
 

@@ -135,10 +135,9 @@ def _load() -> TrackerApp:
     try:
         return create_app()
     except ConfigError as exc:
-        # Stop start-up with the one clear message, not a traceback from deep inside.
-        if "celery" in os.path.basename(sys.argv[0]) or os.environ.get(
-            "SMSBAT_EXIT_ON_CONFIG_ERROR"
-        ):
+        # Under the celery command (worker, flower, beat), stop start-up with the one clear
+        # message instead of Celery's "unable to load" traceback; importers get the error.
+        if "celery.bin.celery" in sys.modules:
             raise SystemExit(f"smsbat-tracker: {exc}") from None
         raise
 

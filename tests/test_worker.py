@@ -1,0 +1,76 @@
+"""The Celery app: settings that make countdowns safe on Redis, start-up errors, log context."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from smsbat_tracker.config import Settings
+from smsbat_tracker.log import configure_logging
+from smsbat_tracker.recipes import record_outcome
+from smsbat_tracker.sandbox import SandboxServer
+from smsbat_tracker.tasks import track_message
+from smsbat_tracker.worker import celery_config
+from tests.conftest import recorded, wait_for
+
+
+def test_celery_settings_make_countdowns_safe(settings: Settings) -> None:
+    """Visibility timeout set explicitly and far above every countdown; late acks; JSON only."""
+    conf = celery_config(settings)
+    visibility = conf["broker_transport_options"]["visibility_timeout"]
+    assert visibility == settings.visibility_timeout
+    assert visibility >= 4 * settings.max_delay
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["accept_content"] == ["json"]
+    assert conf["task_serializer"] == "json"
+    assert conf["worker_send_task_events"] is True
+    assert conf["task_send_sent_event"] is True
+    assert "task_time_limit" not in conf  # the deadline is the task's own business
+
+
+def test_worker_refuses_to_start_with_bad_settings(tmp_path: Path) -> None:
+    """`celery -A smsbat_tracker.worker worker` with a bad variable exits naming it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}
+    env.update({"SMSBAT_API_KEY": "k", "SMSBAT_MAX_DELAY": "ten"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "smsbat_tracker.worker", "worker"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "SMSBAT_MAX_DELAY" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_task_log_lines_carry_task_and_message(
+    worker: Any,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every line a tracking task logs names the task id, the task name and the message."""
+    configure_logging(json=True)
+    mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 0.3)])
+    result = track_message.delay(mid, on_delivered=record_outcome.s())
+    wait_for(lambda: recorded(redis_client))
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    ours = [e for e in events if str(e.get("event", "")).startswith("track.")]
+    assert {"track.enqueued", "track.check", "track.final", "track.callback"} <= {
+        e["event"] for e in ours
+    }
+    for event in ours:
+        assert event["message_id"] == mid
+        assert event["task_id"] == result.id
+        assert event["task_name"] == "smsbat_tracker.track_message"
