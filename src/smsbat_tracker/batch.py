@@ -7,7 +7,6 @@ as :class:`~smsbat_tracker.client.SmsbatClient`, so errors are the same classes.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -15,7 +14,7 @@ import aiohttp
 
 from smsbat_tracker.client import (
     auth_headers,
-    check_batch_args,
+    gather_statuses,
     options_from_settings,
     parse_status,
     status_path,
@@ -27,7 +26,7 @@ from smsbat_tracker.errors import (
     RequestTimeout,
     SmsbatError,
 )
-from smsbat_tracker.models import MessageStatus, validate_message_id
+from smsbat_tracker.models import MessageStatus
 
 __all__ = ["BatchStatusClient"]
 
@@ -83,20 +82,7 @@ class BatchStatusClient:
         self, message_ids: Sequence[str], *, concurrency: int = 64
     ) -> dict[str, MessageStatus | SmsbatError]:
         """Statuses of many messages, at most ``concurrency`` in flight; errors as values."""
-        check_batch_args(message_ids, concurrency)
-        for message_id in message_ids:
-            validate_message_id(message_id)
-        gate = asyncio.Semaphore(concurrency)
-
-        async def one(message_id: str) -> MessageStatus | SmsbatError:
-            async with gate:
-                try:
-                    return await self.get_status(message_id)
-                except SmsbatError as exc:
-                    return exc
-
-        results = await asyncio.gather(*(one(m) for m in message_ids))
-        return dict(zip(message_ids, results, strict=True))
+        return await gather_statuses(self.get_status, message_ids, concurrency)
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -13,7 +13,7 @@ import email.utils
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Self
 
 import httpx
@@ -40,6 +40,7 @@ __all__ = [
     "auth_headers",
     "check_batch_args",
     "decode_answer",
+    "gather_statuses",
     "options_from_settings",
     "parse_retry_after",
     "parse_status",
@@ -175,25 +176,49 @@ def check_batch_args(message_ids: object, concurrency: int) -> None:
         raise ValueError("concurrency must be at least 1")
 
 
-class _Options:
-    """What both clients need to build their httpx client."""
+def _httpx_options(
+    base_url: str,
+    *,
+    api_key: str | None,
+    auth: str,
+    username: str | None,
+    password: str | None,
+    connect_timeout: float,
+    read_timeout: float,
+    max_connections: int,
+) -> dict[str, Any]:
+    """Keyword arguments for ``httpx.Client`` / ``httpx.AsyncClient``."""
+    return {
+        "base_url": base_url.rstrip("/"),
+        "headers": auth_headers(api_key=api_key, auth=auth, username=username, password=password),
+        "timeout": httpx.Timeout(read_timeout, connect=connect_timeout),
+        "limits": httpx.Limits(max_connections=max_connections),
+    }
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None,
-        auth: str,
-        username: str | None,
-        password: str | None,
-        connect_timeout: float,
-        read_timeout: float,
-    ) -> None:
-        self.headers = auth_headers(
-            api_key=api_key, auth=auth, username=username, password=password
-        )
-        self.base_url = base_url.rstrip("/")
-        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+
+async def gather_statuses(
+    fetch: Callable[[str], Awaitable[MessageStatus]],
+    message_ids: Sequence[str],
+    concurrency: int,
+) -> dict[str, MessageStatus | SmsbatError]:
+    """Run ``fetch`` for every id, ``concurrency`` at a time; errors become values.
+
+    Every id is validated before the first request.
+    """
+    check_batch_args(message_ids, concurrency)
+    for message_id in message_ids:
+        validate_message_id(message_id)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(message_id: str) -> MessageStatus | SmsbatError:
+        async with gate:
+            try:
+                return await fetch(message_id)
+            except SmsbatError as exc:
+                return exc
+
+    results = await asyncio.gather(*(one(m) for m in message_ids))
+    return dict(zip(message_ids, results, strict=True))
 
 
 def options_from_settings(settings: Settings) -> dict[str, Any]:
@@ -228,21 +253,18 @@ class SmsbatClient:
         transport: httpx.BaseTransport | None = None,
         max_connections: int = 20,
     ) -> None:
-        opts = _Options(
-            base_url,
-            api_key=api_key,
-            auth=auth,
-            username=username,
-            password=password,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-        )
         self._http = httpx.Client(
-            base_url=opts.base_url,
-            headers=opts.headers,
-            timeout=opts.timeout,
             transport=transport,
-            limits=httpx.Limits(max_connections=max_connections),
+            **_httpx_options(
+                base_url,
+                api_key=api_key,
+                auth=auth,
+                username=username,
+                password=password,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                max_connections=max_connections,
+            ),
         )
 
     @classmethod
@@ -291,21 +313,18 @@ class AsyncSmsbatClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 50,
     ) -> None:
-        opts = _Options(
-            base_url,
-            api_key=api_key,
-            auth=auth,
-            username=username,
-            password=password,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-        )
         self._http = httpx.AsyncClient(
-            base_url=opts.base_url,
-            headers=opts.headers,
-            timeout=opts.timeout,
             transport=transport,
-            limits=httpx.Limits(max_connections=max_connections),
+            **_httpx_options(
+                base_url,
+                api_key=api_key,
+                auth=auth,
+                username=username,
+                password=password,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                max_connections=max_connections,
+            ),
         )
 
     @classmethod
@@ -331,20 +350,7 @@ class AsyncSmsbatClient:
         Each id maps to its status or to the error its request raised; ids are all
         validated before the first request.
         """
-        check_batch_args(message_ids, concurrency)
-        for message_id in message_ids:
-            validate_message_id(message_id)
-        gate = asyncio.Semaphore(concurrency)
-
-        async def one(message_id: str) -> MessageStatus | SmsbatError:
-            async with gate:
-                try:
-                    return await self.get_status(message_id)
-                except SmsbatError as exc:
-                    return exc
-
-        results = await asyncio.gather(*(one(m) for m in message_ids))
-        return dict(zip(message_ids, results, strict=True))
+        return await gather_statuses(self.get_status, message_ids, concurrency)
 
     async def send_messages(
         self, messages: Sequence[OutgoingMessage | Mapping[str, Any]]

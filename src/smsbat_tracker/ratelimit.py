@@ -27,30 +27,10 @@ DEFAULT_PAUSE: Final = 1.0
 log = get_logger(__name__)
 
 # KEYS: bucket (theoretical arrival time, in microseconds), pause.
-# ARGV: emission interval us, burst tolerance us, tokens wanted.
-# Returns 0 when the tokens are granted, else microseconds to wait before asking again.
-_ACQUIRE = """
-local pause = redis.call('PTTL', KEYS[2])
-if pause > 0 then return pause * 1000 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval * n
-local allow_at = new_tat - tolerance - interval
-if allow_at > now then return math.ceil(allow_at - now) end
-local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', ttl_ms)
-return 0
-"""
-
-# As _ACQUIRE, but books tokens up to ARGV[4] microseconds ahead. Returns {1, wait}: the
-# tokens are yours from ``wait`` us on; or {0, wait}: nothing booked, ask again then.
-# Booking ahead keeps the bucket busy back to back: no token is lost while a caller
-# sleeps, wakes late, or makes its round trip.
+# ARGV: emission interval us, burst tolerance us, tokens wanted, how far ahead to book (us).
+# Returns {1, wait}: the tokens are yours from ``wait`` us on; or {0, wait}: nothing was
+# booked, ask again then. Booking ahead keeps the bucket busy back to back: no token is
+# lost while a caller sleeps, wakes late, or makes its round trip.
 _RESERVE = """
 local pause = redis.call('PTTL', KEYS[2])
 if pause > 0 then return {0, pause * 1000} end
@@ -89,7 +69,6 @@ class RateLimiter:
         keys = keys or Keys(settings.key_prefix)
         self._keys = (keys.rate_limit(), keys.rate_pause())
         self._redis = client
-        self._script = client.register_script(_ACQUIRE)
         self._reserve = client.register_script(_RESERVE)
         self._interval_us = 1_000_000 / self.rate if self.rate > 0 else 0.0
         # Allow a burst of a twentieth of a second's budget (at least one request).
@@ -110,17 +89,11 @@ class RateLimiter:
 
     def try_acquire(self, n: int = 1) -> float:
         """Take ``n`` tokens now and return 0, or return seconds to wait and take none."""
-        if not self.enabled:
-            return 0.0
-        if n < 1:
-            raise ValueError("n must be >= 1")
-        wait_us = self._script(
-            keys=list(self._keys), args=[repr(self._interval_us), repr(self._tolerance_us), n]
-        )
-        return int(wait_us) / 1_000_000
+        booked, wait = self.reserve(n, ahead=0.0)
+        return 0.0 if booked else wait
 
-    def reserve(self, n: int = 1) -> tuple[bool, float]:
-        """Book ``n`` tokens at most :data:`RESERVE_AHEAD` s ahead.
+    def reserve(self, n: int = 1, *, ahead: float = RESERVE_AHEAD) -> tuple[bool, float]:
+        """Book ``n`` tokens at most ``ahead`` seconds in the future.
 
         ``(True, wait)``: they are yours once ``wait`` seconds have passed.
         ``(False, wait)``: nothing was booked; ask again in ``wait`` seconds.
@@ -131,12 +104,7 @@ class RateLimiter:
             raise ValueError("n must be >= 1")
         booked, wait_us = self._reserve(
             keys=list(self._keys),
-            args=[
-                repr(self._interval_us),
-                repr(self._tolerance_us),
-                n,
-                int(RESERVE_AHEAD * 1_000_000),
-            ],
+            args=[repr(self._interval_us), repr(self._tolerance_us), n, int(ahead * 1_000_000)],
         )
         return bool(booked), int(wait_us) / 1_000_000
 
