@@ -224,3 +224,25 @@ def test_hostile_ids_are_refused_at_enqueue(tracker_app: Any, bad: str) -> None:
     with pytest.raises(InvalidMessageId):
         track_message.delay(bad)
     assert tracker_app.engine.redis.llen("celery") == 0
+
+
+def test_rate_limited_tracking_stays_within_limit_and_deadline(
+    make_settings: Any,
+    tracker_app: Any,
+    worker: Any,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+) -> None:
+    """With a 2 requests/s global limit, 6 trackers share it and none polls past its deadline."""
+    tracker_app.reconfigure(make_settings(rate_limit=2.0))
+    mids = [scripted(sandbox, ("processing", 0)) for _ in range(6)]
+    sent_at = time.time()
+    for mid in mids:
+        track_message.delay(mid, deadline=3, **callbacks())
+    results = wait_for(lambda: len(outcomes(redis_client)) == 6 and outcomes(redis_client), 15)
+    assert {r["outcome"] for r in results} == {"timeout"}
+    times = sorted(t for mid in mids for t in sandbox.state.truth(mid)["poll_times"])
+    assert times, "some checks happened"
+    assert max(times) <= sent_at + 3 + 0.5  # none after the deadline (plus scheduling slack)
+    # At most 2/s on average over the run, give or take one request of scheduling jitter.
+    assert len(times) <= 2 * (times[-1] - times[0]) + 2

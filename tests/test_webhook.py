@@ -559,7 +559,12 @@ def test_push_ends_a_running_tracker(
     """A final push ends a tracker between two checks: one callback, promptly, no more polls."""
     mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 60)])
     sig = record_outcome.s(label="run")
-    task = track_message.delay(mid, deadline=30, on_delivered=sig, on_failed=sig, on_timeout=sig)
+    # Results are not stored by default; this test opts in to watch the task finish.
+    task = track_message.apply_async(
+        (mid,),
+        {"deadline": 30, "on_delivered": sig, "on_failed": sig, "on_timeout": sig},
+        ignore_result=False,
+    )
     wait_for(lambda: sandbox.state.truth(mid)["polls"] >= 1, timeout=5)
     polls = sandbox.state.truth(mid)["polls"]
     pushed_at = time.time()

@@ -66,13 +66,16 @@ class ServerError(TransientError):
 
 
 class RateLimited(TransientError):
-    """Raised when the SMSBAT API answered 429; ``retry_after`` is its Retry-After in seconds."""
+    """Raised when the SMSBAT API answered 429 (or the global rate limit is spent).
 
-    def __init__(self, retry_after: float | None) -> None:
+    ``retry_after`` is the seconds to wait (the answer's Retry-After), if known.
+    """
+
+    def __init__(self, retry_after: float | None, message: str | None = None) -> None:
         self.status_code = 429
         self.retry_after = retry_after
         hint = f", retry after {retry_after:g} s" if retry_after is not None else ""
-        super().__init__(f"SMSBAT API answered HTTP 429 (rate limited){hint}")
+        super().__init__(f"{message or 'SMSBAT API answered HTTP 429 (rate limited)'}{hint}")
 
 
 class MalformedResponse(TransientError):

@@ -36,10 +36,10 @@ from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import MessageStatus, validate_message_id
 from smsbat_tracker.tracking import (
     Engine,
-    GateClosed,
     Outcome,
     Session,
     Subscription,
+    TryLater,
     build_result,
     outcome_of,
 )
@@ -187,11 +187,13 @@ def track_message(
     else:
         source = "api"
         try:
-            status = engine.poll(message_id)
-        except GateClosed as closed:
+            # Never past the deadline, even while waiting for a rate-limit token.
+            status = engine.poll(message_id, not_after=session.deadline_at + _DEADLINE_SLACK)
+        except TryLater as later:
             if at_deadline:
                 return _finish(engine, session, message_id, "timeout", task_id)
-            raise self.retry(countdown=closed.retry_in) from None
+            wait = min(later.retry_in, max(session.deadline_at - time.time(), 0.0))
+            raise self.retry(countdown=wait) from None
         except MessageNotFound as exc:
             if now - session.started_at > settings.not_found_grace or at_deadline:
                 return _finish(engine, session, message_id, "error", task_id, error=str(exc))

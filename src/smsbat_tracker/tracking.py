@@ -30,10 +30,11 @@ from smsbat_tracker.backoff import Schedule
 from smsbat_tracker.cache import CachedStatus, StatusCache
 from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import Settings
+from smsbat_tracker.errors import RateLimited, RequestTimeout
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import DELIVERED, FAILED_STATUSES, MessageStatus, validate_message_id
-from smsbat_tracker.ratelimit import RateLimiter
+from smsbat_tracker.ratelimit import RESERVE_AHEAD, RateLimiter
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -41,11 +42,11 @@ if TYPE_CHECKING:
 __all__ = [
     "OUTCOMES",
     "Engine",
-    "GateClosed",
     "Outcome",
     "Session",
     "SettleResult",
     "Subscription",
+    "TryLater",
     "build_result",
     "iso",
 ]
@@ -129,12 +130,17 @@ def iso(epoch: float | None) -> str | None:
     )
 
 
-class GateClosed(Exception):
-    """The message was checked less than the minimum interval ago; wait ``retry_in`` s."""
+class TryLater(Exception):
+    """No status request now: wait ``retry_in`` s.
 
-    def __init__(self, retry_in: float) -> None:
-        super().__init__(f"checked too recently; retry in {retry_in:.3f} s")
+    ``reason`` is ``"gate"`` (the message was checked less than the minimum interval ago)
+    or ``"rate"`` (the global rate limit has no token in time).
+    """
+
+    def __init__(self, retry_in: float, reason: Literal["gate", "rate"] = "gate") -> None:
+        super().__init__(f"no request now ({reason}); retry in {retry_in:.3f} s")
         self.retry_in = retry_in
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +344,7 @@ class Engine:
     # --- checking -----------------------------------------------------------------------
 
     def open_gate(self, message_id: str) -> None:
-        """Take the per-message minimum-interval gate or raise :class:`GateClosed`.
+        """Take the per-message minimum-interval gate or raise :class:`TryLater`.
 
         Shared by every worker and process: the first caller in each interval wins.
         """
@@ -346,16 +352,27 @@ class Engine:
         interval_ms = int(self.settings.min_interval * 1000)
         if not self.redis.set(key, 1, px=interval_ms, nx=True):
             left = self.redis.pttl(key)
-            raise GateClosed(max(int(left), 1) / 1000 if left and int(left) > 0 else 0.05)
+            raise TryLater(max(int(left), 1) / 1000 if left and int(left) > 0 else 0.05)
 
-    def poll(self, message_id: str, *, for_session: bool = True) -> MessageStatus:
+    def poll(
+        self, message_id: str, *, for_session: bool = True, not_after: float | None = None
+    ) -> MessageStatus:
         """One status request through the gate and the global rate limit, cached.
 
-        Raises :class:`GateClosed`, or the client's :mod:`~smsbat_tracker.errors`.
+        Waits at most :data:`~smsbat_tracker.ratelimit.RESERVE_AHEAD` for a token, and
+        never past ``not_after`` (epoch); otherwise raises :class:`TryLater` rather than
+        hold the worker. Raises the client's :mod:`~smsbat_tracker.errors` too.
         """
         validate_message_id(message_id)
         self.open_gate(message_id)
-        self.limiter.acquire()
+        ahead = RESERVE_AHEAD
+        if not_after is not None:
+            ahead = max(0.0, min(ahead, not_after - time.time()))
+        booked, wait = self.limiter.reserve(1, ahead=ahead)
+        if not booked:
+            raise TryLater(wait, "rate")
+        if wait > 0:
+            time.sleep(wait)
         if for_session:
             self.redis.hincrby(self.keys.track(message_id), "polls", 1)
         try:
@@ -370,7 +387,9 @@ class Engine:
         """The message's status, from the cache while fresh, else from the API.
 
         When another caller checked the message within the last interval, waits for the
-        gate and reads what that caller cached instead of calling the API again.
+        gate and reads what that caller cached instead of calling the API again. Raises
+        :class:`~smsbat_tracker.errors.RateLimited` when the global rate limit has no
+        token within ``SMSBAT_READ_TIMEOUT``.
         """
         validate_message_id(message_id)
         give_up = time.monotonic() + self.settings.min_interval + self.settings.read_timeout
@@ -380,10 +399,16 @@ class Engine:
                 return cached.status
             try:
                 return self.poll(message_id, for_session=False)
-            except GateClosed as closed:
+            except TryLater as later:
                 if time.monotonic() > give_up:
-                    raise
-                time.sleep(min(closed.retry_in, 0.25))
+                    if later.reason == "rate":
+                        raise RateLimited(
+                            later.retry_in, "the global SMSBAT_RATE_LIMIT has no token left"
+                        ) from None
+                    raise RequestTimeout(
+                        "another check of this message produced no status in time"
+                    ) from None
+                time.sleep(min(later.retry_in, 0.25))
 
     # --- settling ------------------------------------------------------------------------
 

@@ -120,6 +120,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "result_expires": int(settings.final_ttl),
+        # Outcomes travel by callbacks and chains, and Flower shows results from events.
+        # Storing every result would cost Redis memory and, in the sending process, a
+        # pub/sub subscription per task; opt in per call with ignore_result=False.
+        "task_ignore_result": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_track_started": True,
