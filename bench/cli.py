@@ -126,7 +126,19 @@ def _run_probe(args: argparse.Namespace, log_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; 0 when every selected mode ran (targets met or not)."""
+    """Run the benchmark and return the exit code.
+
+    0 when every selected mode ran (whether or not the targets hold), 1 when a mode failed,
+    130 when interrupted, after every process the bench started has been stopped.
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every process the bench started is stopped", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.messages < 1 or args.deadline <= 0 or args.concurrency < 1:
         raise SystemExit("--messages, --deadline and --concurrency must be positive")

@@ -7,7 +7,7 @@ its processes used. :mod:`bench.metrics` turns that into figures.
 
 Adding a mode (the planned campaign mode d, for instance) is one function::
 
-    @register("d", "campaign: ...", deadline=lambda ctx: ctx.deadline)
+    @register("d", "campaign: ...")
     def run_campaign(ctx: BenchContext) -> ModeRun:
         ...  # create messages, track them, return ModeRun(...)
 
@@ -116,7 +116,7 @@ MODES: dict[str, ModeSpec] = {}
 """Registered modes by letter, in registration order (the order they run in)."""
 
 PLANNED: dict[str, str] = {
-    "d": "campaign: one task checks a whole batch through BatchStatusClient (not implemented)",
+    "d": "campaign: one task checks a whole batch through BatchStatusClient",
 }
 """Letters reserved for modes not written yet, with what they will be."""
 

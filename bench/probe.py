@@ -147,9 +147,9 @@ def render_probe(result: dict[str, Any]) -> str:
         for r in result["rows"]
     ]
     widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     best = result["best"]
     verdict = "reached" if result["target_holds"] else "NOT reached"
     lines += [

@@ -55,6 +55,9 @@ def figures(run: ModeRun) -> dict[str, Any]:
         "extra": run.extra,
         "notes": run.notes,
     }
+    redis_cpu = (run.resources.get("redis_server") or {}).get("cpu_s")
+    if redis_cpu is not None:
+        fig["redis_cpu_s_per_1k"] = round(redis_cpu / n * 1000, 3)
     if "receiver_cpu_s" in run.extra:
         total = run.cpu_s + float(run.extra["receiver_cpu_s"])
         fig["cpu_total_s_per_1k"] = round(total / n * 1000, 3)
@@ -214,6 +217,7 @@ def render(
                 "-"
                 if not redis_fig
                 else f"{redis_fig['peak_mib']:.1f} (+{redis_fig['growth_mib']:.1f})",
+                _f(fig.get("redis_cpu_s_per_1k")),
                 str(fig["peak_checks_per_s"]),
                 _f(fig["wall_s"], ".0f"),
             ]
@@ -243,6 +247,7 @@ def render(
                 "vs a",
                 "peak RSS MiB",
                 "Redis peak MiB (+growth)",
+                "Redis CPU s/1k",
                 "peak checks/s",
                 "wall s",
             ],

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import redis
 
@@ -130,6 +131,10 @@ class Sampler:
         self._series = _Series()
         self._window = False
         self._ended: dict[str, Any] | None = None
+        if self._redis is not None and redis_url is not None:
+            pid = _local_redis_pid(self._redis.client, redis_url)
+            if pid is not None:
+                self.watch("redis_server", pid)  # its CPU is part of what tracking costs
 
     def watch(self, label: str, pid: int) -> None:
         """Sample ``pid`` and its descendants under ``label`` from now on."""
@@ -232,6 +237,18 @@ class Sampler:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _local_redis_pid(client: redis.Redis, url: str) -> int | None:
+    """The Redis server's pid when it runs on this machine (its /proc entry is ours to read)."""
+    parts = urlsplit(url)
+    if parts.scheme != "unix" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    try:
+        pid = int(client.info("server")["process_id"])
+    except (redis.RedisError, KeyError, ValueError):
+        return None
+    return pid if os.path.exists(f"/proc/{pid}") else None
 
 
 def _mib(n: int) -> float:

@@ -41,7 +41,12 @@ def main() -> int:
         print(json.dumps({"url": server.url}), flush=True)
         # Nothing else may reach the pipe the parent stopped reading: it would fill and block.
         sys.stdout = sys.stderr
-        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+        def until_stdin_closes() -> None:
+            sys.stdin.read()
+            stop.set()
+
+        threading.Thread(target=until_stdin_closes, daemon=True).start()
         stop.wait()
     return 0
 

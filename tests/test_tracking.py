@@ -11,9 +11,10 @@ import redis
 from structlog.testing import capture_logs
 
 from smsbat_tracker.errors import InvalidMessageId
+from smsbat_tracker.models import MessageStatus
 from smsbat_tracker.recipes import record_outcome
 from smsbat_tracker.sandbox import SandboxServer
-from smsbat_tracker.tasks import get_status, track_message
+from smsbat_tracker.tasks import get_status, settle_message, track_message
 from tests.conftest import recorded, wait_for
 
 
@@ -246,3 +247,22 @@ def test_rate_limited_tracking_stays_within_limit_and_deadline(
     assert max(times) <= sent_at + 3 + 0.5  # none after the deadline (plus scheduling slack)
     # At most 2/s on average over the run, give or take one request of scheduling jitter.
     assert len(times) <= 2 * (times[-1] - times[0]) + 2
+
+
+def test_settle_message_ends_tracking_from_a_status_stored_elsewhere(
+    worker: Any, tracker_app: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """``settle_message``, for code that stores statuses itself, fires the callback once."""
+    mid = sandbox.state.create_scripted([("processing", 0)])
+    sig = record_outcome.s(label="settled")
+    track_message.delay(mid, deadline=30, on_delivered=sig, on_timeout=sig)
+    engine = tracker_app.engine
+    wait_for(lambda: engine.session(mid) is not None)  # the first check has run
+    status = MessageStatus.model_validate({"messageId": mid, "deliverystatus": "delivered"})
+    assert engine.cache.store(mid, status, source="push")
+    settle_message.delay(mid)
+    settle_message.delay(mid)  # a duplicate settles nothing more
+    [entry] = wait_for(lambda: recorded(redis_client, "settled"))
+    assert entry["result"]["outcome"] == "delivered"
+    wait_for(lambda: redis_client.llen("celery") == 0)
+    assert len(recorded(redis_client, "settled")) == 1

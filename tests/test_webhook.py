@@ -95,14 +95,14 @@ def hook(
     """The webhook on the Celery app's engine, with the settle enqueue recorded, not sent."""
     url, swappable = shared_server
     settled: list[str] = []
-    swappable.target = create_app(settings, enqueue_settle=settled.append)
+    swappable.target = create_app(settings, settle=settled.append)
     yield Hook(url, settled)
     swappable.target = None
 
 
 @pytest.fixture
 def live_hook(settings: Settings, worker: Any) -> Iterator[Hook]:
-    """The webhook as deployed: it enqueues settle_message for the real worker."""
+    """The webhook as deployed: it settles final pushes itself, for the real worker."""
     with BackgroundServer(create_app(settings)) as server:
         yield Hook(server.url)
 
@@ -223,7 +223,7 @@ def test_refuses_to_build_without_a_token(make_settings: Callable[..., Settings]
     """No SMSBAT_WEBHOOK_TOKEN (or an empty one) and not open: ConfigError naming it."""
     for settings in (make_settings(), make_settings(webhook_token="")):
         with pytest.raises(ConfigError, match="SMSBAT_WEBHOOK_TOKEN"):
-            create_app(settings, enqueue_settle=lambda _mid: None)
+            create_app(settings, settle=lambda _mid: None)
 
 
 def test_open_mode_accepts_any_request_and_warns(
@@ -236,7 +236,7 @@ def test_open_mode_accepts_any_request_and_warns(
     settings = make_settings(webhook_open=True)
     settled: list[str] = []
     with capture_logs() as logs:
-        application = create_app(settings, enqueue_settle=settled.append)
+        application = create_app(settings, settle=settled.append)
     assert [e["log_level"] for e in logs if e["event"] == "webhook.open"] == ["warning"]
     receiver = application.state.receiver
     try:
@@ -628,7 +628,7 @@ def test_redis_down_is_503(http: httpx.Client, settings: Settings) -> None:
         SmsbatClient.from_settings(settings),
     )
     try:
-        application = create_app(settings, engine=dead, enqueue_settle=lambda _mid: None)
+        application = create_app(settings, engine=dead, settle=lambda _mid: None)
         with BackgroundServer(application) as server:
             health = http.get(f"{server.url}/healthz")
             pushed = http.post(f"{server.url}/webhook", params={"token": TOKEN}, json=body("d1"))
@@ -836,9 +836,7 @@ def test_lazy_app_builds_at_startup_and_closes_at_shutdown(
     built: list[Any] = []
 
     def factory() -> Any:
-        application = create_app(
-            make_settings(webhook_token=TOKEN), enqueue_settle=lambda _mid: None
-        )
+        application = create_app(make_settings(webhook_token=TOKEN), settle=lambda _mid: None)
         built.append(application)
         return application
 
@@ -880,3 +878,25 @@ def test_served_without_a_token_exits_with_one_clear_line(tmp_path: Any) -> None
     assert main_out == ""
     assert main_err.count("\n") == 1
     assert main_err.startswith("smsbat-tracker webhook: invalid settings: SMSBAT_WEBHOOK_TOKEN")
+
+
+def test_pushed_message_is_not_polled_until_the_deadline(
+    http: httpx.Client,
+    live_hook: Hook,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+    settings: Settings,
+) -> None:
+    """Once a push arrived for a message, its tracker waits for pushes: one check, at the end."""
+    mid = sandbox.state.create_scripted([("processing", 0)])
+    assert push(http, live_hook, body(mid, status="processing")).json() == {
+        "status": "stored",
+        "final": False,
+    }
+    sent_at = time.time()
+    track_message.delay(mid, deadline=5, on_timeout=record_outcome.s(label="tp"))
+    [result] = wait_for(lambda: outcomes(redis_client, "tp"), timeout=15)
+    assert result["outcome"] == "timeout"
+    times = sandbox.state.truth(mid)["poll_times"]
+    assert len(times) == 1  # the safety-net check at the deadline, nothing before
+    assert times[0] >= sent_at + 5 - 0.5

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     campaign_concurrency: int = Field(default=64, ge=1, le=1_000)
 
     # --- webhook --------------------------------------------------------------------
+    # Once a push has been seen for a message, rely on pushes: no more checks until the
+    # deadline, where one last check is the safety net.
+    trust_pushes: bool = True
     webhook_token: SecretStr | None = None
     webhook_open: bool = False
 

@@ -92,8 +92,21 @@ class TrackTask(AnyTask):
         for i, name in enumerate(_CALLBACK_ARGS, start=2):
             value = kwargs.get(name, args[i] if len(args) > i else None)
             _as_signature_dict(name, value)
-        # The deadline counts from the first enqueue, not from the first run.
-        kwargs.setdefault("enqueued_at", time.time())
+        if "enqueued_at" not in kwargs:
+            # A new tracking: the deadline counts from now, and the first run is the first
+            # check, due after SMSBAT_FIRST_DELAY (never past the deadline) - at once when a
+            # push already told the final status.
+            kwargs["enqueued_at"] = time.time()
+            if "countdown" not in options and "eta" not in options:
+                tracker = cast(TrackerApp, self.app)
+                cached = tracker.engine.cache.get(message_id)
+                if cached is not None and cached.is_final:
+                    options["countdown"] = 0
+                else:
+                    options["countdown"] = min(
+                        tracker.settings.first_delay,
+                        deadline if deadline is not None else tracker.settings.deadline,
+                    )
         return super().apply_async(args, kwargs, *rest, **options)
 
 
@@ -117,7 +130,12 @@ def _take_chain(task: AnyTask) -> tuple[list[dict[str, Any]] | None, list[dict[s
     return chain, links
 
 
-@app.task(bind=True, base=TrackTask, name="smsbat_tracker.track_message", max_retries=None)
+@app.task(
+    bind=True,
+    base=TrackTask,
+    name="smsbat_tracker.track_message",
+    max_retries=None,
+)
 def track_message(
     self: AnyTask,
     message_id: str,
@@ -173,12 +191,18 @@ def track_message(
     if cached is not None and cached.is_final:
         return _finish(engine, session, message_id, outcome_of(cached.status), task_id)
 
-    if first_run:
-        wait = min(settings.first_delay, max(session.deadline_at - now, 0.0))
-        log.info("track.scheduled", message_id=message_id, next_in=round(wait, 3))
-        raise self.retry(countdown=wait)
-
     at_deadline = now >= session.deadline_at - _DEADLINE_SLACK
+    pushed = session.pushed or (cached is not None and cached.source == "push")
+    if pushed and settings.trust_pushes and not at_deadline:
+        # The provider pushes this message's changes; the webhook will end tracking. Wait
+        # for the deadline check (in steps far below the visibility timeout).
+        if not session.pushed:
+            engine.mark_pushed(message_id)
+        wait = min(
+            session.deadline_at - now, max(settings.max_delay, settings.visibility_timeout / 4)
+        )
+        log.info("track.awaiting_push", message_id=message_id, next_in=round(wait, 3))
+        raise self.retry(countdown=wait)
     retry_after: float | None = None
     status: MessageStatus | None = None
     if cached is not None and cached.age(now) < settings.fresh_for and not at_deadline:
@@ -256,18 +280,26 @@ def _finish(
 
 @app.task(bind=True, name="smsbat_tracker.settle_message", acks_late=True)
 def settle_message(self: AnyTask, message_id: str) -> dict[str, Any] | None:
-    """Finish a tracked message from its cached final status (the webhook enqueues this).
+    """Finish a tracked message from its cached final status (for code that stores pushes).
 
     A no-op when nobody tracks the message yet: ``track_message`` finds the cached final
     status on its first run and finishes at once.
     """
     validate_message_id(message_id)
-    engine = _engine(self)
+    return settle_from_cache(_engine(self), message_id, claimer=str(self.request.id))
+
+
+def settle_from_cache(engine: Engine, message_id: str, *, claimer: str) -> dict[str, Any] | None:
+    """End a tracked message whose cached status is final; None when there is nothing to end.
+
+    The webhook receiver calls this in its own process, one queue hop sooner than
+    ``settle_message``; both go through the engine's exactly-once settle.
+    """
     cached = engine.cache.get(message_id)
     session = engine.session(message_id)
     if cached is None or not cached.is_final or session is None:
         return None
-    return _finish(engine, session, message_id, outcome_of(cached.status), str(self.request.id))
+    return _finish(engine, session, message_id, outcome_of(cached.status), claimer)
 
 
 def get_status(message_id: str) -> MessageStatus:

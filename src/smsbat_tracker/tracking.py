@@ -73,7 +73,8 @@ if redis.call('HSETNX', KEYS[1], 'owner', ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], 'checks', 0, 'polls', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
-return redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at', 'checks', 'polls')
+return redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at', 'checks', 'polls',
+                  'pushed')
 """
 
 # KEYS: outcome, subs, fired, track.  ARGV: result JSON ('' to record nothing), ttl ms,
@@ -153,6 +154,7 @@ class Session:
     deadline_at: float
     checks: int = 0
     polls: int = 0
+    pushed: bool = False  # a push has been seen for the message: the provider pushes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,25 +293,17 @@ class Engine:
     ) -> Session:
         """Create the message's session unless one exists; return the session in force."""
         ttl_ms = int((max(deadline_at - time.time(), 0) + self.settings.final_ttl) * 1000)
-        owner_, started, deadline, checks, polls = self._open(
+        values = self._open(
             keys=[self.keys.track(message_id)],
             args=[owner, repr(started_at), repr(deadline_at), ttl_ms],
         )
-        return Session(
-            message_id=message_id,
-            owner=str(owner_),
-            started_at=float(started),
-            deadline_at=float(deadline),
-            checks=int(checks or 0),
-            polls=int(polls or 0),
-        )
+        session = self._session(message_id, values)
+        assert session is not None  # the script creates it
+        return session
 
-    def session(self, message_id: str) -> Session | None:
-        """The message's session, or None."""
-        values = self.redis.hmget(
-            self.keys.track(message_id), ["owner", "started_at", "deadline_at", "checks", "polls"]
-        )
-        owner, started, deadline, checks, polls = values
+    @staticmethod
+    def _session(message_id: str, values: Sequence[Any]) -> Session | None:
+        owner, started, deadline, checks, polls, pushed = values
         if owner is None or started is None or deadline is None:
             return None
         return Session(
@@ -319,7 +313,17 @@ class Engine:
             deadline_at=float(deadline),
             checks=int(checks or 0),
             polls=int(polls or 0),
+            pushed=bool(pushed),
         )
+
+    def session(self, message_id: str) -> Session | None:
+        """The message's session, or None."""
+        fields = ["owner", "started_at", "deadline_at", "checks", "polls", "pushed"]
+        return self._session(message_id, self.redis.hmget(self.keys.track(message_id), fields))
+
+    def mark_pushed(self, message_id: str) -> None:
+        """Note that the provider pushes this message's statuses (see ``trust_pushes``)."""
+        self.redis.hset(self.keys.track(message_id), "pushed", 1)
 
     def subscribe(self, message_id: str, subscription: Subscription) -> bool:
         """Register a subscription; False when an equal one was registered already."""

@@ -10,8 +10,9 @@ Routes:
   ``token`` (the provider only takes a URL) or the header ``X-Webhook-Token``. A valid push
   goes through :meth:`StatusCache.store <smsbat_tracker.cache.StatusCache.store>` with the
   provider's timestamp, so a late, duplicate or out-of-order push never overwrites a newer
-  or final status. A newly stored final status enqueues ``settle_message``, which ends the
-  tracking through the same exactly-once path as the poller.
+  or final status. A newly stored final status ends the tracking at once, in this process,
+  through the same exactly-once settle as the poller: the callbacks are enqueued before the
+  answer.
 - ``GET /healthz``: 200 when Redis answers PING, else 503.
 - ``GET /openapi.json``: a hand-written OpenAPI 3.1 description of the above.
 
@@ -30,6 +31,7 @@ import math
 import re
 import sys
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -211,13 +213,6 @@ def _is_json_media_type(value: str | None) -> bool:
 # --------------------------------------------------------------------- the receiver
 
 
-def _default_enqueue_settle(message_id: str) -> None:
-    """Enqueue ``settle_message`` on the package's Celery app."""
-    from smsbat_tracker.tasks import settle_message
-
-    settle_message.apply_async((message_id,))
-
-
 def _unavailable_errors() -> tuple[type[BaseException], ...]:
     """Exceptions meaning "Redis (the cache or the broker) is unreachable": answered 503."""
     from kombu.exceptions import OperationalError
@@ -238,7 +233,7 @@ class WebhookReceiver:
         settings: Settings,
         *,
         engine: Engine | None = None,
-        enqueue_settle: Callable[[str], None] | None = None,
+        settle: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         token = settings.webhook_token.get_secret_value() if settings.webhook_token else ""
@@ -251,18 +246,18 @@ class WebhookReceiver:
         self._token: bytes | None = token.encode() if token else None
         self._engine = engine
         self._celery: TrackerApp | None = None
-        if engine is None or enqueue_settle is None:
+        if engine is None or settle is None:
             # Imported here, not at module level: importing smsbat_tracker.worker builds the
             # Celery app from the environment, which may raise ConfigError; at build time
             # that is a clear start-up error, never one inside a request.
             from smsbat_tracker.worker import app as celery_app
 
             self._celery = celery_app
-        if enqueue_settle is None:
-            import smsbat_tracker.tasks  # noqa: F401 - registers settle_message now, not later
+        if settle is None:
+            import smsbat_tracker.tasks  # noqa: F401 - registers the tasks now, not later
 
-            enqueue_settle = _default_enqueue_settle
-        self._enqueue_settle = enqueue_settle
+            settle = self._settle_here
+        self._settle = settle
         self._own_engine: Engine | None = None
         self._lock = threading.Lock()
         self._unavailable = _unavailable_errors()
@@ -289,6 +284,12 @@ class WebhookReceiver:
                     app=celery_app,
                 )
             return self._own_engine
+
+    def _settle_here(self, message_id: str) -> None:
+        """End the message's tracking in this process: its callbacks go out at once."""
+        from smsbat_tracker.tasks import settle_from_cache
+
+        settle_from_cache(self.engine(), message_id, claimer=f"webhook-{uuid.uuid4().hex}")
 
     def close(self) -> None:
         """Close the connections of an engine built here (never a given or shared one)."""
@@ -345,13 +346,13 @@ class WebhookReceiver:
     # --- effect ---------------------------------------------------------------------
 
     def apply(self, push: Push) -> bool:
-        """Store the push (blocking); enqueue the settle when a final status was stored."""
+        """Store the push (blocking); settle the message when a final status was stored."""
         stored = self.engine().cache.store(push.message_id, push.status, source="push", ts=push.ts)
         if stored and push.status.is_final:
-            # If this enqueue fails the request answers 503; a retried push is then a
+            # If this settle fails the request answers 503; a retried push is then a
             # duplicate (ignored), and the running tracker still ends at its next check,
             # which reads the cached final status before anything else.
-            self._enqueue_settle(push.message_id)
+            self._settle(push.message_id)
         return stored
 
     # --- handlers -------------------------------------------------------------------
@@ -410,17 +411,18 @@ def create_app(
     settings: Settings | None = None,
     *,
     engine: Engine | None = None,
-    enqueue_settle: Callable[[str], None] | None = None,
+    settle: Callable[[str], None] | None = None,
 ) -> Starlette:
     """Build the webhook ASGI app; ``app.state.receiver`` is its :class:`WebhookReceiver`.
 
     ``settings`` default to :func:`~smsbat_tracker.config.load_settings`. Raises
     :class:`ConfigError` naming ``SMSBAT_WEBHOOK_TOKEN`` when no token is set and
-    ``SMSBAT_WEBHOOK_OPEN`` is not true. ``enqueue_settle`` defaults to enqueueing
-    :func:`smsbat_tracker.tasks.settle_message`.
+    ``SMSBAT_WEBHOOK_OPEN`` is not true. ``settle`` is called with the id of each newly
+    stored final status; by default it ends that message's tracking in this process
+    (:func:`smsbat_tracker.tasks.settle_from_cache`).
     """
     settings = settings if settings is not None else load_settings()
-    receiver = WebhookReceiver(settings, engine=engine, enqueue_settle=enqueue_settle)
+    receiver = WebhookReceiver(settings, engine=engine, settle=settle)
     if receiver.open:
         log.warning(
             "webhook.open",

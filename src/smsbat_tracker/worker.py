@@ -103,6 +103,10 @@ def create_app(settings: Settings | None = None) -> TrackerApp:
     return tracker
 
 
+# Priority of tracking checks on the Redis transport, where 0 is served first.
+TRACK_PRIORITY = 6
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings for ``settings``."""
     return {
@@ -124,6 +128,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Storing every result would cost Redis memory and, in the sending process, a
         # pub/sub subscription per task; opt in per call with ignore_result=False.
         "task_ignore_result": True,
+        # Checks wait behind settles and callbacks (no priority: 0, served first on Redis),
+        # so a burst of new trackers never delays an outcome that is already known.
+        "task_routes": {"smsbat_tracker.track_message": {"priority": TRACK_PRIORITY}},
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_track_started": True,
