@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=16, help="worker threads (default %(default)s)"
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="worker processes for the campaign mode d (default: one per core, %(default)s)",
+    )
+    parser.add_argument(
         "--rate-limit",
         type=float,
         default=None,
@@ -140,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if args.messages < 1 or args.deadline <= 0 or args.concurrency < 1:
-        raise SystemExit("--messages, --deadline and --concurrency must be positive")
+    if min(args.messages, args.deadline, args.concurrency, args.processes) <= 0:
+        raise SystemExit("--messages, --deadline, --concurrency and --processes must be positive")
     signal.signal(signal.SIGTERM, _on_sigterm)
     from smsbat_tracker.log import configure_logging
 
@@ -172,6 +178,7 @@ def _main(argv: list[str] | None) -> int:
             seed=args.seed,
             deadline=args.deadline,
             concurrency=args.concurrency,
+            processes=args.processes,
             redis_url=redis_url,
             redis_owned=owned,
             log_dir=log_dir,

@@ -1,13 +1,13 @@
-"""The modes: a registry keyed by mode letter, and modes a (doc loop), b (poll), c (push).
+"""The modes: a registry keyed by mode letter: a (doc loop), b (poll), c (push), d (campaign).
 
 Each mode gets its own sandbox with the same seed (so the same message mix), creates its
 messages right before it starts tracking them, and returns a :class:`ModeRun`: the ground
 truth of every message, what the mode concluded about each one and when, and the resources
 its processes used. :mod:`bench.metrics` turns that into figures.
 
-Adding a mode (the planned campaign mode d, for instance) is one function::
+Adding a mode is one function::
 
-    @register("d", "campaign: ...")
+    @register("e", "...")
     def run_campaign(ctx: BenchContext) -> ModeRun:
         ...  # create messages, track them, return ModeRun(...)
 
@@ -63,7 +63,8 @@ class BenchContext:
     messages: int
     seed: int
     deadline: float  # smsbat-tracker's deadline (modes b, c)
-    concurrency: int  # worker threads
+    concurrency: int  # worker threads (modes b and c)
+    processes: int  # worker processes (mode d)
     redis_url: str
     redis_owned: bool  # a private server: flushed before each mode
     log_dir: Path
@@ -115,9 +116,7 @@ class ModeSpec:
 MODES: dict[str, ModeSpec] = {}
 """Registered modes by letter, in registration order (the order they run in)."""
 
-PLANNED: dict[str, str] = {
-    "d": "campaign: one task checks a whole batch through BatchStatusClient",
-}
+PLANNED: dict[str, str] = {}
 """Letters reserved for modes not written yet, with what they will be."""
 
 
@@ -236,6 +235,20 @@ def _webhook_host(settings: Settings, log_path: Path) -> Iterator[tuple[str, int
         _stop(proc)
 
 
+def _settings(ctx: BenchContext, base_url: str, api_key: str, prefix: str, **more: Any) -> Settings:
+    """The tracker's settings for a mode: defaults, but for the bench's own choices."""
+    if ctx.rate_limit is not None:
+        more["rate_limit"] = ctx.rate_limit
+    return load_settings(
+        redis_url=ctx.redis_url,
+        base_url=base_url,
+        api_key=api_key,
+        deadline=ctx.deadline,
+        key_prefix=prefix,
+        **more,
+    )
+
+
 def _clean_redis(ctx: BenchContext, prefix: str | None = None) -> None:
     """Before a mode: empty a private Redis; after one: drop its keys from a shared Redis."""
     client = redis.Redis.from_url(ctx.redis_url)
@@ -346,19 +359,8 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
     sandbox_log = ctx.log_dir / f"mode-{letter}-sandbox.log"
     sandbox = SandboxProcess(config, sandbox_log)
     token = secrets.token_urlsafe(24) if push else None
-    overrides: dict[str, Any] = {}
-    if ctx.rate_limit is not None:
-        overrides["rate_limit"] = ctx.rate_limit
     prefix = f"bench-{letter}-{uuid.uuid4().hex[:8]}"
-    settings = load_settings(
-        redis_url=ctx.redis_url,
-        base_url=sandbox.url,
-        api_key=config.api_key,
-        deadline=ctx.deadline,
-        key_prefix=prefix,
-        webhook_token=token,
-        **overrides,
-    )
+    settings = _settings(ctx, sandbox.url, config.api_key, prefix, webhook_token=token)
     app = _use_settings(settings)
     from smsbat_tracker.recipes import record_outcome, recorded_key
     from smsbat_tracker.tasks import track_message
@@ -456,6 +458,134 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
         rss_peak_mib=resources["worker"]["rss_peak_mib"],
         wall_s=wall,
         duplicates=duplicates,
+        extra=extra,
+        notes=notes,
+    )
+
+
+# ------------------------------------------------------------------ mode d
+
+# Per-message callbacks cost one task each; past this size the campaign runs without them
+# and the outcomes come from the campaign's own records (which cannot hold two per message).
+CAMPAIGN_CALLBACKS_UP_TO = 20_000
+
+
+@register("d", "track_campaign, batched checks (real worker)")
+def run_campaign(ctx: BenchContext) -> ModeRun:
+    """``track_campaign`` on a real prefork worker (``--processes``, one per core by default)."""
+    config = workload_config(ctx.seed)
+    prefix = f"bench-d-{uuid.uuid4().hex[:8]}"
+    processes = ctx.processes
+    extra: dict[str, Any] = {"worker_pool": f"prefork x{processes}"}
+    notes = ["CPU and RSS: the celery worker process and its children"]
+    _clean_redis(ctx)
+    rdb = redis.Redis.from_url(ctx.redis_url, decode_responses=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(rdb.close)
+        sandbox = stack.enter_context(SandboxProcess(config, ctx.log_dir / "mode-d-sandbox.log"))
+        settings = _settings(ctx, sandbox.url, config.api_key, prefix)
+        extra["rate_limit"] = settings.rate_limit
+        app = _use_settings(settings)
+        stack.callback(app.close_engine)
+        from smsbat_tracker.recipes import record_outcome, recorded_key
+        from smsbat_tracker.tasks import track_campaign
+
+        sampler = stack.enter_context(Sampler(redis_url=ctx.redis_url))
+        worker_log = ctx.log_dir / "mode-d-worker.log"
+        worker = stack.enter_context(
+            worker_process(
+                settings, concurrency=processes, pool="prefork", log_path=str(worker_log)
+            )
+        )
+        sampler.watch("worker", worker.pid)
+        extra["worker_start_s"] = round(_wait_worker_ready(app, worker, worker_log), 2)
+        sampler.begin()
+        ids, _ = create_messages(sandbox.url, config.api_key, ctx.messages)
+        campaign_id = f"bench-{uuid.uuid4().hex[:8]}"
+        per_message = len(ids) <= CAMPAIGN_CALLBACKS_UP_TO
+        done = record_outcome.s(label="bench-d")
+        callbacks = (
+            {"on_delivered": done, "on_failed": done, "on_timeout": done} if per_message else {}
+        )
+        begin = time.time()
+        track_campaign.delay(
+            campaign_id,
+            ids,
+            deadline=ctx.deadline,
+            on_report=record_outcome.s(label="bench-d-report"),
+            **callbacks,
+        )
+        ctx.say(
+            f"d: {len(ids)} messages sent and tracked as one campaign; "
+            f"waiting up to {ctx.deadline:g} s + {ctx.margin:g} s"
+        )
+        report_key = recorded_key(app, "bench-d-report")
+        callback_key = recorded_key(app, "bench-d")
+        give_up = time.time() + ctx.deadline + ctx.margin
+        while not rdb.llen(report_key) and time.time() < give_up:
+            if worker.poll() is not None:
+                notes.append(f"the worker exited early with {worker.returncode}")
+                break
+            time.sleep(0.5)
+        if per_message:  # the last callbacks may still be on their way
+            deadline = time.time() + 10
+            while rdb.llen(callback_key) < len(ids) and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.0)  # and anything after the full count would be a duplicate
+        wall = time.time() - begin
+        resources = sampler.end()
+        keys = app.engine.keys
+        meta = rdb.hgetall(keys.campaign(campaign_id))
+        records = rdb.hgetall(keys.campaign_outcomes(campaign_id))
+        reports = [json.loads(e)["result"] for e in rdb.lrange(report_key, 0, -1)]
+        callbacks_seen = [json.loads(e)["result"] for e in rdb.lrange(callback_key, 0, -1)]
+        truths = sandbox.truths()
+    _clean_redis(ctx, prefix)
+
+    started_at = float(meta.get("started_at", begin))
+    observations = {
+        str(m): Observation(
+            outcome=str(rec["o"]),
+            started_at=started_at,
+            known_at=started_at + float(rec["t"]),
+        )
+        for m, rec in ((m, json.loads(raw)) for m, raw in records.items())
+    }
+    duplicates = len(callbacks_seen) - len({r["message_id"] for r in callbacks_seen})
+    if per_message:
+        extra["callbacks"] = len(callbacks_seen)
+        missing = len(ids) - len({r["message_id"] for r in callbacks_seen})
+        if missing:
+            notes.append(f"{missing} per-message callbacks never arrived")
+    else:
+        notes.append(
+            f"no per-message callbacks above {CAMPAIGN_CALLBACKS_UP_TO:,} messages: the "
+            "outcomes come from the campaign's records, one per message by construction"
+        )
+    extra["reports"] = len(reports)
+    if reports:
+        report = reports[0]
+        extra["report"] = {
+            k: report.get(k)
+            for k in ("outcomes", "delivery_rate", "time_to_final_p50", "time_to_final_p95")
+        }
+    redis_fig = resources.get("redis") or {}
+    if redis_fig:
+        extra["redis_bytes_per_message"] = round(
+            redis_fig["growth_mib"] * 1024 * 1024 / max(len(ids), 1)
+        )
+    notes.append("detection: when the campaign recorded the outcome (its callback follows)")
+    return ModeRun(
+        letter="d",
+        title=MODES["d"].title,
+        deadline=ctx.deadline,
+        truths=truths,
+        observations=observations,
+        resources=resources,
+        cpu_s=float(resources["worker"]["cpu_s"]),
+        rss_peak_mib=resources["worker"]["rss_peak_mib"],
+        wall_s=wall,
+        duplicates=duplicates + max(len(reports) - 1, 0),
         extra=extra,
         notes=notes,
     )

@@ -266,3 +266,51 @@ def test_settle_message_ends_tracking_from_a_status_stored_elsewhere(
     assert entry["result"]["outcome"] == "delivered"
     wait_for(lambda: redis_client.llen("celery") == 0)
     assert len(recorded(redis_client, "settled")) == 1
+
+
+def test_pushes_untrusted_keep_the_polling_schedule(
+    make_settings: Any,
+    tracker_app: Any,
+    worker: Any,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+) -> None:
+    """With ``SMSBAT_TRUST_PUSHES=false`` a message with pushes is still polled on schedule."""
+    tracker_app.reconfigure(make_settings(trust_pushes=False))
+    mid = sandbox.state.create_scripted([("processing", 0)])
+    status = MessageStatus.model_validate({"messageId": mid, "deliverystatus": "processing"})
+    assert tracker_app.engine.cache.store(mid, status, source="push")
+    track_message.delay(mid, deadline=4, **callbacks())
+    [result] = wait_for(lambda: outcomes(redis_client), timeout=15)
+    assert result["outcome"] == "timeout"
+    assert sandbox.state.truth(mid)["polls"] >= 2  # not just the check at the deadline
+    assert tracker_app.engine.session(mid).pushed is False
+
+
+def test_sent_by_name_the_first_run_registers_the_callbacks(
+    worker: Any, tracker_app: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """``send_task`` skips the enqueue's registration; the first run does it instead."""
+    mid = scripted(sandbox, ("processing", 0), ("delivered", 0.3))
+    tracker_app.send_task("smsbat_tracker.track_message", args=[mid], kwargs=callbacks())
+    [result] = wait_for(lambda: outcomes(redis_client))
+    assert result["outcome"] == "delivered"
+
+
+def test_an_enqueue_that_fails_to_publish_leaves_nothing_registered(
+    tracker_app: Any, sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the broker refuses the task, its session and callbacks are undone."""
+    from celery import Task
+    from kombu.exceptions import OperationalError
+
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise OperationalError("broker down")
+
+    monkeypatch.setattr(Task, "apply_async", refuse)
+    mid = scripted(sandbox, ("processing", 0))
+    with pytest.raises(OperationalError):
+        track_message.delay(mid, **callbacks())
+    engine = tracker_app.engine
+    assert engine.session(mid) is None
+    assert engine.redis.hlen(engine.keys.subs(mid)) == 0

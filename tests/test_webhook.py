@@ -900,3 +900,23 @@ def test_pushed_message_is_not_polled_until_the_deadline(
     times = sandbox.state.truth(mid)["poll_times"]
     assert len(times) == 1  # the safety-net check at the deadline, nothing before
     assert times[0] >= sent_at + 5 - 0.5
+
+
+def test_push_before_the_first_check_ends_tracking_at_once(
+    http: httpx.Client,
+    live_hook: Hook,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+    settings: Settings,
+) -> None:
+    """The enqueue registers the tracking: a final push before the first check fires at once."""
+    mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 60)])
+    track_message.delay(mid, on_delivered=record_outcome.s(label="early"))
+    pushed_at = time.time()
+    assert push(http, live_hook, body(mid)).json() == {"status": "stored", "final": True}
+    [entry] = wait_for(lambda: recorded(redis_client, "early"))
+    assert entry["recorded_at"] - pushed_at < settings.first_delay  # not at the first run
+    assert entry["result"]["outcome"] == "delivered"
+    assert entry["result"]["polls"] == 0
+    wait_for(lambda: redis_client.llen("celery") == 0)  # the first run found it ended
+    assert sandbox.state.truth(mid)["polls"] == 0

@@ -45,7 +45,7 @@ def test_sigkilled_worker_loses_no_message(
         first.wait(timeout=10)
     polls_at_kill = sandbox.state.truth(mid)["polls"]
 
-    with worker_process(kill_settings, concurrency=2):
+    with worker_process(kill_settings, concurrency=2, pool="prefork"):  # as deployed
         [entry] = wait_for(lambda: recorded(redis_client, label), timeout=40)
         # Nothing more arrives once the outcome is recorded.
         wait_for(lambda: redis_client.llen("celery") == 0, timeout=10)

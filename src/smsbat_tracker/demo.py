@@ -58,7 +58,11 @@ def redis_url_or_embedded() -> Iterator[str]:
 
 @contextlib.contextmanager
 def worker_process(
-    settings: Settings, *, concurrency: int = 8, log_path: str = os.devnull
+    settings: Settings,
+    *,
+    concurrency: int = 8,
+    pool: str = "threads",
+    log_path: str = os.devnull,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real ``celery worker`` subprocess using ``settings``; stopped on exit."""
     env = {**os.environ, **settings.to_env()}
@@ -72,7 +76,7 @@ def worker_process(
                 "smsbat_tracker.worker",
                 "worker",
                 "--pool",
-                "threads",
+                pool,
                 "--concurrency",
                 str(concurrency),
                 "--loglevel",

@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from celery import Task
+from celery.utils import uuid
 
 from smsbat_tracker.campaign import validate_campaign_id
 from smsbat_tracker.errors import (
@@ -77,7 +78,13 @@ def _as_signature_dict(name: str, value: Any) -> dict[str, Any] | None:
 
 
 class TrackTask(AnyTask):
-    """Checks ``track_message`` arguments when enqueued, so bad input never reaches Redis."""
+    """``track_message``'s enqueue: checks the arguments and registers the tracking.
+
+    Bad input never reaches Redis. A new tracking's session and callbacks are stored
+    before the task is published, so a push that arrives before the first check already
+    ends it at once; the first run is the first check, ``SMSBAT_FIRST_DELAY`` later (at
+    once when a push already told the final status).
+    """
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
         args = tuple(args or ())
@@ -89,25 +96,50 @@ class TrackTask(AnyTask):
             isinstance(deadline, bool) or not isinstance(deadline, int | float) or deadline <= 0
         ):
             raise ValueError("deadline must be a positive number of seconds")
-        for i, name in enumerate(_CALLBACK_ARGS, start=2):
-            value = kwargs.get(name, args[i] if len(args) > i else None)
-            _as_signature_dict(name, value)
-        if "enqueued_at" not in kwargs:
-            # A new tracking: the deadline counts from now, and the first run is the first
-            # check, due after SMSBAT_FIRST_DELAY (never past the deadline) - at once when a
-            # push already told the final status.
-            kwargs["enqueued_at"] = time.time()
-            if "countdown" not in options and "eta" not in options:
-                tracker = cast(TrackerApp, self.app)
-                cached = tracker.engine.cache.get(message_id)
-                if cached is not None and cached.is_final:
-                    options["countdown"] = 0
-                else:
-                    options["countdown"] = min(
-                        tracker.settings.first_delay,
-                        deadline if deadline is not None else tracker.settings.deadline,
-                    )
-        return super().apply_async(args, kwargs, *rest, **options)
+        on_delivered, on_failed, on_timeout = (
+            _as_signature_dict(name, kwargs.get(name, args[i] if len(args) > i else None))
+            for i, name in enumerate(_CALLBACK_ARGS, start=2)
+        )
+        if "enqueued_at" in kwargs:  # a retry, or a redelivery: registered already
+            return super().apply_async(args, kwargs, *rest, **options)
+
+        tracker = cast(TrackerApp, self.app)
+        engine = tracker.engine
+        now = time.time()
+        kwargs["enqueued_at"] = now  # the deadline counts from here; marks it registered
+        task_id = options.setdefault("task_id", uuid())
+        sub = Subscription(on_delivered=on_delivered, on_failed=on_failed, on_timeout=on_timeout)
+        added = not sub.is_empty and engine.subscribe(message_id, sub)
+        if not sub.is_empty and not added:
+            log.info("track.duplicate", message_id=message_id, subscription=sub.id)
+        session = engine.open_session(
+            message_id,
+            owner=task_id,
+            started_at=now,
+            deadline_at=now + (deadline if deadline is not None else tracker.settings.deadline),
+        )
+        if "countdown" not in options and "eta" not in options:
+            cached = engine.cache.get(message_id)
+            final = cached is not None and cached.is_final
+            options["countdown"] = (
+                0.0 if final else min(tracker.settings.first_delay, session.deadline_at - now)
+            )
+        try:
+            result = super().apply_async(args, kwargs, *rest, **options)
+        except BaseException:
+            # Not published: undo the registration, or a later call would join a session
+            # that nobody runs.
+            engine.abandon(message_id, owner=task_id, subscription=sub.id if added else None)
+            raise
+        log.info(
+            "track.enqueued",
+            message_id=message_id,
+            task_id=task_id,
+            task_name=self.name,
+            deadline_at=session.deadline_at,
+            joined=session.owner != task_id,
+        )
+        return result
 
 
 def _engine(task: AnyTask) -> Engine:
@@ -154,11 +186,15 @@ def track_message(
     first_run = not self.request.retries
 
     if first_run:
+        # The enqueue registered the callbacks, unless the task was sent by name
+        # (send_task) or run eagerly: then they are registered here. A chain or link is
+        # only known here, in the request.
         chain, links = _take_chain(self)
+        registered = enqueued_at is not None
         sub = Subscription(
-            on_delivered=_as_signature_dict("on_delivered", on_delivered),
-            on_failed=_as_signature_dict("on_failed", on_failed),
-            on_timeout=_as_signature_dict("on_timeout", on_timeout),
+            on_delivered=None if registered else _as_signature_dict("on_delivered", on_delivered),
+            on_failed=None if registered else _as_signature_dict("on_failed", on_failed),
+            on_timeout=None if registered else _as_signature_dict("on_timeout", on_timeout),
             chain=chain,
             links=links,
         )
@@ -171,13 +207,6 @@ def track_message(
         started_at=started,
         deadline_at=started + (deadline if deadline is not None else settings.deadline),
     )
-    if first_run:
-        log.info(
-            "track.enqueued",
-            message_id=message_id,
-            deadline_at=session.deadline_at,
-            joined=session.owner != task_id,
-        )
 
     recorded = engine.outcome(message_id)
     if recorded is not None:

@@ -77,6 +77,14 @@ return redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at', 'check
                   'pushed')
 """
 
+# KEYS: track, subs.  ARGV: owner, subscription id ('' for none).  Drops the session when
+# ``owner`` still owns it, and the subscription.
+_ABANDON = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if ARGV[2] ~= '' then redis.call('HDEL', KEYS[2], ARGV[2]) end
+return 1
+"""
+
 # KEYS: outcome, subs, fired, track.  ARGV: result JSON ('' to record nothing), ttl ms,
 # claimer, now ms, stale claim ms.
 # Records the outcome if none is recorded, then claims every subscription that is not
@@ -285,6 +293,7 @@ class Engine:
         self.limiter = RateLimiter(redis_client, settings, self.keys)
         self._open = redis_client.register_script(_OPEN)
         self._settle = redis_client.register_script(_SETTLE)
+        self._abandon = redis_client.register_script(_ABANDON)
 
     # --- sessions and subscriptions ---------------------------------------------------
 
@@ -331,6 +340,13 @@ class Engine:
         added = bool(self.redis.hsetnx(key, subscription.id, subscription.to_json()))
         self.redis.pexpire(key, int((self.settings.deadline * 4 + self.settings.final_ttl) * 1000))
         return added
+
+    def abandon(self, message_id: str, *, owner: str, subscription: str | None) -> None:
+        """Undo a registration whose task was never published (see ``TrackTask``)."""
+        self._abandon(
+            keys=[self.keys.track(message_id), self.keys.subs(message_id)],
+            args=[owner, subscription or ""],
+        )
 
     def outcome(self, message_id: str) -> dict[str, Any] | None:
         """The recorded final result, or None while tracking goes on."""
