@@ -328,7 +328,9 @@ def settle_from_cache(engine: Engine, message_id: str, *, claimer: str) -> dict[
     session = engine.session(message_id)
     if cached is None or not cached.is_final or session is None:
         return None
-    return _finish(engine, session, message_id, outcome_of(cached.status), claimer)
+    # Both were just read: no need for _finish to read them again.
+    result = build_result(message_id, outcome_of(cached.status), session=session, cached=cached)
+    return engine.settle(message_id, result, claimer=claimer).result
 
 
 def get_status(message_id: str) -> MessageStatus:
