@@ -480,13 +480,17 @@ def test_body_of_exactly_the_limit_is_accepted(
 
 
 def test_duplicate_push_is_ignored(http: httpx.Client, hook: Hook, tracker_app: Any) -> None:
-    """The same final push twice: stored then ignored, one settle enqueued."""
+    """The same final push twice: stored then ignored; both settle (exactly-once downstream).
+
+    Settling the duplicate lets the provider's retry finish a settle that failed the first
+    time; the Celery-path test below shows a duplicate fires no second callback.
+    """
     first = push(http, hook, body("dup1"))
     second = push(http, hook, body("dup1"))
     assert first.json() == {"status": "stored", "final": True}
     assert second.status_code == 200
     assert second.json() == {"status": "ignored", "final": True}
-    assert hook.settled == ["dup1"]
+    assert hook.settled == ["dup1", "dup1"]
     assert [h.deliverystatus for h in tracker_app.engine.cache.history("dup1")] == ["delivered"]
 
 
@@ -639,6 +643,30 @@ def test_redis_down_is_503(http: httpx.Client, settings: Settings) -> None:
     assert health.json() == {"status": "unavailable"}
     assert pushed.status_code == 503
     assert pushed.json()["error"] == "unavailable"
+
+
+def test_a_failed_settle_is_finished_by_the_providers_retry(
+    http: httpx.Client, settings: Settings, tracker_app: Any, shared_server: tuple[str, Swappable]
+) -> None:
+    """A settle that fails answers 503; the retried push, a duplicate, settles after all."""
+    url, swappable = shared_server
+    settled: list[str] = []
+
+    def flaky(message_id: str) -> None:
+        if not settled:
+            settled.append("failed")
+            raise redis.ConnectionError("broker unreachable")
+        settled.append(message_id)
+
+    swappable.target = create_app(settings, settle=flaky)
+    try:
+        first = http.post(f"{url}/webhook", params={"token": TOKEN}, json=body("fs1"))
+        retry = http.post(f"{url}/webhook", params={"token": TOKEN}, json=body("fs1"))
+    finally:
+        swappable.target = None
+    assert first.status_code == 503
+    assert retry.json() == {"status": "ignored", "final": True}  # stored the first time
+    assert settled == ["failed", "fs1"]
 
 
 def test_openapi_document(http: httpx.Client, hook: Hook) -> None:

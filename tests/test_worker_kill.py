@@ -34,16 +34,20 @@ def test_sigkilled_worker_loses_no_message(
 ) -> None:
     """Kill -9 the worker holding a countdown; a fresh worker completes it, callback once."""
     tracker_app.reconfigure(kill_settings)
-    mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 3.0)])
     label = uuid.uuid4().hex[:8]
-    track_message.delay(mid, deadline=30, on_delivered=record_outcome.s(label=label))
-
     with worker_process(kill_settings, concurrency=2) as first:
+        # Sent once the worker is up, so that it is killed long before the message is
+        # delivered (a worker killed after running the callback would see it redelivered:
+        # callbacks run at least once under acks_late).
+        wait_for(lambda: tracker_app.control.ping(timeout=0.5), timeout=60)
+        mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 4.0)])
+        track_message.delay(mid, deadline=30, on_delivered=record_outcome.s(label=label))
         # Mid-track: it has checked once and holds the next check as an unacked countdown.
         wait_for(lambda: sandbox.state.truth(mid)["polls"] >= 1, timeout=20)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
     polls_at_kill = sandbox.state.truth(mid)["polls"]
+    assert not recorded(redis_client, label)  # killed mid-track, before any callback
 
     with worker_process(kill_settings, concurrency=2, pool="prefork"):  # as deployed
         [entry] = wait_for(lambda: recorded(redis_client, label), timeout=40)

@@ -162,12 +162,7 @@ def _take_chain(task: AnyTask) -> tuple[list[dict[str, Any]] | None, list[dict[s
     return chain, links
 
 
-@app.task(
-    bind=True,
-    base=TrackTask,
-    name="smsbat_tracker.track_message",
-    max_retries=None,
-)
+@app.task(bind=True, base=TrackTask, name="smsbat_tracker.track_message", max_retries=None)
 def track_message(
     self: AnyTask,
     message_id: str,

@@ -346,12 +346,12 @@ class WebhookReceiver:
     # --- effect ---------------------------------------------------------------------
 
     def apply(self, push: Push) -> bool:
-        """Store the push (blocking); settle the message when a final status was stored."""
+        """Store the push (blocking); settle the message when it carries a final status."""
         stored = self.engine().cache.store(push.message_id, push.status, source="push", ts=push.ts)
-        if stored and push.status.is_final:
-            # If this settle fails the request answers 503; a retried push is then a
-            # duplicate (ignored), and the running tracker still ends at its next check,
-            # which reads the cached final status before anything else.
+        if push.status.is_final:
+            # A duplicate settles too: if an earlier settle failed (the request answered
+            # 503), the provider's retry finishes it. The settle is exactly-once, so a
+            # duplicate of a settled message fires nothing.
             self._settle(push.message_id)
         return stored
 
