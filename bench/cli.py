@@ -64,10 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--deadline",
         type=float,
         default=120.0,
-        help="smsbat-tracker's deadline in s, modes b and c (default %(default)s)",
+        help="smsbat-tracker's deadline in s, modes b, c and d (default %(default)s)",
     )
     parser.add_argument(
-        "--concurrency", type=int, default=16, help="worker threads (default %(default)s)"
+        "--concurrency",
+        type=int,
+        default=16,
+        help="worker threads, modes b and c (default %(default)s)",
     )
     parser.add_argument(
         "--processes",
