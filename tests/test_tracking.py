@@ -113,11 +113,14 @@ def test_duplicate_enqueue_fires_once(
 ) -> None:
     """The same tracking enqueued three times is one subscription: one callback."""
     mid = scripted(sandbox, ("processing", 0), ("delivered", 0.8))
-    for _ in range(3):
-        track_message.delay(mid, **callbacks())
-    wait_for(lambda: outcomes(redis_client))
-    time.sleep(1.0)
+    with capture_logs() as logs:
+        tasks = [
+            track_message.apply_async((mid,), callbacks(), ignore_result=False) for _ in range(3)
+        ]
+    assert [e["event"] for e in logs if e["event"] == "track.duplicate"] == ["track.duplicate"] * 2
+    wait_for(lambda: all(t.ready() for t in tasks), timeout=15)  # every run has ended
     assert len(outcomes(redis_client)) == 1
+    assert sorted(t.result["outcome"] for t in tasks) == ["delivered", "joined", "joined"]
 
 
 def test_second_tracker_joins_and_its_callbacks_fire(

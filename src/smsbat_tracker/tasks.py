@@ -109,17 +109,16 @@ class TrackTask(AnyTask):
         kwargs["enqueued_at"] = now  # the deadline counts from here; marks it registered
         task_id = options.setdefault("task_id", uuid())
         sub = Subscription(on_delivered=on_delivered, on_failed=on_failed, on_timeout=on_timeout)
-        added = not sub.is_empty and engine.subscribe(message_id, sub)
-        if not sub.is_empty and not added:
-            log.info("track.duplicate", message_id=message_id, subscription=sub.id)
-        session = engine.open_session(
+        session, added, cached = engine.register(
             message_id,
+            sub,
             owner=task_id,
             started_at=now,
             deadline_at=now + (deadline if deadline is not None else tracker.settings.deadline),
         )
+        if not sub.is_empty and not added:
+            log.info("track.duplicate", message_id=message_id, subscription=sub.id)
         if "countdown" not in options and "eta" not in options:
-            cached = engine.cache.get(message_id)
             final = cached is not None and cached.is_final
             options["countdown"] = (
                 0.0 if final else min(tracker.settings.first_delay, session.deadline_at - now)

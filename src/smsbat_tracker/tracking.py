@@ -77,6 +77,23 @@ return redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at', 'check
                   'pushed')
 """
 
+# KEYS: track, subs, status.  ARGV: as _OPEN, then subscription id ('' for none), its JSON,
+# subs ttl ms.  A new tracking's whole registration in one round trip: the subscription
+# (HSETNX), the session (as _OPEN), and the cached status.
+_REGISTER = (
+    """
+local added = 0
+if ARGV[5] ~= '' then
+  added = redis.call('HSETNX', KEYS[2], ARGV[5], ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+end
+"""
+    + _OPEN.replace("return redis.call('HMGET'", "local session = redis.call('HMGET'")
+    + """
+return {session, added, redis.call('GET', KEYS[3])}
+"""
+)
+
 # KEYS: track, subs.  ARGV: owner, subscription id ('' for none).  Drops the session when
 # ``owner`` still owns it, and the subscription.
 _ABANDON = """
@@ -294,6 +311,7 @@ class Engine:
         self._open = redis_client.register_script(_OPEN)
         self._settle = redis_client.register_script(_SETTLE)
         self._abandon = redis_client.register_script(_ABANDON)
+        self._register = redis_client.register_script(_REGISTER)
 
     # --- sessions and subscriptions ---------------------------------------------------
 
@@ -338,8 +356,48 @@ class Engine:
         """Register a subscription; False when an equal one was registered already."""
         key = self.keys.subs(message_id)
         added = bool(self.redis.hsetnx(key, subscription.id, subscription.to_json()))
-        self.redis.pexpire(key, int((self.settings.deadline * 4 + self.settings.final_ttl) * 1000))
+        self.redis.pexpire(key, self._subs_ttl_ms())
         return added
+
+    def _subs_ttl_ms(self) -> int:
+        # Outlives any deadline in practice, and the recorded outcome after it.
+        return int((self.settings.deadline * 4 + self.settings.final_ttl) * 1000)
+
+    def register(
+        self,
+        message_id: str,
+        subscription: Subscription,
+        *,
+        owner: str,
+        started_at: float,
+        deadline_at: float,
+    ) -> tuple[Session, bool, CachedStatus | None]:
+        """Register a new tracking in one round trip (see ``TrackTask``).
+
+        Subscribes ``subscription`` (unless empty) and opens the session as
+        :meth:`subscribe` and :meth:`open_session` do. Returns the session in force, whether
+        the subscription was new, and the cached status.
+        """
+        ttl_ms = int((max(deadline_at - time.time(), 0) + self.settings.final_ttl) * 1000)
+        values, added, raw = self._register(
+            keys=[
+                self.keys.track(message_id),
+                self.keys.subs(message_id),
+                self.keys.status(message_id),
+            ],
+            args=[
+                owner,
+                repr(started_at),
+                repr(deadline_at),
+                ttl_ms,
+                "" if subscription.is_empty else subscription.id,
+                subscription.to_json(),
+                self._subs_ttl_ms(),
+            ],
+        )
+        session = self._session(message_id, values)
+        assert session is not None  # the script creates it
+        return session, bool(added), StatusCache.parse(raw) if raw else None
 
     def abandon(self, message_id: str, *, owner: str, subscription: str | None) -> None:
         """Undo a registration whose task was never published (see ``TrackTask``)."""
