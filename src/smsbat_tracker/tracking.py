@@ -66,16 +66,18 @@ STALE_CLAIM_MS: Final = 60_000
 log = get_logger(__name__)
 
 # KEYS: track.  ARGV: owner, started_at, deadline_at, ttl ms.
-# Creates the session if absent; returns its owner, started_at, deadline_at, checks, polls.
-_OPEN = """
+# Creates the session if absent; returns its owner, started_at, deadline_at, checks, polls,
+# pushed.
+_OPEN_SESSION = """
 if redis.call('HSETNX', KEYS[1], 'owner', ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[2], 'deadline_at', ARGV[3])
   redis.call('HSET', KEYS[1], 'checks', 0, 'polls', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
-return redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at', 'checks', 'polls',
-                  'pushed')
+local session = redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at', 'checks',
+                           'polls', 'pushed')
 """
+_OPEN = _OPEN_SESSION + "return session\n"
 
 # KEYS: track, subs, status.  ARGV: as _OPEN, then subscription id ('' for none), its JSON,
 # subs ttl ms.  A new tracking's whole registration in one round trip: the subscription
@@ -88,7 +90,7 @@ if ARGV[5] ~= '' then
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
 end
 """
-    + _OPEN.replace("return redis.call('HMGET'", "local session = redis.call('HMGET'")
+    + _OPEN_SESSION
     + """
 return {session, added, redis.call('GET', KEYS[3])}
 """
