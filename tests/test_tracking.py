@@ -118,7 +118,9 @@ def test_duplicate_enqueue_fires_once(
             track_message.apply_async((mid,), callbacks(), ignore_result=False) for _ in range(3)
         ]
     assert [e["event"] for e in logs if e["event"] == "track.duplicate"] == ["track.duplicate"] * 2
-    wait_for(lambda: all(t.ready() for t in tasks), timeout=15)  # every run has ended
+    wait_for(lambda: all(t.ready() for t in tasks) and outcomes(redis_client), timeout=15)
+    # Every task sent so far (callbacks too) has run and been acknowledged (acks_late).
+    wait_for(lambda: redis_client.llen("celery") + redis_client.hlen("unacked") == 0)
     assert len(outcomes(redis_client)) == 1
     assert sorted(t.result["outcome"] for t in tasks) == ["delivered", "joined", "joined"]
 
@@ -267,7 +269,8 @@ def test_settle_message_ends_tracking_from_a_status_stored_elsewhere(
     settle_message.delay(mid)  # a duplicate settles nothing more
     [entry] = wait_for(lambda: recorded(redis_client, "settled"))
     assert entry["result"]["outcome"] == "delivered"
-    wait_for(lambda: redis_client.llen("celery") == 0)
+    # Every task sent so far has run and been acknowledged (acks_late).
+    wait_for(lambda: redis_client.llen("celery") + redis_client.hlen("unacked") == 0)
     assert len(recorded(redis_client, "settled")) == 1
 
 

@@ -49,7 +49,9 @@ def test_sigkilled_worker_loses_no_message(
     polls_at_kill = sandbox.state.truth(mid)["polls"]
     assert not recorded(redis_client, label)  # killed mid-track, before any callback
 
-    with worker_process(kill_settings, concurrency=2, pool="prefork"):  # as deployed
+    # Threads, not prefork: with this test's 4 s visibility timeout, any message a worker
+    # holds unacked for 4 s (a prefork pool still starting) would be delivered twice.
+    with worker_process(kill_settings, concurrency=2):
         [entry] = wait_for(lambda: recorded(redis_client, label), timeout=40)
         # Nothing more arrives once the outcome is recorded.
         wait_for(lambda: redis_client.llen("celery") == 0, timeout=10)
