@@ -34,7 +34,7 @@ import redis
 
 from bench.metrics import Observation
 from bench.sampling import Sampler, proc_reading
-from bench.workload import SandboxProcess, create_messages, workload_config
+from bench.workload import SandboxProcess, create_messages, terminate, workload_config
 from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.demo import worker_process
 
@@ -170,15 +170,8 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             proc.stdin.close()
     try:
         proc.wait(timeout=5)
-        return
     except subprocess.TimeoutExpired:
-        pass
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        terminate(proc)
 
 
 def _tail(path: Path, lines: int = 15) -> str:

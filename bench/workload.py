@@ -35,6 +35,7 @@ __all__ = [
     "SandboxProcess",
     "create_messages",
     "free_port",
+    "terminate",
     "workload_config",
 ]
 
@@ -43,6 +44,18 @@ P95_FINAL = 40.0
 UNDELIVERABLE_RATE = 0.05
 NEVER_FINAL_RATE = 0.02
 BATCH = 1_000  # the most one messagelist request carries here
+
+
+def terminate(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM a child, then SIGKILL it if it has not exited within 10 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def workload_config(seed: int, *, push_url: str | None = None) -> SandboxConfig:
@@ -171,14 +184,8 @@ class SandboxProcess:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL; idempotent."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            terminate(proc)
 
     def __enter__(self) -> Self:
         return self.start()

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.embedded import EmbeddedRedis
+from smsbat_tracker.demo import redis_url_or_embedded
 from smsbat_tracker.sandbox import SandboxServer
 
 T = TypeVar("T")
@@ -55,13 +55,9 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A real Redis-protocol server for the whole run."""
-    url = os.environ.get("REDIS_URL")
-    if url:
+    """A real Redis-protocol server for the whole run (``REDIS_URL``, else embedded)."""
+    with redis_url_or_embedded() as url:
         yield url
-        return
-    with EmbeddedRedis() as server:
-        yield server.url
 
 
 @pytest.fixture(scope="session")

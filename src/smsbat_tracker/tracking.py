@@ -321,10 +321,9 @@ class Engine:
         self, message_id: str, *, owner: str, started_at: float, deadline_at: float
     ) -> Session:
         """Create the message's session unless one exists; return the session in force."""
-        ttl_ms = int((max(deadline_at - time.time(), 0) + self.settings.final_ttl) * 1000)
         values = self._open(
             keys=[self.keys.track(message_id)],
-            args=[owner, repr(started_at), repr(deadline_at), ttl_ms],
+            args=[owner, repr(started_at), repr(deadline_at), self._session_ttl_ms(deadline_at)],
         )
         session = self._session(message_id, values)
         assert session is not None  # the script creates it
@@ -361,6 +360,10 @@ class Engine:
         self.redis.pexpire(key, self._subs_ttl_ms())
         return added
 
+    def _session_ttl_ms(self, deadline_at: float) -> int:
+        # The session outlives its deadline by as long as a final outcome is kept.
+        return int((max(deadline_at - time.time(), 0) + self.settings.final_ttl) * 1000)
+
     def _subs_ttl_ms(self) -> int:
         # Outlives any deadline in practice, and the recorded outcome after it.
         return int((self.settings.deadline * 4 + self.settings.final_ttl) * 1000)
@@ -380,7 +383,6 @@ class Engine:
         :meth:`subscribe` and :meth:`open_session` do. Returns the session in force, whether
         the subscription was new, and the cached status.
         """
-        ttl_ms = int((max(deadline_at - time.time(), 0) + self.settings.final_ttl) * 1000)
         values, added, raw = self._register(
             keys=[
                 self.keys.track(message_id),
@@ -391,7 +393,7 @@ class Engine:
                 owner,
                 repr(started_at),
                 repr(deadline_at),
-                ttl_ms,
+                self._session_ttl_ms(deadline_at),
                 "" if subscription.is_empty else subscription.id,
                 subscription.to_json(),
                 self._subs_ttl_ms(),
