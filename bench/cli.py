@@ -70,7 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=int,
         default=16,
-        help="worker threads, modes b and c (default %(default)s)",
+        help="worker threads (or processes, with --pool prefork), modes b and c "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--pool",
+        choices=("threads", "prefork"),
+        default="threads",
+        help="the Celery pool of modes b and c (default %(default)s)",
     )
     parser.add_argument(
         "--processes",
@@ -181,6 +188,7 @@ def _main(argv: list[str] | None) -> int:
             seed=args.seed,
             deadline=args.deadline,
             concurrency=args.concurrency,
+            pool=args.pool,
             processes=args.processes,
             redis_url=redis_url,
             redis_owned=owned,

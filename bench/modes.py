@@ -63,7 +63,8 @@ class BenchContext:
     messages: int
     seed: int
     deadline: float  # smsbat-tracker's deadline (modes b, c)
-    concurrency: int  # worker threads (modes b and c)
+    concurrency: int  # worker threads or processes (modes b and c)
+    pool: str  # Celery pool of modes b and c: threads or prefork
     processes: int  # worker processes (mode d)
     redis_url: str
     redis_owned: bool  # a private server: flushed before each mode
@@ -363,7 +364,7 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
     rdb = redis.Redis.from_url(ctx.redis_url, decode_responses=True)
     label = f"bench-{letter}"
     key = recorded_key(app, label)
-    extra: dict[str, Any] = {"worker_concurrency": ctx.concurrency}
+    extra: dict[str, Any] = {"worker_concurrency": ctx.concurrency, "worker_pool": ctx.pool}
     notes = ["CPU and RSS: the celery worker process and its children"]
     with contextlib.ExitStack() as stack:
         stack.callback(rdb.close)
@@ -381,7 +382,9 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
             )
         )
         worker = stack.enter_context(
-            worker_process(settings, concurrency=ctx.concurrency, log_path=str(worker_log))
+            worker_process(
+                settings, concurrency=ctx.concurrency, pool=ctx.pool, log_path=str(worker_log)
+            )
         )
         sampler.watch("worker", worker.pid)
         extra["worker_start_s"] = round(_wait_worker_ready(app, worker, worker_log), 2)

@@ -36,7 +36,9 @@ def main() -> int:
     token = settings.webhook_token.get_secret_value() if settings.webhook_token else None
     # Logs go to stderr (the parent's log file) as in a deployment, at INFO like the worker.
     configure_logging(level="INFO", secrets=[token])
-    server = BackgroundServer(create_app(settings))
+    # With its lifespan, as `python -m smsbat_tracker.webhook` serves it: connected before
+    # the first push arrives.
+    server = BackgroundServer(create_app(settings), lifespan="on")
     with server:
         print(json.dumps({"url": server.url}), flush=True)
         # Nothing else may reach the pipe the parent stopped reading: it would fill and block.

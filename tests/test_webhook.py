@@ -9,9 +9,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -32,7 +34,7 @@ from smsbat_tracker.sandbox import SandboxConfig, SandboxServer
 from smsbat_tracker.serving import ASGIApp, BackgroundServer, Receive, Scope, Send
 from smsbat_tracker.tasks import track_message
 from smsbat_tracker.tracking import Engine, iso
-from smsbat_tracker.webhook import MAX_BODY_BYTES, LazyWebhookApp, create_app
+from smsbat_tracker.webhook import APPLY_THREADS, MAX_BODY_BYTES, LazyWebhookApp, create_app
 from tests.conftest import recorded, wait_for
 
 TOKEN = "tok-123-secret"
@@ -949,3 +951,78 @@ def test_push_before_the_first_check_ends_tracking_at_once(
     # The first run (a countdown held unacked by the worker) has run and found it ended.
     wait_for(lambda: redis_client.llen("celery") + redis_client.hlen("unacked") == 0)
     assert sandbox.state.truth(mid)["polls"] == 0
+
+
+# --------------------------------------------------------------------- start-up and load
+
+
+def test_start_up_connects_before_the_first_push(
+    make_settings: Callable[..., Settings], redis_client: redis.Redis
+) -> None:
+    """Served with its lifespan, the receiver's own engine is built before any request."""
+    application = create_app(make_settings(webhook_token=TOKEN), settle=lambda _mid: None)
+    receiver = application.state.receiver
+    assert receiver._own_engine is None
+    with BackgroundServer(application, lifespan="on"):
+        assert receiver._own_engine is not None
+    assert receiver._own_engine is None  # closed at shutdown
+
+
+def test_start_up_warms_the_celery_apps_engine(settings: Settings, tracker_app: Any) -> None:
+    """With the Celery app's settings, start-up warms that app: engine and producer."""
+    tracker_app.close_engine()
+    with BackgroundServer(create_app(settings), lifespan="on"):
+        assert tracker_app._engine is not None
+
+
+def test_start_up_with_redis_down_still_serves(
+    http: httpx.Client, make_settings: Callable[..., Settings]
+) -> None:
+    """An unreachable Redis at start-up is logged by exception name; pushes then answer 503."""
+    dead = make_settings(webhook_token=TOKEN, redis_url=f"redis://127.0.0.1:{closed_port()}/0")
+    application = create_app(dead, settle=lambda _mid: None)
+    with capture_logs() as logs, BackgroundServer(application, lifespan="on") as server:
+        pushed = http.post(f"{server.url}/webhook", params={"token": TOKEN}, json=body("w1"))
+    assert pushed.status_code == 503
+    [failed] = [e for e in logs if e["event"] == "webhook.warm_failed"]
+    assert failed["error"] == "ConnectionError"
+
+
+def test_a_burst_is_applied_a_few_pushes_at_a_time(
+    settings: Settings, tracker_app: Any, shared_server: tuple[str, Swappable]
+) -> None:
+    """At most APPLY_THREADS pushes are stored at once; the others wait their turn, then pass."""
+    url, swappable = shared_server
+    release = threading.Event()
+    lock = threading.Lock()
+    inside = [0]
+    most = [0]
+
+    def slow_settle(_message_id: str) -> None:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        release.wait(10)
+        with lock:
+            inside[0] -= 1
+
+    swappable.target = create_app(settings, settle=slow_settle)
+    burst = APPLY_THREADS * 2
+    try:
+        with httpx.Client(timeout=15.0) as client, ThreadPoolExecutor(burst) as pool:
+            answers = [
+                pool.submit(
+                    client.post, f"{url}/webhook", params={"token": TOKEN}, json=body(f"b{i}")
+                )
+                for i in range(burst)
+            ]
+            wait_for(lambda: inside[0] == APPLY_THREADS)
+            with pytest.raises(AssertionError):  # nobody else gets in while they are busy
+                wait_for(lambda: inside[0] > APPLY_THREADS, timeout=0.5)
+            release.set()
+            codes = [answer.result().status_code for answer in answers]
+    finally:
+        release.set()
+        swappable.target = None
+    assert codes == [200] * burst
+    assert most[0] == APPLY_THREADS

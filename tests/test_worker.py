@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from smsbat_tracker.config import Settings
 from smsbat_tracker.log import configure_logging
@@ -74,3 +77,43 @@ def test_task_log_lines_carry_task_and_message(
         assert event["message_id"] == mid
         assert event["task_id"] == result.id
         assert event["task_name"] == "smsbat_tracker.track_message"
+
+
+def test_a_starting_worker_builds_its_engine_before_the_first_task(
+    worker: Any, tracker_app: Any
+) -> None:
+    """The threads worker's engine exists as soon as it runs: the first tasks never pay for it."""
+    engine = tracker_app._engine
+    assert engine is not None
+    assert engine.redis.ping() is True
+
+
+def test_warm_up_skips_a_prefork_parent_and_runs_in_its_children(tracker_app: Any) -> None:
+    """worker_init warms only pools that run tasks in-process; worker_process_init warms a child."""
+    from smsbat_tracker.worker import _warm_child, _warm_worker
+
+    tracker_app.close_engine()
+    _warm_worker(sender=SimpleNamespace(app=tracker_app, pool_cls="prefork"))
+    assert tracker_app._engine is None
+    tracker_app.set_current()
+    _warm_child(sender="child@host")
+    assert tracker_app._engine is not None
+    tracker_app.close_engine()
+    _warm_worker(sender=SimpleNamespace(app=tracker_app, pool_cls="threads"))
+    assert tracker_app._engine is not None
+
+
+def test_warm_up_with_redis_down_logs_and_lets_the_worker_start(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """An unreachable Redis at start-up is logged, not raised: the consumer retries it."""
+    from smsbat_tracker.worker import create_app
+
+    tracker = create_app(make_settings(redis_url="redis://127.0.0.1:1/0"))
+    try:
+        with capture_logs() as logs:
+            tracker.warm()
+    finally:
+        tracker.close_engine()
+    assert [e["event"] for e in logs] == ["worker.warm_failed"]
+    assert logs[0]["error"] in {"ConnectionError", "OperationalError"}
