@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     parser.add_argument(
+        "--shared-worker",
+        action="store_true",
+        help="modes b and c: run the callbacks on the tracking worker (default: tracking on "
+        "its own queue and the callbacks on a worker of their own, as the README advises)",
+    )
+    parser.add_argument(
         "--pool",
         choices=("threads", "prefork"),
         default="threads",
@@ -189,6 +195,7 @@ def _main(argv: list[str] | None) -> int:
             deadline=args.deadline,
             concurrency=args.concurrency,
             pool=args.pool,
+            shared_worker=args.shared_worker,
             processes=args.processes,
             redis_url=redis_url,
             redis_owned=owned,

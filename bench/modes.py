@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -53,6 +53,9 @@ __all__ = [
 
 DOC_INTERVAL = 5.0  # the documentation's loop: check every 5 s ...
 DOC_GIVE_UP = 60.0  # ... and give up after 60 s
+# Modes b and c (unless --shared-worker): tracking's queue, and the callbacks' worker threads.
+TRACK_QUEUE = "smsbat-bench"
+CALLBACK_THREADS = 4
 _BENCH_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -65,6 +68,7 @@ class BenchContext:
     deadline: float  # smsbat-tracker's deadline (modes b, c)
     concurrency: int  # worker threads or processes (modes b and c)
     pool: str  # Celery pool of modes b and c: threads or prefork
+    shared_worker: bool  # modes b and c: callbacks on the tracking worker, not their own
     processes: int  # worker processes (mode d)
     redis_url: str
     redis_owned: bool  # a private server: flushed before each mode
@@ -196,14 +200,20 @@ def _use_settings(settings: Settings) -> TrackerApp:
 
 
 def _wait_worker_ready(
-    app: TrackerApp, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 90.0
+    app: TrackerApp,
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout: float = 90.0,
+    *,
+    others: Sequence[subprocess.Popen[bytes]] = (),
 ) -> float:
-    """Wait until the worker answers a ping; return how long it took."""
+    """Wait until the worker (and ``others``) answer a ping; return how long it took."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the worker exited with {proc.returncode}:\n{_tail(log_path)}")
-        if app.control.ping(timeout=0.5):
+        for each in (proc, *others):
+            if each.poll() is not None:
+                raise RuntimeError(f"a worker exited with {each.returncode}:\n{_tail(log_path)}")
+        if len(app.control.ping(timeout=0.5) or ()) > len(others):
             return time.monotonic() - start
     raise RuntimeError(f"the worker did not answer a ping in {timeout:g} s:\n{_tail(log_path)}")
 
@@ -354,17 +364,23 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
     sandbox = SandboxProcess(config, sandbox_log)
     token = secrets.token_urlsafe(24) if push else None
     prefix = f"bench-{letter}-{uuid.uuid4().hex[:8]}"
-    settings = _settings(ctx, sandbox.url, config.api_key, prefix, webhook_token=token)
+    queue = {} if ctx.shared_worker else {"queue": TRACK_QUEUE}
+    settings = _settings(ctx, sandbox.url, config.api_key, prefix, webhook_token=token, **queue)
     app = _use_settings(settings)
     from smsbat_tracker.recipes import record_outcome, recorded_key
     from smsbat_tracker.tasks import track_message
+    from smsbat_tracker.worker import DEFAULT_QUEUE
 
     _clean_redis(ctx)
     worker_log = ctx.log_dir / f"mode-{letter}-worker.log"
     rdb = redis.Redis.from_url(ctx.redis_url, decode_responses=True)
     label = f"bench-{letter}"
     key = recorded_key(app, label)
-    extra: dict[str, Any] = {"worker_concurrency": ctx.concurrency, "worker_pool": ctx.pool}
+    extra: dict[str, Any] = {
+        "worker_concurrency": ctx.concurrency,
+        "worker_pool": ctx.pool,
+        "callbacks": "tracking worker" if ctx.shared_worker else "own worker",
+    }
     notes = ["CPU and RSS: the celery worker process and its children"]
     with contextlib.ExitStack() as stack:
         stack.callback(rdb.close)
@@ -383,11 +399,31 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
         )
         worker = stack.enter_context(
             worker_process(
-                settings, concurrency=ctx.concurrency, pool=ctx.pool, log_path=str(worker_log)
+                settings,
+                concurrency=ctx.concurrency,
+                pool=ctx.pool,
+                queues=() if ctx.shared_worker else (TRACK_QUEUE,),
+                log_path=str(worker_log),
             )
         )
         sampler.watch("worker", worker.pid)
-        extra["worker_start_s"] = round(_wait_worker_ready(app, worker, worker_log), 2)
+        others = []
+        if not ctx.shared_worker:
+            # As the README advises: tracking on its own queue, the callbacks on the
+            # application's worker (here a small one, measured apart).
+            callbacks = stack.enter_context(
+                worker_process(
+                    settings,
+                    concurrency=CALLBACK_THREADS,
+                    queues=(DEFAULT_QUEUE,),
+                    log_path=str(ctx.log_dir / f"mode-{letter}-callbacks.log"),
+                )
+            )
+            sampler.watch("callbacks", callbacks.pid)
+            others.append(callbacks)
+        extra["worker_start_s"] = round(
+            _wait_worker_ready(app, worker, worker_log, others=others), 2
+        )
         extra["worker_idle_cpu_per_s"] = round(_idle_cpu_rate(worker.pid), 4)
         sampler.begin()
         ids, _ = create_messages(sandbox.url, config.api_key, ctx.messages)
@@ -439,6 +475,13 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
             polls=result.get("polls"),
         )
     cpu_s = float(resources["worker"]["cpu_s"])
+    if not ctx.shared_worker:
+        extra["callbacks_cpu_s"] = resources["callbacks"]["cpu_s"]
+        extra["callbacks_rss_peak_mib"] = resources["callbacks"]["rss_peak_mib"]
+        notes.append(
+            f"tracking ran on queue {TRACK_QUEUE!r}; the callbacks on a worker of their own "
+            f"({CALLBACK_THREADS} threads), not counted in CPU and RSS"
+        )
     if push:
         extra["receiver_cpu_s"] = resources["receiver"]["cpu_s"]
         extra["receiver_rss_peak_mib"] = resources["receiver"]["rss_peak_mib"]

@@ -16,11 +16,12 @@ import redis
 from structlog.testing import capture_logs
 
 from smsbat_tracker.config import Settings
+from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import configure_logging
 from smsbat_tracker.recipes import record_outcome
 from smsbat_tracker.sandbox import SandboxServer
 from smsbat_tracker.tasks import track_message
-from smsbat_tracker.worker import celery_config
+from smsbat_tracker.worker import DEFAULT_QUEUE, TRACK_PRIORITY, TRACKER_TASKS, celery_config
 from tests.conftest import recorded, wait_for
 
 
@@ -117,3 +118,60 @@ def test_warm_up_with_redis_down_logs_and_lets_the_worker_start(
         tracker.close_engine()
     assert [e["event"] for e in logs] == ["worker.warm_failed"]
     assert logs[0]["error"] in {"ConnectionError", "OperationalError"}
+
+
+def test_tracker_tasks_keep_the_default_queue_unless_told(settings: Settings) -> None:
+    """Without SMSBAT_QUEUE only the check priority is routed and no queue list is set."""
+    conf = celery_config(settings)
+    assert conf["task_routes"] == {"smsbat_tracker.track_message": {"priority": TRACK_PRIORITY}}
+    assert "task_queues" not in conf
+
+
+def test_smsbat_queue_routes_every_tracker_task(make_settings: Callable[..., Settings]) -> None:
+    """SMSBAT_QUEUE routes the four tracker tasks; a worker without -Q consumes both queues."""
+    conf = celery_config(make_settings(queue="tracking"))
+    assert set(conf["task_routes"]) == set(TRACKER_TASKS)
+    assert {route["queue"] for route in conf["task_routes"].values()} == {"tracking"}
+    assert conf["task_routes"]["smsbat_tracker.track_message"]["priority"] == TRACK_PRIORITY
+    assert [q.name for q in conf["task_queues"]] == [DEFAULT_QUEUE, "tracking"]
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 65, "semi;colon"])
+def test_a_bad_queue_name_stops_start_up(make_settings: Callable[..., Settings], bad: str) -> None:
+    """A bad SMSBAT_QUEUE is named in the error."""
+    with pytest.raises(ConfigError, match="SMSBAT_QUEUE"):
+        make_settings(queue=bad)
+
+
+def test_tracking_on_its_own_queue_leaves_callbacks_to_other_workers(
+    make_settings: Callable[..., Settings],
+    settings: Settings,
+    tracker_app: Any,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+) -> None:
+    """A worker on SMSBAT_QUEUE alone tracks to the end; the callback waits in the default queue."""
+    from celery.contrib.testing.worker import start_worker
+
+    app = tracker_app
+    app.reconfigure(make_settings(queue="tracking"))
+    try:
+        mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 0.2)])
+        with start_worker(
+            app,
+            pool="threads",
+            concurrency=2,
+            queues=["tracking"],
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=10.0,
+        ):
+            track_message.delay(mid, on_delivered=record_outcome.s())
+            wait_for(lambda: app.engine.outcome(mid))
+            waiting = wait_for(lambda: redis_client.lrange(DEFAULT_QUEUE, 0, -1))
+        assert recorded(redis_client) == []  # nobody consumes the default queue here
+        [message] = [json.loads(raw) for raw in waiting]
+        assert message["headers"]["task"] == "smsbat_tracker.recipes.record_outcome"
+        assert redis_client.llen("tracking") == 0
+    finally:
+        app.reconfigure(settings)

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     # Unacked tasks are redelivered after this; every countdown must stay far below it.
     visibility_timeout: float = Field(default=3_600.0, ge=1, le=43_200)
     unacked_restore_interval: float = Field(default=10.0, gt=0, le=3_600)
+    # The queue of the tracker's own tasks (None: Celery's default queue, with everything
+    # else). A worker started without -Q consumes both; `-Q <queue>` gives tracking its own
+    # workers, so that a burst of checks never delays the application's callbacks.
+    queue: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[\w.:-]+$")
 
     # --- campaigns --------------------------------------------------------------------
     # Messages one batch task claims and checks concurrently.

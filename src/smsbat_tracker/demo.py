@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
@@ -62,10 +62,15 @@ def worker_process(
     *,
     concurrency: int = 8,
     pool: str = "threads",
+    queues: Sequence[str] = (),
     log_path: str = os.devnull,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A real ``celery worker`` subprocess using ``settings``; stopped on exit."""
+    """A real ``celery worker`` subprocess using ``settings``; stopped on exit.
+
+    ``queues``: the ``-Q`` list; empty, every queue the settings name.
+    """
     env = {**os.environ, **settings.to_env()}
+    only = ["--queues", ",".join(queues)] if queues else []
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             [
@@ -85,6 +90,7 @@ def worker_process(
                 f"demo-{uuid.uuid4().hex[:6]}@%h",
                 "--without-gossip",
                 "--without-mingle",
+                *only,
             ],
             env=env,
             stdout=log_file,

@@ -24,6 +24,7 @@ import structlog
 from celery import Celery, current_app, signals
 from celery.concurrency import get_implementation
 from celery.concurrency.prefork import TaskPool as PreforkPool
+from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from smsbat_tracker.campaign import CampaignRunner
@@ -127,6 +128,33 @@ def create_app(settings: Settings | None = None) -> TrackerApp:
 
 # Priority of tracking checks on the Redis transport, where 0 is served first.
 TRACK_PRIORITY = 6
+# Celery's default queue: callbacks (and everything not routed) go there.
+DEFAULT_QUEUE = "celery"
+
+
+# The tracker's own tasks: routed to SMSBAT_QUEUE when it is set.
+TRACKER_TASKS = (
+    "smsbat_tracker.track_message",
+    "smsbat_tracker.settle_message",
+    "smsbat_tracker.track_campaign",
+    "smsbat_tracker.campaign_tick",
+)
+
+
+def _routes(settings: Settings) -> dict[str, dict[str, Any]]:
+    routes: dict[str, dict[str, Any]] = {name: {} for name in TRACKER_TASKS}
+    routes["smsbat_tracker.track_message"]["priority"] = TRACK_PRIORITY
+    if settings.queue:
+        for route in routes.values():
+            route["queue"] = settings.queue
+    return {name: route for name, route in routes.items() if route}
+
+
+def _queues(settings: Settings) -> dict[str, Any]:
+    if not settings.queue or settings.queue == DEFAULT_QUEUE:
+        return {}
+    # A worker without -Q consumes both: setting the variable alone never strands a task.
+    return {"task_queues": [Queue(DEFAULT_QUEUE), Queue(settings.queue)]}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -152,7 +180,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         # Checks wait behind settles and callbacks (no priority: 0, served first on Redis),
         # so a burst of new trackers never delays an outcome that is already known.
-        "task_routes": {"smsbat_tracker.track_message": {"priority": TRACK_PRIORITY}},
+        "task_routes": _routes(settings),
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_track_started": True,
@@ -161,6 +189,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "enable_utc": True,
         "timezone": "UTC",
+        **_queues(settings),
     }
 
 
