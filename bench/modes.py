@@ -218,11 +218,11 @@ def _wait_worker_ready(
     raise RuntimeError(f"the worker did not answer a ping in {timeout:g} s:\n{_tail(log_path)}")
 
 
-def _idle_cpu_rate(pid: int, seconds: float = 3.0) -> float:
-    """CPU seconds per second of an idle process tree: the cost of merely running."""
-    before = proc_reading(pid).cpu
+def _idle_cpu_rate(*pids: int, seconds: float = 3.0) -> float:
+    """CPU seconds per second of idle process trees, summed: the cost of merely running."""
+    before = sum(proc_reading(pid).cpu for pid in pids)
     time.sleep(seconds)
-    return (proc_reading(pid).cpu - before) / seconds
+    return (sum(proc_reading(pid).cpu for pid in pids) - before) / seconds
 
 
 @contextlib.contextmanager
@@ -397,17 +397,23 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
                 workload_config(ctx.seed, push_url=push_url), sandbox_log, port=sandbox.port
             )
         )
-        worker = stack.enter_context(
-            worker_process(
-                settings,
-                concurrency=ctx.concurrency,
-                pool=ctx.pool,
-                queues=() if ctx.shared_worker else (TRACK_QUEUE,),
-                log_path=str(worker_log),
+        # One threads worker per core, as the README advises; a prefork worker forks its own.
+        count = ctx.processes if ctx.pool == "threads" else 1
+        workers = [
+            stack.enter_context(
+                worker_process(
+                    settings,
+                    concurrency=ctx.concurrency,
+                    pool=ctx.pool,
+                    queues=() if ctx.shared_worker else (TRACK_QUEUE,),
+                    log_path=str(worker_log),
+                )
             )
-        )
-        sampler.watch("worker", worker.pid)
-        others = []
+            for _ in range(count)
+        ]
+        worker, others = workers[0], workers[1:]
+        sampler.watch("worker", *(w.pid for w in workers))
+        extra["worker_processes"] = count
         if not ctx.shared_worker:
             # As the README advises: tracking on its own queue, the callbacks on the
             # application's worker (here a small one, measured apart).
@@ -424,7 +430,7 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
         extra["worker_start_s"] = round(
             _wait_worker_ready(app, worker, worker_log, others=others), 2
         )
-        extra["worker_idle_cpu_per_s"] = round(_idle_cpu_rate(worker.pid), 4)
+        extra["worker_idle_cpu_per_s"] = round(_idle_cpu_rate(*(w.pid for w in workers)), 4)
         sampler.begin()
         ids, _ = create_messages(sandbox.url, config.api_key, ctx.messages)
         started: dict[str, float] = {}
@@ -446,8 +452,9 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
         )
         give_up = time.time() + ctx.deadline + ctx.margin
         while rdb.llen(key) < len(ids) and time.time() < give_up:
-            if worker.poll() is not None:
-                notes.append(f"the worker exited early with {worker.returncode}")
+            gone = [w.returncode for w in workers if w.poll() is not None]
+            if gone:
+                notes.append(f"a worker exited early with {gone[0]}")
                 break
             time.sleep(0.5)
         # Pending callbacks after the first full count would be duplicates: look once more.

@@ -334,7 +334,7 @@ def render(
         idle = fig["extra"].get("worker_idle_cpu_per_s")
         if idle is not None:
             notes.append(
-                f"{letter}: an idle worker burns {idle:.3f} CPU s/s, "
+                f"{letter}: the idle worker(s) burn {idle:.3f} CPU s/s, "
                 f"{idle * fig['wall_s']:.1f} s of its {fig['cpu_s']:.1f} s over this run"
             )
         errors = fig["extra"].get("errors")

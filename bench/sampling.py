@@ -91,7 +91,7 @@ def proc_reading(root: int) -> ProcReading:
 
 @dataclass
 class _Watched:
-    pid: int
+    pids: tuple[int, ...]
     cpu_start: float = 0.0
     cpu_last: float = 0.0
     rss_peak: int = 0
@@ -136,10 +136,10 @@ class Sampler:
             if pid is not None:
                 self.watch("redis_server", pid)  # its CPU is part of what tracking costs
 
-    def watch(self, label: str, pid: int) -> None:
-        """Sample ``pid`` and its descendants under ``label`` from now on."""
+    def watch(self, label: str, *pids: int) -> None:
+        """Sample ``pids`` and their descendants, summed, under ``label`` from now on."""
         with self._lock:
-            self._watched[label] = _Watched(pid)
+            self._watched[label] = _Watched(pids)
         self.sample()
 
     def sample(self) -> None:
@@ -147,12 +147,13 @@ class Sampler:
         with self._lock:
             point: dict[str, Any] = {"t": round(time.time() - self._t0, 3)}
             for label, w in self._watched.items():
-                reading = proc_reading(w.pid)
-                if reading.processes:  # a tree that is gone keeps its last CPU figure
-                    w.cpu_last = reading.cpu
+                readings = [proc_reading(pid) for pid in w.pids]
+                rss = sum(r.rss for r in readings)
+                if all(r.processes for r in readings):  # a tree gone keeps its last CPU
+                    w.cpu_last = sum(r.cpu for r in readings)
                 if self._window:
-                    w.rss_peak = max(w.rss_peak, reading.rss)
-                point[label] = {"cpu": round(w.cpu_last, 3), "rss_mib": _mib(reading.rss)}
+                    w.rss_peak = max(w.rss_peak, rss)
+                point[label] = {"cpu": round(w.cpu_last, 3), "rss_mib": _mib(rss)}
             if self._redis is not None:
                 with contextlib.suppress(redis.RedisError):
                     used = int(self._redis.client.info("memory")["used_memory"])
