@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from smsbat_tracker import log as log_module
-from smsbat_tracker.log import REDACTED, configure_logging, get_logger, redact
+from smsbat_tracker.log import REDACTED, configure_logging, get_logger, redact, redact_text
 
 MESSAGE_ID = "abc123def456"
 
@@ -293,3 +293,25 @@ def test_namedtuple_value_does_not_break_logging(capsys: pytest.CaptureFixture[s
     err, events = json_lines(capsys)
     assert len(events) == 1
     assert "tok_nt_1" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("AUTHORIZATION: BEARER eyJhbGciOiJIUzI1NiJ9", "eyJhbGciOiJIUzI1NiJ9"),
+        ("failed with PASSWD=hunter2x", "hunter2x"),
+        ("Secret: s3cr3t_value", "s3cr3t_value"),
+        ("WEBHOOK TOKEN = wh_999", "wh_999"),
+        ("REDIS://:PW_793@HOST:6379/0", "PW_793"),
+        ("?Api_Key=key_794", "key_794"),
+    ],
+)
+def test_redaction_ignores_case(text: str, secret: str) -> None:
+    """The quick "could this hold a secret" check is case-blind, like the patterns behind it."""
+    assert secret not in redact_text(text)
+
+
+def test_text_without_a_secret_word_comes_back_unchanged() -> None:
+    """A line naming no credential is returned as it came (the common, fast case)."""
+    line = "Task smsbat_tracker.track_message[abc] received: {'deadline': 120.0}"
+    assert redact_text(line) is line

@@ -124,7 +124,7 @@ def test_tracker_tasks_keep_the_default_queue_unless_told(settings: Settings) ->
     """Without SMSBAT_QUEUE only the check priority is routed and no queue list is set."""
     conf = celery_config(settings)
     assert conf["task_routes"] == {"smsbat_tracker.track_message": {"priority": TRACK_PRIORITY}}
-    assert "task_queues" not in conf
+    assert conf["task_queues"] is None
 
 
 def test_smsbat_queue_routes_every_tracker_task(make_settings: Callable[..., Settings]) -> None:

@@ -22,8 +22,6 @@ from typing import Any
 import redis
 import structlog
 from celery import Celery, current_app, signals
-from celery.concurrency import get_implementation
-from celery.concurrency.prefork import TaskPool as PreforkPool
 from kombu import Queue
 from kombu.exceptions import OperationalError
 
@@ -150,11 +148,11 @@ def _routes(settings: Settings) -> dict[str, dict[str, Any]]:
     return {name: route for name, route in routes.items() if route}
 
 
-def _queues(settings: Settings) -> dict[str, Any]:
+def _queues(settings: Settings) -> list[Queue] | None:
     if not settings.queue or settings.queue == DEFAULT_QUEUE:
-        return {}
+        return None  # Celery's default: the one default queue
     # A worker without -Q consumes both: setting the variable alone never strands a task.
-    return {"task_queues": [Queue(DEFAULT_QUEUE), Queue(settings.queue)]}
+    return [Queue(DEFAULT_QUEUE), Queue(settings.queue)]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -189,7 +187,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "enable_utc": True,
         "timezone": "UTC",
-        **_queues(settings),
+        "task_queues": _queues(settings),
     }
 
 
@@ -224,6 +222,9 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
 def _warm_worker(sender: Any = None, **_: Any) -> None:
     # A prefork pool's children each warm their own engine (worker_process_init); the
     # parent runs no tasks. Every other pool runs tasks in this process.
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
     tracker = getattr(sender, "app", None)
     pool = getattr(sender, "pool_cls", None)
     if isinstance(tracker, TrackerApp) and pool and get_implementation(pool) is not PreforkPool:
