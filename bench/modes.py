@@ -239,10 +239,46 @@ def _webhook_host(settings: Settings, log_path: Path) -> Iterator[tuple[str, int
         _stop(proc)
 
 
+def _callbacks_worker(
+    stack: contextlib.ExitStack, ctx: BenchContext, settings: Settings, letter: str
+) -> subprocess.Popen[bytes] | None:
+    """As the README advises, the callbacks on a worker of their own (unless --shared-worker).
+
+    It stands for the application's worker: small, and measured apart from tracking.
+    """
+    if ctx.shared_worker:
+        return None
+    from smsbat_tracker.worker import DEFAULT_QUEUE
+
+    return stack.enter_context(
+        worker_process(
+            settings,
+            concurrency=CALLBACK_THREADS,
+            queues=(DEFAULT_QUEUE,),
+            log_path=str(ctx.log_dir / f"mode-{letter}-callbacks.log"),
+        )
+    )
+
+
+def _callbacks_note(ctx: BenchContext, resources: dict[str, Any], extra: dict[str, Any]) -> str:
+    """The figures of the callbacks' worker, and the note that says where they ran."""
+    if ctx.shared_worker:
+        return "the callbacks ran on the tracking worker (--shared-worker)"
+    extra["callbacks_cpu_s"] = resources["callbacks"]["cpu_s"]
+    extra["callbacks_rss_peak_mib"] = resources["callbacks"]["rss_peak_mib"]
+    return (
+        f"tracking ran on queue {TRACK_QUEUE!r}; the callbacks on a worker of their own "
+        f"({CALLBACK_THREADS} threads, {resources['callbacks']['cpu_s']:.1f} CPU s), "
+        "not counted in CPU and RSS"
+    )
+
+
 def _settings(ctx: BenchContext, base_url: str, api_key: str, prefix: str, **more: Any) -> Settings:
     """The tracker's settings for a mode: defaults, but for the bench's own choices."""
     if ctx.rate_limit is not None:
         more["rate_limit"] = ctx.rate_limit
+    if not ctx.shared_worker:
+        more["queue"] = TRACK_QUEUE
     return load_settings(
         redis_url=ctx.redis_url,
         base_url=base_url,
@@ -364,12 +400,10 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
     sandbox = SandboxProcess(config, sandbox_log)
     token = secrets.token_urlsafe(24) if push else None
     prefix = f"bench-{letter}-{uuid.uuid4().hex[:8]}"
-    queue = {} if ctx.shared_worker else {"queue": TRACK_QUEUE}
-    settings = _settings(ctx, sandbox.url, config.api_key, prefix, webhook_token=token, **queue)
+    settings = _settings(ctx, sandbox.url, config.api_key, prefix, webhook_token=token)
     app = _use_settings(settings)
     from smsbat_tracker.recipes import record_outcome, recorded_key
     from smsbat_tracker.tasks import track_message
-    from smsbat_tracker.worker import DEFAULT_QUEUE
 
     _clean_redis(ctx)
     worker_log = ctx.log_dir / f"mode-{letter}-worker.log"
@@ -414,17 +448,8 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
         worker, others = workers[0], workers[1:]
         sampler.watch("worker", *(w.pid for w in workers))
         extra["worker_processes"] = count
-        if not ctx.shared_worker:
-            # As the README advises: tracking on its own queue, the callbacks on the
-            # application's worker (here a small one, measured apart).
-            callbacks = stack.enter_context(
-                worker_process(
-                    settings,
-                    concurrency=CALLBACK_THREADS,
-                    queues=(DEFAULT_QUEUE,),
-                    log_path=str(ctx.log_dir / f"mode-{letter}-callbacks.log"),
-                )
-            )
+        callbacks = _callbacks_worker(stack, ctx, settings, letter)
+        if callbacks is not None:
             sampler.watch("callbacks", callbacks.pid)
             others.append(callbacks)
         extra["worker_start_s"] = round(
@@ -482,13 +507,7 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
             polls=result.get("polls"),
         )
     cpu_s = float(resources["worker"]["cpu_s"])
-    if not ctx.shared_worker:
-        extra["callbacks_cpu_s"] = resources["callbacks"]["cpu_s"]
-        extra["callbacks_rss_peak_mib"] = resources["callbacks"]["rss_peak_mib"]
-        notes.append(
-            f"tracking ran on queue {TRACK_QUEUE!r}; the callbacks on a worker of their own "
-            f"({CALLBACK_THREADS} threads), not counted in CPU and RSS"
-        )
+    notes.append(_callbacks_note(ctx, resources, extra))
     if push:
         extra["receiver_cpu_s"] = resources["receiver"]["cpu_s"]
         extra["receiver_rss_peak_mib"] = resources["receiver"]["rss_peak_mib"]
@@ -540,11 +559,22 @@ def run_campaign(ctx: BenchContext) -> ModeRun:
         worker_log = ctx.log_dir / "mode-d-worker.log"
         worker = stack.enter_context(
             worker_process(
-                settings, concurrency=processes, pool="prefork", log_path=str(worker_log)
+                settings,
+                concurrency=processes,
+                pool="prefork",
+                queues=() if ctx.shared_worker else (TRACK_QUEUE,),
+                log_path=str(worker_log),
             )
         )
         sampler.watch("worker", worker.pid)
-        extra["worker_start_s"] = round(_wait_worker_ready(app, worker, worker_log), 2)
+        callbacks_worker = _callbacks_worker(stack, ctx, settings, "d")
+        others = []
+        if callbacks_worker is not None:
+            sampler.watch("callbacks", callbacks_worker.pid)
+            others.append(callbacks_worker)
+        extra["worker_start_s"] = round(
+            _wait_worker_ready(app, worker, worker_log, others=others), 2
+        )
         sampler.begin()
         ids, _ = create_messages(sandbox.url, config.api_key, ctx.messages)
         campaign_id = f"bench-{uuid.uuid4().hex[:8]}"
@@ -620,6 +650,7 @@ def run_campaign(ctx: BenchContext) -> ModeRun:
         extra["redis_bytes_per_message"] = round(
             redis_fig["growth_mib"] * 1024 * 1024 / max(len(ids), 1)
         )
+    notes.append(_callbacks_note(ctx, resources, extra))
     notes.append("detection: when the campaign recorded the outcome (its callback follows)")
     return ModeRun(
         letter="d",

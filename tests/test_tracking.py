@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import traceback
 from typing import Any
 
 import pytest
@@ -320,3 +321,23 @@ def test_an_enqueue_that_fails_to_publish_leaves_nothing_registered(
     engine = tracker_app.engine
     assert engine.session(mid) is None
     assert engine.redis.hlen(engine.keys.subs(mid)) == 0
+
+
+def test_a_retry_leaves_the_task_with_a_one_frame_traceback() -> None:
+    """A check's retry carries only TrackTask.__call__'s frame: Celery copies it per retry."""
+    from celery import Celery
+    from celery.exceptions import Retry
+
+    from smsbat_tracker.tasks import TrackTask
+
+    app = Celery("retry-traceback", set_as_current=False)
+
+    @app.task(base=TrackTask, bind=True, name="tests.retries_at_once")
+    def retries(self: Any) -> None:
+        raise Retry("next check", when=1.0)
+
+    with pytest.raises(Retry) as caught:
+        retries()
+    frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+    assert "retries" not in frames
+    assert frames[-1] == "__call__"
