@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shared-worker",
         action="store_true",
-        help="modes b and c: run the callbacks on the tracking worker (default: tracking on "
-        "its own queue and the callbacks on a worker of their own, as the README advises)",
+        help="modes b, c and d: run the callbacks on the tracking worker (default: tracking "
+        "on its own queue and the callbacks on a worker of their own, as the README advises)",
     )
     parser.add_argument(
         "--pool",

@@ -53,7 +53,7 @@ __all__ = [
 
 DOC_INTERVAL = 5.0  # the documentation's loop: check every 5 s ...
 DOC_GIVE_UP = 60.0  # ... and give up after 60 s
-# Modes b and c (unless --shared-worker): tracking's queue, and the callbacks' worker threads.
+# Modes b, c and d (unless --shared-worker): tracking's queue, the callbacks' worker threads.
 TRACK_QUEUE = "smsbat-bench"
 CALLBACK_THREADS = 4
 _BENCH_ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ class BenchContext:
     deadline: float  # smsbat-tracker's deadline (modes b, c)
     concurrency: int  # worker threads or processes (modes b and c)
     pool: str  # Celery pool of modes b and c: threads or prefork
-    shared_worker: bool  # modes b and c: callbacks on the tracking worker, not their own
+    shared_worker: bool  # modes b, c, d: callbacks on the tracking worker, not their own
     processes: int  # worker processes (mode d)
     redis_url: str
     redis_owned: bool  # a private server: flushed before each mode
@@ -240,17 +240,21 @@ def _webhook_host(settings: Settings, log_path: Path) -> Iterator[tuple[str, int
 
 
 def _callbacks_worker(
-    stack: contextlib.ExitStack, ctx: BenchContext, settings: Settings, letter: str
-) -> subprocess.Popen[bytes] | None:
+    stack: contextlib.ExitStack,
+    ctx: BenchContext,
+    settings: Settings,
+    letter: str,
+    sampler: Sampler,
+) -> list[subprocess.Popen[bytes]]:
     """As the README advises, the callbacks on a worker of their own (unless --shared-worker).
 
-    It stands for the application's worker: small, and measured apart from tracking.
+    It stands for the application's worker: small, and sampled apart (``callbacks``).
     """
     if ctx.shared_worker:
-        return None
+        return []
     from smsbat_tracker.worker import DEFAULT_QUEUE
 
-    return stack.enter_context(
+    proc = stack.enter_context(
         worker_process(
             settings,
             concurrency=CALLBACK_THREADS,
@@ -258,6 +262,8 @@ def _callbacks_worker(
             log_path=str(ctx.log_dir / f"mode-{letter}-callbacks.log"),
         )
     )
+    sampler.watch("callbacks", proc.pid)
+    return [proc]
 
 
 def _callbacks_note(ctx: BenchContext, resources: dict[str, Any], extra: dict[str, Any]) -> str:
@@ -448,10 +454,7 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
         worker, others = workers[0], workers[1:]
         sampler.watch("worker", *(w.pid for w in workers))
         extra["worker_processes"] = count
-        callbacks = _callbacks_worker(stack, ctx, settings, letter)
-        if callbacks is not None:
-            sampler.watch("callbacks", callbacks.pid)
-            others.append(callbacks)
+        others += _callbacks_worker(stack, ctx, settings, letter, sampler)
         extra["worker_start_s"] = round(
             _wait_worker_ready(app, worker, worker_log, others=others), 2
         )
@@ -567,11 +570,7 @@ def run_campaign(ctx: BenchContext) -> ModeRun:
             )
         )
         sampler.watch("worker", worker.pid)
-        callbacks_worker = _callbacks_worker(stack, ctx, settings, "d")
-        others = []
-        if callbacks_worker is not None:
-            sampler.watch("callbacks", callbacks_worker.pid)
-            others.append(callbacks_worker)
+        others = _callbacks_worker(stack, ctx, settings, "d", sampler)
         extra["worker_start_s"] = round(
             _wait_worker_ready(app, worker, worker_log, others=others), 2
         )
