@@ -141,7 +141,6 @@ class TrackTask(AnyTask):
         )
         return result
 
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
