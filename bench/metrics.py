@@ -205,8 +205,10 @@ def push_latency(
             (early if min(sent) - obs.started_at < PHASE_S else later).append(latency)
         else:
             before += 1
-    failed_pushes = sum(
-        1
+    # Why each failed push failed: its HTTP status, or the sandbox's error (a timeout, a
+    # connection the receiver closed).
+    failures = Counter(
+        str(p.get("http_status") or p.get("error"))
         for t in truths
         for p in t["pushes"]
         if not (isinstance(p.get("http_status"), int) and 200 <= p["http_status"] < 300)
@@ -218,7 +220,8 @@ def push_latency(
         f"first_{PHASE_S:g}s": _summary(early),
         f"after_{PHASE_S:g}s": _summary(later),
         "final_by_poll": by_poll,
-        "failed_pushes": failed_pushes,
+        "failed_pushes": sum(failures.values()),
+        "push_failures": dict(sorted(failures.items())),
         "pushes": sum(len(t["pushes"]) for t in truths),
     }
 

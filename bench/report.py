@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -327,6 +327,7 @@ def render(
                 f"tracker was enqueued (all: p99 {_ms(lat['all']['p99'])}); "
                 f"{lat['final_by_poll']} finals seen by a poll first; "
                 f"{lat['failed_pushes']} of {lat['pushes']} pushes failed"
+                + _failures(lat.get("push_failures") or {})
             )
             early, later = lat[f"first_{PHASE_S:g}s"], lat[f"after_{PHASE_S:g}s"]
             notes.append(
@@ -411,3 +412,7 @@ def write_json(data: dict[str, Any], *, prefix: str = "") -> Path:
 def now_iso() -> str:
     """The current time, ISO-8601 UTC."""
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _failures(kinds: Mapping[str, int]) -> str:
+    return f" ({', '.join(f'{kind} x{n}' for kind, n in kinds.items())})" if kinds else ""

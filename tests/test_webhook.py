@@ -12,12 +12,14 @@ import sys
 import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import redis
@@ -34,7 +36,13 @@ from smsbat_tracker.sandbox import SandboxConfig, SandboxServer
 from smsbat_tracker.serving import ASGIApp, BackgroundServer, Receive, Scope, Send
 from smsbat_tracker.tasks import track_message
 from smsbat_tracker.tracking import Engine, iso
-from smsbat_tracker.webhook import APPLY_THREADS, MAX_BODY_BYTES, LazyWebhookApp, create_app
+from smsbat_tracker.webhook import (
+    APPLY_THREADS,
+    MAX_BODY_BYTES,
+    ApplyGate,
+    LazyWebhookApp,
+    create_app,
+)
 from tests.conftest import recorded, wait_for
 
 TOKEN = "tok-123-secret"
@@ -1026,3 +1034,123 @@ def test_a_burst_is_applied_a_few_pushes_at_a_time(
         swappable.target = None
     assert codes == [200] * burst
     assert most[0] == APPLY_THREADS
+
+
+def test_a_final_push_waiting_for_a_slot_goes_before_earlier_others(
+    settings: Settings, tracker_app: Any, shared_server: tuple[str, Swappable]
+) -> None:
+    """With every slot busy, a final push that came after two "processing" ones gets the next."""
+    url, swappable = shared_server
+    release: defaultdict[str, threading.Event] = defaultdict(threading.Event)
+    settling: list[str] = []
+
+    def slow_settle(message_id: str) -> None:
+        settling.append(message_id)
+        release[message_id].wait(10)
+
+    application = create_app(settings, settle=slow_settle)
+    gate: ApplyGate = application.state.receiver.gate
+    swappable.target = application
+    try:
+        with httpx.Client(timeout=15.0) as client, ThreadPoolExecutor(8) as pool:
+
+            def send(message_id: str, status: str) -> Any:
+                return pool.submit(
+                    client.post,
+                    f"{url}/webhook",
+                    params={"token": TOKEN},
+                    json=body(message_id, status),
+                )
+
+            answers = [send(f"busy{i}", "delivered") for i in range(APPLY_THREADS)]
+            wait_for(lambda: len(settling) == APPLY_THREADS)
+            answers += [send("early1", "processing"), send("early2", "processing")]
+            wait_for(lambda: gate.waiting == (0, 2))
+            answers.append(send("late", "undeliverable"))
+            wait_for(lambda: gate.waiting == (1, 2))
+            release["busy0"].set()  # one slot comes free
+            wait_for(lambda: "late" in settling)
+            assert gate.waiting == (0, 2)  # the earlier non-final pushes still wait
+            for event in [*release.values(), release["late"]]:
+                event.set()
+            codes = [answer.result().status_code for answer in answers]
+    finally:
+        for event in release.values():
+            event.set()
+        swappable.target = None
+    assert codes == [200] * len(codes)
+    assert gate.waiting == (0, 0)
+
+
+def _run_gate(scenario: Callable[[ApplyGate, list[str]], Any]) -> list[str]:
+    entered: list[str] = []
+    anyio.run(scenario, ApplyGate(1), entered)
+    return entered
+
+
+async def _hold(gate: ApplyGate, entered: list[str], name: str, final: bool) -> None:
+    async with gate.slot(final=final):
+        entered.append(name)
+        await anyio.sleep(0)
+
+
+def test_the_gate_serves_final_pushes_first_and_each_kind_in_order() -> None:
+    """Waiting finals take freed slots before waiting others; within a kind, first come first."""
+
+    async def scenario(gate: ApplyGate, entered: list[str]) -> None:
+        async with anyio.create_task_group() as tasks, gate.slot(final=False):
+            for name, final in [("o1", False), ("f1", True), ("o2", False), ("f2", True)]:
+                tasks.start_soon(_hold, gate, entered, name, final)
+            await wait_until(lambda: gate.waiting == (2, 2))
+
+    assert _run_gate(scenario) == ["f1", "f2", "o1", "o2"]
+
+
+def test_a_cancelled_waiter_leaves_the_queue_and_takes_no_slot() -> None:
+    """A push cancelled while waiting (its client went away) is skipped; the slot still frees."""
+
+    async def scenario(gate: ApplyGate, entered: list[str]) -> None:
+        async with anyio.create_task_group() as tasks, gate.slot(final=False):
+            gone = anyio.CancelScope()
+            tasks.start_soon(_cancellable, gate, entered, gone)
+            await wait_until(lambda: gate.waiting == (1, 0))
+            gone.cancel()
+            await wait_until(lambda: gate.waiting == (0, 0))
+        async with gate.slot(final=False):  # the one slot is back
+            entered.append("after")
+
+    assert _run_gate(scenario) == ["after"]
+
+
+def test_a_waiter_cancelled_after_being_handed_the_slot_passes_it_on() -> None:
+    """Cancelled between being handed a slot and taking it, a push gives it to the next.
+
+    asyncio's own ``Task.cancel`` (anyio's scopes wait for the next checkpoint instead).
+    """
+
+    async def scenario(gate: ApplyGate, entered: list[str]) -> None:
+        async with gate.slot(final=False):
+            handed = asyncio.create_task(_hold(gate, entered, "handed", True))
+            await wait_until(lambda: gate.waiting == (1, 0))
+            following = asyncio.create_task(_hold(gate, entered, "next", False))
+            await wait_until(lambda: gate.waiting == (1, 1))
+        # The slot went to the final push, which is cancelled before it runs again.
+        handed.cancel()
+        await asyncio.gather(handed, following, return_exceptions=True)
+        assert handed.cancelled()
+        async with gate.slot(final=True):  # and the slot came back in the end
+            entered.append("after")
+
+    assert _run_gate(scenario) == ["next", "after"]
+
+
+async def _cancellable(gate: ApplyGate, entered: list[str], scope: anyio.CancelScope) -> None:
+    with scope:
+        async with gate.slot(final=True):
+            entered.append("cancelled")  # never: the scope is cancelled before it gets in
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0)

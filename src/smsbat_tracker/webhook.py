@@ -32,6 +32,7 @@ import re
 import sys
 import threading
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ __all__ = [
     "APPLY_THREADS",
     "MAX_BODY_BYTES",
     "TOKEN_HEADER",
+    "ApplyGate",
     "LazyWebhookApp",
     "Push",
     "PushRejected",
@@ -79,7 +81,7 @@ TOKEN_HEADER: Final = "X-Webhook-Token"  # noqa: S105 - a header name, not a sec
 TOKEN_QUERY: Final = "token"  # noqa: S105 - a parameter name
 # Pushes stored (and settled) at once. The work is short and mostly Python: more threads
 # only take turns on the GIL, so that every push in a burst finishes late; with a few, a
-# burst is served in arrival order.
+# burst is served in arrival order, final statuses first (see ApplyGate).
 APPLY_THREADS: Final = 4
 
 # Visible ASCII only: a pushed status ends up in the cache, in log lines and in callback
@@ -226,6 +228,61 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
     return (redis.RedisError, OSError, OperationalError)
 
 
+class ApplyGate:
+    """At most ``slots`` pushes applied at once; a waiting final status goes first.
+
+    A final push settles its message and fires the callbacks, which someone waits for; a
+    non-final one only refreshes the cache. When a send starts, the provider pushes a
+    "processing" for every message at once, and the first finals among them should not
+    wait behind all of it. Pushes of one kind keep their arrival order. Lives on one event
+    loop: the receiver's.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        # Waiters only exist while no slot is free: a released slot passes to the first
+        # waiting final push, else to the first other one, else back to the pool.
+        self._finals: deque[anyio.Event] = deque()
+        self._others: deque[anyio.Event] = deque()
+
+    @asynccontextmanager
+    async def slot(self, *, final: bool) -> AsyncIterator[None]:
+        """Hold one slot for the body of the ``async with``."""
+        await self._acquire(final)
+        try:
+            yield
+        finally:
+            self._release()
+
+    @property
+    def waiting(self) -> tuple[int, int]:
+        """Pushes waiting for a slot: ``(final, other)``."""
+        return len(self._finals), len(self._others)
+
+    async def _acquire(self, final: bool) -> None:
+        if self._free:
+            self._free -= 1
+            return
+        queue = self._finals if final else self._others
+        turn = anyio.Event()
+        queue.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:  # cancelled (the client went away, the server stops)
+            if turn.is_set():
+                self._release()  # handed a slot it will not use: pass it on
+            else:
+                queue.remove(turn)
+            raise
+
+    def _release(self) -> None:
+        for queue in (self._finals, self._others):
+            if queue:
+                queue.popleft().set()
+                return
+        self._free += 1
+
+
 class WebhookReceiver:
     """The webhook's state and request handlers; :func:`create_app` wires them to routes.
 
@@ -267,13 +324,7 @@ class WebhookReceiver:
         self._own_engine: Engine | None = None
         self._lock = threading.Lock()
         self._unavailable = _unavailable_errors()
-        self._apply_limiter: anyio.CapacityLimiter | None = None
-
-    def _limiter(self) -> anyio.CapacityLimiter:
-        # Made on first use: a limiter belongs to the event loop that serves the app.
-        if self._apply_limiter is None:
-            self._apply_limiter = anyio.CapacityLimiter(APPLY_THREADS)
-        return self._apply_limiter
+        self.gate = ApplyGate(APPLY_THREADS)
 
     @property
     def open(self) -> bool:
@@ -400,7 +451,8 @@ class WebhookReceiver:
             )
             return rejected.response()
         try:
-            stored = await anyio.to_thread.run_sync(self.apply, push, limiter=self._limiter())
+            async with self.gate.slot(final=push.status.is_final):
+                stored = await anyio.to_thread.run_sync(self.apply, push)
         except self._unavailable as exc:
             log.warning("webhook.unavailable", message_id=push.message_id, error=type(exc).__name__)
             return JSONResponse(
