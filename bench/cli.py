@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--processes",
         type=int,
         default=os.cpu_count() or 2,
-        help="worker processes for the campaign mode d (default: one per core, %(default)s)",
+        help="worker processes: mode d's prefork children, and modes b and c's threads "
+        "workers (default: one per core, %(default)s)",
     )
     parser.add_argument(
         "--rate-limit",

@@ -65,11 +65,11 @@ class BenchContext:
 
     messages: int
     seed: int
-    deadline: float  # smsbat-tracker's deadline (modes b, c)
+    deadline: float  # smsbat-tracker's deadline (modes b, c, d)
     concurrency: int  # worker threads or processes (modes b and c)
     pool: str  # Celery pool of modes b and c: threads or prefork
     shared_worker: bool  # modes b, c, d: callbacks on the tracking worker, not their own
-    processes: int  # worker processes (mode d)
+    processes: int  # worker processes (mode d's children; b and c's threads workers)
     redis_url: str
     redis_owned: bool  # a private server: flushed before each mode
     log_dir: Path
