@@ -234,8 +234,9 @@ class ApplyGate:
     A final push settles its message and fires the callbacks, which someone waits for; a
     non-final one only refreshes the cache. When a send starts, the provider pushes a
     "processing" for every message at once, and the first finals among them should not
-    wait behind all of it. Pushes of one kind keep their arrival order. Lives on one event
-    loop: the receiver's.
+    wait behind all of it. Pushes of one kind keep their arrival order. Under a steady
+    stream of finals the others wait longest, and lose least: a final status supersedes
+    them. Lives on one event loop: the receiver's.
     """
 
     def __init__(self, slots: int) -> None:
