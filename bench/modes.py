@@ -279,6 +279,11 @@ def _callbacks_note(ctx: BenchContext, resources: dict[str, Any], extra: dict[st
     )
 
 
+def _tracking_queues(ctx: BenchContext) -> tuple[str, ...]:
+    """The tracking worker's ``-Q``: every queue with --shared-worker, else tracking's own."""
+    return () if ctx.shared_worker else (TRACK_QUEUE,)
+
+
 def _settings(ctx: BenchContext, base_url: str, api_key: str, prefix: str, **more: Any) -> Settings:
     """The tracker's settings for a mode: defaults, but for the bench's own choices."""
     if ctx.rate_limit is not None:
@@ -445,7 +450,7 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
                     settings,
                     concurrency=ctx.concurrency,
                     pool=ctx.pool,
-                    queues=() if ctx.shared_worker else (TRACK_QUEUE,),
+                    queues=_tracking_queues(ctx),
                     log_path=str(worker_log),
                 )
             )
@@ -565,7 +570,7 @@ def run_campaign(ctx: BenchContext) -> ModeRun:
                 settings,
                 concurrency=processes,
                 pool="prefork",
-                queues=() if ctx.shared_worker else (TRACK_QUEUE,),
+                queues=_tracking_queues(ctx),
                 log_path=str(worker_log),
             )
         )

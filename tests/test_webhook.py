@@ -1071,7 +1071,7 @@ def test_a_final_push_waiting_for_a_slot_goes_before_earlier_others(
             release["busy0"].set()  # one slot comes free
             wait_for(lambda: "late" in settling)
             assert gate.waiting == (0, 2)  # the earlier non-final pushes still wait
-            for event in [*release.values(), release["late"]]:
+            for event in list(release.values()):
                 event.set()
             codes = [answer.result().status_code for answer in answers]
     finally:
