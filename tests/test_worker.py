@@ -123,7 +123,10 @@ def test_warm_up_with_redis_down_logs_and_lets_the_worker_start(
 def test_tracker_tasks_keep_the_default_queue_unless_told(settings: Settings) -> None:
     """Without SMSBAT_QUEUE only the check priority is routed and no queue list is set."""
     conf = celery_config(settings)
-    assert conf["task_routes"] == {"smsbat_tracker.track_message": {"priority": TRACK_PRIORITY}}
+    assert conf["task_routes"] == {
+        "smsbat_tracker.track_message": {"priority": TRACK_PRIORITY},
+        "smsbat_tracker.campaign_tick": {"priority": TRACK_PRIORITY},
+    }
     assert conf["task_queues"] is None
 
 

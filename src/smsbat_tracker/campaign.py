@@ -10,7 +10,15 @@ most one batch per tick in memory, whatever the campaign's size.
 
 Each message's outcome is recorded once (HSETNX in a Lua script); only the tick that
 records it dispatches that message's callback. The report is written once (SET NX) and
-only its writer dispatches ``on_report``.
+``on_report`` is claimed once.
+
+Durability: the campaign is registered (every message in its due set) when it is enqueued.
+Each tick chain ``slot`` carries a fencing token ``run`` and has an entry in the due index
+(:mod:`smsbat_tracker.redrive`): a chain lost with a killed worker or a Redis restart is
+re-driven, and the new chain first puts back the batch the lost one had claimed. A
+recorded outcome whose callback (or the report) was claimed but never confirmed is sent
+again by the next tick once the claim is as old as ``SMSBAT_REDRIVE_AFTER``; the chain
+leaves the due index only when everything is sent.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import random
 import statistics
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +38,7 @@ from typing import Any, Final, TypeVar
 from smsbat_tracker.batch import BatchStatusClient
 from smsbat_tracker.cache import CachedStatus
 from smsbat_tracker.errors import MessageNotFound, PermanentError, RateLimited, SmsbatError
+from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import MessageStatus, validate_message_id
 from smsbat_tracker.tracking import Engine, Outcome, Subscription, iso, outcome_of
@@ -38,33 +48,67 @@ __all__ = ["CampaignRunner", "TickResult", "build_report", "validate_campaign_id
 T = TypeVar("T")
 log = get_logger(__name__)
 
-# Claimed messages come back to the due set after this if their tick dies mid-batch.
+# Claimed messages come back to the due set after this if their tick is slow (a lost
+# tick's batch is put back at once when its chain is re-driven).
 LEASE_SECONDS: Final = 60.0
 ZADD_CHUNK: Final = 10_000
 
-# KEYS: due.  ARGV: now, limit, lease until.  Claims the due messages for one batch.
+# KEYS: due, claimed (or none).  ARGV: now, limit, lease until.  Claims the due messages
+# for one batch, and notes them as the chain's batch.
 _CLAIM = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id) end
+if KEYS[2] then
+  redis.call('DEL', KEYS[2])
+  if #ids > 0 then redis.call('SADD', KEYS[2], unpack(ids)) end
+end
 return ids
 """
 
-# KEYS: outcomes, due, checks, meta.  ARGV: ttl ms, then id, outcome, record triples.
-# Records each outcome once; returns the ids this call recorded.
+# KEYS: outcomes, due, checks, meta, unsent.  ARGV: ttl ms, now ms ('' when nobody wants
+# per-message callbacks), then id, outcome, record triples.
+# Records each outcome once; returns the ids this call recorded, each noted as unsent
+# until its callback is confirmed.
 _RECORD = """
 local recorded = {}
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local id = ARGV[i]
   if redis.call('HSETNX', KEYS[1], id, ARGV[i + 2]) == 1 then
     redis.call('ZREM', KEYS[2], id)
     redis.call('HDEL', KEYS[3], id)
     redis.call('HINCRBY', KEYS[4], 'done', 1)
     redis.call('HINCRBY', KEYS[4], 'n:' .. ARGV[i + 1], 1)
+    if ARGV[2] ~= '' then redis.call('HSET', KEYS[5], id, ARGV[2]) end
     recorded[#recorded + 1] = id
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return recorded
+"""
+
+# KEYS: meta, due index.  ARGV: field, expected run, next run, member, next due score.
+# Moves a tick chain on to its next run, fenced: 0 when the chain was taken over.
+_TICK_NEXT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+return 1
+"""
+
+# KEYS: meta, unsent, due index.  ARGV: now ms, stale ms, then the chains' due members.
+# Claims the report's dispatch (1) unless it is sent or freshly claimed (0); with nothing
+# claimed and nothing unsent, the campaign's chains leave the due index (2).
+_CLAIM_REPORT = """
+local mark = redis.call('HGET', KEYS[1], 'report_sent')
+if not mark or (mark ~= 'sent' and tonumber(ARGV[1]) - tonumber(mark) > tonumber(ARGV[2])) then
+  redis.call('HSET', KEYS[1], 'report_sent', ARGV[1])
+  return 1
+end
+if mark == 'sent' and redis.call('HLEN', KEYS[2]) == 0 then
+  for i = 3, #ARGV do redis.call('ZREM', KEYS[3], ARGV[i]) end
+  return 2
+end
+return 0
 """
 
 
@@ -192,13 +236,15 @@ class CampaignRunner:
         self.redis = engine.redis
         self._claim = self.redis.register_script(_CLAIM)
         self._record = self.redis.register_script(_RECORD)
+        self._tick_next = self.redis.register_script(_TICK_NEXT)
+        self._claim_report = self.redis.register_script(_CLAIM_REPORT)
         self._loop: LoopThread | None = None
         self._client: BatchStatusClient | None = None
         self._lock = threading.Lock()
 
     # --- starting -------------------------------------------------------------------------
 
-    def start(
+    def register(
         self,
         campaign_id: str,
         message_ids: Sequence[str],
@@ -208,26 +254,34 @@ class CampaignRunner:
         on_report: dict[str, Any] | None,
         enqueued_at: float,
     ) -> bool:
-        """Register the campaign and schedule every first check; False if it exists."""
+        """Register the campaign: every first check, and one due entry per tick chain.
+
+        False when the campaign exists already. A registration cut short (its caller died
+        halfway) is finished by the next call for the same campaign, which returns True.
+        """
         validate_campaign_id(campaign_id)
         ids = list(dict.fromkeys(validate_message_id(m) for m in message_ids))  # dedupe
         meta_key = self.keys.campaign(campaign_id)
         deadline_at = enqueued_at + (deadline if deadline is not None else self.settings.deadline)
         ttl_ms = int((deadline_at - time.time() + self.settings.final_ttl) * 1000)
         if not self.redis.hsetnx(meta_key, "total", len(ids)):
-            return False
-        self.redis.hset(
-            meta_key,
-            mapping={
-                "started_at": repr(enqueued_at),
-                "deadline_at": repr(deadline_at),
-                "done": 0,
-                "state": "running",
-                "subscription": subscription.to_json(),
-                "on_report": json.dumps(on_report) if on_report else "",
-            },
-        )
-        self.redis.pexpire(meta_key, ttl_ms)
+            if self.redis.hget(meta_key, "state") != "registering":
+                return False
+            enqueued_at = float(self.redis.hget(meta_key, "started_at") or enqueued_at)
+            deadline_at = float(self.redis.hget(meta_key, "deadline_at") or deadline_at)
+        else:
+            self.redis.hset(
+                meta_key,
+                mapping={
+                    "started_at": repr(enqueued_at),
+                    "deadline_at": repr(deadline_at),
+                    "done": 0,
+                    "state": "registering",
+                    "subscription": subscription.to_json(),
+                    "on_report": json.dumps(on_report) if on_report else "",
+                },
+            )
+            self.redis.pexpire(meta_key, ttl_ms)
         due = self.keys.campaign_due(campaign_id)
         first = self.settings.first_delay
         jitter = self.settings.jitter
@@ -238,12 +292,44 @@ class CampaignRunner:
                 m: min(enqueued_at + first * (1 + jitter * (2 * random.random() - 1)), deadline_at)
                 for m in chunk
             }
-            self.redis.zadd(due, scores)
+            self.redis.zadd(due, scores, nx=True)  # nx: a finished registration is resumable
         self.redis.pexpire(due, ttl_ms)
+        first_tick = enqueued_at + first * (1 - jitter)
+        pipe = self.redis.pipeline()
+        for slot in range(self.settings.campaign_ticks):
+            pipe.hset(meta_key, f"tick:{slot}", f"{uuid.uuid4().hex[:12]}:0")
+            pipe.zadd(self.keys.due(), {Keys.due_tick(campaign_id, slot): first_tick})
+        pipe.hset(meta_key, "state", "running")
+        pipe.execute()
         log.info(
             "campaign.started", campaign_id=campaign_id, total=len(ids), deadline_at=deadline_at
         )
         return True
+
+    def chains(self, campaign_id: str) -> dict[int, str]:
+        """Each tick chain's slot and its current run (the fencing token)."""
+        meta = self.meta(campaign_id)
+        return {int(k[5:]): v for k, v in meta.items() if k.startswith("tick:")}
+
+    def holds(self, campaign_id: str, slot: int, run: str) -> bool:
+        """True while ``run`` is the chain ``slot``'s current run."""
+        return self.redis.hget(self.keys.campaign(campaign_id), f"tick:{slot}") == run
+
+    def next_run(self, campaign_id: str, slot: int, run: str, next_at: float) -> str | None:
+        """Move the chain on to its next run, due at ``next_at``; None when taken over."""
+        token, _, seq = run.rpartition(":")
+        following = f"{token}:{int(seq) + 1}"
+        moved = self._tick_next(
+            keys=[self.keys.campaign(campaign_id), self.keys.due()],
+            args=[
+                f"tick:{slot}",
+                run,
+                following,
+                Keys.due_tick(campaign_id, slot),
+                repr(next_at),
+            ],
+        )
+        return following if moved else None
 
     def meta(self, campaign_id: str) -> dict[str, str]:
         """The campaign hash (empty when unknown)."""
@@ -276,11 +362,25 @@ class CampaignRunner:
                 self._loop.stop()
             self._loop = self._client = None
 
-    def tick(self, campaign_id: str) -> TickResult:
-        """Claim one batch of due messages, check it, record and re-score; maybe finish."""
+    def tick(self, campaign_id: str, slot: int | None = None) -> TickResult:
+        """Claim one batch of due messages, check it, record and re-score; maybe finish.
+
+        ``slot`` names the tick chain, whose claimed batch is noted so that a re-driven
+        chain can put it back.
+        """
         meta = self.meta(campaign_id)
-        if not meta or meta.get("state") == "finished":
+        if not meta or meta.get("state") == "registering":
+            return TickResult(0, 0, 0, not meta, None if not meta else self.settings.max_delay)
+        if meta.get("state") == "finished":
+            # Finished before: send whatever a crash left unsent, then leave the due index.
+            self.resend_unsent(campaign_id, meta)
+            report = self.stored_report(campaign_id)
+            if report is None:
+                self.finish(campaign_id, meta)
+            else:
+                self._dispatch_report(campaign_id, meta, report)
             return TickResult(0, 0, 0, True, None)
+        self.resend_unsent(campaign_id, meta)
         now = time.time()
         started_at = float(meta["started_at"])
         deadline_at = float(meta["deadline_at"])
@@ -294,8 +394,11 @@ class CampaignRunner:
         lease = LEASE_SECONDS + (
             batch / self.engine.limiter.rate if self.engine.limiter.enabled else 0
         )
+        claim_keys = [due_key]
+        if slot is not None:
+            claim_keys.append(self.keys.campaign_claimed(campaign_id, slot))
         ids = [
-            str(m) for m in self._claim(keys=[due_key], args=[repr(now), batch, repr(now + lease)])
+            str(m) for m in self._claim(keys=claim_keys, args=[repr(now), batch, repr(now + lease)])
         ]
         api_calls = recorded = 0
         if ids:
@@ -444,7 +547,8 @@ class CampaignRunner:
         if not finals:
             return 0
         now = time.time()
-        args: list[Any] = [int(self.settings.final_ttl * 1000)]
+        sub = self._subscription(meta)
+        args: list[Any] = [int(self.settings.final_ttl * 1000), int(now * 1000) if sub else ""]
         for m, outcome, status, _error in finals:
             args += [m, outcome, _compact(outcome, status, now - started_at)]
         recorded = {
@@ -455,21 +559,70 @@ class CampaignRunner:
                     self.keys.campaign_due(campaign_id),
                     self.keys.campaign_checks(campaign_id),
                     self.keys.campaign(campaign_id),
+                    self.keys.campaign_unsent(campaign_id),
                 ],
                 args=args,
             )
         }
-        sub = Subscription.from_json(meta["subscription"]) if meta.get("subscription") else None
-        if sub is not None and not sub.is_empty and recorded:
-            from celery import signature
-
-            for m, outcome, status, error in finals:
-                callback = sub.callback_for(outcome)
-                if m in recorded and callback:
-                    signature(callback, app=self.engine.app).apply_async(
-                        (self._result(campaign_id, m, outcome, status, error, started_at, now),)
-                    )
+        if sub is not None and recorded:
+            self._send(
+                campaign_id,
+                sub,
+                [
+                    (m, self._result(campaign_id, m, outcome, status, error, started_at, now))
+                    for m, outcome, status, error in finals
+                    if m in recorded
+                ],
+            )
         return len(recorded)
+
+    @staticmethod
+    def _subscription(meta: dict[str, str]) -> Subscription | None:
+        sub = Subscription.from_json(meta["subscription"]) if meta.get("subscription") else None
+        return sub if sub is not None and not sub.is_empty else None
+
+    def _send(
+        self, campaign_id: str, sub: Subscription, results: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """Send per-message callbacks, then confirm them (they leave the unsent hash)."""
+        from celery import signature
+
+        for _, result in results:
+            callback = sub.callback_for(str(result["outcome"]))
+            if callback:
+                signature(callback, app=self.engine.app).apply_async((result,))
+        if results:
+            self.redis.hdel(self.keys.campaign_unsent(campaign_id), *(m for m, _ in results))
+
+    def resend_unsent(self, campaign_id: str, meta: dict[str, str]) -> int:
+        """Send again the callbacks claimed by a tick that died before confirming them."""
+        key = self.keys.campaign_unsent(campaign_id)
+        sub = self._subscription(meta)
+        if sub is None or not self.redis.hlen(key):
+            return 0
+        now = time.time()
+        stale = [
+            str(m)
+            for m, at in self.redis.hgetall(key).items()
+            if now * 1000 - int(at) > self.settings.redrive_after * 1000
+        ]
+        if not stale:
+            return 0
+        records = self.redis.hmget(self.keys.campaign_outcomes(campaign_id), stale)
+        cached = self._cached(stale)
+        results = []
+        for m, raw in zip(stale, records, strict=True):
+            if raw is None:
+                continue
+            outcome = json.loads(raw)["o"]
+            status = cached[m].status if m in cached else None
+            started_at = float(meta["started_at"])
+            results.append(
+                (m, self._result(campaign_id, m, outcome, status, None, started_at, now))
+            )
+        log.warning("campaign.resend", campaign_id=campaign_id, count=len(results))
+        self._send(campaign_id, sub, results)
+        return len(results)
 
     @staticmethod
     def _result(
@@ -516,6 +669,7 @@ class CampaignRunner:
             self.redis.zrem(due_key, *left)  # recorded earlier by another tick: drop anyway
         self.redis.hset(self.keys.campaign(campaign_id), "state", "finished")
         meta = self.meta(campaign_id)
+        self.resend_unsent(campaign_id, meta)
         report = self.report(campaign_id, meta)
         written = self.redis.set(
             self.keys.campaign_report(campaign_id),
@@ -523,22 +677,40 @@ class CampaignRunner:
             nx=True,
             px=int(self.settings.final_ttl * 1000),
         )
-        if not written:
-            return self.stored_report(campaign_id)
-        log.info(
-            "campaign.report",
-            campaign_id=campaign_id,
-            total=report["total"],
-            delivery_rate=report["delivery_rate"],
-            outcomes=report["outcomes"],
-        )
+        if written:
+            log.info(
+                "campaign.report",
+                campaign_id=campaign_id,
+                total=report["total"],
+                delivery_rate=report["delivery_rate"],
+                outcomes=report["outcomes"],
+            )
+            self.redis.delete(self.keys.campaign_checks(campaign_id))
+        else:
+            report = self.stored_report(campaign_id) or report
+        self._dispatch_report(campaign_id, meta, report)
+        return report
+
+    def _dispatch_report(
+        self, campaign_id: str, meta: dict[str, str], report: dict[str, Any]
+    ) -> None:
+        """Send ``on_report`` once, then let the chains leave the due index."""
+        args: list[Any] = [int(time.time() * 1000), int(self.settings.redrive_after * 1000)]
+        args += [Keys.due_tick(campaign_id, slot) for slot in self.chains(campaign_id)]
+        keys = [
+            self.keys.campaign(campaign_id),
+            self.keys.campaign_unsent(campaign_id),
+            self.keys.due(),
+        ]
+        if self._claim_report(keys=keys, args=args) != 1:
+            return
         on_report = json.loads(meta["on_report"]) if meta.get("on_report") else None
         if on_report:
             from celery import signature
 
             signature(on_report, app=self.engine.app).apply_async((report,))
-        self.redis.delete(self.keys.campaign_checks(campaign_id))
-        return report
+        self.redis.hset(self.keys.campaign(campaign_id), "report_sent", "sent")
+        self._claim_report(keys=keys, args=args)
 
     def report(self, campaign_id: str, meta: dict[str, str] | None = None) -> dict[str, Any]:
         """The report as of now (partial while the campaign runs)."""

@@ -1,7 +1,8 @@
 """Redis key names, all in one place, under a configurable prefix.
 
-Every key of one message shares the hash tag ``{<message id>}`` so that the Lua scripts
-touching several of them stay valid on a Redis Cluster.
+Every key of one message shares the hash tag ``{<message id>}``. The due index and the
+re-drive lock are global: kombu's Redis transport does not run on a Redis Cluster, so
+neither does the tracker.
 """
 
 from __future__ import annotations
@@ -60,6 +61,36 @@ class Keys:
     def campaign_report(self, campaign_id: str) -> str:
         """The final report JSON, written once (SET NX)."""
         return f"{self.prefix}:campaign:{{{campaign_id}}}:report"
+
+    def campaign_claimed(self, campaign_id: str, slot: int) -> str:
+        """Set: the messages the tick chain ``slot`` claimed for the batch it is checking."""
+        return f"{self.prefix}:campaign:{{{campaign_id}}}:claimed:{slot}"
+
+    def campaign_unsent(self, campaign_id: str) -> str:
+        """Hash: message id -> ms at which its recorded outcome's callback was claimed."""
+        return f"{self.prefix}:campaign:{{{campaign_id}}}:unsent"
+
+    def due(self) -> str:
+        """The due index: every in-flight tracking and tick chain, scored by next run time.
+
+        Members are ``m:<message id>`` (a ``track_message`` session) and
+        ``c:<campaign id>:<slot>`` (a campaign's tick chain); see :mod:`smsbat_tracker.redrive`.
+        """
+        return f"{self.prefix}:due"
+
+    @staticmethod
+    def due_message(message_id: str) -> str:
+        """The due index member of a message's ``track_message`` session."""
+        return f"m:{message_id}"
+
+    @staticmethod
+    def due_tick(campaign_id: str, slot: int) -> str:
+        """The due index member of a campaign's tick chain ``slot``."""
+        return f"c:{campaign_id}:{slot}"
+
+    def redrive_lock(self) -> str:
+        """Held by the one worker sweeping the due index (SET NX PX)."""
+        return f"{self.prefix}:redrive:lock"
 
     def rate_limit(self) -> str:
         """The global API token bucket shared by every worker."""

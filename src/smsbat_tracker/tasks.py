@@ -21,6 +21,7 @@ fires nothing more. The session's deadline is the first call's.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from celery import Task
@@ -110,12 +111,14 @@ class TrackTask(AnyTask):
         kwargs["enqueued_at"] = now  # the deadline counts from here; marks it registered
         task_id = options.setdefault("task_id", uuid())
         sub = Subscription(on_delivered=on_delivered, on_failed=on_failed, on_timeout=on_timeout)
+        deadline_at = now + (deadline if deadline is not None else tracker.settings.deadline)
         session, added, cached = engine.register(
             message_id,
             sub,
             owner=task_id,
             started_at=now,
-            deadline_at=now + (deadline if deadline is not None else tracker.settings.deadline),
+            deadline_at=deadline_at,
+            first_at=min(now + tracker.settings.first_delay, deadline_at),
         )
         if not sub.is_empty and not added:
             log.info("track.duplicate", message_id=message_id, subscription=sub.id)
@@ -187,7 +190,8 @@ def track_message(
     settings = engine.settings
     now = time.time()
     task_id = str(self.request.id)
-    first_run = not self.request.retries
+    run = int(self.request.retries or 0)
+    first_run = not run
 
     if first_run:
         # The enqueue registered the callbacks, unless the task was sent by name
@@ -205,24 +209,31 @@ def track_message(
         if not sub.is_empty and not engine.subscribe(message_id, sub):
             log.info("track.duplicate", message_id=message_id, subscription=sub.id)
     started = enqueued_at if enqueued_at is not None else now
-    session = engine.open_session(
+    session, recorded, cached = engine.begin(
         message_id,
         owner=task_id,
         started_at=started,
         deadline_at=started + (deadline if deadline is not None else settings.deadline),
     )
-
-    recorded = engine.outcome(message_id)
     if recorded is not None:
         # Finished already (webhook, an earlier run, another session): claim what is ours.
         return engine.settle(message_id, None, claimer=task_id).result or recorded
-    if session.owner != task_id:
-        log.info("track.joined", message_id=message_id, owner=session.owner)
-        return {"message_id": message_id, "outcome": "joined", "owner": session.owner}
+    if session.owner != task_id or (session.run is not None and session.run != run):
+        if first_run and session.owner != task_id:
+            log.info("track.joined", message_id=message_id, owner=session.owner)
+            return {"message_id": message_id, "outcome": "joined", "owner": session.owner}
+        return _superseded(message_id, session.owner)
 
-    cached = engine.cache.get(message_id)
     if cached is not None and cached.is_final:
         return _finish(engine, session, message_id, outcome_of(cached.status), task_id)
+
+    def next_run(wait: float, *, counted: bool) -> dict[str, Any]:
+        # Fenced: the due index learns the next run, or this run stops if it was superseded.
+        if not engine.reschedule(
+            message_id, owner=task_id, run=run, next_at=time.time() + wait, counted=counted
+        ):
+            return _superseded(message_id, session.owner)
+        raise self.retry(countdown=wait)
 
     at_deadline = now >= session.deadline_at - _DEADLINE_SLACK
     pushed = session.pushed or (cached is not None and cached.source == "push")
@@ -235,7 +246,7 @@ def track_message(
             session.deadline_at - now, max(settings.max_delay, settings.visibility_timeout / 4)
         )
         log.info("track.awaiting_push", message_id=message_id, next_in=round(wait, 3))
-        raise self.retry(countdown=wait)
+        return next_run(wait, counted=False)
     retry_after: float | None = None
     status: MessageStatus | None = None
     if cached is not None and cached.age(now) < settings.fresh_for and not at_deadline:
@@ -249,8 +260,9 @@ def track_message(
         except TryLater as later:
             if at_deadline:
                 return _finish(engine, session, message_id, "timeout", task_id)
-            wait = min(later.retry_in, max(session.deadline_at - time.time(), 0.0))
-            raise self.retry(countdown=wait) from None
+            return next_run(
+                min(later.retry_in, max(session.deadline_at - time.time(), 0.0)), counted=False
+            )
         except MessageNotFound as exc:
             if now - session.started_at > settings.not_found_grace or at_deadline:
                 return _finish(engine, session, message_id, "error", task_id, error=str(exc))
@@ -261,7 +273,6 @@ def track_message(
         except TransientError as exc:
             retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
             log.warning("track.transient_error", message_id=message_id, error=str(exc))
-    engine.count_check(message_id)
     final = status is not None and status.is_final
     wait_next = None
     if not final and not at_deadline:
@@ -291,7 +302,13 @@ def track_message(
             )
     if wait_next is None:  # the deadline check has happened
         return _finish(engine, session, message_id, "timeout", task_id)
-    raise self.retry(countdown=wait_next)
+    return next_run(wait_next, counted=True)
+
+
+def _superseded(message_id: str, owner: str) -> dict[str, Any]:
+    """A run whose tracking was taken over (re-driven) or that is a stale copy: it stops."""
+    log.info("track.superseded", message_id=message_id, owner=owner)
+    return {"message_id": message_id, "outcome": "superseded", "owner": owner}
 
 
 def _finish(
@@ -347,12 +364,17 @@ def get_status(message_id: str) -> MessageStatus:
 
 
 class CampaignTask(AnyTask):
-    """Checks ``track_campaign`` arguments when enqueued: bad ids never reach the broker."""
+    """``track_campaign``'s enqueue: checks the arguments and registers the campaign.
+
+    Bad ids never reach the broker. Every message's first check, and each tick chain's
+    entry in the due index, are stored before the task is published, so that a lost task
+    (a killed worker, a Redis restart) is re-driven instead of forgotten.
+    """
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
-        validate_campaign_id(kwargs.get("campaign_id", args[0] if args else None))
+        campaign_id = validate_campaign_id(kwargs.get("campaign_id", args[0] if args else None))
         message_ids = kwargs.get("message_ids", args[1] if len(args) > 1 else None)
         if not isinstance(message_ids, list | tuple) or not message_ids:
             raise ValueError("message_ids must be a non-empty list of message ids")
@@ -360,8 +382,34 @@ class CampaignTask(AnyTask):
             validate_message_id(message_id)
         for name in ("on_report", *_CALLBACK_ARGS):
             _as_signature_dict(name, kwargs.get(name))
-        kwargs.setdefault("enqueued_at", time.time())
+        if "enqueued_at" not in kwargs:
+            kwargs["enqueued_at"] = time.time()
+            _register_campaign(
+                cast(TrackerApp, self.app), campaign_id, message_ids, kwargs, args[2:3]
+            )
         return super().apply_async(args, kwargs, *rest, **options)
+
+
+def _register_campaign(
+    tracker: TrackerApp,
+    campaign_id: str,
+    message_ids: Sequence[str],
+    kwargs: dict[str, Any],
+    deadline_arg: tuple[Any, ...],
+) -> bool:
+    deadline = kwargs.get("deadline", deadline_arg[0] if deadline_arg else None)
+    return tracker.campaigns.register(
+        campaign_id,
+        message_ids,
+        deadline=deadline,
+        subscription=Subscription(
+            on_delivered=_as_signature_dict("on_delivered", kwargs.get("on_delivered")),
+            on_failed=_as_signature_dict("on_failed", kwargs.get("on_failed")),
+            on_timeout=_as_signature_dict("on_timeout", kwargs.get("on_timeout")),
+        ),
+        on_report=_as_signature_dict("on_report", kwargs.get("on_report")),
+        enqueued_at=kwargs["enqueued_at"],
+    )
 
 
 @app.task(bind=True, base=CampaignTask, name="smsbat_tracker.track_campaign")
@@ -382,48 +430,71 @@ def track_campaign(
     passed; the per-message callbacks are optional. The report stays retrievable with
     :func:`get_campaign_report`. See :mod:`smsbat_tracker.campaign` for the design.
     """
-    runner = cast(TrackerApp, self.app).campaigns
-    sub = Subscription(
-        on_delivered=_as_signature_dict("on_delivered", on_delivered),
-        on_failed=_as_signature_dict("on_failed", on_failed),
-        on_timeout=_as_signature_dict("on_timeout", on_timeout),
-    )
-    started = runner.start(
+    tracker = cast(TrackerApp, self.app)
+    runner = tracker.campaigns
+    enqueued_at = enqueued_at if enqueued_at is not None else time.time()
+    # Registered at enqueue, unless sent by name, or cut short: then registered here.
+    _register_campaign(
+        tracker,
         campaign_id,
         message_ids,
-        deadline=deadline,
-        subscription=sub,
-        on_report=_as_signature_dict("on_report", on_report),
-        enqueued_at=enqueued_at if enqueued_at is not None else time.time(),
+        {
+            "deadline": deadline,
+            "on_report": on_report,
+            "on_delivered": on_delivered,
+            "on_failed": on_failed,
+            "on_timeout": on_timeout,
+            "enqueued_at": enqueued_at,
+        },
+        (),
     )
-    if not started:
+    if runner.meta(campaign_id).get("started_at") != repr(enqueued_at):
         log.info("campaign.duplicate", campaign_id=campaign_id)
         return {"campaign_id": campaign_id, "started": False}
-    first = runner.settings.first_delay * (1 - runner.settings.jitter)
-    for _ in range(runner.settings.campaign_ticks):
-        campaign_tick.apply_async((campaign_id,), countdown=first)
+    first = max(0.0, enqueued_at + runner.settings.first_delay * (1 - runner.settings.jitter))
+    for slot, run in runner.chains(campaign_id).items():
+        if run.endswith(":0"):  # a chain not started yet (a redelivery finds them started)
+            campaign_tick.apply_async(
+                (campaign_id,), {"slot": slot, "run": run}, countdown=first - time.time()
+            )
     return {"campaign_id": campaign_id, "started": True, "total": len(set(message_ids))}
 
 
 @app.task(bind=True, name="smsbat_tracker.campaign_tick", ignore_result=True)
-def campaign_tick(self: AnyTask, campaign_id: str) -> dict[str, Any]:
+def campaign_tick(
+    self: AnyTask, campaign_id: str, slot: int | None = None, run: str | None = None
+) -> dict[str, Any]:
     """Check the campaign's due messages for a few seconds, then schedule the next tick.
 
     Each tick holds one batch at a time and re-enqueues itself: at most
-    ``SMSBAT_CAMPAIGN_TICKS`` ticks per campaign exist, whatever its size.
+    ``SMSBAT_CAMPAIGN_TICKS`` chains per campaign exist, whatever its size. A chain's
+    ``run`` is its fencing token: a tick whose chain was re-driven stops at once.
     """
     runner = cast(TrackerApp, self.app).campaigns
+    fenced = slot is not None and run is not None
+    if fenced and not runner.holds(campaign_id, cast(int, slot), cast(str, run)):
+        log.info("campaign.tick_superseded", campaign_id=campaign_id, slot=slot)
+        return {"claimed": 0, "api_calls": 0, "recorded": 0, "superseded": True}
     until = time.monotonic() + _TICK_BUDGET
     claimed = calls = recorded = 0
     while True:
-        result = runner.tick(campaign_id)
+        result = runner.tick(campaign_id, slot)
         claimed += result.claimed
         calls += result.api_calls
         recorded += result.recorded
         if result.finished or result.next_in is None:
             break
         if result.next_in > 0 or time.monotonic() > until:
-            self.apply_async((campaign_id,), countdown=result.next_in)
+            if not fenced:
+                self.apply_async((campaign_id,), countdown=result.next_in)
+                break
+            following = runner.next_run(
+                campaign_id, cast(int, slot), cast(str, run), time.time() + result.next_in
+            )
+            if following is not None:
+                self.apply_async(
+                    (campaign_id,), {"slot": slot, "run": following}, countdown=result.next_in
+                )
             break
     return {"claimed": claimed, "api_calls": calls, "recorded": recorded}
 

@@ -60,41 +60,64 @@ OUTCOMES: Final[tuple[str, ...]] = (
     "error",
 )
 
-# A dispatch claimed but never confirmed (the claimer died) may be re-claimed after this.
-STALE_CLAIM_MS: Final = 60_000
-
 log = get_logger(__name__)
 
-# KEYS: track.  ARGV: owner, started_at, deadline_at, ttl ms.
-# Creates the session if absent; returns its owner, started_at, deadline_at, checks, polls,
-# pushed.
+# The session-opening piece of _REGISTER and _BEGIN.  KEYS[1]: track, and ``due`` is set by
+# the script.  ARGV: owner, started_at, deadline_at, ttl ms, first due score, due member.
+# Creates the session if absent (its owner runs 0 comes next, and the due index learns
+# when); reads owner, started_at, deadline_at, checks, polls, pushed, run.
 _OPEN_SESSION = """
 if redis.call('HSETNX', KEYS[1], 'owner', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'started_at', ARGV[2], 'deadline_at', ARGV[3])
-  redis.call('HSET', KEYS[1], 'checks', 0, 'polls', 0)
+  redis.call('HSET', KEYS[1], 'run', 0, 'started_at', ARGV[2], 'deadline_at', ARGV[3],
+             'checks', 0, 'polls', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('ZADD', due, ARGV[5], ARGV[6])
 end
 local session = redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at', 'checks',
-                           'polls', 'pushed')
+                           'polls', 'pushed', 'run')
 """
-_OPEN = _OPEN_SESSION + "return session\n"
 
-# KEYS: track, subs, status.  ARGV: as _OPEN, then subscription id ('' for none), its JSON,
-# subs ttl ms.  A new tracking's whole registration in one round trip: the subscription
-# (HSETNX), the session (as _OPEN), and the cached status.
+# KEYS: track, subs, status, due.  ARGV: as _OPEN_SESSION, then subscription id ('' for
+# none), its JSON, subs ttl ms.  A new tracking's whole registration in one round trip: the
+# subscription (HSETNX), the session, and the cached status. A subscription that joins a
+# session which may have ended already gets a due entry too: if its run is lost, the
+# re-driver finishes its dispatch.
 _REGISTER = (
     """
+local due = KEYS[4]
 local added = 0
-if ARGV[5] ~= '' then
-  added = redis.call('HSETNX', KEYS[2], ARGV[5], ARGV[6])
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+if ARGV[7] ~= '' then
+  added = redis.call('HSETNX', KEYS[2], ARGV[7], ARGV[8])
+  redis.call('PEXPIRE', KEYS[2], ARGV[9])
 end
 """
     + _OPEN_SESSION
     + """
+if added == 1 then redis.call('ZADD', due, 'NX', ARGV[5], ARGV[6]) end
 return {session, added, redis.call('GET', KEYS[3])}
 """
 )
+
+# KEYS: track, outcome, status, due.  ARGV: as _OPEN_SESSION.  What a run needs before it
+# decides, in one round trip: the session (created when the task was sent by name), the
+# recorded outcome and the cached status.
+_BEGIN = (
+    "local due = KEYS[4]\n"
+    + _OPEN_SESSION
+    + "return {session, redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3])}\n"
+)
+
+# KEYS: track, due.  ARGV: owner, run, next due score, due member, count ('1' or '0').
+# Records a check and schedules the owner's next run, fenced: only the session's owner, in
+# the run the session expects, may. Returns 0 when the run was superseded.
+_RESCHEDULE = """
+local s = redis.call('HMGET', KEYS[1], 'owner', 'run')
+if s[1] ~= ARGV[1] or (s[2] and tonumber(s[2]) ~= tonumber(ARGV[2])) then return 0 end
+if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'checks', 1) end
+redis.call('HSET', KEYS[1], 'run', tonumber(ARGV[2]) + 1)
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
 
 # KEYS: track, subs.  ARGV: owner, subscription id ('' for none).  Drops the session when
 # ``owner`` still owns it, and the subscription.
@@ -104,11 +127,13 @@ if ARGV[2] ~= '' then redis.call('HDEL', KEYS[2], ARGV[2]) end
 return 1
 """
 
-# KEYS: outcome, subs, fired, track.  ARGV: result JSON ('' to record nothing), ttl ms,
-# claimer, now ms, stale claim ms.
+# KEYS: outcome, subs, fired, track, due.  ARGV: result JSON ('' to record nothing), ttl ms,
+# claimer, now ms, stale claim ms, due member.
 # Records the outcome if none is recorded, then claims every subscription that is not
 # dispatched: unmarked, claimed earlier by this same claimer (its run was interrupted), or
-# claimed by another claimer longer ago than STALE_CLAIM_MS (that claimer died).
+# claimed by another claimer longer ago than the stale claim time (that claimer died).
+# While anything is left to dispatch the message stays in the due index, due now: if the
+# claimer dies before it marks its dispatch sent, the re-driver hands the claim on.
 _SETTLE = """
 local outcome = redis.call('GET', KEYS[1])
 local recorded = 0
@@ -125,6 +150,7 @@ end
 local now = tonumber(ARGV[4])
 local mine = 'pending:' .. ARGV[3] .. ':'
 local claimed = {}
+local unsent = 0
 local subs = redis.call('HGETALL', KEYS[2])
 for i = 1, #subs, 2 do
   local mark = redis.call('HGET', KEYS[3], subs[i])
@@ -134,6 +160,7 @@ for i = 1, #subs, 2 do
   elseif string.sub(mark, 1, 8) == 'pending:' then
     local at = tonumber(string.match(mark, ':(%d+)$')) or 0
     take = string.sub(mark, 1, #mine) == mine or now - at > tonumber(ARGV[5])
+    unsent = 1
   end
   if take then
     redis.call('HSET', KEYS[3], subs[i], mine .. ARGV[4])
@@ -145,7 +172,34 @@ if #subs > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
   redis.call('PEXPIRE', KEYS[3], ARGV[2])
 end
+if #claimed > 0 then
+  redis.call('ZADD', KEYS[5], now / 1000, ARGV[6])
+elseif unsent == 0 then
+  redis.call('ZREM', KEYS[5], ARGV[6])
+end
 return {recorded, outcome, claimed}
+"""
+
+# KEYS: fired, subs, due.  ARGV: due member, subscription id.  Marks a dispatch sent; once
+# every subscription is sent the message leaves the due index.
+_SENT = """
+redis.call('HSET', KEYS[1], ARGV[2], 'sent')
+for _, id in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if redis.call('HGET', KEYS[1], id) ~= 'sent' then return 0 end
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: fired.  ARGV: this claimer's mark prefix, then subscription ids.  Gives back the
+# claims of a dispatch that failed, so that the next settle (a provider's retried push, the
+# poller, the re-driver) takes them at once.
+_RELEASE = """
+for i = 2, #ARGV do
+  local mark = redis.call('HGET', KEYS[1], ARGV[i])
+  if mark and string.sub(mark, 1, #ARGV[1]) == ARGV[1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return 1
 """
 
 
@@ -182,6 +236,9 @@ class Session:
     checks: int = 0
     polls: int = 0
     pushed: bool = False  # a push has been seen for the message: the provider pushes it
+    # The owner's run (Celery's retries count) the session expects next: with ``owner``, the
+    # fencing token. None for a session stored before the tracker had one.
+    run: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,28 +367,68 @@ class Engine:
         self.cache = StatusCache(redis_client, settings, self.keys)
         self.schedule = Schedule.from_settings(settings)
         self.limiter = RateLimiter(redis_client, settings, self.keys)
-        self._open = redis_client.register_script(_OPEN)
+        self._begin = redis_client.register_script(_BEGIN)
+        self._reschedule = redis_client.register_script(_RESCHEDULE)
         self._settle = redis_client.register_script(_SETTLE)
+        self._sent = redis_client.register_script(_SENT)
+        self._release = redis_client.register_script(_RELEASE)
         self._abandon = redis_client.register_script(_ABANDON)
         self._register = redis_client.register_script(_REGISTER)
 
     # --- sessions and subscriptions ---------------------------------------------------
 
-    def open_session(
+    def begin(
         self, message_id: str, *, owner: str, started_at: float, deadline_at: float
-    ) -> Session:
-        """Create the message's session unless one exists; return the session in force."""
-        values = self._open(
-            keys=[self.keys.track(message_id)],
-            args=[owner, repr(started_at), repr(deadline_at), self._session_ttl_ms(deadline_at)],
+    ) -> tuple[Session, dict[str, Any] | None, CachedStatus | None]:
+        """What a run needs first, in one round trip: the session, the outcome, the cache.
+
+        Creates the session (and its due entry) unless one exists, as when the task was
+        sent by name; returns the session in force, the recorded result and the cached
+        status.
+        """
+        values, outcome, raw = self._begin(
+            keys=[
+                self.keys.track(message_id),
+                self.keys.outcome(message_id),
+                self.keys.status(message_id),
+                self.keys.due(),
+            ],
+            args=[
+                owner,
+                repr(started_at),
+                repr(deadline_at),
+                self._session_ttl_ms(deadline_at),
+                repr(time.time()),
+                Keys.due_message(message_id),
+            ],
         )
         session = self._session(message_id, values)
         assert session is not None  # the script creates it
-        return session
+        return (
+            session,
+            json.loads(outcome) if outcome else None,
+            StatusCache.parse(raw) if raw else None,
+        )
+
+    def reschedule(
+        self, message_id: str, *, owner: str, run: int, next_at: float, counted: bool
+    ) -> bool:
+        """Record a check (when ``counted``) and put the owner's next run in the due index.
+
+        Fenced: False, and nothing written, when ``owner``'s run ``run`` is no longer the
+        one the session expects (the re-driver took the tracking over, or this is a stale
+        copy of the run). The caller then stops without publishing anything.
+        """
+        return bool(
+            self._reschedule(
+                keys=[self.keys.track(message_id), self.keys.due()],
+                args=[owner, run, repr(next_at), Keys.due_message(message_id), int(counted)],
+            )
+        )
 
     @staticmethod
     def _session(message_id: str, values: Sequence[Any]) -> Session | None:
-        owner, started, deadline, checks, polls, pushed = values
+        owner, started, deadline, checks, polls, pushed, run = values
         if owner is None or started is None or deadline is None:
             return None
         return Session(
@@ -342,11 +439,12 @@ class Engine:
             checks=int(checks or 0),
             polls=int(polls or 0),
             pushed=bool(pushed),
+            run=None if run is None else int(run),
         )
 
     def session(self, message_id: str) -> Session | None:
         """The message's session, or None."""
-        fields = ["owner", "started_at", "deadline_at", "checks", "polls", "pushed"]
+        fields = ["owner", "started_at", "deadline_at", "checks", "polls", "pushed", "run"]
         return self._session(message_id, self.redis.hmget(self.keys.track(message_id), fields))
 
     def mark_pushed(self, message_id: str) -> None:
@@ -376,24 +474,28 @@ class Engine:
         owner: str,
         started_at: float,
         deadline_at: float,
+        first_at: float,
     ) -> tuple[Session, bool, CachedStatus | None]:
         """Register a new tracking in one round trip (see ``TrackTask``).
 
         Subscribes ``subscription`` (unless empty) and opens the session as
-        :meth:`subscribe` and :meth:`open_session` do. Returns the session in force, whether
-        the subscription was new, and the cached status.
+        :meth:`subscribe` and :meth:`begin` do, due at ``first_at``. Returns the session in
+        force, whether the subscription was new, and the cached status.
         """
         values, added, raw = self._register(
             keys=[
                 self.keys.track(message_id),
                 self.keys.subs(message_id),
                 self.keys.status(message_id),
+                self.keys.due(),
             ],
             args=[
                 owner,
                 repr(started_at),
                 repr(deadline_at),
                 self._session_ttl_ms(deadline_at),
+                repr(first_at),
+                Keys.due_message(message_id),
                 "" if subscription.is_empty else subscription.id,
                 subscription.to_json(),
                 self._subs_ttl_ms(),
@@ -414,10 +516,6 @@ class Engine:
         """The recorded final result, or None while tracking goes on."""
         raw = self.redis.get(self.keys.outcome(message_id))
         return json.loads(raw) if raw else None
-
-    def count_check(self, message_id: str) -> None:
-        """Count one check (API or cache) of the session; the backoff grows with it."""
-        self.redis.hincrby(self.keys.track(message_id), "checks", 1)
 
     def note_unknown_status(self, message_id: str, status: str) -> bool:
         """True the first time this unknown status is seen for the message (log it once)."""
@@ -509,13 +607,16 @@ class Engine:
                 self.keys.subs(message_id),
                 self.keys.fired(message_id),
                 self.keys.track(message_id),
+                self.keys.due(),
             ],
             args=[
                 json.dumps(result, separators=(",", ":")) if result is not None else "",
                 ttl_ms,
                 claimer,
                 int(time.time() * 1000),
-                STALE_CLAIM_MS,
+                # A claim this old belongs to a claimer that died: as late as a lost run.
+                int(self.settings.redrive_after * 1000),
+                Keys.due_message(message_id),
             ],
         )
         if not outcome_raw:  # result None and nothing recorded: nothing to do
@@ -533,36 +634,54 @@ class Engine:
                 deliverystatus=final.get("deliverystatus"),
                 polls=final.get("polls"),
             )
-        self.dispatch(message_id, settled)
+        self.dispatch(message_id, settled, claimer=claimer)
         return settled
 
-    def dispatch(self, message_id: str, settled: SettleResult) -> None:
-        """Send the callbacks of the subscriptions ``settled`` claimed, then mark them sent."""
+    def dispatch(self, message_id: str, settled: SettleResult, *, claimer: str) -> None:
+        """Send the callbacks of the subscriptions ``settled`` claimed, marking each sent.
+
+        When a send fails, the claims not yet sent are given back before the error is
+        raised, so that the next settle takes them at once.
+        """
         if not settled.claimed:
             return
         from celery import signature
 
         result = settled.result
         outcome = str(result["outcome"])
-        for sub_id, sub in settled.claimed:
-            callback = sub.callback_for(outcome)
-            if callback:
-                sig = signature(callback, app=self.app)
-                sig.apply_async((result,))
-                log.info(
-                    "track.callback",
-                    message_id=message_id,
-                    outcome=outcome,
-                    callback=sig.task,
-                    subscription=sub_id,
+        member = Keys.due_message(message_id)
+        sent_keys = [self.keys.fired(message_id), self.keys.subs(message_id), self.keys.due()]
+        done = 0
+        try:
+            for sub_id, sub in settled.claimed:
+                callback = sub.callback_for(outcome)
+                if callback:
+                    sig = signature(callback, app=self.app)
+                    sig.apply_async((result,))
+                    log.info(
+                        "track.callback",
+                        message_id=message_id,
+                        outcome=outcome,
+                        callback=sig.task,
+                        subscription=sub_id,
+                    )
+                for link in sub.links or ():
+                    signature(link, app=self.app).apply_async((result,))
+                if sub.chain:
+                    # As Celery itself continues a chain: the last entry is the next step.
+                    nxt = signature(sub.chain[-1], app=self.app)
+                    nxt.apply_async((result,), chain=sub.chain[:-1] or None)
+                self._sent(keys=sent_keys, args=[member, sub_id])
+                done += 1
+        except BaseException:
+            left = [sub_id for sub_id, _ in settled.claimed[done:]]
+            try:
+                self._release(
+                    keys=[self.keys.fired(message_id)], args=[f"pending:{claimer}:", *left]
                 )
-            for link in sub.links or ():
-                signature(link, app=self.app).apply_async((result,))
-            if sub.chain:
-                # As Celery itself continues a chain: the last entry is the next step.
-                nxt = signature(sub.chain[-1], app=self.app)
-                nxt.apply_async((result,), chain=sub.chain[:-1] or None)
-            self.redis.hset(self.keys.fired(message_id), sub_id, "sent")
+            except redis.RedisError:  # the stale-claim time hands them on instead
+                log.warning("track.release_failed", message_id=message_id)
+            raise
 
     def forget(self, message_ids: Sequence[str]) -> None:
         """Delete everything stored about these messages (tests, re-tracking by hand)."""

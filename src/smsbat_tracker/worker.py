@@ -6,8 +6,11 @@ countdown retries safe on Redis are set here, explicitly:
 - ``visibility_timeout`` (``SMSBAT_VISIBILITY_TIMEOUT``, 1 h) far above every countdown
   (the settings refuse a ``SMSBAT_MAX_DELAY`` above a quarter of it): a waiting countdown
   task is held unacked, and one that outlived the timeout would run twice;
-- ``acks_late`` with ``reject_on_worker_lost``: a worker killed mid-task leaves its message
-  unacked, and Redis hands it to another worker after the visibility timeout;
+- ``acks_late`` with ``reject_on_worker_lost``: a prefork child killed mid-task has its
+  message requeued at once by its parent;
+- the re-driver (:mod:`smsbat_tracker.redrive`), a bootstep of every worker: what a
+  whole worker held when it died, or what a Redis restart dropped, resumes within
+  ``SMSBAT_REDRIVE_AFTER`` instead of the visibility timeout;
 - JSON only, task events on (Flower), and the deadline is tracked by the task itself,
   never by Celery's ``expires``.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 import redis
@@ -121,6 +125,9 @@ def create_app(settings: Settings | None = None) -> TrackerApp:
         include=["smsbat_tracker.tasks", "smsbat_tracker.recipes"],
     )
     tracker.conf.update(celery_config(settings))
+    from smsbat_tracker.redrive import RedriveStep
+
+    tracker.steps["worker"].add(RedriveStep)
     return tracker
 
 
@@ -141,7 +148,10 @@ TRACKER_TASKS = (
 
 def _routes(settings: Settings) -> dict[str, dict[str, Any]]:
     routes: dict[str, dict[str, Any]] = {name: {} for name in TRACKER_TASKS}
+    # Checks, and campaign ticks, share one priority list: the re-driver reads its oldest
+    # task's age (see smsbat_tracker.redrive).
     routes["smsbat_tracker.track_message"]["priority"] = TRACK_PRIORITY
+    routes["smsbat_tracker.campaign_tick"]["priority"] = TRACK_PRIORITY
     if settings.queue:
         for route in routes.values():
             route["queue"] = settings.queue
@@ -236,6 +246,15 @@ def _warm_child(**_: Any) -> None:
     tracker = current_app
     if isinstance(tracker, TrackerApp):
         tracker.warm()
+
+
+@signals.before_task_publish.connect
+def _stamp_published_at(sender: str | None = None, headers: Any = None, **_: Any) -> None:
+    # The re-driver tells a task waiting behind a backlog from a lost one by this stamp.
+    from smsbat_tracker.redrive import PUBLISHED_AT, TICK_TASK, TRACK_TASK
+
+    if sender in (TRACK_TASK, TICK_TASK) and isinstance(headers, dict):
+        headers[PUBLISHED_AT] = time.time()
 
 
 @signals.task_prerun.connect

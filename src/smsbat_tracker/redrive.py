@@ -1,0 +1,356 @@
+"""The re-driver: in-flight trackings resume within seconds after a worker or Redis crash.
+
+Every in-flight tracking has an entry in one Redis sorted set, the *due index*
+(:meth:`~smsbat_tracker.keys.Keys.due`), scored by the time its next run is due: each
+``track_message`` session (``m:<message id>``) and each campaign tick chain
+(``c:<campaign id>:<slot>``). The step that records a check writes the entry in the same
+Lua script, fenced by the tracking's token: the session's owner task id and the run it
+expects next, or the chain's ``run``.
+
+Celery on Redis holds a waiting countdown task in the worker that fetched it, and kombu
+gives it back only after the visibility timeout (an hour): a SIGKILLed worker, or a Redis
+restart (the consumer drops what it holds), would leave its trackings that long. Instead,
+each worker runs :class:`Redriver` on a thread (started by the :class:`RedriveStep`
+bootstep, so there is nothing more to run):
+
+- every second it *refreshes* the entries of the tracker tasks its own process holds and
+  that are due or running (Celery's reserved and active requests): a tracking waiting for
+  a busy pool, or a long check, is alive and never looks overdue;
+- under a Redis lock, one worker at a time *sweeps*: an entry overdue by more than
+  ``SMSBAT_REDRIVE_AFTER`` is neither held by a live worker (it would be refreshed) nor
+  waiting in the broker queue (see :meth:`Redriver.queue_age`), so it was lost. The
+  sweep takes it over with a new token and publishes a fresh run, at most
+  :data:`SWEEP_LIMIT` a sweep. The lost task, should it ever come back, finds its token
+  moved and stops without an API call or a callback.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Final
+
+import redis
+from celery import bootsteps
+
+from smsbat_tracker.keys import Keys
+from smsbat_tracker.log import get_logger
+
+if TYPE_CHECKING:
+    from smsbat_tracker.worker import TrackerApp
+
+__all__ = ["HEARTBEAT", "SWEEP_LIMIT", "RedriveStep", "Redriver"]
+
+log = get_logger(__name__)
+
+# How often each worker refreshes what it holds, and sweeps when it has the lock.
+HEARTBEAT: Final = 1.0
+# Trackings re-driven in one sweep at most: a mass loss resumes over a few seconds
+# instead of flooding the queue.
+SWEEP_LIMIT: Final = 200
+# The sweep lock outlives a sweep, and expires soon after its holder dies.
+LOCK_MS: Final = 5_000
+# Publish time stamped on the tracker's tasks (see ``queue_age``).
+PUBLISHED_AT: Final = "smsbat_published_at"
+TRACK_TASK: Final = "smsbat_tracker.track_message"
+TICK_TASK: Final = "smsbat_tracker.campaign_tick"
+
+# KEYS: due, then one hash per item.  ARGV: now, then member, field, expected value,
+# expected run ('' for none) per item.  Refreshes the overdue entries whose token still
+# matches: their task is held by a live worker.
+_REFRESH = """
+local now = tonumber(ARGV[1])
+local n = 0
+for i = 2, #KEYS do
+  local a = 2 + (i - 2) * 4
+  local ok
+  if ARGV[a + 3] ~= '' then
+    local v = redis.call('HMGET', KEYS[i], ARGV[a + 1], 'run')
+    ok = v[1] == ARGV[a + 2] and tonumber(v[2]) == tonumber(ARGV[a + 3])
+  else
+    ok = redis.call('HGET', KEYS[i], ARGV[a + 1]) == ARGV[a + 2]
+  end
+  if ok then
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[a])
+    if score and tonumber(score) < now then
+      redis.call('ZADD', KEYS[1], now, ARGV[a])
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+# KEYS: due, session.  ARGV: member, cutoff, new owner, now.  Takes a lost session over:
+# a new owner whose first run comes next. Returns {1, started_at, deadline_at}, 0 when the
+# entry moved (not lost after all), -1 when the session is gone (entry dropped).
+_TAKE_SESSION = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
+local s = redis.call('HMGET', KEYS[2], 'started_at', 'deadline_at')
+if not s[1] or not s[2] then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return -1
+end
+redis.call('HSET', KEYS[2], 'owner', ARGV[3], 'run', 0)
+redis.call('HINCRBY', KEYS[2], 'redriven', 1)
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+return {1, s[1], s[2]}
+"""
+
+# KEYS: due, campaign meta, campaign due set, the chain's claimed batch.  ARGV: member,
+# cutoff, field, new run, now.  Takes a lost tick chain over, and puts the batch it had
+# claimed back in the campaign's due set. Returns 1, 0 or -1 as _TAKE_SESSION.
+_TAKE_CHAIN = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return -1
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('HINCRBY', KEYS[2], 'redriven', 1)
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  redis.call('ZADD', KEYS[3], 'XX', ARGV[5], id)
+end
+redis.call('DEL', KEYS[4])
+redis.call('ZADD', KEYS[1], ARGV[5], ARGV[1])
+return 1
+"""
+
+# KEYS: lock.  ARGV: holder.  Releases the sweep lock if this worker still holds it.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _held_item(request: Any, keys: Keys) -> tuple[str, str, str, str, str] | None:
+    """(member, hash key, field, expected, run) for a tracker request held by this worker."""
+    args = list(request.args or ())
+    kwargs = dict(request.kwargs or {})
+    if request.name == TRACK_TASK:
+        message_id = kwargs.get("message_id", args[0] if args else None)
+        if not isinstance(message_id, str):
+            return None
+        retries = int(request.request_dict.get("retries") or 0)
+        return (
+            Keys.due_message(message_id),
+            keys.track(message_id),
+            "owner",
+            str(request.id),
+            str(retries),
+        )
+    if request.name == TICK_TASK:
+        campaign_id = kwargs.get("campaign_id", args[0] if args else None)
+        slot, run = kwargs.get("slot"), kwargs.get("run")
+        if not isinstance(campaign_id, str) or slot is None or not isinstance(run, str):
+            return None
+        return (
+            Keys.due_tick(campaign_id, int(slot)),
+            keys.campaign(campaign_id),
+            f"tick:{slot}",
+            run,
+            "",
+        )
+    return None
+
+
+class Redriver:
+    """One worker's refresher and sweeper; :meth:`run_once` is one heartbeat."""
+
+    def __init__(self, app: TrackerApp, client: redis.Redis) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.redis = client
+        self.keys = Keys(self.settings.key_prefix)
+        self.holder = uuid.uuid4().hex
+        self._refresh = client.register_script(_REFRESH)
+        self._take_session = client.register_script(_TAKE_SESSION)
+        self._take_chain = client.register_script(_TAKE_CHAIN)
+        self._unlock = client.register_script(_UNLOCK)
+
+    # --- refreshing what this worker holds ---------------------------------------------
+
+    @staticmethod
+    def held_requests() -> list[Any]:
+        """This process's reserved (due, waiting for the pool) and active requests."""
+        from celery.worker import state
+
+        while True:
+            try:
+                return list(state.reserved_requests) + list(state.active_requests)
+            except RuntimeError:  # the sets changed while being copied: copy again
+                continue
+
+    def refresh(self, requests: list[Any]) -> int:
+        """Mark the due entries of ``requests`` alive now; returns how many were overdue."""
+        items = {}
+        for request in requests:
+            item = _held_item(request, self.keys)
+            if item is not None:
+                items[item[0]] = item
+        if not items:
+            return 0
+        keys = [self.keys.due()]
+        args: list[Any] = [repr(time.time())]
+        for member, hash_key, field, expected, run in items.values():
+            keys.append(hash_key)
+            args += [member, field, expected, run]
+        return int(self._refresh(keys=keys, args=args))
+
+    # --- sweeping ------------------------------------------------------------------------
+
+    def queues(self) -> list[str]:
+        """The broker lists the tracker's due-tracked tasks wait in (their priority's)."""
+        from smsbat_tracker.worker import DEFAULT_QUEUE, TRACK_PRIORITY
+
+        # kombu's Redis transport keeps one list per queue and priority step.
+        return [f"{self.settings.queue or DEFAULT_QUEUE}\x06\x16{TRACK_PRIORITY}"]
+
+    def queue_age(self, now: float) -> float:
+        """How long the oldest tracker task waiting in the broker has waited (0: none).
+
+        kombu pushes on the left of a list and workers pop from the right, so the right
+        end is the oldest. A tracking overdue by less than this may be waiting behind a
+        backlog that live workers are draining, so the sweep leaves it alone.
+        """
+        age = 0.0
+        for queue in self.queues():
+            raw = self.redis.lindex(queue, -1)
+            if not raw:
+                continue
+            try:
+                published = float(json.loads(raw)["headers"][PUBLISHED_AT])
+            except (ValueError, KeyError, TypeError):
+                continue  # not one of ours (or an older version's): no age to read
+            age = max(age, now - published)
+        return age
+
+    def sweep(self, now: float | None = None) -> int:
+        """Re-drive lost trackings if this worker gets the lock; returns how many."""
+        lock = self.keys.redrive_lock()
+        if not self.redis.set(lock, self.holder, nx=True, px=LOCK_MS):
+            return 0
+        try:
+            now = time.time() if now is None else now
+            cutoff = now - self.settings.redrive_after - self.queue_age(now)
+            members = self.redis.zrangebyscore(
+                self.keys.due(), "-inf", repr(cutoff), start=0, num=SWEEP_LIMIT
+            )
+            count = 0
+            for member in members:
+                count += self.redrive(str(member), cutoff, now)
+            if members:
+                log.warning(
+                    "redrive.sweep", overdue=len(members), redriven=count, cutoff=round(cutoff, 3)
+                )
+            return count
+        finally:
+            self._unlock(keys=[lock], args=[self.holder])
+
+    def redrive(self, member: str, cutoff: float, now: float) -> int:
+        """Take one overdue tracking over and publish its fresh run; 1 if it was re-driven."""
+        kind, _, rest = member.partition(":")
+        due = self.keys.due()
+        if kind == "m":
+            owner = uuid.uuid4().hex
+            taken = self._take_session(
+                keys=[due, self.keys.track(rest)], args=[member, repr(cutoff), owner, repr(now)]
+            )
+            if not isinstance(taken, list):
+                return 0
+            started, deadline_at = float(taken[1]), float(taken[2])
+            self.app.send_task(
+                TRACK_TASK,
+                kwargs={
+                    "message_id": rest,
+                    "deadline": deadline_at - started,
+                    "enqueued_at": started,
+                },
+                task_id=owner,
+            )
+            log.warning("redrive.message", message_id=rest, task_id=owner)
+            return 1
+        if kind == "c":
+            campaign_id, _, slot_text = rest.rpartition(":")
+            slot = int(slot_text)
+            run = f"{uuid.uuid4().hex[:12]}:0"
+            taken = self._take_chain(
+                keys=[
+                    due,
+                    self.keys.campaign(campaign_id),
+                    self.keys.campaign_due(campaign_id),
+                    self.keys.campaign_claimed(campaign_id, slot),
+                ],
+                args=[member, repr(cutoff), f"tick:{slot}", run, repr(now)],
+            )
+            if taken != 1:
+                return 0
+            self.app.send_task(TICK_TASK, args=(campaign_id,), kwargs={"slot": slot, "run": run})
+            log.warning("redrive.campaign", campaign_id=campaign_id, slot=slot)
+            return 1
+        self.redis.zrem(due, member)  # not a member this version writes
+        return 0
+
+    def run_once(self) -> None:
+        """One heartbeat: refresh what this worker holds, then sweep if it is this turn."""
+        self.refresh(self.held_requests())
+        self.sweep()
+
+
+class RedriveStep(bootsteps.StartStopStep):
+    """Worker bootstep: runs this worker's :class:`Redriver` on a thread every second."""
+
+    label = "smsbat re-driver"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: redis.Redis | None = None
+
+    def start(self, parent: Any) -> None:
+        from smsbat_tracker.worker import TrackerApp
+
+        app = parent.app
+        if not isinstance(app, TrackerApp):
+            return
+        self._client = redis.Redis.from_url(
+            app.settings.redis_url,
+            decode_responses=True,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+        redriver = Redriver(app, self._client)
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._loop, args=(redriver,), name="smsbat-redriver", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self, redriver: Redriver) -> None:
+        failing = False
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                redriver.run_once()
+                failing = False
+            except Exception as exc:  # Redis away: keep beating; the next one may work
+                if not failing:
+                    log.warning("redrive.failed", error=type(exc).__name__, detail=str(exc)[:200])
+                failing = True
+
+    def stop(self, parent: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # A cold shutdown terminates the steps instead of stopping them.
+    terminate = shutdown = stop
