@@ -8,7 +8,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from smsbat_tracker import __version__
+from smsbat_tracker import __version__, redrive
+from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import ConfigError, SmsbatError
 from smsbat_tracker.models import validate_message_id
 from smsbat_tracker.tracking import iso
@@ -83,6 +84,7 @@ def _campaign(args: argparse.Namespace) -> int:
     runner = app.campaigns
     report = None
     total = len(set(ids))
+    give_up = campaign_give_up(app.settings, runner.meta(args.campaign_id))
     with tqdm(total=total, unit="msg", desc="final", file=sys.stderr) as bar:
         while report is None:
             progress = runner.progress(args.campaign_id)
@@ -90,10 +92,41 @@ def _campaign(args: argparse.Namespace) -> int:
             bar.set_postfix({k: v for k, v in progress.items() if k not in ("total", "done")})
             report = runner.stored_report(args.campaign_id)
             if report is None:
+                if time.time() > give_up:
+                    break
                 time.sleep(0.5)
-        bar.update(total - bar.n)
+        if report is not None:
+            bar.update(total - bar.n)
+    if report is None:
+        progress = runner.progress(args.campaign_id)
+        print(
+            f"smsbat-tracker: campaign {args.campaign_id} has no report past its deadline "
+            "and the re-drive bound: "
+            f"{progress['total'] - progress['done']} of {progress['total']} messages have no "
+            "outcome; are the workers running? (`smsbat-tracker campaign report` shows it later)",
+            file=sys.stderr,
+        )
+        return 1
     print_report(report)
     return 0
+
+
+# Past the deadline and the re-drive bound, a report is owed: the last checks and the
+# report's own writing get this much more.
+_WAIT_SLACK = 15.0
+
+
+def campaign_give_up(settings: Settings, meta: dict[str, str]) -> float:
+    """When ``campaign start`` stops waiting: the deadline plus the re-drive bound."""
+    deadline_at = float(meta.get("deadline_at") or time.time() + settings.deadline)
+    return (
+        deadline_at
+        + settings.max_delay
+        + settings.min_interval
+        + settings.redrive_after
+        + redrive.HEARTBEAT
+        + _WAIT_SLACK
+    )
 
 
 def _check_config(_args: argparse.Namespace) -> int:

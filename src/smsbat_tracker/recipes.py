@@ -39,7 +39,7 @@ def recorded_key(tracker: TrackerApp, label: str = "default") -> str:
 
 def _record(task: AnyTask, label: str, entry: dict[str, Any]) -> None:
     tracker = cast(TrackerApp, task.app)
-    entry = {**entry, "recorded_at": time.time(), "task": task.name}
+    entry = {**entry, "recorded_at": time.time(), "task": task.name, "task_id": task.request.id}
     tracker.engine.redis.rpush(recorded_key(tracker, label), json.dumps(entry))
 
 

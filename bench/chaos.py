@@ -1,0 +1,318 @@
+"""Crash run: trackings and a campaign through worker SIGKILLs and a Redis SIGKILL.
+
+``python -m bench.chaos`` starts a Redis-protocol server with AOF (fsync every second), the
+simulated API in this process, and two default workers (``celery worker -c 2``, prefork),
+all with the default settings. It tracks ``--messages`` messages with ``track_message`` and
+a ``--campaign``-message campaign, each final 3-50 s after it is sent (a few never final:
+they time out at the 120 s deadline). Meanwhile it SIGKILLs workers ``--kills`` times
+(every third kill takes every worker at once; a supervisor restarts each 2 s later) and
+SIGKILLs Redis once, restarting it 3 s later.
+
+It then counts, per message, the callbacks *sent* (distinct task ids) and *run*, checks
+each outcome against the API's truth, and measures each outcome's lateness: from the
+moment it became knowable (the final status at the API, or the deadline) to its callback.
+The figures go to ``bench/results/chaos.json`` and the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.workload import free_port
+from smsbat_tracker.config import Settings, load_settings
+from smsbat_tracker.demo import worker_process
+from smsbat_tracker.embedded import PersistentRedis
+from smsbat_tracker.sandbox import SandboxConfig, SandboxServer
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _timeline(rng: random.Random) -> tuple[list[tuple[str, float]], str | None, float | None]:
+    """A message's script: (timeline, final status or None, seconds to final or None)."""
+    if rng.random() < 0.04:
+        return [("processing", 0.0)], None, None
+    final = "delivered" if rng.random() < 0.9 else "undeliverable"
+    at = rng.uniform(3.0, 50.0)
+    return [("processing", 0.0), (final, at)], final, at
+
+
+class Workers:
+    """Two worker processes with a supervisor's restart."""
+
+    def __init__(self, settings: Settings, logs: Path, count: int = 2) -> None:
+        self.settings = settings
+        self.logs = logs
+        self.stack = contextlib.ExitStack()
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        self.lock = threading.Lock()
+
+    def start(self, index: int) -> None:
+        proc = self.stack.enter_context(
+            worker_process(
+                self.settings,
+                concurrency=2,
+                pool="prefork",
+                log_path=str(self.logs / f"worker-{index}.log"),
+            )
+        )
+        with self.lock:
+            self.procs[index] = proc
+
+    def kill(self, indexes: list[int]) -> None:
+        import signal
+
+        for i in indexes:
+            with self.lock:
+                proc = self.procs[i]
+                self.procs[i] = None
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: C901 - one scripted scenario
+    logging.disable(logging.INFO)  # this process's own enqueue lines; the workers log theirs
+    rng = random.Random(args.seed)
+    RESULTS.mkdir(exist_ok=True)
+    logs = RESULTS / "chaos-logs"
+    logs.mkdir(exist_ok=True)
+    for old in logs.glob("*.log"):
+        old.unlink()
+    events: list[dict[str, Any]] = []
+    with (
+        tempfile.TemporaryDirectory() as data,
+        PersistentRedis(free_port(), data) as server,
+    ):
+        sandbox = SandboxServer(SandboxConfig(seed=args.seed))
+        sandbox.start()
+        settings = load_settings(
+            redis_url=server.url, base_url=sandbox.url, api_key=sandbox.config.api_key
+        )
+        # The app reads its settings at import: these, as the workers get them.
+        os.environ.update(settings.to_env())
+        from smsbat_tracker.recipes import record_outcome
+        from smsbat_tracker.tasks import track_campaign, track_message
+        from smsbat_tracker.worker import app
+
+        app.reconfigure(settings)
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        workers = Workers(settings, logs)
+        try:
+            for i in range(len(workers.procs)):
+                workers.start(i)
+            # Let both workers come up before the first send.
+            deadline_up = time.monotonic() + 60
+            while len(app.control.ping(timeout=0.5)) < len(workers.procs):
+                if time.monotonic() > deadline_up:
+                    raise RuntimeError("workers did not start")
+            t0 = time.time()
+            truth: dict[str, dict[str, Any]] = {}
+            track_ids: list[str] = []
+            campaign_ids: list[str] = []
+            for kind, count, into in (
+                ("track", args.messages, track_ids),
+                ("campaign", args.campaign, campaign_ids),
+            ):
+                for _ in range(count):
+                    timeline, final, at = _timeline(rng)
+                    mid = sandbox.state.create_scripted(timeline)
+                    truth[mid] = {
+                        "kind": kind,
+                        "final": final,
+                        "final_at": time.time() + at if at is not None else None,
+                    }
+                    into.append(mid)
+            sent_at = time.time()
+            for mid in track_ids:
+                sig = record_outcome.s(label="track")
+                track_message.delay(mid, on_delivered=sig, on_failed=sig, on_timeout=sig)
+                truth[mid]["enqueued_at"] = time.time()
+            campaign_id = f"chaos-{uuid.uuid4().hex[:8]}"
+            sig = record_outcome.s(label="campaign")
+            track_campaign.delay(
+                campaign_id,
+                campaign_ids,
+                on_report=record_outcome.s(label="report"),
+                on_delivered=sig,
+                on_failed=sig,
+                on_timeout=sig,
+            )
+            campaign_at = time.time()
+            for mid in campaign_ids:
+                truth[mid]["enqueued_at"] = campaign_at
+            print(f"sent {len(truth)} messages in {campaign_at - sent_at:.1f} s", file=sys.stderr)
+
+            # The crash schedule, relative to the first send.
+            plan: list[tuple[float, str, list[int]]] = []  # (at, what, which workers)
+            for n in range(args.kills):
+                at = 6.0 + n * 9.0
+                who = [0, 1] if (n + 1) % 3 == 0 else [n % 2]
+                plan.append((at, "kill", who))
+            if args.redis_kill_at >= 0:
+                plan.append((args.redis_kill_at, "redis", []))
+            plan.sort()
+            restarts: list[tuple[float, int]] = []
+            for at, what, who in plan:
+                while time.time() < t0 + at:
+                    for due, i in list(restarts):
+                        if time.time() >= due:
+                            workers.start(i)
+                            restarts.remove((due, i))
+                    time.sleep(0.05)
+                if what == "kill":
+                    workers.kill(who)
+                    restarts += [(time.time() + 2.0, i) for i in who]
+                    events.append({"at": round(time.time() - t0, 2), "kill": who})
+                else:
+                    server.kill()
+                    events.append({"at": round(time.time() - t0, 2), "redis": "killed"})
+                    time.sleep(3.0)
+                    server.start()
+                    events.append({"at": round(time.time() - t0, 2), "redis": "restarted"})
+                print(f"t={time.time() - t0:5.1f}s {events[-1]}", file=sys.stderr)
+            for due, i in sorted(restarts):
+                time.sleep(max(0.0, due - time.time()))
+                workers.start(i)
+
+            expected = len(track_ids) + len(campaign_ids)
+            give_up = time.time() + settings.deadline + 90
+            while time.time() < give_up:
+                done = client.llen(f"{settings.key_prefix}:recorded:track") + client.llen(
+                    f"{settings.key_prefix}:recorded:campaign"
+                )
+                if done >= expected and client.llen(f"{settings.key_prefix}:recorded:report"):
+                    break
+                time.sleep(1.0)
+            time.sleep(5.0)  # anything doubled arrives now, or not at all
+            entries = [
+                json.loads(x)
+                for label in ("track", "campaign")
+                for x in client.lrange(f"{settings.key_prefix}:recorded:{label}", 0, -1)
+            ]
+            reports = client.lrange(f"{settings.key_prefix}:recorded:report", 0, -1)
+            redriven = sum(
+                int(client.hget(f"{settings.key_prefix}:track:{{{m}}}", "redriven") or 0)
+                for m in track_ids
+            )
+        finally:
+            workers.close()
+            sandbox.stop()
+    return _analyse(truth, entries, reports, events, settings.deadline, redriven, args)
+
+
+def _analyse(
+    truth: dict[str, dict[str, Any]],
+    entries: list[dict[str, Any]],
+    reports: list[str],
+    events: list[dict[str, Any]],
+    deadline: float,
+    redriven: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    by_message: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        by_message[entry["result"]["message_id"]].append(entry)
+    lost = [m for m in truth if m not in by_message]
+    doubled = [m for m, es in by_message.items() if len({e["task_id"] for e in es}) > 1]
+    reruns = sum(len(es) - len({e["task_id"] for e in es}) for es in by_message.values())
+    wrong: list[str] = []
+    lateness: list[float] = []
+    rows: list[dict[str, Any]] = []
+    for mid, es in by_message.items():
+        t = truth[mid]
+        first = min(es, key=lambda e: e["recorded_at"])
+        outcome = first["result"]["outcome"]
+        expected = t["final"] or "timeout"
+        if outcome != expected:
+            wrong.append(mid)
+        knowable = t["final_at"] if t["final"] else t["enqueued_at"] + deadline
+        lateness.append(first["recorded_at"] - knowable)
+        rows.append(
+            {
+                "id": mid,
+                "kind": t["kind"],
+                "outcome": outcome,
+                "knowable": round(knowable, 3),
+                "late": round(lateness[-1], 2),
+                "polls": first["result"].get("polls"),
+            }
+        )
+    lateness.sort()
+    (RESULTS / "chaos-rows.json").write_text(json.dumps(rows))
+
+    def q(p: float) -> float | None:
+        if not lateness:
+            return None
+        return round(lateness[min(len(lateness) - 1, int(p * len(lateness)))], 2)
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "messages": {"track_message": args.messages, "campaign": args.campaign},
+        "events": events,
+        "lost": len(lost),
+        "lost_ids": lost[:20],
+        "doubled_callbacks": len(doubled),
+        "callback_reruns": reruns,
+        "wrong": len(wrong),
+        "wrong_ids": wrong[:20],
+        "campaign_reports": len(reports),
+        "redriven_trackings": redriven,
+        "lateness_s": {
+            "p50": q(0.50),
+            "p95": q(0.95),
+            "p99": q(0.99),
+            "max": round(lateness[-1], 2) if lateness else None,
+            "mean": round(statistics.fmean(lateness), 2) if lateness else None,
+            "over_30s": sum(1 for x in lateness if x > 30),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
+    parser.add_argument("--messages", type=int, default=300, help="track_message trackings")
+    parser.add_argument("--campaign", type=int, default=300, help="messages in the campaign")
+    parser.add_argument("--kills", type=int, default=6, help="worker SIGKILLs")
+    parser.add_argument(
+        "--redis-kill-at", type=float, default=31.0, help="s after the send (-1: never)"
+    )
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
+    args = parser.parse_args(argv)
+    summary = run(args)
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    ok = (
+        summary["lost"] == 0
+        and summary["doubled_callbacks"] == 0
+        and summary["wrong"] == 0
+        and summary["campaign_reports"] == 1
+        and summary["lateness_s"]["over_30s"] == 0
+        and (summary["lateness_s"]["p99"] or 0) <= 20
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
