@@ -52,6 +52,8 @@ log = get_logger(__name__)
 # tick's batch is put back at once when its chain is re-driven).
 LEASE_SECONDS: Final = 60.0
 ZADD_CHUNK: Final = 10_000
+# Under a rate limit, a tick claims what the limit lets it check in this many seconds.
+CLAIM_SECONDS: Final = 1.0
 
 # KEYS: due, claimed (or none).  ARGV: now, limit, lease until.  Claims the due messages
 # for one batch, and notes them as the chain's batch.
@@ -391,9 +393,13 @@ class CampaignRunner:
 
         due_key = self.keys.campaign_due(campaign_id)
         batch = self.settings.campaign_batch
-        lease = LEASE_SECONDS + (
-            batch / self.engine.limiter.rate if self.engine.limiter.enabled else 0
-        )
+        limiter = self.engine.limiter
+        if limiter.enabled:
+            # No more than the rate limit lets this tick check in about a second: a batch
+            # that waits long for tokens holds its messages from the other chains, and a
+            # tick killed meanwhile takes them down with it until its chain is re-driven.
+            batch = max(1, min(batch, int(limiter.rate * CLAIM_SECONDS)))
+        lease = LEASE_SECONDS + (batch / limiter.rate if limiter.enabled else 0)
         claim_keys = [due_key]
         if slot is not None:
             claim_keys.append(self.keys.campaign_claimed(campaign_id, slot))

@@ -88,6 +88,14 @@ class Keys:
         """The due index member of a campaign's tick chain ``slot``."""
         return f"c:{campaign_id}:{slot}"
 
+    def holders(self) -> str:
+        """Sorted set: each live worker's re-driver id -> its last heartbeat (epoch)."""
+        return f"{self.prefix}:holders"
+
+    def held(self, holder: str) -> str:
+        """Set: the broker delivery tags a worker held at its last heartbeat."""
+        return f"{self.prefix}:held:{holder}"
+
     def redrive_lock(self) -> str:
         """Held by the one worker sweeping the due index (SET NX PX)."""
         return f"{self.prefix}:redrive:lock"

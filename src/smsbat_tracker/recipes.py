@@ -12,6 +12,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+import redis
 from celery import Task
 
 from smsbat_tracker.models import OutgoingMessage
@@ -40,7 +41,21 @@ def recorded_key(tracker: TrackerApp, label: str = "default") -> str:
 def _record(task: AnyTask, label: str, entry: dict[str, Any]) -> None:
     tracker = cast(TrackerApp, task.app)
     entry = {**entry, "recorded_at": time.time(), "task": task.name, "task_id": task.request.id}
-    tracker.engine.redis.rpush(recorded_key(tracker, label), json.dumps(entry))
+    # A callback should ride out a short outage of what it writes to (here Redis itself,
+    # restarting): try again for a while rather than fail the one run it gets.
+    give_up = time.monotonic() + _OUTAGE_PATIENCE
+    while True:
+        try:
+            tracker.engine.redis.rpush(recorded_key(tracker, label), json.dumps(entry))
+            return
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(0.5)
+
+
+# How long a recipe keeps trying to write its record while Redis is away.
+_OUTAGE_PATIENCE = 30.0
 
 
 @app.task(bind=True, name="smsbat_tracker.recipes.record_outcome")

@@ -15,17 +15,23 @@ bootstep, so there is nothing more to run):
 
 - every second it *refreshes* the entries of the tracker tasks its own process holds and
   that are due or running (Celery's reserved and active requests): a tracking waiting for
-  a busy pool, or a long check, is alive and never looks overdue;
+  a busy pool, or a long check, is alive and never looks overdue; and it notes the
+  broker delivery tags of every task it holds (countdowns, callbacks, anything);
 - under a Redis lock, one worker at a time *sweeps*: an entry overdue by more than
   ``SMSBAT_REDRIVE_AFTER`` is neither held by a live worker (it would be refreshed) nor
   waiting in the broker queue (see :meth:`Redriver.queue_age`), so it was lost. The
   sweep takes it over with a new token and publishes a fresh run, at most
   :data:`SWEEP_LIMIT` a sweep. The lost task, should it ever come back, finds its token
-  moved and stops without an API call or a callback.
+  moved and stops without an API call or a callback. The same sweep gives back to the
+  queue, with kombu's own ``restore_by_tag``, the tasks a worker held when it stopped
+  beating for ``SMSBAT_REDRIVE_AFTER``: callbacks and the countdowns it held come back at
+  once instead of after the visibility timeout. Tasks held by workers that do not run
+  this bootstep are never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -175,15 +181,71 @@ class Redriver:
     # --- refreshing what this worker holds ---------------------------------------------
 
     @staticmethod
-    def held_requests() -> list[Any]:
-        """This process's reserved (due, waiting for the pool) and active requests."""
+    def held_requests(*, scheduled: bool = False) -> list[Any]:
+        """This process's reserved (due, waiting for the pool) and active requests.
+
+        With ``scheduled``, the countdowns it holds until they are due too.
+        """
         from celery.worker import state
 
+        sets = [state.reserved_requests, state.active_requests]
+        if scheduled:
+            # Celery >= 5.7 keeps the countdowns a worker holds in their own set.
+            sets.append(getattr(state, "scheduled_requests", set()))
         while True:
             try:
-                return list(state.reserved_requests) + list(state.active_requests)
-            except RuntimeError:  # the sets changed while being copied: copy again
+                return [request for held in sets for request in list(held)]
+            except RuntimeError:  # a set changed while being copied: copy again
                 continue
+
+    def note_held(self, requests: list[Any], now: float) -> None:
+        """Record this worker's heartbeat and the delivery tags of what it holds."""
+        tags = set()
+        for request in requests:
+            tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+            if tag is not None:
+                tags.add(str(tag))
+        key = self.keys.held(self.holder)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(key)
+        if tags:
+            pipe.sadd(key, *tags)
+            # Outlives the holder long enough for a sweep to read it after its death.
+            pipe.pexpire(key, int(max(60.0, 10 * self.settings.redrive_after) * 1000))
+        pipe.zadd(self.keys.holders(), {self.holder: now})
+        pipe.execute()
+
+    def forget_self(self) -> None:
+        """A clean stop: this worker holds nothing any more (Celery requeues what it held)."""
+        self.redis.delete(self.keys.held(self.holder))
+        self.redis.zrem(self.keys.holders(), self.holder)
+
+    def restore_dead(self, now: float) -> int:
+        """Give back to the queue what workers that stopped beating held; how many tasks.
+
+        Only tags still unacked are restored, by kombu's own ``restore_by_tag`` (atomic
+        under WATCH), so a task that a dead worker had acknowledged is never run again.
+        """
+        dead = self.redis.zrangebyscore(
+            self.keys.holders(), "-inf", repr(now - self.settings.redrive_after)
+        )
+        if not dead:
+            return 0
+        restored = 0
+        with self.app.connection_for_write() as connection:
+            qos: Any = getattr(connection.default_channel, "qos")  # noqa: B009 - kombu's Redis QoS
+            for holder in map(str, dead):
+                key = self.keys.held(holder)
+                for tag in self.redis.srandmember(key, SWEEP_LIMIT) or []:
+                    if self.redis.hexists(qos.unacked_key, tag):
+                        qos.restore_by_tag(tag, leftmost=True)
+                        restored += 1
+                    self.redis.srem(key, tag)
+                if not self.redis.scard(key):
+                    self.redis.zrem(self.keys.holders(), holder)
+                if restored:
+                    log.warning("redrive.restored", holder=holder, tasks=restored)
+        return restored
 
     def refresh(self, requests: list[Any]) -> int:
         """Mark the due entries of ``requests`` alive now; returns how many were overdue."""
@@ -236,6 +298,7 @@ class Redriver:
             return 0
         try:
             now = time.time() if now is None else now
+            self.restore_dead(now)
             cutoff = now - self.settings.redrive_after - self.queue_age(now)
             members = self.redis.zrangebyscore(
                 self.keys.due(), "-inf", repr(cutoff), start=0, num=SWEEP_LIMIT
@@ -297,6 +360,7 @@ class Redriver:
 
     def run_once(self) -> None:
         """One heartbeat: refresh what this worker holds, then sweep if it is this turn."""
+        self.note_held(self.held_requests(scheduled=True), time.time())
         self.refresh(self.held_requests())
         self.sweep()
 
@@ -311,6 +375,7 @@ class RedriveStep(bootsteps.StartStopStep):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: redis.Redis | None = None
+        self._redriver: Redriver | None = None
 
     def start(self, parent: Any) -> None:
         from smsbat_tracker.worker import TrackerApp
@@ -325,7 +390,7 @@ class RedriveStep(bootsteps.StartStopStep):
             socket_connect_timeout=5,
             health_check_interval=30,
         )
-        redriver = Redriver(app, self._client)
+        redriver = self._redriver = Redriver(app, self._client)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._loop, args=(redriver,), name="smsbat-redriver", daemon=True
@@ -348,6 +413,10 @@ class RedriveStep(bootsteps.StartStopStep):
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if self._redriver is not None:
+            with contextlib.suppress(redis.RedisError):
+                self._redriver.forget_self()
+            self._redriver = None
         if self._client is not None:
             self._client.close()
             self._client = None

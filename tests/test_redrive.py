@@ -1,0 +1,245 @@
+"""The due index and the re-driver, against a real Redis and the real engine."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from celery.canvas import Signature
+from kombu.exceptions import OperationalError
+
+from smsbat_tracker.config import Settings
+from smsbat_tracker.keys import Keys
+from smsbat_tracker.recipes import record_outcome
+from smsbat_tracker.redrive import LOCK_MS, PUBLISHED_AT, Redriver
+from smsbat_tracker.sandbox import SandboxServer
+from smsbat_tracker.tasks import track_message
+from smsbat_tracker.tracking import Subscription, build_result
+from tests.conftest import recorded
+
+TRACK_LIST = "celery\x06\x166"
+
+
+def _register(tracker_app: Any, message_id: str, *, due_in: float, owner: str = "t-1") -> None:
+    now = time.time()
+    tracker_app.engine.register(
+        message_id,
+        Subscription(on_delivered=dict(record_outcome.s(label="rd"))),
+        owner=owner,
+        started_at=now,
+        deadline_at=now + 60,
+        first_at=now + due_in,
+    )
+
+
+def _score(client: redis.Redis, member: str) -> float | None:
+    return client.zscore(Keys().due(), member)
+
+
+def test_registration_puts_the_first_check_in_the_due_index(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A new tracking is due at its first check, written by the registering script."""
+    before = time.time()
+    _register(tracker_app, "rd-first", due_in=5.0)
+    score = _score(redis_client, "m:rd-first")
+    assert score is not None
+    assert before + 5.0 <= score <= time.time() + 5.0
+
+
+def test_an_overdue_tracking_is_taken_over_and_run_afresh(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """Overdue past SMSBAT_REDRIVE_AFTER: a new owner, run 0, and its task in the queue."""
+    _register(tracker_app, "rd-lost", due_in=-20.0)
+    redriver = Redriver(tracker_app, redis_client)
+    assert redriver.sweep() == 1
+    session = tracker_app.engine.session("rd-lost")
+    assert session is not None
+    assert session.owner != "t-1"
+    assert session.run == 0
+    [raw] = redis_client.lrange(TRACK_LIST, 0, -1)
+    message = json.loads(raw)
+    assert message["headers"]["id"] == session.owner
+    assert message["headers"]["task"] == "smsbat_tracker.track_message"
+    assert _score(redis_client, "m:rd-lost") == pytest.approx(time.time(), abs=2)
+    assert redriver.sweep() == 0  # taken over once; due again only after the bound
+
+
+def test_a_tracking_late_by_less_than_the_bound_is_left_alone(
+    tracker_app: Any, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """An entry overdue by less than SMSBAT_REDRIVE_AFTER may still be on its way."""
+    _register(tracker_app, "rd-late", due_in=-(settings.redrive_after - 3))
+    assert Redriver(tracker_app, redis_client).sweep() == 0
+    assert tracker_app.engine.session("rd-late").owner == "t-1"
+
+
+def test_a_backlog_in_the_queue_holds_the_sweep_back(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """An overdue tracking younger than the oldest waiting task may be queued behind it."""
+    _register(tracker_app, "rd-queued", due_in=-20.0)
+    waiting = {"headers": {PUBLISHED_AT: time.time() - 30, "id": "x"}, "body": ""}
+    redis_client.lpush(TRACK_LIST, json.dumps(waiting))
+    redriver = Redriver(tracker_app, redis_client)
+    assert redriver.queue_age(time.time()) == pytest.approx(30, abs=1)
+    assert redriver.sweep() == 0
+    redis_client.delete(TRACK_LIST)  # the workers drained the backlog: it was lost
+    assert redriver.sweep() == 1
+
+
+def test_one_worker_sweeps_at_a_time(tracker_app: Any, redis_client: redis.Redis) -> None:
+    """While another worker holds the sweep lock, this one re-drives nothing."""
+    _register(tracker_app, "rd-locked", due_in=-20.0)
+    redis_client.set(Keys().redrive_lock(), "someone-else", px=LOCK_MS)
+    redriver = Redriver(tracker_app, redis_client)
+    assert redriver.sweep() == 0
+    redis_client.delete(Keys().redrive_lock())
+    assert redriver.sweep() == 1
+    assert redis_client.get(Keys().redrive_lock()) is None  # released after the sweep
+
+
+def test_a_held_request_keeps_its_entry_alive(tracker_app: Any, redis_client: redis.Redis) -> None:
+    """A request this worker holds (due, waiting for the pool, or running) is refreshed."""
+    _register(tracker_app, "rd-held", due_in=-20.0, owner="t-held")
+    _register(tracker_app, "rd-stale", due_in=-20.0, owner="t-now")
+
+    def request(message_id: str, task_id: str, retries: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            name="smsbat_tracker.track_message",
+            id=task_id,
+            args=[message_id],
+            kwargs={},
+            request_dict={"retries": retries},
+        )
+
+    redriver = Redriver(tracker_app, redis_client)
+    held = [request("rd-held", "t-held", 0), request("rd-stale", "t-old", 0)]
+    assert redriver.refresh(held) == 1  # the stale copy's token does not match
+    assert _score(redis_client, "m:rd-held") == pytest.approx(time.time(), abs=2)
+    assert redriver.sweep() == 1  # only the tracking nobody holds
+    assert tracker_app.engine.session("rd-held").owner == "t-held"
+
+
+def test_a_superseded_run_stops_without_a_request_or_a_callback(
+    tracker_app: Any, redis_client: redis.Redis, sandbox: SandboxServer
+) -> None:
+    """The lost task, back after the takeover, finds its token moved and does nothing."""
+    mid = sandbox.state.create_scripted([("delivered", 0)])
+    _register(tracker_app, mid, due_in=-20.0, owner="t-lost")
+    assert Redriver(tracker_app, redis_client).sweep() == 1
+    result = track_message.apply(
+        kwargs={"message_id": mid, "enqueued_at": time.time() - 30, "deadline": 60},
+        task_id="t-lost",
+        retries=3,
+    ).get()
+    assert result["outcome"] == "superseded"
+    assert sandbox.state.truth(mid)["polls"] == 0
+    assert not recorded(redis_client, "rd")
+
+
+def test_a_stale_copy_of_the_owners_own_run_stops(
+    tracker_app: Any, redis_client: redis.Redis, sandbox: SandboxServer
+) -> None:
+    """A run the session no longer expects (requeued after its retry went out) stops."""
+    mid = sandbox.state.create_scripted([("delivered", 0)])
+    _register(tracker_app, mid, due_in=0.0, owner="t-own")
+    engine = tracker_app.engine
+    assert engine.reschedule(mid, owner="t-own", run=0, next_at=time.time() + 5, counted=True)
+    assert not engine.reschedule(mid, owner="t-own", run=0, next_at=time.time(), counted=True)
+    result = track_message.apply(
+        kwargs={"message_id": mid, "enqueued_at": time.time(), "deadline": 60},
+        task_id="t-own",
+        retries=0,
+    ).get()
+    assert result["outcome"] == "superseded"
+    assert sandbox.state.truth(mid)["polls"] == 0
+
+
+def test_settling_keeps_the_entry_until_every_callback_is_sent(
+    tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dispatch that fails gives its claims back at once; the next settle sends them."""
+    _register(tracker_app, "rd-settle", due_in=30.0)
+    engine = tracker_app.engine
+    result = build_result("rd-settle", "delivered", session=None, cached=None)
+    original = Signature.apply_async
+
+    def refuse(self: Signature, *args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("broker unreachable")
+
+    monkeypatch.setattr(Signature, "apply_async", refuse)
+    with pytest.raises(OperationalError):
+        engine.settle("rd-settle", result, claimer="webhook-1")
+    assert redis_client.hgetall(Keys().fired("rd-settle")) == {}  # claim given back
+    assert _score(redis_client, "m:rd-settle") == pytest.approx(time.time(), abs=2)
+
+    monkeypatch.setattr(Signature, "apply_async", original)
+    retried = engine.settle("rd-settle", None, claimer="webhook-2")  # the provider's retry
+    assert len(retried.claimed) == 1
+    assert set(redis_client.hvals(Keys().fired("rd-settle"))) == {"sent"}
+    assert _score(redis_client, "m:rd-settle") is None  # nothing left to do
+
+
+def test_a_claim_of_a_dead_claimer_is_taken_after_the_bound(
+    tracker_app: Any, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A claimer that died between its claim and its send is replaced after the bound."""
+    _register(tracker_app, "rd-dead", due_in=30.0)
+    engine = tracker_app.engine
+    result = build_result("rd-dead", "delivered", session=None, cached=None)
+    sub_id = next(iter(redis_client.hkeys(Keys().subs("rd-dead"))))
+    # What a claimer leaves when it dies after claiming: a pending mark, the entry due.
+    engine.redis.set(Keys().outcome("rd-dead"), json.dumps(result))
+    old = int((time.time() - settings.redrive_after - 1) * 1000)
+    redis_client.hset(Keys().fired("rd-dead"), sub_id, f"pending:webhook-dead:{old}")
+    settled = engine.settle("rd-dead", None, claimer="redriven-run")
+    assert [s for s, _ in settled.claimed] == [sub_id]
+    assert redis_client.hget(Keys().fired("rd-dead"), sub_id) == "sent"
+
+
+def test_a_lost_tick_chain_is_taken_over_with_its_batch(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A re-driven chain gets a new run, and the batch the lost tick claimed is due now."""
+    runner = tracker_app.campaigns
+    ids = [f"rd-c{i}" for i in range(4)]
+    assert runner.register(
+        "rd-camp",
+        ids,
+        deadline=60,
+        subscription=Subscription(),
+        on_report=None,
+        enqueued_at=time.time(),
+    )
+    keys = Keys()
+    # The lost tick had claimed two messages (leased a minute ahead) and died.
+    redis_client.zadd(
+        keys.campaign_due("rd-camp"), {"rd-c0": time.time() + 60, "rd-c1": time.time() + 60}
+    )
+    redis_client.sadd(keys.campaign_claimed("rd-camp", 0), "rd-c0", "rd-c1")
+    redis_client.zadd(keys.due(), {"c:rd-camp:0": time.time() - 20})
+    before = runner.chains("rd-camp")[0]
+    assert Redriver(tracker_app, redis_client).sweep() == 1
+    after = runner.chains("rd-camp")[0]
+    assert after != before
+    assert after.endswith(":0")
+    for mid in ("rd-c0", "rd-c1"):
+        assert redis_client.zscore(keys.campaign_due("rd-camp"), mid) <= time.time()
+    [raw] = redis_client.lrange(TRACK_LIST, 0, -1)
+    assert json.loads(raw)["headers"]["task"] == "smsbat_tracker.campaign_tick"
+    assert not runner.holds("rd-camp", 0, before)  # the lost chain's ticks stop
+
+
+def test_a_finished_sessions_stale_entry_is_dropped(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """An entry whose session is gone is removed, not re-driven."""
+    redis_client.zadd(Keys().due(), {"m:rd-gone": time.time() - 60, "x:junk": time.time() - 60})
+    assert Redriver(tracker_app, redis_client).sweep() == 0
+    assert redis_client.zcard(Keys().due()) == 0
