@@ -243,3 +243,32 @@ def test_a_finished_sessions_stale_entry_is_dropped(
     redis_client.zadd(Keys().due(), {"m:rd-gone": time.time() - 60, "x:junk": time.time() - 60})
     assert Redriver(tracker_app, redis_client).sweep() == 0
     assert redis_client.zcard(Keys().due()) == 0
+
+
+def test_what_a_dead_worker_held_goes_back_to_the_queue(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A task held by a worker that stopped beating is restored at once, by kombu itself.
+
+    Held by a live worker, or by a worker that never reported it, it stays where it is.
+    """
+    tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 1},))
+    tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 2},))
+    # A consumer's channel holds what it fetched (closing it would give everything back).
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    held = [channel.basic_get("celery", no_ack=False) for _ in range(2)]
+    tags = [str(message.delivery_tag) for message in held]
+    assert redis_client.hlen("unacked") == 2
+    assert redis_client.llen("celery") == 0
+    dead, alive = Redriver(tracker_app, redis_client), Redriver(tracker_app, redis_client)
+    now = time.time()
+    dead.note_held([SimpleNamespace(message=held[0])], now - 30)  # stopped beating 30 s ago
+    alive.note_held([SimpleNamespace(message=held[1])], now)
+    assert alive.restore_dead(now) == 1
+    assert redis_client.llen("celery") == 1
+    assert redis_client.hkeys("unacked") == [tags[1]]  # the live worker's task stays held
+    assert redis_client.zrange(Keys().holders(), 0, -1) == [alive.holder]
+    alive.forget_self()
+    assert redis_client.zcard(Keys().holders()) == 0
+    connection.release()

@@ -56,14 +56,18 @@ ZADD_CHUNK: Final = 10_000
 CLAIM_SECONDS: Final = 1.0
 
 # KEYS: due, claimed (or none).  ARGV: now, limit, lease until.  Claims the due messages
-# for one batch, and notes them as the chain's batch.
+# for one batch, and notes them as the chain's batch. A batch the chain left noted was
+# abandoned (its tick died, and this is the same run again): it is due again first.
 _CLAIM = """
+if KEYS[2] then
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[1], id)
+  end
+  redis.call('DEL', KEYS[2])
+end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id) end
-if KEYS[2] then
-  redis.call('DEL', KEYS[2])
-  if #ids > 0 then redis.call('SADD', KEYS[2], unpack(ids)) end
-end
+if KEYS[2] and #ids > 0 then redis.call('SADD', KEYS[2], unpack(ids)) end
 return ids
 """
 
@@ -409,6 +413,8 @@ class CampaignRunner:
         api_calls = recorded = 0
         if ids:
             api_calls, recorded = self._check_batch(campaign_id, meta, ids, started_at, deadline_at)
+            if slot is not None:  # checked and re-scored: nothing left to put back
+                self.redis.delete(claim_keys[1])
         if not self.redis.zcard(due_key):
             self.finish(campaign_id, meta)
             return TickResult(len(ids), api_calls, recorded, True, None)

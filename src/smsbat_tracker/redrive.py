@@ -39,7 +39,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Final
 
 import redis
-from celery import bootsteps
+from celery import bootsteps, signals
 
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
@@ -164,6 +164,12 @@ def _held_item(request: Any, keys: Keys) -> tuple[str, str, str, str, str] | Non
     return None
 
 
+def _tag(request: Any) -> str | None:
+    """The broker delivery tag of a request (its entry in kombu's unacked hash)."""
+    tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+    return None if tag is None else str(tag)
+
+
 class Redriver:
     """One worker's refresher and sweeper; :meth:`run_once` is one heartbeat."""
 
@@ -173,6 +179,11 @@ class Redriver:
         self.redis = client
         self.keys = Keys(self.settings.key_prefix)
         self.holder = uuid.uuid4().hex
+        # Since when this worker has beaten without a break (None: not yet, or an outage).
+        self.beating_since: float | None = None
+        self._lock = threading.Lock()
+        self._noted: set[str] = set()  # the tags the held set has, as far as we know
+        self._received: dict[str, float] = {}  # tags noted at receipt -> when
         self._refresh = client.register_script(_REFRESH)
         self._take_session = client.register_script(_TAKE_SESSION)
         self._take_chain = client.register_script(_TAKE_CHAIN)
@@ -198,20 +209,37 @@ class Redriver:
             except RuntimeError:  # a set changed while being copied: copy again
                 continue
 
+    def note_received(self, request: Any) -> None:
+        """Note at once a task this worker just fetched (Celery's ``task_received``).
+
+        The heartbeat notes everything held each second; this closes that second for a
+        task fetched just before its worker dies.
+        """
+        tag = _tag(request)
+        if tag is None:
+            return
+        with self._lock:
+            self._received[tag] = time.monotonic()
+        self.redis.sadd(self.keys.held(self.holder), tag)
+
     def note_held(self, requests: list[Any], now: float) -> None:
         """Record this worker's heartbeat and the delivery tags of what it holds."""
-        tags = set()
-        for request in requests:
-            tag = getattr(getattr(request, "message", None), "delivery_tag", None)
-            if tag is not None:
-                tags.add(str(tag))
+        held = {tag for tag in map(_tag, requests) if tag is not None}
+        recent = time.monotonic() - 2 * HEARTBEAT
+        with self._lock:
+            # A tag noted at receipt after ``requests`` was read is still held.
+            self._received = {t: at for t, at in self._received.items() if at > recent}
+            keep = held | set(self._received)
+            gone = self._noted - keep
+            self._noted = keep
         key = self.keys.held(self.holder)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(key)
-        if tags:
-            pipe.sadd(key, *tags)
-            # Outlives the holder long enough for a sweep to read it after its death.
-            pipe.pexpire(key, int(max(60.0, 10 * self.settings.redrive_after) * 1000))
+        if gone:
+            pipe.srem(key, *gone)
+        if held:
+            pipe.sadd(key, *held)
+        # Outlives the holder long enough for a sweep to read it after its death.
+        pipe.pexpire(key, int(max(60.0, 10 * self.settings.redrive_after) * 1000))
         pipe.zadd(self.keys.holders(), {self.holder: now})
         pipe.execute()
 
@@ -359,10 +387,23 @@ class Redriver:
         return 0
 
     def run_once(self) -> None:
-        """One heartbeat: refresh what this worker holds, then sweep if it is this turn."""
-        self.note_held(self.held_requests(scheduled=True), time.time())
-        self.refresh(self.held_requests())
-        self.sweep()
+        """One heartbeat: refresh what this worker holds, then sweep if it is this turn.
+
+        After an outage (this worker could not beat), it sweeps only once it has beaten
+        again for ``SMSBAT_REDRIVE_AFTER``: until then, others' missed beats and stale
+        entries are the outage's, not a sign that they died.
+        """
+        now = time.time()
+        try:
+            self.note_held(self.held_requests(scheduled=True), now)
+            self.refresh(self.held_requests())
+        except redis.RedisError:
+            self.beating_since = None
+            raise
+        if self.beating_since is None:
+            self.beating_since = now
+        if now - self.beating_since >= self.settings.redrive_after:
+            self.sweep()
 
 
 class RedriveStep(bootsteps.StartStopStep):
@@ -386,16 +427,25 @@ class RedriveStep(bootsteps.StartStopStep):
         self._client = redis.Redis.from_url(
             app.settings.redis_url,
             decode_responses=True,
-            socket_timeout=5,
-            socket_connect_timeout=5,
+            # Short: the receipt hook runs on the consumer's thread.
+            socket_timeout=2,
+            socket_connect_timeout=1,
             health_check_interval=30,
         )
         redriver = self._redriver = Redriver(app, self._client)
+        signals.task_received.connect(self._received, weak=False)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._loop, args=(redriver,), name="smsbat-redriver", daemon=True
         )
         self._thread.start()
+
+    def _received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        redriver = self._redriver
+        if redriver is None or request is None:
+            return
+        with contextlib.suppress(redis.RedisError):  # away: the heartbeat notes it later
+            redriver.note_received(request)
 
     def _loop(self, redriver: Redriver) -> None:
         failing = False
@@ -409,6 +459,7 @@ class RedriveStep(bootsteps.StartStopStep):
                 failing = True
 
     def stop(self, parent: Any) -> None:
+        signals.task_received.disconnect(self._received)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
