@@ -599,12 +599,14 @@ class CampaignRunner:
         """Send per-message callbacks, then confirm them (they leave the unsent hash)."""
         from celery import signature
 
-        for _, result in results:
+        unsent = self.keys.campaign_unsent(campaign_id)
+        for message_id, result in results:
             callback = sub.callback_for(str(result["outcome"]))
             if callback:
                 signature(callback, app=self.engine.app).apply_async((result,))
-        if results:
-            self.redis.hdel(self.keys.campaign_unsent(campaign_id), *(m for m, _ in results))
+            # Confirmed one by one: a tick killed halfway leaves unsent only what it did
+            # not send, and the next tick sends just that.
+            self.redis.hdel(unsent, message_id)
 
     def resend_unsent(self, campaign_id: str, meta: dict[str, str]) -> int:
         """Send again the callbacks claimed by a tick that died before confirming them."""

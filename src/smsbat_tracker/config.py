@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     # A tracking whose next run is this late, and is neither running in a live worker nor
     # waiting in the queue, was lost (a killed worker, a Redis restart): every worker's
     # re-driver publishes a fresh run that takes it over.
-    redrive_after: float = Field(default=5.0, ge=1, le=3_600)
+    redrive_after: float = Field(default=3.0, ge=1, le=3_600)
     # The queue of the tracker's own tasks (None: Celery's default queue, with everything
     # else). A worker started without -Q consumes both; `-Q <queue>` gives tracking its own
     # workers, so that a burst of checks never delays the application's callbacks.

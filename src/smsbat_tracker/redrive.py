@@ -56,6 +56,9 @@ HEARTBEAT: Final = 1.0
 # Trackings re-driven in one sweep at most: a mass loss resumes over a few seconds
 # instead of flooding the queue.
 SWEEP_LIMIT: Final = 200
+# After an outage a worker beats this long before it sweeps: every live worker has beaten
+# again by then (each beats once a second).
+OUTAGE_GRACE: Final = 3 * HEARTBEAT
 # The sweep lock outlives a sweep, and expires soon after its holder dies.
 LOCK_MS: Final = 5_000
 # Publish time stamped on the tracker's tasks (see ``queue_age``).
@@ -390,8 +393,8 @@ class Redriver:
         """One heartbeat: refresh what this worker holds, then sweep if it is this turn.
 
         After an outage (this worker could not beat), it sweeps only once it has beaten
-        again for ``SMSBAT_REDRIVE_AFTER``: until then, others' missed beats and stale
-        entries are the outage's, not a sign that they died.
+        again for :data:`OUTAGE_GRACE`: until then, others' missed beats and stale entries
+        are the outage's, not a sign that they died.
         """
         now = time.time()
         try:
@@ -402,7 +405,7 @@ class Redriver:
             raise
         if self.beating_since is None:
             self.beating_since = now
-        if now - self.beating_since >= self.settings.redrive_after:
+        if now - self.beating_since >= OUTAGE_GRACE:
             self.sweep()
 
 
