@@ -211,6 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for x in client.lrange(f"{settings.key_prefix}:recorded:{label}", 0, -1)
             ]
             reports = client.lrange(f"{settings.key_prefix}:recorded:report", 0, -1)
+            lost_state = _lost_state(client, settings.key_prefix, truth, entries)
             redriven = sum(
                 int(client.hget(f"{settings.key_prefix}:track:{{{m}}}", "redriven") or 0)
                 for m in track_ids
@@ -218,7 +219,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             workers.close()
             sandbox.stop()
-    return _analyse(truth, entries, reports, events, settings.deadline, redriven, args)
+    summary = _analyse(truth, entries, reports, events, settings.deadline, redriven, args)
+    summary["lost_state"] = lost_state
+    return summary
+
+
+def _lost_state(
+    client: redis.Redis, prefix: str, truth: dict[str, Any], entries: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """For each message with no callback: what Redis holds of it, to tell where it stopped."""
+    seen = {e["result"]["message_id"] for e in entries}
+    state = {}
+    queued = [
+        x
+        for key in client.scan_iter(match="celery*")
+        if client.type(key) == "list"
+        for x in client.lrange(key, 0, -1)
+    ]
+    unacked = list(client.hvals("unacked"))
+    for mid in (m for m in truth if m not in seen):
+        state[mid] = {
+            "session": client.hgetall(f"{prefix}:track:{{{mid}}}"),
+            "fired": client.hgetall(f"{prefix}:fired:{{{mid}}}"),
+            "outcome": bool(client.exists(f"{prefix}:outcome:{{{mid}}}")),
+            "due": client.zscore(f"{prefix}:due", f"m:{mid}"),
+            "queued": sum(mid in x for x in queued),
+            "unacked": sum(mid in x for x in unacked),
+        }
+    return state
 
 
 def _analyse(
@@ -295,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--campaign", type=int, default=300, help="messages in the campaign")
     parser.add_argument("--kills", type=int, default=6, help="worker SIGKILLs")
     parser.add_argument(
-        "--redis-kill-at", type=float, default=31.0, help="s after the send (-1: never)"
+        "--redis-kill-at",
+        type=float,
+        default=28.5,
+        help="s after the send, midway between two worker kills (-1: never)",
     )
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--out", type=Path, default=RESULTS / "chaos.json")

@@ -272,3 +272,38 @@ def test_what_a_dead_worker_held_goes_back_to_the_queue(
     alive.forget_self()
     assert redis_client.zcard(Keys().holders()) == 0
     connection.release()
+
+
+def test_campaign_callbacks_a_dead_tick_left_are_sent_once_each(
+    tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick killed while sending callbacks: the next one sends only what was not sent."""
+    runner = tracker_app.campaigns
+    ids = ["rd-u0", "rd-u1", "rd-u2"]
+    sub = Subscription(on_delivered=dict(record_outcome.s(label="u")))
+    assert runner.register(
+        "rd-unsent", ids, deadline=60, subscription=sub, on_report=None, enqueued_at=time.time()
+    )
+    sent: list[str] = []
+
+    def publish(self: Signature, args: Any = None, *rest: Any, **kwargs: Any) -> None:
+        if len(sent) == 1:
+            raise SystemExit("killed")  # dies while sending the second callback
+        sent.append(args[0]["message_id"])
+
+    monkeypatch.setattr(Signature, "apply_async", publish)
+    meta = runner.meta("rd-unsent")
+    with pytest.raises(SystemExit):
+        runner._record_outcomes(
+            "rd-unsent", meta, [(m, "delivered", None, None) for m in ids], time.time()
+        )
+    unsent = Keys().campaign_unsent("rd-unsent")
+    assert sorted(redis_client.hkeys(unsent)) == ["rd-u1", "rd-u2"]
+    assert runner.resend_unsent("rd-unsent", meta) == 0  # not stale yet: its tick may live
+    old = int((time.time() - 10) * 1000)
+    for m in ("rd-u1", "rd-u2"):
+        redis_client.hset(unsent, m, old)
+    sent.append("-")  # the next sends succeed
+    assert runner.resend_unsent("rd-unsent", meta) == 2
+    assert sent == ["rd-u0", "-", "rd-u1", "rd-u2"]
+    assert redis_client.hlen(unsent) == 0

@@ -92,6 +92,14 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return recorded
 """
 
+# KEYS: unsent.  ARGV: message id, the stamp its sender read, a new stamp.  Takes a
+# callback to send, unless another tick took it since (1 or 0).
+_TAKE_UNSENT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
 # KEYS: meta, due index.  ARGV: field, expected run, next run, member, next due score.
 # Moves a tick chain on to its next run, fenced: 0 when the chain was taken over.
 _TICK_NEXT = """
@@ -244,6 +252,7 @@ class CampaignRunner:
         self._record = self.redis.register_script(_RECORD)
         self._tick_next = self.redis.register_script(_TICK_NEXT)
         self._claim_report = self.redis.register_script(_CLAIM_REPORT)
+        self._take_unsent = self.redis.register_script(_TAKE_UNSENT)
         self._loop: LoopThread | None = None
         self._client: BatchStatusClient | None = None
         self._lock = threading.Lock()
@@ -585,6 +594,7 @@ class CampaignRunner:
                     for m, outcome, status, error in finals
                     if m in recorded
                 ],
+                dict.fromkeys(recorded, str(args[1])),
             )
         return len(recorded)
 
@@ -594,48 +604,62 @@ class CampaignRunner:
         return sub if sub is not None and not sub.is_empty else None
 
     def _send(
-        self, campaign_id: str, sub: Subscription, results: list[tuple[str, dict[str, Any]]]
+        self,
+        campaign_id: str,
+        sub: Subscription,
+        results: list[tuple[str, dict[str, Any]]],
+        stamps: dict[str, str],
     ) -> None:
-        """Send per-message callbacks, then confirm them (they leave the unsent hash)."""
+        """Send per-message callbacks, each taken just before and confirmed just after.
+
+        ``stamps`` holds each message's unsent stamp as this tick read it. A tick that
+        stalled (a Redis outage) while another one took its callbacks over sends nothing
+        twice but the one it was sending; one killed halfway leaves only what it did not
+        confirm.
+        """
         from celery import signature
 
-        unsent = self.keys.campaign_unsent(campaign_id)
+        key = self.keys.campaign_unsent(campaign_id)
         for message_id, result in results:
+            taken = self._take_unsent(
+                keys=[key], args=[message_id, stamps[message_id], int(time.time() * 1000)]
+            )
+            if not taken:
+                continue
             callback = sub.callback_for(str(result["outcome"]))
             if callback:
                 signature(callback, app=self.engine.app).apply_async((result,))
-            # Confirmed one by one: a tick killed halfway leaves unsent only what it did
-            # not send, and the next tick sends just that.
-            self.redis.hdel(unsent, message_id)
+            self.redis.hdel(key, message_id)
 
     def resend_unsent(self, campaign_id: str, meta: dict[str, str]) -> int:
-        """Send again the callbacks claimed by a tick that died before confirming them."""
+        """Send again the callbacks a tick took and did not confirm in time (it died)."""
         key = self.keys.campaign_unsent(campaign_id)
         sub = self._subscription(meta)
         if sub is None or not self.redis.hlen(key):
             return 0
         now = time.time()
-        stale = [
-            str(m)
+        stale = {
+            str(m): str(at)
             for m, at in self.redis.hgetall(key).items()
             if now * 1000 - int(at) > self.settings.redrive_after * 1000
-        ]
+        }
         if not stale:
             return 0
-        records = self.redis.hmget(self.keys.campaign_outcomes(campaign_id), stale)
-        cached = self._cached(stale)
+        ids = list(stale)
+        records = self.redis.hmget(self.keys.campaign_outcomes(campaign_id), ids)
+        cached = self._cached(ids)
+        started_at = float(meta["started_at"])
         results = []
-        for m, raw in zip(stale, records, strict=True):
+        for m, raw in zip(ids, records, strict=True):
             if raw is None:
                 continue
             outcome = json.loads(raw)["o"]
             status = cached[m].status if m in cached else None
-            started_at = float(meta["started_at"])
             results.append(
                 (m, self._result(campaign_id, m, outcome, status, None, started_at, now))
             )
         log.warning("campaign.resend", campaign_id=campaign_id, count=len(results))
-        self._send(campaign_id, sub, results)
+        self._send(campaign_id, sub, results, stale)
         return len(results)
 
     @staticmethod

@@ -58,7 +58,7 @@ HEARTBEAT: Final = 1.0
 SWEEP_LIMIT: Final = 200
 # After an outage a worker beats this long before it sweeps: every live worker has beaten
 # again by then (each beats once a second).
-OUTAGE_GRACE: Final = 3 * HEARTBEAT
+OUTAGE_GRACE: Final = 2 * HEARTBEAT
 # The sweep lock outlives a sweep, and expires soon after its holder dies.
 LOCK_MS: Final = 5_000
 # Publish time stamped on the tracker's tasks (see ``queue_age``).
