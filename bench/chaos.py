@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--redis-kill-at",
         type=float,
-        default=28.5,
-        help="s after the send, midway between two worker kills (-1: never)",
+        default=37.5,
+        help="s after the send, midway between two single-worker kills (-1: never)",
     )
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--out", type=Path, default=RESULTS / "chaos.json")

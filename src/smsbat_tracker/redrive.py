@@ -184,6 +184,7 @@ class Redriver:
         self.holder = uuid.uuid4().hex
         # Since when this worker has beaten without a break (None: not yet, or an outage).
         self.beating_since: float | None = None
+        self._fresh = True  # no beat yet: a start-up, not an outage
         self._lock = threading.Lock()
         self._noted: set[str] = set()  # the tags the held set has, as far as we know
         self._received: dict[str, float] = {}  # tags noted at receipt -> when
@@ -392,9 +393,9 @@ class Redriver:
     def run_once(self) -> None:
         """One heartbeat: refresh what this worker holds, then sweep if it is this turn.
 
-        After an outage (this worker could not beat), it sweeps only once it has beaten
-        again for :data:`OUTAGE_GRACE`: until then, others' missed beats and stale entries
-        are the outage's, not a sign that they died.
+        Missed beats are a sign of death only when the others could have beaten: after an
+        outage this worker saw, or within :data:`OUTAGE_GRACE` of a Redis restart, it waits
+        until every live worker has beaten again.
         """
         now = time.time()
         try:
@@ -404,9 +405,15 @@ class Redriver:
             self.beating_since = None
             raise
         if self.beating_since is None:
-            self.beating_since = now
-        if now - self.beating_since >= OUTAGE_GRACE:
+            # A worker starting up saw no outage; one coming back from one did.
+            self.beating_since = now - (OUTAGE_GRACE if self._fresh else 0.0)
+            self._fresh = False
+        if now - self.beating_since >= OUTAGE_GRACE and self.redis_uptime() >= OUTAGE_GRACE:
             self.sweep()
+
+    def redis_uptime(self) -> float:
+        """Seconds since the Redis server started (a restart drops every worker's link)."""
+        return float(self.redis.info("server").get("uptime_in_seconds", OUTAGE_GRACE))
 
 
 class RedriveStep(bootsteps.StartStopStep):
