@@ -212,6 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ]
             reports = client.lrange(f"{settings.key_prefix}:recorded:report", 0, -1)
             lost_state = _lost_state(client, settings.key_prefix, truth, entries)
+            for mid, t in truth.items():
+                t["poll_times"] = [round(x - t0, 2) for x in sandbox.state.truth(mid)["poll_times"]]
+            t_zero = t0
             redriven = sum(
                 int(client.hget(f"{settings.key_prefix}:track:{{{m}}}", "redriven") or 0)
                 for m in track_ids
@@ -219,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             workers.close()
             sandbox.stop()
-    summary = _analyse(truth, entries, reports, events, settings.deadline, redriven, args)
+    summary = _analyse(truth, entries, reports, events, settings.deadline, redriven, args, t_zero)
     summary["lost_state"] = lost_state
     return summary
 
@@ -257,6 +260,7 @@ def _analyse(
     deadline: float,
     redriven: int,
     args: argparse.Namespace,
+    t0: float,
 ) -> dict[str, Any]:
     by_message: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for entry in entries:
@@ -281,9 +285,9 @@ def _analyse(
                 "id": mid,
                 "kind": t["kind"],
                 "outcome": outcome,
-                "knowable": round(knowable, 3),
+                "knowable": round(knowable - t0, 2),
                 "late": round(lateness[-1], 2),
-                "polls": first["result"].get("polls"),
+                "poll_times": t["poll_times"],
             }
         )
     lateness.sort()

@@ -307,3 +307,31 @@ def test_campaign_callbacks_a_dead_tick_left_are_sent_once_each(
     assert runner.resend_unsent("rd-unsent", meta) == 2
     assert sent == ["rd-u0", "-", "rd-u1", "rd-u2"]
     assert redis_client.hlen(unsent) == 0
+
+
+def test_after_an_outage_the_sweep_waits_for_the_others_to_beat_again(
+    tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker starting up sweeps at once; one back from an outage waits OUTAGE_GRACE.
+
+    So does every worker while Redis itself has been up for less than that.
+    """
+    uptime = [0.5]
+    monkeypatch.setattr(Redriver, "redis_uptime", lambda self: uptime[0])
+    just_restarted = Redriver(tracker_app, redis_client)
+    _register(tracker_app, "rd-restart", due_in=-20.0)
+    just_restarted.run_once()
+    assert tracker_app.engine.session("rd-restart").owner == "t-1"
+    uptime[0] = 60.0
+    _register(tracker_app, "rd-outage", due_in=-20.0)
+    back = Redriver(tracker_app, redis_client)
+    back._fresh = False  # it had beaten before: this beat follows an outage
+    back.run_once()
+    assert tracker_app.engine.session("rd-outage").owner == "t-1"  # not yet
+    back.beating_since = time.time() - 5  # beaten for long enough since
+    back.run_once()
+    assert tracker_app.engine.session("rd-outage").owner != "t-1"
+    starting = Redriver(tracker_app, redis_client)
+    _register(tracker_app, "rd-start", due_in=-20.0)
+    starting.run_once()
+    assert tracker_app.engine.session("rd-start").owner != "t-1"

@@ -52,7 +52,8 @@ log = get_logger(__name__)
 # tick's batch is put back at once when its chain is re-driven).
 LEASE_SECONDS: Final = 60.0
 ZADD_CHUNK: Final = 10_000
-# Under a rate limit, a tick claims what the limit lets it check in this many seconds.
+# Under a rate limit, the campaign's chains together claim what the limit lets them check
+# in this many seconds.
 CLAIM_SECONDS: Final = 1.0
 
 # KEYS: due, claimed (or none).  ARGV: now, limit, lease until.  Claims the due messages
@@ -411,7 +412,8 @@ class CampaignRunner:
             # No more than the rate limit lets this tick check in about a second: a batch
             # that waits long for tokens holds its messages from the other chains, and a
             # tick killed meanwhile takes them down with it until its chain is re-driven.
-            batch = max(1, min(batch, int(limiter.rate * CLAIM_SECONDS)))
+            share = limiter.rate * CLAIM_SECONDS / self.settings.campaign_ticks
+            batch = max(1, min(batch, int(share)))
         lease = LEASE_SECONDS + (batch / limiter.rate if limiter.enabled else 0)
         claim_keys = [due_key]
         if slot is not None:

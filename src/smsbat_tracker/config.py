@@ -79,8 +79,9 @@ class Settings(BaseSettings):
     # --- campaigns --------------------------------------------------------------------
     # Messages one batch task claims and checks concurrently.
     campaign_batch: int = Field(default=500, ge=1, le=10_000)
-    # Batch-task chains per campaign running side by side (about one per worker process).
-    campaign_ticks: int = Field(default=2, ge=1, le=64)
+    # Batch-task chains per campaign running side by side (about one per worker process):
+    # a worker that dies stalls only its chains until they are re-driven.
+    campaign_ticks: int = Field(default=4, ge=1, le=64)
     # Status requests in flight at once within one batch.
     campaign_concurrency: int = Field(default=64, ge=1, le=1_000)
 
