@@ -335,3 +335,31 @@ def test_after_an_outage_the_sweep_waits_for_the_others_to_beat_again(
     _register(tracker_app, "rd-start", due_in=-20.0)
     starting.run_once()
     assert tracker_app.engine.session("rd-start").owner != "t-1"
+
+
+def test_a_taken_over_tick_run_neither_claims_nor_forgets_the_new_runs_batch(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """The old run of a re-driven chain, still running, leaves the new run's batch alone."""
+    runner = tracker_app.campaigns
+    now = time.time()
+    assert runner.register(
+        "rd-two",
+        ["rd-t0", "rd-t1"],
+        deadline=60,
+        subscription=Subscription(),
+        on_report=None,
+        enqueued_at=now,
+    )
+    redis_client.zadd(Keys().campaign_due("rd-two"), {"rd-t0": now, "rd-t1": now})
+    keys = Keys()
+    old = runner.chains("rd-two")[0]
+    redis_client.zadd(keys.due(), {"c:rd-two:0": now - 20})
+    assert Redriver(tracker_app, redis_client).sweep() == 1
+    new = runner.chains("rd-two")[0]
+    claimed = keys.campaign_claimed("rd-two", 0)
+    redis_client.sadd(claimed, "rd-t1")  # the new run's batch, in flight
+    result = runner.tick("rd-two", 0, old)
+    assert result.claimed == 0
+    assert redis_client.smembers(claimed) == {"rd-t1"}
+    assert runner.tick("rd-two", 0, new).claimed == 2  # its own batch back first, then due

@@ -56,11 +56,13 @@ ZADD_CHUNK: Final = 10_000
 # in this many seconds.
 CLAIM_SECONDS: Final = 1.0
 
-# KEYS: due, claimed (or none).  ARGV: now, limit, lease until.  Claims the due messages
-# for one batch, and notes them as the chain's batch. A batch the chain left noted was
-# abandoned (its tick died, and this is the same run again): it is due again first.
+# KEYS: due, then claimed and meta (a fenced chain).  ARGV: now, limit, lease until, then
+# the chain's field and run.  Claims the due messages for one batch, and notes them as
+# the chain's batch. A batch the chain left noted was abandoned (its tick died, and this is
+# the same run again): it is due again first. A run that was taken over claims nothing.
 _CLAIM = """
 if KEYS[2] then
+  if redis.call('HGET', KEYS[3], ARGV[4]) ~= ARGV[5] then return {} end
   for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     redis.call('ZADD', KEYS[1], 'XX', ARGV[1], id)
   end
@@ -70,6 +72,13 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, AR
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id) end
 if KEYS[2] and #ids > 0 then redis.call('SADD', KEYS[2], unpack(ids)) end
 return ids
+"""
+
+# KEYS: meta, claimed.  ARGV: field, run.  The batch is checked and re-scored: forget it,
+# unless the run was taken over (the noted batch is then the new run's).
+_CHECKED = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return 1
 """
 
 # KEYS: outcomes, due, checks, meta, unsent.  ARGV: ttl ms, now ms ('' when nobody wants
@@ -254,6 +263,7 @@ class CampaignRunner:
         self._tick_next = self.redis.register_script(_TICK_NEXT)
         self._claim_report = self.redis.register_script(_CLAIM_REPORT)
         self._take_unsent = self.redis.register_script(_TAKE_UNSENT)
+        self._checked = self.redis.register_script(_CHECKED)
         self._loop: LoopThread | None = None
         self._client: BatchStatusClient | None = None
         self._lock = threading.Lock()
@@ -378,11 +388,11 @@ class CampaignRunner:
                 self._loop.stop()
             self._loop = self._client = None
 
-    def tick(self, campaign_id: str, slot: int | None = None) -> TickResult:
+    def tick(self, campaign_id: str, slot: int | None = None, run: str | None = None) -> TickResult:
         """Claim one batch of due messages, check it, record and re-score; maybe finish.
 
-        ``slot`` names the tick chain, whose claimed batch is noted so that a re-driven
-        chain can put it back.
+        ``slot`` and ``run`` name the tick chain and its run: the claimed batch is noted so
+        that a re-driven chain can put it back, and a run taken over claims nothing more.
         """
         meta = self.meta(campaign_id)
         if not meta or meta.get("state") == "registering":
@@ -416,16 +426,21 @@ class CampaignRunner:
             batch = max(1, min(batch, int(share)))
         lease = LEASE_SECONDS + (batch / limiter.rate if limiter.enabled else 0)
         claim_keys = [due_key]
-        if slot is not None:
-            claim_keys.append(self.keys.campaign_claimed(campaign_id, slot))
-        ids = [
-            str(m) for m in self._claim(keys=claim_keys, args=[repr(now), batch, repr(now + lease)])
-        ]
+        claim_args: list[Any] = [repr(now), batch, repr(now + lease)]
+        claimed_key = ""
+        if slot is not None and run is not None:
+            claimed_key = self.keys.campaign_claimed(campaign_id, slot)
+            claim_keys += [claimed_key, self.keys.campaign(campaign_id)]
+            claim_args += [f"tick:{slot}", run]
+        ids = [str(m) for m in self._claim(keys=claim_keys, args=claim_args)]
         api_calls = recorded = 0
         if ids:
             api_calls, recorded = self._check_batch(campaign_id, meta, ids, started_at, deadline_at)
-            if slot is not None:  # checked and re-scored: nothing left to put back
-                self.redis.delete(claim_keys[1])
+            if claimed_key:  # checked and re-scored: nothing left to put back
+                self._checked(
+                    keys=[self.keys.campaign(campaign_id), claimed_key],
+                    args=[f"tick:{slot}", str(run)],
+                )
         if not self.redis.zcard(due_key):
             self.finish(campaign_id, meta)
             return TickResult(len(ids), api_calls, recorded, True, None)

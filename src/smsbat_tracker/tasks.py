@@ -479,7 +479,7 @@ def campaign_tick(
     until = time.monotonic() + _TICK_BUDGET
     claimed = calls = recorded = 0
     while True:
-        result = runner.tick(campaign_id, slot)
+        result = runner.tick(campaign_id, slot, run)
         claimed += result.claimed
         calls += result.api_calls
         recorded += result.recorded
