@@ -363,3 +363,43 @@ def test_a_taken_over_tick_run_neither_claims_nor_forgets_the_new_runs_batch(
     assert result.claimed == 0
     assert redis_client.smembers(claimed) == {"rd-t1"}
     assert runner.tick("rd-two", 0, new).claimed == 2  # its own batch back first, then due
+
+
+def test_a_task_this_worker_dropped_goes_back_to_the_queue(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A task a live worker stopped holding while still unacked (a lost connection) is given
+    back at its next beat; one it acknowledged is not."""
+    for n in range(2):
+        tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": n},))
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    dropped, done = (channel.basic_get("celery", no_ack=False) for _ in range(2))
+    redriver = Redriver(tracker_app, redis_client)
+    now = time.time()
+    assert (
+        redriver.note_held([SimpleNamespace(message=dropped), SimpleNamespace(message=done)], now)
+        == 0
+    )
+    done.ack()
+    assert redriver.note_held([], now + 1) == 1  # only the unacked one
+    assert redis_client.llen("celery") == 1
+    assert redis_client.hlen("unacked") == 0
+    connection.release()
+
+
+def test_a_worker_survives_kombus_restore_on_a_torn_down_connection() -> None:
+    """kombu's restore at channel close raising AttributeError no longer kills the worker."""
+    from kombu.transport import redis as kombu_redis
+
+    from smsbat_tracker.redrive import survive_broker_loss
+
+    survive_broker_loss()
+    survive_broker_loss()  # idempotent
+
+    def torn_down(client: Any) -> Any:
+        # What kombu's _connparams raises once the connection's client is gone.
+        raise AttributeError("'NoneType' object has no attribute 'hostname'")
+
+    qos = SimpleNamespace(_delivered={"t1": 1}, channel=SimpleNamespace(conn_or_acquire=torn_down))
+    kombu_redis.QoS.restore_unacked(qos)  # returns: the tasks stay unacked, the worker lives

@@ -167,6 +167,33 @@ def _held_item(request: Any, keys: Keys) -> tuple[str, str, str, str, str] | Non
     return None
 
 
+def survive_broker_loss() -> None:
+    """Keep a worker alive when Redis goes away under it (celery 5.7 with kombu 5.7).
+
+    On a lost connection the consumer closes it, and closing the channel gives its
+    unacknowledged tasks back: kombu's Redis ``QoS.restore_unacked`` then builds a client
+    from a connection already torn down and raises ``AttributeError``, which Celery does
+    not ignore: "Unrecoverable error", and the worker exits. With Redis away nothing can
+    be restored anyway; the tasks stay in kombu's ``unacked`` hash, and this worker's
+    re-driver gives back those it no longer holds once Redis is back
+    (:meth:`Redriver.note_held`).
+    """
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.QoS.restore_unacked
+    if getattr(original, "_smsbat_guarded", False):
+        return
+
+    def restore_unacked(self: Any, client: Any = None) -> None:
+        try:
+            original(self, client)
+        except AttributeError:
+            log.warning("redrive.restore_on_close_failed", held=len(self._delivered))
+
+    restore_unacked._smsbat_guarded = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+
+
 def _tag(request: Any) -> str | None:
     """The broker delivery tag of a request (its entry in kombu's unacked hash)."""
     tag = getattr(getattr(request, "message", None), "delivery_tag", None)
@@ -226,8 +253,13 @@ class Redriver:
             self._received[tag] = time.monotonic()
         self.redis.sadd(self.keys.held(self.holder), tag)
 
-    def note_held(self, requests: list[Any], now: float) -> None:
-        """Record this worker's heartbeat and the delivery tags of what it holds."""
+    def note_held(self, requests: list[Any], now: float) -> int:
+        """Record this worker's heartbeat and the delivery tags of what it holds.
+
+        A task it held and no longer holds was acknowledged, unless the consumer dropped
+        it (a lost connection drops the countdowns it held): one still unacked is given
+        back to the queue at once. Returns how many were.
+        """
         held = {tag for tag in map(_tag, requests) if tag is not None}
         recent = time.monotonic() - 2 * HEARTBEAT
         with self._lock:
@@ -235,7 +267,6 @@ class Redriver:
             self._received = {t: at for t, at in self._received.items() if at > recent}
             keep = held | set(self._received)
             gone = self._noted - keep
-            self._noted = keep
         key = self.keys.held(self.holder)
         pipe = self.redis.pipeline(transaction=True)
         if gone:
@@ -246,6 +277,36 @@ class Redriver:
         pipe.pexpire(key, int(max(60.0, 10 * self.settings.redrive_after) * 1000))
         pipe.zadd(self.keys.holders(), {self.holder: now})
         pipe.execute()
+        # Only now: should Redis be away, the next beat finds the same tags gone.
+        restored = self._restore(gone, "redrive.restored_dropped") if gone else 0
+        with self._lock:
+            self._noted = keep
+        return restored
+
+    def _restore(self, tags: set[str] | list[str], event: str, **fields: Any) -> int:
+        """Give back the ``tags`` still unacked, with kombu's own ``restore_by_tag``."""
+        restored = 0
+        unacked = self._unacked_key()
+        left = [t for t, there in zip(tags, self._hexists(unacked, tags), strict=True) if there]
+        if not left:
+            return 0
+        with self.app.connection_for_write() as connection:
+            qos: Any = getattr(connection.default_channel, "qos")  # noqa: B009 - kombu's Redis QoS
+            for tag in left:
+                qos.restore_by_tag(tag, leftmost=True)
+                restored += 1
+        log.warning(event, tasks=restored, **fields)
+        return restored
+
+    def _hexists(self, key: str, tags: set[str] | list[str]) -> list[bool]:
+        pipe = self.redis.pipeline(transaction=False)
+        for tag in tags:
+            pipe.hexists(key, tag)
+        return [bool(x) for x in pipe.execute()]
+
+    def _unacked_key(self) -> str:
+        options = self.app.conf.broker_transport_options or {}
+        return str(options.get("unacked_key", "unacked"))
 
     def forget_self(self) -> None:
         """A clean stop: this worker holds nothing any more (Celery requeues what it held)."""
@@ -261,22 +322,15 @@ class Redriver:
         dead = self.redis.zrangebyscore(
             self.keys.holders(), "-inf", repr(now - self.settings.redrive_after)
         )
-        if not dead:
-            return 0
         restored = 0
-        with self.app.connection_for_write() as connection:
-            qos: Any = getattr(connection.default_channel, "qos")  # noqa: B009 - kombu's Redis QoS
-            for holder in map(str, dead):
-                key = self.keys.held(holder)
-                for tag in self.redis.srandmember(key, SWEEP_LIMIT) or []:
-                    if self.redis.hexists(qos.unacked_key, tag):
-                        qos.restore_by_tag(tag, leftmost=True)
-                        restored += 1
-                    self.redis.srem(key, tag)
-                if not self.redis.scard(key):
-                    self.redis.zrem(self.keys.holders(), holder)
-                if restored:
-                    log.warning("redrive.restored", holder=holder, tasks=restored)
+        for holder in map(str, dead):
+            key = self.keys.held(holder)
+            tags = [str(t) for t in self.redis.srandmember(key, SWEEP_LIMIT) or []]
+            if tags:
+                restored += self._restore(tags, "redrive.restored", holder=holder)
+                self.redis.srem(key, *tags)
+            if not self.redis.scard(key):
+                self.redis.zrem(self.keys.holders(), holder)
         return restored
 
     def refresh(self, requests: list[Any]) -> int:
@@ -431,6 +485,7 @@ class RedriveStep(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         from smsbat_tracker.worker import TrackerApp
 
+        survive_broker_loss()
         app = parent.app
         if not isinstance(app, TrackerApp):
             return
