@@ -84,7 +84,7 @@ def test_after_a_redis_restart_workers_reconnect_and_every_tracking_resumes(
     tracker_app.reconfigure(settings)
     client = redis.Redis.from_url(server.url, decode_responses=True)
     label = uuid.uuid4().hex[:8]
-    with worker_process(settings, concurrency=2, pool="prefork", log_path="/tmp/rr.log"):
+    with worker_process(settings, concurrency=2, pool="prefork"):
         wait_for(lambda: tracker_app.control.ping(timeout=0.5), timeout=60)
         before = [
             sandbox.state.create_scripted([("processing", 0), ("delivered", 6.0 + i)])

@@ -97,12 +97,16 @@ class TrackerApp(Celery):
     def reconfigure(self, settings: Settings) -> None:
         """Use other settings from now on (tests, embedding applications, the demo).
 
-        Call before the first task is sent or a worker starts: connections already made
-        by Celery are not rebuilt.
+        Call before a worker starts. Celery's broker connections are dropped, so that the
+        next publish goes to the new ``REDIS_URL``.
         """
         self.close_engine()
         self.settings = settings
         self.conf.update(celery_config(settings))
+        # kombu keeps its pools per broker URL: forgetting ours makes the next publish
+        # take (or build) the pool of the new one.
+        self._pool = None
+        self.amqp._producer_pool = None  # type: ignore[attr-defined]
 
     def close_engine(self) -> None:
         """Close this process's connections (tests, embedding applications)."""
