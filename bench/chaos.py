@@ -305,6 +305,7 @@ def _analyse(
         "lost": len(lost),
         "lost_ids": lost[:20],
         "doubled_callbacks": len(doubled),
+        "doubled_ids": doubled[:20],
         "callback_reruns": reruns,
         "wrong": len(wrong),
         "wrong_ids": wrong[:20],

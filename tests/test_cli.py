@@ -97,3 +97,43 @@ def test_subcommand_help_exits_cleanly(capsys: pytest.CaptureFixture[str]) -> No
         main(["demo", "--help"])
     assert exc.value.code == 0
     assert "--count" in capsys.readouterr().out
+
+
+def test_campaign_start_gives_up_past_the_deadline_and_the_redrive_bound(
+    tracker_app: Any,
+    sandbox: SandboxServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no worker running, `campaign start` never waits forever: it says what is
+    missing and exits 1 once the deadline and the re-drive bound have passed."""
+    import time
+
+    from smsbat_tracker import cli
+
+    bounds: list[float] = []
+    original = cli.campaign_give_up
+
+    def give_up(settings: Any, meta: dict[str, str]) -> float:
+        bounds.append(original(settings, meta))  # the real bound, checked below
+        return time.time() + 0.5  # but not waited for
+
+    monkeypatch.setattr(cli, "campaign_give_up", give_up)
+    ids = [sandbox.state.create_scripted([("processing", 0)]) for _ in range(2)]
+    path = tmp_path / "ids.txt"
+    path.write_text("\n".join(ids) + "\n")
+    assert main(["campaign", "start", "cli-stuck", str(path), "--deadline", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "2 of 2 messages have no outcome" in err
+    assert "workers running" in err
+    settings = tracker_app.settings
+    meta_deadline = float(tracker_app.campaigns.meta("cli-stuck")["deadline_at"])
+    assert bounds[0] == pytest.approx(
+        meta_deadline
+        + settings.max_delay
+        + settings.min_interval
+        + settings.redrive_after
+        + 1.0
+        + 15.0
+    )

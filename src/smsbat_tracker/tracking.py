@@ -393,14 +393,7 @@ class Engine:
                 self.keys.status(message_id),
                 self.keys.due(),
             ],
-            args=[
-                owner,
-                repr(started_at),
-                repr(deadline_at),
-                self._session_ttl_ms(deadline_at),
-                repr(time.time()),
-                Keys.due_message(message_id),
-            ],
+            args=self._open_args(message_id, owner, started_at, deadline_at, time.time()),
         )
         session = self._session(message_id, values)
         assert session is not None  # the script creates it
@@ -458,6 +451,19 @@ class Engine:
         self.redis.pexpire(key, self._subs_ttl_ms())
         return added
 
+    def _open_args(
+        self, message_id: str, owner: str, started_at: float, deadline_at: float, due_at: float
+    ) -> list[Any]:
+        """The arguments of the session-opening piece (``_OPEN_SESSION``)."""
+        return [
+            owner,
+            repr(started_at),
+            repr(deadline_at),
+            self._session_ttl_ms(deadline_at),
+            repr(due_at),
+            Keys.due_message(message_id),
+        ]
+
     def _session_ttl_ms(self, deadline_at: float) -> int:
         # The session outlives its deadline by as long as a final outcome is kept.
         return int((max(deadline_at - time.time(), 0) + self.settings.final_ttl) * 1000)
@@ -490,12 +496,7 @@ class Engine:
                 self.keys.due(),
             ],
             args=[
-                owner,
-                repr(started_at),
-                repr(deadline_at),
-                self._session_ttl_ms(deadline_at),
-                repr(first_at),
-                Keys.due_message(message_id),
+                *self._open_args(message_id, owner, started_at, deadline_at, first_at),
                 "" if subscription.is_empty else subscription.id,
                 subscription.to_json(),
                 self._subs_ttl_ms(),
