@@ -215,6 +215,7 @@ class Redriver:
         self._lock = threading.Lock()
         self._noted: set[str] = set()  # the tags the held set has, as far as we know
         self._received: dict[str, float] = {}  # tags noted at receipt -> when
+        self._gone: set[str] = set()  # tags no longer held at the last beat
         self._refresh = client.register_script(_REFRESH)
         self._take_session = client.register_script(_TAKE_SESSION)
         self._take_chain = client.register_script(_TAKE_CHAIN)
@@ -257,8 +258,9 @@ class Redriver:
         """Record this worker's heartbeat and the delivery tags of what it holds.
 
         A task it held and no longer holds was acknowledged, unless the consumer dropped
-        it (a lost connection drops the countdowns it held): one still unacked is given
-        back to the queue at once. Returns how many were.
+        it (a lost connection drops the countdowns it held): one still unacked a beat
+        later (Celery forgets a finished task a moment before it acknowledges it) is given
+        back to the queue. Returns how many were.
         """
         held = {tag for tag in map(_tag, requests) if tag is not None}
         recent = time.monotonic() - 2 * HEARTBEAT
@@ -277,8 +279,9 @@ class Redriver:
         pipe.pexpire(key, int(max(60.0, 10 * self.settings.redrive_after) * 1000))
         pipe.zadd(self.keys.holders(), {self.holder: now})
         pipe.execute()
+        suspects, self._gone = self._gone, gone
         # Only now: should Redis be away, the next beat finds the same tags gone.
-        restored = self._restore(gone, "redrive.restored_dropped") if gone else 0
+        restored = self._restore(suspects, "redrive.restored_dropped") if suspects else 0
         with self._lock:
             self._noted = keep
         return restored
