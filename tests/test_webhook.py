@@ -679,6 +679,50 @@ def test_a_failed_settle_is_finished_by_the_providers_retry(
     assert settled == ["failed", "fs1"]
 
 
+def test_a_failed_settle_gives_its_claim_back_to_the_providers_retry(
+    http: httpx.Client,
+    settings: Settings,
+    tracker_app: Any,
+    redis_client: redis.Redis,
+    shared_server: tuple[str, Swappable],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the real engine: a final push whose callback cannot be sent answers 503 and
+    gives its claim back, so the provider's retry (a new claimer) sends it at once."""
+    from celery.canvas import Signature
+    from kombu.exceptions import OperationalError
+
+    from smsbat_tracker.tasks import track_message
+
+    url, swappable = shared_server
+    track_message.apply_async(
+        ("realsettle",), {"on_delivered": record_outcome.s(label="real")}, countdown=60
+    )
+    sent: list[Any] = []
+    original = Signature.apply_async
+
+    def broker_down_once(self: Signature, *args: Any, **kwargs: Any) -> Any:
+        if self.task == "smsbat_tracker.recipes.record_outcome" and not sent:
+            sent.append("refused")
+            raise OperationalError("broker unreachable")
+        sent.append(self.task)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Signature, "apply_async", broker_down_once)
+    swappable.target = create_app(settings)  # the real engine settles in-process
+    try:
+        first = http.post(f"{url}/webhook", params={"token": TOKEN}, json=body("realsettle"))
+        fired = redis_client.hgetall("smsbat:fired:{realsettle}")
+        retry = http.post(f"{url}/webhook", params={"token": TOKEN}, json=body("realsettle"))
+    finally:
+        swappable.target = None
+    assert first.status_code == 503
+    assert fired == {}  # the claim was given back, not left pending for anyone to wait out
+    assert retry.status_code == 200
+    assert sent == ["refused", "smsbat_tracker.recipes.record_outcome"]
+    assert set(redis_client.hvals("smsbat:fired:{realsettle}")) == {"sent"}
+
+
 def test_openapi_document(http: httpx.Client, hook: Hook) -> None:
     """/openapi.json is OpenAPI 3.1 describing the push body, the token and every answer."""
     document = http.get(f"{hook.url}/openapi.json").json()
