@@ -404,3 +404,38 @@ def test_a_worker_survives_kombus_restore_on_a_torn_down_connection() -> None:
 
     qos = SimpleNamespace(_delivered={"t1": 1}, channel=SimpleNamespace(conn_or_acquire=torn_down))
     kombu_redis.QoS.restore_unacked(qos)  # returns: the tasks stay unacked, the worker lives
+
+
+def test_a_callback_sent_again_after_a_crash_keeps_its_task_id(
+    tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent, then not marked sent (its sender died): the second send is the same task,
+    so a callback can use ``self.request.id`` as its idempotency key."""
+    _register(tracker_app, "rd-same", due_in=30.0)
+    engine = tracker_app.engine
+    published: list[str] = []
+
+    def publish(self: Signature, args: Any = None, *rest: Any, **kwargs: Any) -> None:
+        published.append(kwargs["task_id"])
+
+    monkeypatch.setattr(Signature, "apply_async", publish)
+    mark = engine._sent
+    calls = []
+
+    def mark_fails_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Redis went away after the send")
+        return mark(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_sent", mark_fails_once)
+    result = build_result("rd-same", "delivered", session=None, cached=None)
+    with pytest.raises(redis.ConnectionError):
+        engine.settle("rd-same", result, claimer="first")
+    engine.settle("rd-same", None, claimer="second")
+    assert len(published) == 2
+    assert published[0] == published[1]
+    other = build_result("rd-other", "delivered", session=None, cached=None)
+    _register(tracker_app, "rd-other", due_in=30.0)
+    engine.settle("rd-other", other, claimer="third")
+    assert published[2] != published[0]  # another message's callback is another task

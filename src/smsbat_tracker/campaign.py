@@ -645,7 +645,9 @@ class CampaignRunner:
                 continue
             callback = sub.callback_for(str(result["outcome"]))
             if callback:
-                signature(callback, app=self.engine.app).apply_async((result,))
+                signature(callback, app=self.engine.app).apply_async(
+                    (result,), task_id=self.keys.dispatch_id(campaign_id, message_id)
+                )
             self.redis.hdel(key, message_id)
 
     def resend_unsent(self, campaign_id: str, meta: dict[str, str]) -> int:
@@ -763,7 +765,9 @@ class CampaignRunner:
         if on_report:
             from celery import signature
 
-            signature(on_report, app=self.engine.app).apply_async((report,))
+            signature(on_report, app=self.engine.app).apply_async(
+                (report,), task_id=self.keys.dispatch_id(campaign_id, "report")
+            )
         self.redis.hset(self.keys.campaign(campaign_id), "report_sent", "sent")
         self._claim_report(keys=keys, args=args)
 

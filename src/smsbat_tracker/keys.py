@@ -7,6 +7,7 @@ neither does the tracker.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 __all__ = ["Keys"]
@@ -23,7 +24,8 @@ class Keys:
         return f"{self.prefix}:status:{{{message_id}}}"
 
     def track(self, message_id: str) -> str:
-        """Tracking session hash: owner task id, started_at, deadline_at, polls."""
+        """Tracking session hash: owner task id and the run it expects next (the fencing
+        token), started_at, deadline_at, checks, polls."""
         return f"{self.prefix}:track:{{{message_id}}}"
 
     def subs(self, message_id: str) -> str:
@@ -95,6 +97,15 @@ class Keys:
     def held(self, holder: str) -> str:
         """Set: the broker delivery tags a worker held at its last heartbeat."""
         return f"{self.prefix}:held:{holder}"
+
+    def dispatch_id(self, *parts: str) -> str:
+        """The task id of one follow-up task (a callback, a link, a chain step, a report).
+
+        Derived from what it follows up, so that sending it again after a crash (the
+        sender died between sending it and marking it sent) sends the same task: a
+        callback can use ``self.request.id`` as its idempotency key.
+        """
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, ":".join((self.prefix, "dispatch", *parts))))
 
     def redrive_lock(self) -> str:
         """Held by the one worker sweeping the due index (SET NX PX)."""

@@ -5,13 +5,16 @@ holds no state of its own beyond connections, so one per process serves every ta
 
 Per message, Redis holds (see :mod:`smsbat_tracker.keys`):
 
-- a *session* hash: the owner task id (the one poller), start and deadline, counters;
+- a *session* hash: the owner task id (the one poller) and the run it expects next (with
+  the owner, the fencing token), start and deadline, counters;
 - *subscriptions*: each distinct set of callbacks (and captured chain) asking for the
   outcome; the same set enqueued twice is one subscription;
 - the *outcome*: written once with SET NX semantics inside a Lua script that also claims
   every subscription not yet dispatched. Only the caller that claims a subscription
   dispatches its callback, so a duplicate enqueue, a redelivered task or a webhook racing
-  the poller never fires a callback twice.
+  the poller never fires a callback twice;
+- an entry in the *due index* (see :mod:`smsbat_tracker.redrive`), written by the same
+  scripts that record each check and each dispatch, so that a lost run is re-driven.
 """
 
 from __future__ import annotations
@@ -651,6 +654,8 @@ class Engine:
         result = settled.result
         outcome = str(result["outcome"])
         member = Keys.due_message(message_id)
+        # One id per follow-up of this tracking (a later tracking of the same id differs).
+        session_key = f"{message_id}@{result.get('started_at')}"
         sent_keys = [self.keys.fired(message_id), self.keys.subs(message_id), self.keys.due()]
         done = 0
         try:
@@ -658,7 +663,7 @@ class Engine:
                 callback = sub.callback_for(outcome)
                 if callback:
                     sig = signature(callback, app=self.app)
-                    sig.apply_async((result,))
+                    sig.apply_async((result,), task_id=self.keys.dispatch_id(session_key, sub_id))
                     log.info(
                         "track.callback",
                         message_id=message_id,
@@ -666,12 +671,18 @@ class Engine:
                         callback=sig.task,
                         subscription=sub_id,
                     )
-                for link in sub.links or ():
-                    signature(link, app=self.app).apply_async((result,))
+                for n, link in enumerate(sub.links or ()):
+                    signature(link, app=self.app).apply_async(
+                        (result,), task_id=self.keys.dispatch_id(session_key, sub_id, f"link{n}")
+                    )
                 if sub.chain:
                     # As Celery itself continues a chain: the last entry is the next step.
                     nxt = signature(sub.chain[-1], app=self.app)
-                    nxt.apply_async((result,), chain=sub.chain[:-1] or None)
+                    nxt.apply_async(
+                        (result,),
+                        chain=sub.chain[:-1] or None,
+                        task_id=self.keys.dispatch_id(session_key, sub_id, "chain"),
+                    )
                 self._sent(keys=sent_keys, args=[member, sub_id])
                 done += 1
         except BaseException:
