@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ):
         sandbox = SandboxServer(SandboxConfig(seed=args.seed))
         sandbox.start()
+        overrides = {} if args.rate_limit is None else {"rate_limit": args.rate_limit}
         settings = load_settings(
-            redis_url=server.url, base_url=sandbox.url, api_key=sandbox.config.api_key
+            redis_url=server.url, base_url=sandbox.url, api_key=sandbox.config.api_key, **overrides
         )
         # The app reads its settings at import: these, as the workers get them.
         os.environ.update(settings.to_env())
@@ -334,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         help="s after the send, midway between two single-worker kills (-1: never)",
     )
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--rate-limit", type=float, default=None, help="SMSBAT_RATE_LIMIT (default: the default)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
     args = parser.parse_args(argv)
     summary = run(args)
