@@ -291,10 +291,14 @@ class CampaignRunner:
         deadline_at = enqueued_at + (deadline if deadline is not None else self.settings.deadline)
         ttl_ms = int((deadline_at - time.time() + self.settings.final_ttl) * 1000)
         if not self.redis.hsetnx(meta_key, "total", len(ids)):
-            if self.redis.hget(meta_key, "state") != "registering":
+            state, started, ends = self.redis.hmget(
+                meta_key, ["state", "started_at", "deadline_at"]
+            )
+            if state != "registering":
                 return False
-            enqueued_at = float(self.redis.hget(meta_key, "started_at") or enqueued_at)
-            deadline_at = float(self.redis.hget(meta_key, "deadline_at") or deadline_at)
+            # The first call's times, which the messages already registered were scored by.
+            enqueued_at = float(started or enqueued_at)
+            deadline_at = float(ends or deadline_at)
         else:
             self.redis.hset(
                 meta_key,
@@ -332,9 +336,12 @@ class CampaignRunner:
         )
         return True
 
-    def chains(self, campaign_id: str) -> dict[int, str]:
-        """Each tick chain's slot and its current run (the fencing token)."""
-        meta = self.meta(campaign_id)
+    def chains(self, campaign_id: str, meta: dict[str, str] | None = None) -> dict[int, str]:
+        """Each tick chain's slot and its current run (the fencing token).
+
+        ``meta``: the campaign hash, when the caller has just read it.
+        """
+        meta = self.meta(campaign_id) if meta is None else meta
         return {int(k[5:]): v for k, v in meta.items() if k.startswith("tick:")}
 
     def holds(self, campaign_id: str, slot: int, run: str) -> bool:
@@ -753,7 +760,7 @@ class CampaignRunner:
     ) -> None:
         """Send ``on_report`` once, then let the chains leave the due index."""
         args: list[Any] = [int(time.time() * 1000), int(self.settings.redrive_after * 1000)]
-        args += [Keys.due_tick(campaign_id, slot) for slot in self.chains(campaign_id)]
+        args += [Keys.due_tick(campaign_id, slot) for slot in self.chains(campaign_id, meta)]
         keys = [
             self.keys.campaign(campaign_id),
             self.keys.campaign_unsent(campaign_id),

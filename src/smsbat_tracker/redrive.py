@@ -224,22 +224,21 @@ class Redriver:
     # --- refreshing what this worker holds ---------------------------------------------
 
     @staticmethod
-    def held_requests(*, scheduled: bool = False) -> list[Any]:
-        """This process's reserved (due, waiting for the pool) and active requests.
+    def held_requests() -> tuple[list[Any], list[Any]]:
+        """This process's requests: (reserved or active, scheduled), copied at one moment.
 
-        With ``scheduled``, the countdowns it holds until they are due too.
+        Reserved requests are due and wait for the pool; scheduled ones are the countdowns
+        it holds until they are due (kept apart by Celery >= 5.7).
         """
         from celery.worker import state
 
-        sets = [state.reserved_requests, state.active_requests]
-        if scheduled:
-            # Celery >= 5.7 keeps the countdowns a worker holds in their own set.
-            sets.append(getattr(state, "scheduled_requests", set()))
         while True:
             try:
-                return [request for held in sets for request in list(held)]
+                due = list(state.reserved_requests) + list(state.active_requests)
+                scheduled = list(getattr(state, "scheduled_requests", ()))
             except RuntimeError:  # a set changed while being copied: copy again
                 continue
+            return due, scheduled
 
     def note_received(self, request: Any) -> None:
         """Note at once a task this worker just fetched (Celery's ``task_received``).
@@ -455,9 +454,10 @@ class Redriver:
         until every live worker has beaten again.
         """
         now = time.time()
+        due, scheduled = self.held_requests()
         try:
-            self.note_held(self.held_requests(scheduled=True), now)
-            self.refresh(self.held_requests())
+            self.note_held(due + scheduled, now)
+            self.refresh(due)
         except redis.RedisError:
             self.beating_since = None
             raise

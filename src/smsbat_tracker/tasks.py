@@ -386,7 +386,15 @@ class CampaignTask(AnyTask):
         if "enqueued_at" not in kwargs:
             kwargs["enqueued_at"] = time.time()
             _register_campaign(
-                cast(TrackerApp, self.app), campaign_id, message_ids, kwargs, args[2:3]
+                cast(TrackerApp, self.app),
+                campaign_id,
+                message_ids,
+                deadline=kwargs.get("deadline", args[2] if len(args) > 2 else None),
+                on_report=kwargs.get("on_report"),
+                on_delivered=kwargs.get("on_delivered"),
+                on_failed=kwargs.get("on_failed"),
+                on_timeout=kwargs.get("on_timeout"),
+                enqueued_at=kwargs["enqueued_at"],
             )
         return super().apply_async(args, kwargs, *rest, **options)
 
@@ -395,21 +403,25 @@ def _register_campaign(
     tracker: TrackerApp,
     campaign_id: str,
     message_ids: Sequence[str],
-    kwargs: dict[str, Any],
-    deadline_arg: tuple[Any, ...],
+    *,
+    deadline: float | None,
+    on_report: Any,
+    on_delivered: Any,
+    on_failed: Any,
+    on_timeout: Any,
+    enqueued_at: float,
 ) -> bool:
-    deadline = kwargs.get("deadline", deadline_arg[0] if deadline_arg else None)
     return tracker.campaigns.register(
         campaign_id,
         message_ids,
         deadline=deadline,
         subscription=Subscription(
-            on_delivered=_as_signature_dict("on_delivered", kwargs.get("on_delivered")),
-            on_failed=_as_signature_dict("on_failed", kwargs.get("on_failed")),
-            on_timeout=_as_signature_dict("on_timeout", kwargs.get("on_timeout")),
+            on_delivered=_as_signature_dict("on_delivered", on_delivered),
+            on_failed=_as_signature_dict("on_failed", on_failed),
+            on_timeout=_as_signature_dict("on_timeout", on_timeout),
         ),
-        on_report=_as_signature_dict("on_report", kwargs.get("on_report")),
-        enqueued_at=kwargs["enqueued_at"],
+        on_report=_as_signature_dict("on_report", on_report),
+        enqueued_at=enqueued_at,
     )
 
 
@@ -439,21 +451,19 @@ def track_campaign(
         tracker,
         campaign_id,
         message_ids,
-        {
-            "deadline": deadline,
-            "on_report": on_report,
-            "on_delivered": on_delivered,
-            "on_failed": on_failed,
-            "on_timeout": on_timeout,
-            "enqueued_at": enqueued_at,
-        },
-        (),
+        deadline=deadline,
+        on_report=on_report,
+        on_delivered=on_delivered,
+        on_failed=on_failed,
+        on_timeout=on_timeout,
+        enqueued_at=enqueued_at,
     )
-    if runner.meta(campaign_id).get("started_at") != repr(enqueued_at):
+    meta = runner.meta(campaign_id)
+    if meta.get("started_at") != repr(enqueued_at):
         log.info("campaign.duplicate", campaign_id=campaign_id)
         return {"campaign_id": campaign_id, "started": False}
-    first = max(0.0, enqueued_at + runner.settings.first_delay * (1 - runner.settings.jitter))
-    for slot, run in runner.chains(campaign_id).items():
+    first = enqueued_at + runner.settings.first_delay * (1 - runner.settings.jitter)
+    for slot, run in runner.chains(campaign_id, meta).items():
         if run.endswith(":0"):  # a chain not started yet (a redelivery finds them started)
             campaign_tick.apply_async(
                 (campaign_id,), {"slot": slot, "run": run}, countdown=first - time.time()

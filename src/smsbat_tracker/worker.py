@@ -34,6 +34,7 @@ from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import configure_logging, get_logger
+from smsbat_tracker.redrive import PUBLISHED_AT, TICK_TASK, TRACK_TASK, RedriveStep
 from smsbat_tracker.tracking import Engine
 
 __all__ = ["TrackerApp", "app", "create_app"]
@@ -129,8 +130,6 @@ def create_app(settings: Settings | None = None) -> TrackerApp:
         include=["smsbat_tracker.tasks", "smsbat_tracker.recipes"],
     )
     tracker.conf.update(celery_config(settings))
-    from smsbat_tracker.redrive import RedriveStep
-
     tracker.steps["worker"].add(RedriveStep)
     return tracker
 
@@ -255,8 +254,6 @@ def _warm_child(**_: Any) -> None:
 @signals.before_task_publish.connect
 def _stamp_published_at(sender: str | None = None, headers: Any = None, **_: Any) -> None:
     # The re-driver tells a task waiting behind a backlog from a lost one by this stamp.
-    from smsbat_tracker.redrive import PUBLISHED_AT, TICK_TASK, TRACK_TASK
-
     if sender in (TRACK_TASK, TICK_TASK) and isinstance(headers, dict):
         headers[PUBLISHED_AT] = time.time()
 
