@@ -383,9 +383,12 @@ def test_a_task_this_worker_dropped_goes_back_to_the_queue(
     )
     done.ack()
     assert redriver.note_held([], now + 1) == 0  # a beat later: an ack may be on its way
+    # Still noted as held meanwhile: were this worker to die now, its sweep finds it.
+    assert str(dropped.delivery_tag) in redis_client.smembers(Keys().held(redriver.holder))
     assert redriver.note_held([], now + 2) == 1  # only the unacked one
     assert redis_client.llen("celery") == 1
     assert redis_client.hlen("unacked") == 0
+    assert redis_client.smembers(Keys().held(redriver.holder)) == set()
     connection.release()
 
 

@@ -270,19 +270,20 @@ class Redriver:
             gone = self._noted - keep
         key = self.keys.held(self.holder)
         pipe = self.redis.pipeline(transaction=True)
-        if gone:
-            pipe.srem(key, *gone)
         if held:
             pipe.sadd(key, *held)
         # Outlives the holder long enough for a sweep to read it after its death.
         pipe.pexpire(key, int(max(60.0, 10 * self.settings.redrive_after) * 1000))
         pipe.zadd(self.keys.holders(), {self.holder: now})
         pipe.execute()
-        suspects, self._gone = self._gone, gone
-        # Only now: should Redis be away, the next beat finds the same tags gone.
+        # A tag leaves the held set only once it is acknowledged or given back: should this
+        # worker die in between, the sweep of the dead still finds it.
+        suspects = self._gone - keep
         restored = self._restore(suspects, "redrive.restored_dropped") if suspects else 0
+        if suspects:
+            self.redis.srem(key, *suspects)
         with self._lock:
-            self._noted = keep
+            self._gone, self._noted = gone, keep
         return restored
 
     def _restore(self, tags: set[str] | list[str], event: str, **fields: Any) -> int:
