@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from typing import Any
 
 import pytest
 import redis
 
 from smsbat_tracker.errors import InvalidMessageId
+from smsbat_tracker.keys import Keys
 from smsbat_tracker.recipes import record_outcome
 from smsbat_tracker.sandbox import SandboxServer
 from smsbat_tracker.tasks import get_campaign_report, get_status, track_campaign
+from smsbat_tracker.tracking import Subscription
 from tests.conftest import recorded, wait_for
 
 MIX = [
@@ -128,3 +131,30 @@ def test_report_is_json_serialisable_while_running(
     assert report is not None
     assert report["finished"] is False
     json.dumps(report)
+
+
+def test_batch_without_a_turn_at_the_rate_limit_goes_back_in_line(
+    tracker_app: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """A batch the rate limit cannot serve yet makes no request and holds no worker: its
+    messages are due again as before, and the tick comes back when the turn comes."""
+    runner = tracker_app.campaigns
+    ids = list(make_messages(sandbox, 3))
+    runner.register(
+        "turn",
+        ids,
+        deadline=60,
+        subscription=Subscription(),
+        on_report=None,
+        enqueued_at=time.time() - 30,
+    )
+    due_key = Keys().campaign_due("turn")
+    before = dict(redis_client.zrange(due_key, 0, -1, withscores=True))
+    slot, run = next(iter(runner.chains("turn").items()))
+    tracker_app.engine.limiter.pause(4.0)  # no token for anyone for 4 s
+    result = runner.tick("turn", slot, run)
+    assert (result.claimed, result.api_calls, result.recorded) == (3, 0, 0)
+    assert result.next_in is not None
+    assert 3.0 < result.next_in <= 4.0
+    assert dict(redis_client.zrange(due_key, 0, -1, withscores=True)) == before
+    assert all(sandbox.state.truth(m)["polls"] == 0 for m in ids)

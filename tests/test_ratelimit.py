@@ -13,7 +13,9 @@ from structlog.testing import capture_logs
 
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import RateLimited, ServerError
-from smsbat_tracker.ratelimit import DEFAULT_PAUSE, RateLimiter
+from smsbat_tracker.keys import Keys
+from smsbat_tracker.ratelimit import DEFAULT_PAUSE, LINE_WINDOW, WAITER_GRACE, RateLimiter
+from tests.conftest import wait_for
 
 
 @pytest.fixture
@@ -168,3 +170,70 @@ def test_threads_together_stay_within_the_rate(
     assert total <= rate * window * 1.05 + burst
     assert total >= rate * window * 0.6
     assert min(grants) > 0  # every thread got its share, none starved
+
+
+def test_older_requests_are_served_first(limiter_for: Callable[..., RateLimiter]) -> None:
+    """Past the limit, the request that fell due first gets the next token, whoever asks first.
+
+    At 1/s the bucket is booked a second ahead. "new" and then "old" (due 5 s earlier) are
+    turned away; with room for one more token, "new" is still refused because "old" is
+    in line before it, and "old" is served; then "new" is.
+    """
+    limiter = limiter_for(1, burst=1)
+    now = time.time()
+    assert limiter.reserve(1, ahead=0.0) == (True, 0.0)
+    assert not limiter.reserve(1, ahead=0.5, waiter="new", due_at=now)[0]
+    assert not limiter.reserve(1, ahead=0.5, waiter="old", due_at=now - 5)[0]
+    booked, wait = limiter.reserve(1, ahead=1.5, waiter="new", due_at=now)
+    assert not booked
+    assert 0.3 < wait <= 0.5  # its turn comes after "old"'s token, a second later
+    assert limiter.reserve(1, ahead=1.5, waiter="old", due_at=now - 5)[0]
+    assert limiter.reserve(1, ahead=2.5, waiter="new", due_at=now)[0]
+
+
+def test_a_waiter_keeps_its_first_place(limiter_for: Callable[..., RateLimiter]) -> None:
+    """A waiter asking again with a later due time (its retry's) keeps its first place."""
+    limiter = limiter_for(1, burst=1)
+    now = time.time()
+    assert limiter.reserve(1, ahead=0.0)[0]
+    assert not limiter.reserve(1, ahead=0.5, waiter="a", due_at=now - 5)[0]
+    assert not limiter.reserve(1, ahead=0.5, waiter="b", due_at=now - 3)[0]
+    assert not limiter.reserve(1, ahead=1.5, waiter="b", due_at=now - 3)[0]
+    assert limiter.reserve(1, ahead=1.5, waiter="a", due_at=now + 1)[0]
+
+
+def test_a_waiter_that_never_comes_back_is_forgotten(
+    limiter_for: Callable[..., RateLimiter], redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A turned-away caller that does not ask again within WAITER_GRACE of its turn loses
+    its place, so that a dead task never blocks the line."""
+    limiter = limiter_for(1, burst=1)
+    waiters = Keys(settings.key_prefix).rate_waiters()
+    assert limiter.reserve(1, ahead=0.0)[0]
+    assert not limiter.reserve(1, ahead=0.9, waiter="ghost", due_at=time.time() - 60)[0]
+    assert redis_client.zscore(waiters, "ghost") is not None
+
+    def swept() -> bool:
+        limiter.try_acquire()  # anyone's request sweeps the line; a one-off leaves no entry
+        return redis_client.zcard(waiters) == 0
+
+    wait_for(swept, timeout=WAITER_GRACE + 3, interval=0.2)
+
+
+def test_late_waiters_hold_up_the_line_only_beyond_its_window(
+    limiter_for: Callable[..., RateLimiter],
+) -> None:
+    """Tokens are kept for the waiters in line only a LINE_WINDOW ahead: five older waiters
+    that have not come back yet (10 tokens/s, a 1 s window) leave room for a new request,
+    twenty do not."""
+    limiter = limiter_for(10, burst=1)
+    old = time.time() - 60
+    assert limiter.reserve(1, ahead=0.0)[0]
+    for i in range(5):
+        assert not limiter.reserve(1, ahead=0.0, waiter=f"w{i}", due_at=old)[0]
+    assert limiter.reserve(1, ahead=0.2, waiter="new")[0]
+    for i in range(5, 20):
+        assert not limiter.reserve(1, ahead=0.0, waiter=f"w{i}", due_at=old)[0]
+    booked, wait = limiter.reserve(1, ahead=0.2, waiter="late")
+    assert not booked
+    assert 0.8 < wait <= LINE_WINDOW + 0.2

@@ -41,7 +41,7 @@ from smsbat_tracker.errors import MessageNotFound, PermanentError, RateLimited, 
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import MessageStatus, validate_message_id
-from smsbat_tracker.tracking import Engine, Outcome, Subscription, iso, outcome_of
+from smsbat_tracker.tracking import CHECK_WAIT, Engine, Outcome, Subscription, iso, outcome_of
 
 __all__ = ["CampaignRunner", "TickResult", "build_report", "validate_campaign_id"]
 
@@ -60,6 +60,7 @@ CLAIM_SECONDS: Final = 1.0
 # the chain's field and run.  Claims the due messages for one batch, and notes them as
 # the chain's batch. A batch the chain left noted was abandoned (its tick died, and this is
 # the same run again): it is due again first. A run that was taken over claims nothing.
+# Returns the claimed ids each followed by its due time.
 _CLAIM = """
 if KEYS[2] then
   if redis.call('HGET', KEYS[3], ARGV[4]) ~= ARGV[5] then return {} end
@@ -68,10 +69,15 @@ if KEYS[2] then
   end
   redis.call('DEL', KEYS[2])
 end
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id) end
+local claimed = redis.call(
+  'ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+local ids = {}
+for i = 1, #claimed, 2 do
+  ids[#ids + 1] = claimed[i]
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], claimed[i])
+end
 if KEYS[2] and #ids > 0 then redis.call('SADD', KEYS[2], unpack(ids)) end
-return ids
+return claimed
 """
 
 # KEYS: meta, claimed.  ARGV: field, run.  The batch is checked and re-scored: forget it,
@@ -439,10 +445,15 @@ class CampaignRunner:
             claimed_key = self.keys.campaign_claimed(campaign_id, slot)
             claim_keys += [claimed_key, self.keys.campaign(campaign_id)]
             claim_args += [f"tick:{slot}", run]
-        ids = [str(m) for m in self._claim(keys=claim_keys, args=claim_args)]
+        claimed = self._claim(keys=claim_keys, args=claim_args)
+        due = {str(claimed[i]): float(claimed[i + 1]) for i in range(0, len(claimed), 2)}
+        ids = list(due)
         api_calls = recorded = 0
+        turn: float | None = None  # set when the rate limit put the batch back in line
         if ids:
-            api_calls, recorded = self._check_batch(campaign_id, meta, ids, started_at, deadline_at)
+            api_calls, recorded, turn = self._check_batch(
+                campaign_id, meta, due, started_at, deadline_at, waiter=f"c:{campaign_id}:{slot}"
+            )
             if claimed_key:  # checked and re-scored: nothing left to put back
                 self._checked(
                     keys=[self.keys.campaign(campaign_id), claimed_key],
@@ -453,6 +464,8 @@ class CampaignRunner:
             return TickResult(len(ids), api_calls, recorded, True, None)
         head = self.redis.zrange(due_key, 0, 0, withscores=True)
         next_in = max(0.0, float(head[0][1]) - time.time()) if head else 0.0
+        if turn is not None:
+            next_in = max(next_in, turn)
         return TickResult(
             len(ids), api_calls, recorded, False, min(next_in, self.settings.max_delay)
         )
@@ -461,11 +474,18 @@ class CampaignRunner:
         self,
         campaign_id: str,
         meta: dict[str, str],
-        ids: list[str],
+        due: dict[str, float],
         started_at: float,
         deadline_at: float,
-    ) -> tuple[int, int]:
+        *,
+        waiter: str,
+    ) -> tuple[int, int, float | None]:
+        """Check a claimed batch (``due``: each id's due time); returns the API calls made,
+        the outcomes recorded, and, when the rate limit has no turn for the batch yet, the
+        seconds until it has (the unchecked messages are then back in the due index)."""
         engine, settings = self.engine, self.settings
+        limiter = engine.limiter
+        ids = list(due)
         now = time.time()
         cached = self._cached(ids)
         statuses: dict[str, MessageStatus | SmsbatError | None] = {}
@@ -476,6 +496,24 @@ class CampaignRunner:
                 statuses[m] = c.status
             else:
                 to_call.append(m)
+        turn: float | None = None
+        wait = 0.0
+        if to_call:
+            # One booking for the batch, in the limit's line by its oldest message: a batch
+            # never holds a worker waiting behind older checks; it goes back in the due
+            # index and its tick comes back when its turn comes.
+            booked, wait = limiter.reserve(
+                len(to_call),
+                # The batch's own pace, and no more: a tick does not sleep on a worker.
+                ahead=len(to_call) / limiter.rate + CHECK_WAIT if limiter.enabled else 0.0,
+                waiter=waiter,
+                due_at=min(due[m] for m in to_call),
+            )
+            if not booked:
+                self.redis.zadd(
+                    self.keys.campaign_due(campaign_id), {m: due[m] for m in to_call}, xx=True
+                )
+                turn, to_call = wait, []
         # The per-message minimum interval, shared with track_message and get_status.
         interval_ms = int(settings.min_interval * 1000)
         pipe = self.redis.pipeline(transaction=False)
@@ -490,13 +528,18 @@ class CampaignRunner:
             loop, client = self._runtime()
 
             async def fetch() -> dict[str, MessageStatus | SmsbatError]:
-                # Send each slice as soon as its tokens are granted, so requests leave at
-                # the limit's pace instead of in one burst after the whole batch's wait.
-                step = engine.limiter.burst if engine.limiter.enabled else len(gated)
+                # The booked tokens come due one interval apart, the last after ``wait``:
+                # send each slice when its tokens are due, at the limit's pace.
+                step = limiter.burst if limiter.enabled else len(gated)
+                begin = time.monotonic()
                 sent = []
                 for start in range(0, len(gated), step):
                     chunk = gated[start : start + step]
-                    await engine.limiter.acquire_async(len(chunk))
+                    if limiter.enabled:
+                        later = (len(gated) - start - len(chunk)) / limiter.rate
+                        delay = wait - later - (time.monotonic() - begin)
+                        if delay > 0:
+                            await asyncio.sleep(delay)
                     sent.append(
                         asyncio.ensure_future(
                             client.get_statuses(chunk, concurrency=settings.campaign_concurrency)
@@ -514,9 +557,12 @@ class CampaignRunner:
                 if isinstance(value, MessageStatus):
                     engine.cache.store(m, value, source="poll", pipe=pipe)
                 elif isinstance(value, RateLimited):
-                    engine.limiter.observe_error(value)
+                    limiter.observe_error(value)
             pipe.execute()
-        return len(gated), self._settle(campaign_id, meta, statuses, started_at, deadline_at)
+        if not statuses:
+            return 0, 0, turn
+        recorded = self._settle(campaign_id, meta, statuses, started_at, deadline_at)
+        return len(gated), recorded, turn
 
     def _cached(self, ids: list[str]) -> dict[str, CachedStatus]:
         raws = self.redis.mget([self.keys.status(m) for m in ids])

@@ -115,6 +115,14 @@ class Keys:
         """The global API token bucket shared by every worker."""
         return f"{self.prefix}:ratelimit"
 
+    def rate_waiters(self) -> str:
+        """Zset: callers the rate limit turned away, scored by when their check fell due."""
+        return f"{self.prefix}:ratelimit:waiters"
+
+    def rate_waiters_back(self) -> str:
+        """Zset: the same callers, scored by when they are expected to ask again."""
+        return f"{self.prefix}:ratelimit:waiters:back"
+
     def rate_pause(self) -> str:
         """Set while the API asked everyone to back off (HTTP 429 Retry-After)."""
         return f"{self.prefix}:ratelimit:pause"

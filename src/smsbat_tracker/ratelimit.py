@@ -1,8 +1,9 @@
 """One rate limit for calls to the SMSBAT API, shared by every worker and process.
 
 A GCRA token bucket in one Lua script on the Redis server's clock, so workers on several
-machines agree. A 429 from the API pauses everyone for its Retry-After. Celery's own
-``rate_limit`` is per worker and cannot do either.
+machines agree. A 429 from the API pauses everyone for its Retry-After. When requests
+outrun the limit they are served oldest first, across tasks, campaign batches and
+processes. Celery's own ``rate_limit`` is per worker and can do none of this.
 """
 
 from __future__ import annotations
@@ -19,18 +20,27 @@ from smsbat_tracker.errors import RateLimited
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 
-__all__ = ["DEFAULT_PAUSE", "RESERVE_AHEAD", "RateLimiter"]
+__all__ = ["DEFAULT_PAUSE", "LINE_WINDOW", "RESERVE_AHEAD", "WAITER_GRACE", "RateLimiter"]
 
 # Pause after a 429 that carries no Retry-After.
 DEFAULT_PAUSE: Final = 1.0
 
 log = get_logger(__name__)
 
-# KEYS: bucket (theoretical arrival time, in microseconds), pause.
-# ARGV: emission interval us, burst tolerance us, tokens wanted, how far ahead to book (us).
+# KEYS: bucket (theoretical arrival time, in microseconds), pause, waiters (scored by when
+# their request fell due, us), waiters' expected return (us).
+# ARGV: emission interval us, burst tolerance us, tokens wanted, how long the caller would
+# wait for them (us), the caller's name ('' for one-off callers), when its request fell
+# due (us; '' for now), how long a waiter may be late to ask again before it is forgotten
+# (us), how far ahead tokens are kept for the waiters in line (us).
 # Returns {1, wait}: the tokens are yours from ``wait`` us on; or {0, wait}: nothing was
-# booked, ask again then. Booking ahead keeps the bucket busy back to back: no token is
-# lost while a caller sleeps, wakes late, or makes its round trip.
+# booked, ask again then.
+# Fair: a caller is served only when the tokens of every waiter whose request fell due
+# earlier fit in the line's window too, so the oldest requests go first whoever asks
+# first (a task's retry and a campaign's batch alike), and a turned-away caller is told
+# when its turn comes instead of racing everyone again at the next free token. The window
+# is wider than a caller's own wait, so that waiters who come back late (their worker was
+# busy) hold up the line only when more than the window's worth of them are late.
 _RESERVE = """
 local pause = redis.call('PTTL', KEYS[2])
 if pause > 0 then return {0, pause * 1000} end
@@ -39,18 +49,53 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
+local ahead = tonumber(ARGV[4])
+local member = ARGV[5]
+local due = tonumber(ARGV[6]) or now
+local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[3], unpack(gone))
+  redis.call('ZREM', KEYS[4], unpack(gone))
+end
+if member ~= '' then
+  local first = tonumber(redis.call('ZSCORE', KEYS[3], member))
+  if first and first < due then due = first end
+end
+local before = redis.call('ZCOUNT', KEYS[3], '-inf', string.format('(%d', due))
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
+local line = tat + interval * (before + n) - tolerance - interval - now
+line = line - math.max(tonumber(ARGV[8]), ahead)
+local own = tat + interval * n - tolerance - interval - now - ahead
+if line > 0 or own > 0 then
+  local retry = math.ceil(math.max(line, own))
+  if member ~= '' then
+    redis.call('ZADD', KEYS[3], string.format('%d', due), member)
+    redis.call('ZADD', KEYS[4], string.format('%d', now + retry + tonumber(ARGV[7])), member)
+    redis.call('PEXPIRE', KEYS[3], 60000)
+    redis.call('PEXPIRE', KEYS[4], 60000)
+  end
+  return {0, retry}
+end
 local new_tat = tat + interval * n
-local wait = new_tat - tolerance - interval - now
-if wait > tonumber(ARGV[4]) then return {0, math.ceil(wait - tonumber(ARGV[4]))} end
 local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', ttl_ms)
+if member ~= '' then
+  redis.call('ZREM', KEYS[3], member)
+  redis.call('ZREM', KEYS[4], member)
+end
+local wait = new_tat - tolerance - interval - now
 if wait < 0 then wait = 0 end
 return {1, math.ceil(wait)}
 """
+# How long a turned-away caller may be late to ask again before its place is given up
+# (a task's retry waits behind others in its worker; a dead one never asks again).
+WAITER_GRACE: Final = 2.0
 # How far ahead acquire() books tokens.
 RESERVE_AHEAD: Final = 1.0
+# How far ahead tokens are kept for the callers waiting in line (or the caller's own wait,
+# when longer).
+LINE_WINDOW: Final = 1.0
 
 
 class RateLimiter:
@@ -67,7 +112,12 @@ class RateLimiter:
     ) -> None:
         self.rate = settings.rate_limit if rate is None else rate
         keys = keys or Keys(settings.key_prefix)
-        self._keys = (keys.rate_limit(), keys.rate_pause())
+        self._keys = (
+            keys.rate_limit(),
+            keys.rate_pause(),
+            keys.rate_waiters(),
+            keys.rate_waiters_back(),
+        )
         self._redis = client
         self._reserve = client.register_script(_RESERVE)
         self._interval_us = 1_000_000 / self.rate if self.rate > 0 else 0.0
@@ -92,11 +142,22 @@ class RateLimiter:
         booked, wait = self.reserve(n, ahead=0.0)
         return 0.0 if booked else wait
 
-    def reserve(self, n: int = 1, *, ahead: float = RESERVE_AHEAD) -> tuple[bool, float]:
+    def reserve(
+        self,
+        n: int = 1,
+        *,
+        ahead: float = RESERVE_AHEAD,
+        waiter: str = "",
+        due_at: float | None = None,
+    ) -> tuple[bool, float]:
         """Book ``n`` tokens at most ``ahead`` seconds in the future.
 
         ``(True, wait)``: they are yours once ``wait`` seconds have passed.
         ``(False, wait)``: nothing was booked; ask again in ``wait`` seconds.
+
+        Requests are served oldest first: ``due_at`` (epoch seconds, default now) is when
+        the caller's request fell due, and a named ``waiter`` that is turned away keeps
+        its place in the line until it asks again (or is :data:`WAITER_GRACE` late).
         """
         if not self.enabled:
             return True, 0.0
@@ -104,7 +165,16 @@ class RateLimiter:
             raise ValueError("n must be >= 1")
         booked, wait_us = self._reserve(
             keys=list(self._keys),
-            args=[repr(self._interval_us), repr(self._tolerance_us), n, int(ahead * 1_000_000)],
+            args=[
+                repr(self._interval_us),
+                repr(self._tolerance_us),
+                n,
+                int(ahead * 1_000_000),
+                waiter,
+                "" if due_at is None else int(due_at * 1_000_000),
+                int(WAITER_GRACE * 1_000_000),
+                int(LINE_WINDOW * 1_000_000),
+            ],
         )
         return bool(booked), int(wait_us) / 1_000_000
 

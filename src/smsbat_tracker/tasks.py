@@ -20,8 +20,10 @@ fires nothing more. The session's deadline is the first call's.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from celery import Task
@@ -257,7 +259,11 @@ def track_message(
         source = "api"
         try:
             # Never past the deadline, even while waiting for a rate-limit token.
-            status = engine.poll(message_id, not_after=session.deadline_at + _DEADLINE_SLACK)
+            status = engine.poll(
+                message_id,
+                not_after=session.deadline_at + _DEADLINE_SLACK,
+                due_at=_due_at(self.request.eta, now),
+            )
         except TryLater as later:
             if at_deadline:
                 return _finish(engine, session, message_id, "timeout", task_id)
@@ -304,6 +310,16 @@ def track_message(
     if wait_next is None:  # the deadline check has happened
         return _finish(engine, session, message_id, "timeout", task_id)
     return next_run(wait_next, counted=True)
+
+
+def _due_at(eta: Any, now: float) -> float:
+    """When this run fell due: its ETA (the countdown it was scheduled with), else now."""
+    if isinstance(eta, str):
+        with contextlib.suppress(ValueError):
+            return min(datetime.fromisoformat(eta).timestamp(), now)
+    elif isinstance(eta, datetime):
+        return min(eta.timestamp(), now)
+    return now
 
 
 def _superseded(message_id: str, owner: str) -> dict[str, Any]:

@@ -37,12 +37,13 @@ from smsbat_tracker.errors import RateLimited, RequestTimeout
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import DELIVERED, FAILED_STATUSES, MessageStatus, validate_message_id
-from smsbat_tracker.ratelimit import RESERVE_AHEAD, RateLimiter
+from smsbat_tracker.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = [
+    "CHECK_WAIT",
     "OUTCOMES",
     "Engine",
     "Outcome",
@@ -55,6 +56,11 @@ __all__ = [
 ]
 
 Outcome = Literal["delivered", "undeliverable", "permanenterror", "timeout", "error"]
+
+# The longest a check sleeps in its worker for a rate-limit token: past that it hands the
+# worker back and comes back when the limit says its turn comes (a sleeping check would
+# hold up the callbacks queued behind it).
+CHECK_WAIT: Final = 0.25
 OUTCOMES: Final[tuple[str, ...]] = (
     "delivered",
     "undeliverable",
@@ -539,20 +545,28 @@ class Engine:
             raise TryLater(max(int(left), 1) / 1000 if left and int(left) > 0 else 0.05)
 
     def poll(
-        self, message_id: str, *, for_session: bool = True, not_after: float | None = None
+        self,
+        message_id: str,
+        *,
+        for_session: bool = True,
+        not_after: float | None = None,
+        due_at: float | None = None,
     ) -> MessageStatus:
         """One status request through the gate and the global rate limit, cached.
 
-        Waits at most :data:`~smsbat_tracker.ratelimit.RESERVE_AHEAD` for a token, and
-        never past ``not_after`` (epoch); otherwise raises :class:`TryLater` rather than
-        hold the worker. Raises the client's :mod:`~smsbat_tracker.errors` too.
+        Waits at most :data:`CHECK_WAIT` for a token, and never past ``not_after`` (epoch);
+        otherwise raises :class:`TryLater` rather than hold the worker, and the check keeps
+        its place in the limit's line by ``due_at`` (when it fell due). Raises the client's
+        :mod:`~smsbat_tracker.errors` too.
         """
         validate_message_id(message_id)
         self.open_gate(message_id)
-        ahead = RESERVE_AHEAD
+        ahead = CHECK_WAIT
         if not_after is not None:
             ahead = max(0.0, min(ahead, not_after - time.time()))
-        booked, wait = self.limiter.reserve(1, ahead=ahead)
+        booked, wait = self.limiter.reserve(
+            1, ahead=ahead, waiter=f"m:{message_id}" if for_session else "", due_at=due_at
+        )
         if not booked:
             raise TryLater(wait, "rate")
         if wait > 0:
