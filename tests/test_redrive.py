@@ -409,6 +409,33 @@ def test_a_worker_survives_kombus_restore_on_a_torn_down_connection() -> None:
     kombu_redis.QoS.restore_unacked(qos)  # returns: the tasks stay unacked, the worker lives
 
 
+def test_a_task_finished_across_a_reconnect_is_acknowledged(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A task that ran while Redis went away is acknowledged after the reconnect, on the
+    torn-down channel: kombu's AttributeError no longer stops the worker, and the ack is
+    made on a live client, so the finished task is not given back to run again."""
+    from smsbat_tracker.redrive import survive_broker_loss
+
+    survive_broker_loss(redis_client)
+    for n in range(2):
+        tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": n},))
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    finished, requeued = (channel.basic_get("celery", no_ack=False) for _ in range(2))
+    assert redis_client.hlen("unacked") == 2
+    # What the consumer's close leaves: no connection, no pool.
+    live, pool = channel.connection, channel._pool
+    channel.connection = channel._pool = None
+    finished.ack()
+    requeued.reject(requeue=True)
+    channel.connection, channel._pool = live, pool
+    assert redis_client.hlen("unacked") == 0
+    assert redis_client.zcard("unacked_index") == 0
+    assert redis_client.llen("celery") == 1  # the rejected one, given back
+    connection.release()
+
+
 def test_a_callback_sent_again_after_a_crash_keeps_its_task_id(
     tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

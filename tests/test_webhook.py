@@ -191,16 +191,20 @@ def test_token_in_header_is_accepted(http: httpx.Client, hook: Hook, tracker_app
         pytest.param({"token": TOKEN + "x"}, {}, id="longer"),
         pytest.param({"token": TOKEN.upper()}, {}, id="case"),
         pytest.param({"tok": TOKEN}, {"Authorization": f"Bearer {TOKEN}"}, id="elsewhere"),
+        pytest.param({"token": "wrong"}, {"X-Webhook-Token": TOKEN}, id="right-header-wrong-query"),
+        pytest.param({"token": TOKEN}, {"X-Webhook-Token": "wrong"}, id="right-query-wrong-header"),
+        pytest.param([("token", TOKEN), ("token", "wrong")], {}, id="second-query-wrong"),
     ],
 )
 def test_missing_or_wrong_token_is_401_and_stores_nothing(
     http: httpx.Client,
     hook: Hook,
     redis_client: redis.Redis,
-    params: dict[str, str],
+    params: dict[str, str] | list[tuple[str, str]],
     headers: dict[str, str],
 ) -> None:
-    """Without the exact token: 401 {"error": "unauthorized"}, no status key, no settle."""
+    """Without the exact token, in every place a token is given: 401 {"error":
+    "unauthorized"}, no status key, no settle."""
     response = http.post(hook.endpoint, params=params, headers=headers, json=body("u1"))
     assert response.status_code == 401
     assert response.json() == {"error": "unauthorized"}

@@ -167,8 +167,9 @@ def _held_item(request: Any, keys: Keys) -> tuple[str, str, str, str, str] | Non
     return None
 
 
-def survive_broker_loss() -> None:
-    """Keep a worker alive when Redis goes away under it (celery 5.7 with kombu 5.7).
+def survive_broker_loss(client: redis.Redis | None = None) -> None:
+    """Keep a worker alive, and its acknowledgements kept, when Redis goes away under it
+    (celery 5.7 with kombu 5.7).
 
     On a lost connection the consumer closes it, and closing the channel gives its
     unacknowledged tasks back: kombu's Redis ``QoS.restore_unacked`` then builds a client
@@ -177,21 +178,67 @@ def survive_broker_loss() -> None:
     be restored anyway; the tasks stay in kombu's ``unacked`` hash, and this worker's
     re-driver gives back those it no longer holds once Redis is back
     (:meth:`Redriver.note_held`).
+
+    A task that was running meanwhile finishes after the reconnect and is acknowledged
+    on the old channel: the same ``AttributeError`` again. Its acknowledgement is then
+    made with ``client`` instead (the same two deletions kombu makes), so that the
+    finished task is neither given back to run again nor the worker stopped.
     """
     from kombu.transport import redis as kombu_redis
+    from kombu.transport import virtual
 
-    original = kombu_redis.QoS.restore_unacked
-    if getattr(original, "_smsbat_guarded", False):
+    if client is not None:
+        _ACK_CLIENT["client"] = client
+    qos = kombu_redis.QoS
+    if getattr(qos.restore_unacked, "_smsbat_guarded", False):
         return
+    original_restore, original_ack, original_reject = qos.restore_unacked, qos.ack, qos.reject
 
     def restore_unacked(self: Any, client: Any = None) -> None:
         try:
-            original(self, client)
+            original_restore(self, client)
         except AttributeError:
             log.warning("redrive.restore_on_close_failed", held=len(self._delivered))
 
+    def ack(self: Any, delivery_tag: Any) -> None:
+        try:
+            original_ack(self, delivery_tag)
+        except AttributeError:
+            _ack_on_live_client(self, delivery_tag, virtual.QoS.ack)
+
+    def reject(self: Any, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            original_reject(self, delivery_tag, requeue)
+        except AttributeError:
+            live = _ACK_CLIENT.get("client")
+            if requeue and live is not None:
+                with contextlib.suppress(redis.RedisError):
+                    self.restore_by_tag(delivery_tag, client=live, leftmost=True)
+            _ack_on_live_client(self, delivery_tag, virtual.QoS.ack)
+
     restore_unacked._smsbat_guarded = True  # type: ignore[attr-defined]
-    kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+    qos.restore_unacked = restore_unacked  # type: ignore[method-assign]
+    qos.ack = ack  # type: ignore[method-assign]
+    qos.reject = reject  # type: ignore[method-assign]
+
+
+# The client a torn-down channel's acknowledgements are made with (see survive_broker_loss).
+_ACK_CLIENT: dict[str, redis.Redis] = {}
+
+
+def _ack_on_live_client(qos: Any, delivery_tag: Any, forget: Any) -> None:
+    client = _ACK_CLIENT.get("client")
+    try:
+        if client is None:
+            raise redis.ConnectionError("no client")
+        pipe = client.pipeline()
+        pipe.zrem(qos.unacked_index_key, delivery_tag)
+        pipe.hdel(qos.unacked_key, delivery_tag)
+        pipe.execute()
+    except redis.RedisError:
+        # Left in kombu's unacked hash: the task may run again (at-least-once).
+        log.warning("redrive.ack_failed", tag=str(delivery_tag))
+    forget(qos, delivery_tag)
 
 
 def _tag(request: Any) -> str | None:
@@ -489,9 +536,9 @@ class RedriveStep(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         from smsbat_tracker.worker import TrackerApp
 
-        survive_broker_loss()
         app = parent.app
         if not isinstance(app, TrackerApp):
+            survive_broker_loss()
             return
         self._client = redis.Redis.from_url(
             app.settings.redis_url,
@@ -501,6 +548,7 @@ class RedriveStep(bootsteps.StartStopStep):
             socket_connect_timeout=1,
             health_check_interval=30,
         )
+        survive_broker_loss(self._client)
         redriver = self._redriver = Redriver(app, self._client)
         signals.task_received.connect(self._received, weak=False)
         self._stop.clear()

@@ -7,7 +7,8 @@ Routes:
 
 - ``POST /webhook``: one push, ``{"messageId", "deliverystatus", "timestamp", "cost"}``.
   Authenticated by the shared secret ``SMSBAT_WEBHOOK_TOKEN`` in the query parameter
-  ``token`` (the provider only takes a URL) or the header ``X-Webhook-Token``. A valid push
+  ``token`` (the provider only takes a URL) or the header ``X-Webhook-Token``; a wrong
+  token in either place is refused, whatever the other holds. A valid push
   goes through :meth:`StatusCache.store <smsbat_tracker.cache.StatusCache.store>` with the
   provider's timestamp, so a late, duplicate or out-of-order push never overwrites a newer
   or final status. A newly stored final status ends the tracking at once, in this process,
@@ -382,22 +383,21 @@ class WebhookReceiver:
     # --- authentication and reading -------------------------------------------------
 
     def authorized(self, request: Request) -> bool:
-        """Whether the request carries the token (first header, then first query value)."""
+        """Whether the request carries the token, and no other: every header and query
+        value given must be the token (a wrong one beside a right one is refused)."""
         if self._token is None:
             return True
-        candidates: list[bytes] = []
         header_name = TOKEN_HEADER.lower().encode()
-        for name, value in request.scope.get("headers", ()):
-            if name == header_name:
-                candidates.append(value)  # raw bytes: no decoding to get wrong
-                break
-        query = request.query_params.get(TOKEN_QUERY)
-        if query is not None:
-            candidates.append(query.encode("utf-8", "replace"))
-        matched = False
+        # Raw header bytes: no decoding to get wrong.
+        headers = request.scope.get("headers", ())
+        candidates = [value for name, value in headers if name == header_name]
+        candidates += [
+            query.encode("utf-8", "replace") for query in request.query_params.getlist(TOKEN_QUERY)
+        ]
+        matched = bool(candidates)
         for candidate in candidates:
-            # Constant-time for each candidate; no early exit on the first match either.
-            matched |= hmac.compare_digest(candidate, self._token)
+            # Constant-time for each candidate; no early exit on the first mismatch either.
+            matched &= hmac.compare_digest(candidate, self._token)
         return matched
 
     async def read_push(self, request: Request) -> Push:
