@@ -250,7 +250,8 @@ def test_what_a_dead_worker_held_goes_back_to_the_queue(
 ) -> None:
     """A task held by a worker that stopped beating is restored at once, by kombu itself.
 
-    Held by a live worker, or by a worker that never reported it, it stays where it is.
+    Held by a live worker, or by a worker that never reported it, it stays where it is; a
+    worker that stopped without giving back what it held is swept like a dead one.
     """
     tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 1},))
     tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 2},))
@@ -269,8 +270,15 @@ def test_what_a_dead_worker_held_goes_back_to_the_queue(
     assert redis_client.llen("celery") == 1
     assert redis_client.hkeys("unacked") == [tags[1]]  # the live worker's task stays held
     assert redis_client.zrange(Keys().holders(), 0, -1) == [alive.holder]
-    alive.forget_self()
+    # A stop that could not give its task back (Redis away at close): left to the sweep.
+    alive.retire(now)
+    assert redis_client.zrange(Keys().holders(), 0, -1) == [alive.holder]
+    assert alive.restore_dead(now + 60) == 1
+    assert redis_client.hlen("unacked") == 0
+    # A stop that gave everything back leaves nothing.
+    alive.retire(now + 60)
     assert redis_client.zcard(Keys().holders()) == 0
+    assert not redis_client.exists(Keys().held(alive.holder))
     connection.release()
 
 

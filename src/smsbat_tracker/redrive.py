@@ -287,6 +287,15 @@ class Redriver:
                 continue
             return due, scheduled
 
+    @staticmethod
+    def running_requests() -> list[Any]:
+        """This process's requests that a pool process runs now."""
+        from celery.worker import state
+
+        while True:
+            with contextlib.suppress(RuntimeError):  # changed while being copied: again
+                return list(state.active_requests)
+
     def note_received(self, request: Any) -> None:
         """Note at once a task this worker just fetched (Celery's ``task_received``).
 
@@ -358,9 +367,18 @@ class Redriver:
         options = self.app.conf.broker_transport_options or {}
         return str(options.get("unacked_key", "unacked"))
 
-    def forget_self(self) -> None:
-        """A clean stop: this worker holds nothing any more (Celery requeues what it held)."""
-        self.redis.delete(self.keys.held(self.holder))
+    def retire(self, now: float) -> None:
+        """A stop: this worker's last beat. Celery gives back what it held when it closes
+        its channel, and the held set is forgotten as soon as nothing in it is unacked. A
+        stop that could not give everything back (Redis away, an unrecoverable error)
+        leaves it to the other workers' sweep, like a dead worker's, a re-drive bound on.
+        """
+        key = self.keys.held(self.holder)
+        tags = [str(t) for t in self.redis.smembers(key)]
+        if tags and any(self.redis.hmget(self._unacked_key(), tags)):
+            self.redis.zadd(self.keys.holders(), {self.holder: now})
+            return
+        self.redis.delete(key)
         self.redis.zrem(self.keys.holders(), self.holder)
 
     def restore_dead(self, now: float) -> int:
@@ -553,7 +571,10 @@ class RedriveStep(bootsteps.StartStopStep):
         signals.task_received.connect(self._received, weak=False)
         self._stop.clear()
         self._thread = threading.Thread(
-            target=self._loop, args=(redriver,), name="smsbat-redriver", daemon=True
+            target=self._loop,
+            args=(redriver, self._client),
+            name="smsbat-redriver",
+            daemon=True,
         )
         self._thread.start()
 
@@ -564,7 +585,7 @@ class RedriveStep(bootsteps.StartStopStep):
         with contextlib.suppress(redis.RedisError):  # away: the heartbeat notes it later
             redriver.note_received(request)
 
-    def _loop(self, redriver: Redriver) -> None:
+    def _loop(self, redriver: Redriver, client: redis.Redis) -> None:
         failing = False
         while not self._stop.wait(HEARTBEAT):
             try:
@@ -574,20 +595,25 @@ class RedriveStep(bootsteps.StartStopStep):
                 if not failing:
                     log.warning("redrive.failed", error=type(exc).__name__, detail=str(exc)[:200])
                 failing = True
+        # Stopping. The steps stop before the pool has drained (a warm shutdown waits for
+        # the running tasks): keep their entries alive until they are done, then retire.
+        # Dying meanwhile is a dead worker's case: the others give back what it held.
+        while running := redriver.running_requests():
+            due, scheduled = redriver.held_requests()
+            with contextlib.suppress(redis.RedisError):
+                redriver.note_held(due + scheduled, time.time())
+                redriver.refresh(running)
+            time.sleep(HEARTBEAT / 5)
+        with contextlib.suppress(redis.RedisError):
+            redriver.retire(time.time())
+        client.close()
 
     def stop(self, parent: Any) -> None:
         signals.task_received.disconnect(self._received)
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-        if self._redriver is not None:
-            with contextlib.suppress(redis.RedisError):
-                self._redriver.forget_self()
-            self._redriver = None
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._thread = None  # it retires on its own once the running tasks are done
+        self._redriver = None
+        self._client = None
 
     # A cold shutdown terminates the steps instead of stopping them.
     terminate = shutdown = stop
