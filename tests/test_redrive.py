@@ -167,7 +167,7 @@ def test_settling_keeps_the_entry_until_every_callback_is_sent(
     """A dispatch that fails gives its claims back at once; the next settle sends them."""
     _register(tracker_app, "rd-settle", due_in=30.0)
     engine = tracker_app.engine
-    result = build_result("rd-settle", "delivered", session=None, cached=None)
+    result = build_result("rd-settle", "delivered")
     original = Signature.apply_async
 
     def refuse(self: Signature, *args: Any, **kwargs: Any) -> Any:
@@ -192,7 +192,7 @@ def test_a_claim_of_a_dead_claimer_is_taken_after_the_bound(
     """A claimer that died between its claim and its send is replaced after the bound."""
     _register(tracker_app, "rd-dead", due_in=30.0)
     engine = tracker_app.engine
-    result = build_result("rd-dead", "delivered", session=None, cached=None)
+    result = build_result("rd-dead", "delivered")
     sub_id = next(iter(redis_client.hkeys(Keys().subs("rd-dead"))))
     # What a claimer leaves when it dies after claiming: a pending mark, the entry due.
     engine.redis.set(Keys().outcome("rd-dead"), json.dumps(result))
@@ -467,13 +467,33 @@ def test_a_callback_sent_again_after_a_crash_keeps_its_task_id(
         return mark(*args, **kwargs)
 
     monkeypatch.setattr(engine, "_sent", mark_fails_once)
-    result = build_result("rd-same", "delivered", session=None, cached=None)
+    result = build_result("rd-same", "delivered")
     with pytest.raises(redis.ConnectionError):
         engine.settle("rd-same", result, claimer="first")
     engine.settle("rd-same", None, claimer="second")
     assert len(published) == 2
     assert published[0] == published[1]
-    other = build_result("rd-other", "delivered", session=None, cached=None)
+    other = build_result("rd-other", "delivered")
     _register(tracker_app, "rd-other", due_in=30.0)
     engine.settle("rd-other", other, claimer="third")
     assert published[2] != published[0]  # another message's callback is another task
+
+
+def test_a_resend_skips_what_the_broker_still_holds(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A callback a stopped claimer may have sent is not sent again while the broker holds
+    it, queued or unacknowledged (even by a dead worker: the re-driver gives it back);
+    one the broker does not hold is sent."""
+    engine = tracker_app.engine
+    sig = record_outcome.s(label="again")
+    engine.send_once([(sig, "held-id", {})], {"x": 1}, maybe_sent=False)
+    assert redis_client.llen("celery") == 1
+    connection = tracker_app.connection_for_write()
+    held = connection.default_channel.basic_get("celery", no_ack=False)  # a worker holds it
+    assert held is not None
+    engine.send_once([(sig, "held-id", {}), (sig, "new-id", {})], {"x": 1}, maybe_sent=True)
+    [queued] = redis_client.lrange("celery", 0, -1)
+    assert json.loads(queued)["headers"]["id"] == "new-id"
+    assert engine.in_broker(["held-id", "new-id", "gone-id"], [sig]) == {"held-id", "new-id"}
+    connection.release()

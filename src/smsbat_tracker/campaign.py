@@ -37,11 +37,23 @@ from typing import Any, Final, TypeVar
 
 from smsbat_tracker.batch import BatchStatusClient
 from smsbat_tracker.cache import CachedStatus
-from smsbat_tracker.errors import MessageNotFound, PermanentError, RateLimited, SmsbatError
+from smsbat_tracker.decide import (
+    Answer,
+    Ask,
+    AwaitPush,
+    Decision,
+    Finish,
+    Outcome,
+    Progress,
+    TryLater,
+    Wait,
+    decide,
+)
+from smsbat_tracker.errors import RateLimited, SmsbatError
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import MessageStatus, validate_message_id
-from smsbat_tracker.tracking import CHECK_WAIT, Engine, Outcome, Subscription, iso, outcome_of
+from smsbat_tracker.tracking import CHECK_WAIT, Engine, Subscription, build_result, iso
 
 __all__ = ["CampaignRunner", "TickResult", "build_report", "validate_campaign_id"]
 
@@ -126,13 +138,18 @@ return 1
 """
 
 # KEYS: meta, unsent, due index.  ARGV: now ms, stale ms, then the chains' due members.
-# Claims the report's dispatch (1) unless it is sent or freshly claimed (0); with nothing
-# claimed and nothing unsent, the campaign's chains leave the due index (2).
+# Claims the report's dispatch (1, or 3 when taken over from a sender that stopped) unless
+# it is sent or freshly claimed (0); with nothing claimed and nothing unsent, the
+# campaign's chains leave the due index (2).
 _CLAIM_REPORT = """
 local mark = redis.call('HGET', KEYS[1], 'report_sent')
-if not mark or (mark ~= 'sent' and tonumber(ARGV[1]) - tonumber(mark) > tonumber(ARGV[2])) then
+if not mark then
   redis.call('HSET', KEYS[1], 'report_sent', ARGV[1])
   return 1
+end
+if mark ~= 'sent' and tonumber(ARGV[1]) - tonumber(mark) > tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'report_sent', ARGV[1])
+  return 3
 end
 if mark == 'sent' and redis.call('HLEN', KEYS[2]) == 0 then
   for i = 3, #ARGV do redis.call('ZREM', KEYS[3], ARGV[i]) end
@@ -182,6 +199,27 @@ class TickResult:
     recorded: int
     finished: bool
     next_in: float | None
+
+
+def _result(
+    campaign_id: str,
+    message_id: str,
+    outcome: Outcome,
+    status: MessageStatus | None,
+    error: str | None,
+    started_at: float,
+    now: float,
+) -> dict[str, Any]:
+    return build_result(
+        message_id,
+        outcome,
+        status=status,
+        started_at=started_at,
+        polls=None,
+        error=error,
+        now=now,
+        campaign_id=campaign_id,
+    )
 
 
 def _currency(status: MessageStatus) -> str:
@@ -488,14 +526,19 @@ class CampaignRunner:
         ids = list(due)
         now = time.time()
         cached = self._cached(ids)
-        statuses: dict[str, MessageStatus | SmsbatError | None] = {}
+        checks = self.redis.hmget(self.keys.campaign_checks(campaign_id), ids)
+        progress = {
+            m: Progress(started_at, deadline_at, int(n or 0))
+            for m, n in zip(ids, checks, strict=True)
+        }
+        decisions: dict[str, Decision] = {}
         to_call: list[str] = []
         for m in ids:
-            c = cached.get(m)
-            if c is not None and (c.is_final or c.age(now) < settings.fresh_for):
-                statuses[m] = c.status
-            else:
+            decision = decide(progress[m], cached=cached.get(m), now=now, rules=engine.rules)
+            if isinstance(decision, Ask):
                 to_call.append(m)
+            else:
+                decisions[m] = decision
         turn: float | None = None
         wait = 0.0
         if to_call:
@@ -521,9 +564,12 @@ class CampaignRunner:
             pipe.set(self.keys.poll_gate(m), 1, px=interval_ms, nx=True)
         opened = pipe.execute()
         gated = [m for m, ok in zip(to_call, opened, strict=True) if ok]
-        for m, ok in zip(to_call, opened, strict=True):
-            if not ok:
-                statuses[m] = None  # checked by someone else just now: look again shortly
+        answers: dict[str, Answer] = {
+            # Checked by someone else just now: look again shortly.
+            m: TryLater(settings.min_interval)
+            for m, ok in zip(to_call, opened, strict=True)
+            if not ok
+        }
         if gated:
             loop, client = self._runtime()
 
@@ -551,7 +597,7 @@ class CampaignRunner:
                 return results
 
             fetched = loop.run(fetch())
-            statuses.update(fetched)
+            answers.update(fetched)
             pipe = self.redis.pipeline(transaction=False)
             for m, value in fetched.items():
                 if isinstance(value, MessageStatus):
@@ -559,9 +605,14 @@ class CampaignRunner:
                 elif isinstance(value, RateLimited):
                     limiter.observe_error(value)
             pipe.execute()
-        if not statuses:
+        now = time.time()
+        for m, answer in answers.items():
+            decisions[m] = decide(
+                progress[m], cached=cached.get(m), now=now, rules=engine.rules, answer=answer
+            )
+        if not decisions:
             return 0, 0, turn
-        recorded = self._settle(campaign_id, meta, statuses, started_at, deadline_at)
+        recorded = self._settle(campaign_id, meta, decisions, started_at, now)
         return len(gated), recorded, turn
 
     def _cached(self, ids: list[str]) -> dict[str, CachedStatus]:
@@ -577,53 +628,28 @@ class CampaignRunner:
         self,
         campaign_id: str,
         meta: dict[str, str],
-        statuses: dict[str, MessageStatus | SmsbatError | None],
+        decisions: dict[str, Decision],
         started_at: float,
-        deadline_at: float,
+        now: float,
     ) -> int:
-        settings = self.settings
-        now = time.time()
-        at_deadline = now >= deadline_at - 0.05
-        checks_key = self.keys.campaign_checks(campaign_id)
-        checks = dict(zip(statuses, self.redis.hmget(checks_key, list(statuses)), strict=True))
+        """Apply the batch's decisions: record the outcomes, re-score the rest."""
         finals: list[tuple[str, Outcome, MessageStatus | None, str | None]] = []
         rescore: dict[str, float] = {}
-        for m, value in statuses.items():
-            attempt = int(checks.get(m) or 0) + 1
-            retry_after: float | None = None
-            if isinstance(value, MessageStatus):
-                if value.is_final:
-                    finals.append((m, outcome_of(value), value, None))
-                    continue
-            elif isinstance(value, MessageNotFound):
-                if now - started_at > settings.not_found_grace or at_deadline:
-                    finals.append((m, "error", None, str(value)))
-                    continue
-            elif isinstance(value, PermanentError):
-                finals.append((m, "error", None, str(value)))
-                continue
-            elif isinstance(value, RateLimited):
-                retry_after = value.retry_after
-            if at_deadline and value is not None:
-                finals.append(
-                    (m, "timeout", value if isinstance(value, MessageStatus) else None, None)
-                )
-                continue
-            if value is None:  # gate closed: another caller just checked it
-                rescore[m] = now + settings.min_interval
-                continue
-            wait = self.engine.schedule.next_wait(
-                now=now,
-                deadline_at=deadline_at,
-                attempt=attempt,
-                last_check_at=now,
-                retry_after=retry_after,
-            )
-            rescore[m] = deadline_at if wait is None else now + wait
+        counted: list[str] = []
+        for m, decision in decisions.items():
+            if isinstance(decision, Finish):
+                finals.append((m, decision.outcome, decision.status, decision.error))
+            elif isinstance(decision, Wait | AwaitPush):
+                rescore[m] = now + decision.seconds
+            if not isinstance(decision, AwaitPush) and (
+                not isinstance(decision, Wait) or decision.counted
+            ):
+                counted.append(m)
         pipe = self.redis.pipeline(transaction=False)
         if rescore:
             pipe.zadd(self.keys.campaign_due(campaign_id), rescore, xx=True)
-        for m in statuses:
+        checks_key = self.keys.campaign_checks(campaign_id)
+        for m in counted:
             pipe.hincrby(checks_key, m, 1)
         pipe.execute()
         return self._record_outcomes(campaign_id, meta, finals, started_at)
@@ -660,7 +686,7 @@ class CampaignRunner:
                 campaign_id,
                 sub,
                 [
-                    (m, self._result(campaign_id, m, outcome, status, error, started_at, now))
+                    (m, _result(campaign_id, m, outcome, status, error, started_at, now))
                     for m, outcome, status, error in finals
                     if m in recorded
                 ],
@@ -679,6 +705,8 @@ class CampaignRunner:
         sub: Subscription,
         results: list[tuple[str, dict[str, Any]]],
         stamps: dict[str, str],
+        *,
+        maybe_sent: bool = False,
     ) -> None:
         """Send per-message callbacks, each taken just before and confirmed just after.
 
@@ -698,9 +726,10 @@ class CampaignRunner:
                 continue
             callback = sub.callback_for(str(result["outcome"]))
             if callback:
-                signature(callback, app=self.engine.app).apply_async(
-                    (result,), task_id=self.keys.dispatch_id(campaign_id, message_id)
-                )
+                sig = signature(callback, app=self.engine.app)
+                task_id = self.keys.dispatch_id(campaign_id, message_id)
+                # A re-send: the tick that took it may have sent it before it stopped.
+                self.engine.send_once([(sig, task_id, {})], result, maybe_sent=maybe_sent)
             self.redis.hdel(key, message_id)
 
     def resend_unsent(self, campaign_id: str, meta: dict[str, str]) -> int:
@@ -727,34 +756,10 @@ class CampaignRunner:
                 continue
             outcome = json.loads(raw)["o"]
             status = cached[m].status if m in cached else None
-            results.append(
-                (m, self._result(campaign_id, m, outcome, status, None, started_at, now))
-            )
+            results.append((m, _result(campaign_id, m, outcome, status, None, started_at, now)))
         log.warning("campaign.resend", campaign_id=campaign_id, count=len(results))
-        self._send(campaign_id, sub, results, stale)
+        self._send(campaign_id, sub, results, stale, maybe_sent=True)
         return len(results)
-
-    @staticmethod
-    def _result(
-        campaign_id: str,
-        message_id: str,
-        outcome: str,
-        status: MessageStatus | None,
-        error: str | None,
-        started_at: float,
-        now: float,
-    ) -> dict[str, Any]:
-        return {
-            "message_id": message_id,
-            "campaign_id": campaign_id,
-            "outcome": outcome,
-            "deliverystatus": status.deliverystatus if status else None,
-            "cost": status.cost if status else None,
-            "started_at": iso(started_at),
-            "finished_at": iso(now),
-            "error": error,
-            "status": status.to_json_dict() if status else None,
-        }
 
     # --- finishing ------------------------------------------------------------------------
 
@@ -812,15 +817,16 @@ class CampaignRunner:
             self.keys.campaign_unsent(campaign_id),
             self.keys.due(),
         ]
-        if self._claim_report(keys=keys, args=args) != 1:
+        claim = self._claim_report(keys=keys, args=args)
+        if claim not in (1, 3):  # 3: taken over from a sender that stopped, maybe sent
             return
         on_report = json.loads(meta["on_report"]) if meta.get("on_report") else None
         if on_report:
             from celery import signature
 
-            signature(on_report, app=self.engine.app).apply_async(
-                (report,), task_id=self.keys.dispatch_id(campaign_id, "report")
-            )
+            sig = signature(on_report, app=self.engine.app)
+            task_id = self.keys.dispatch_id(campaign_id, "report")
+            self.engine.send_once([(sig, task_id, {})], report, maybe_sent=claim == 3)
         self.redis.hset(self.keys.campaign(campaign_id), "report_sent", "sent")
         self._claim_report(keys=keys, args=args)
 

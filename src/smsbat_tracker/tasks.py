@@ -31,23 +31,21 @@ from celery.exceptions import Retry
 from celery.utils import uuid
 
 from smsbat_tracker.campaign import validate_campaign_id
-from smsbat_tracker.errors import (
-    MessageNotFound,
-    PermanentError,
-    RateLimited,
-    TransientError,
+from smsbat_tracker.decide import (
+    DEADLINE_SLACK,
+    Answer,
+    Ask,
+    AwaitPush,
+    Finish,
+    Progress,
+    TryLater,
+    Wait,
+    decide,
 )
+from smsbat_tracker.errors import SmsbatError
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import MessageStatus, validate_message_id
-from smsbat_tracker.tracking import (
-    Engine,
-    Outcome,
-    Session,
-    Subscription,
-    TryLater,
-    build_result,
-    outcome_of,
-)
+from smsbat_tracker.tracking import Engine, Subscription, build_result
 from smsbat_tracker.worker import TrackerApp, app
 
 __all__ = [
@@ -67,8 +65,6 @@ else:
 log = get_logger(__name__)
 
 _CALLBACK_ARGS = ("on_delivered", "on_failed", "on_timeout")
-# Checks due within this of the deadline are the deadline check.
-_DEADLINE_SLACK = 0.05
 # A campaign tick works through due batches for this long before handing over: short,
 # so that a worker killed mid-tick loses little.
 _TICK_BUDGET = 2.0
@@ -227,9 +223,6 @@ def track_message(
             return {"message_id": message_id, "outcome": "joined", "owner": session.owner}
         return _superseded(message_id, session.owner)
 
-    if cached is not None and cached.is_final:
-        return _finish(engine, session, message_id, outcome_of(cached.status), task_id)
-
     def next_run(wait: float, *, counted: bool) -> dict[str, Any]:
         # Fenced: the due index learns the next run, or this run stops if it was superseded.
         if not engine.reschedule(
@@ -238,78 +231,67 @@ def track_message(
             return _superseded(message_id, session.owner)
         raise self.retry(countdown=wait)
 
-    at_deadline = now >= session.deadline_at - _DEADLINE_SLACK
-    pushed = session.pushed or (cached is not None and cached.source == "push")
-    if pushed and settings.trust_pushes and not at_deadline:
-        # The provider pushes this message's changes; the webhook will end tracking. Wait
-        # for the deadline check (in steps far below the visibility timeout).
-        if not session.pushed:
-            engine.mark_pushed(message_id)
-        wait = min(
-            session.deadline_at - now, max(settings.max_delay, settings.visibility_timeout / 4)
-        )
-        log.info("track.awaiting_push", message_id=message_id, next_in=round(wait, 3))
-        return next_run(wait, counted=False)
-    retry_after: float | None = None
-    status: MessageStatus | None = None
-    if cached is not None and cached.age(now) < settings.fresh_for and not at_deadline:
-        status = cached.status  # someone else just checked; that answer is as good as ours
-        source = "cache"
-    else:
-        source = "api"
+    progress = Progress(session.started_at, session.deadline_at, session.checks, session.pushed)
+    decision = decide(progress, cached=cached, now=now, rules=engine.rules)
+    answer: Answer | None = None
+    if isinstance(decision, Ask):
         try:
             # Never past the deadline, even while waiting for a rate-limit token.
-            status = engine.poll(
+            answer = engine.poll(
                 message_id,
-                not_after=session.deadline_at + _DEADLINE_SLACK,
+                not_after=session.deadline_at + DEADLINE_SLACK,
                 due_at=_due_at(self.request.eta, now),
             )
-        except TryLater as later:
-            if at_deadline:
-                return _finish(engine, session, message_id, "timeout", task_id)
-            return next_run(
-                min(later.retry_in, max(session.deadline_at - time.time(), 0.0)), counted=False
-            )
-        except MessageNotFound as exc:
-            if now - session.started_at > settings.not_found_grace or at_deadline:
-                return _finish(engine, session, message_id, "error", task_id, error=str(exc))
-            log.info("track.not_found_yet", message_id=message_id)
-        except PermanentError as exc:
-            log.warning("track.permanent_error", message_id=message_id, error=str(exc))
-            return _finish(engine, session, message_id, "error", task_id, error=str(exc))
-        except TransientError as exc:
-            retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
-            log.warning("track.transient_error", message_id=message_id, error=str(exc))
-    final = status is not None and status.is_final
-    wait_next = None
-    if not final and not at_deadline:
-        wait_next = engine.schedule.next_wait(
-            now=time.time(),
-            deadline_at=session.deadline_at,
-            attempt=session.checks + 1,
-            last_check_at=now,
-            retry_after=retry_after,
+        except (TryLater, SmsbatError) as exc:
+            answer = exc
+            if isinstance(exc, SmsbatError):
+                log.warning("track.api_error", message_id=message_id, error=str(exc))
+        decision = decide(
+            progress, cached=cached, now=time.time(), rules=engine.rules, answer=answer
         )
-    log.info(
-        "track.check",
-        message_id=message_id,
-        deliverystatus=status.deliverystatus if status else None,
-        source=source,
-        attempt=session.checks + 1,
-        next_in=round(wait_next, 3) if wait_next is not None else None,
-    )
-    if status is not None:
-        if status.is_final:
-            return _finish(engine, session, message_id, outcome_of(status), task_id)
-        if status.deliverystatus not in ("scheduled", "processing") and engine.note_unknown_status(
-            message_id, status.deliverystatus
-        ):
-            log.warning(
-                "track.unknown_status", message_id=message_id, deliverystatus=status.deliverystatus
-            )
-    if wait_next is None:  # the deadline check has happened
-        return _finish(engine, session, message_id, "timeout", task_id)
-    return next_run(wait_next, counted=True)
+    assert not isinstance(decision, Ask)  # an answer is never followed by another ask
+    if isinstance(decision, AwaitPush):
+        # The provider pushes this message's changes; the webhook will end tracking.
+        if not session.pushed:
+            engine.mark_pushed(message_id)
+        log.info("track.awaiting_push", message_id=message_id, next_in=round(decision.seconds, 3))
+        return next_run(decision.seconds, counted=False)
+    asked = answer is not None and not isinstance(answer, TryLater)
+    status = decision.status
+    if asked or (isinstance(decision, Wait) and decision.counted):
+        log.info(
+            "track.check",
+            message_id=message_id,
+            deliverystatus=status.deliverystatus if status else None,
+            source="api" if asked else "cache",
+            attempt=session.checks + 1,
+            next_in=round(decision.seconds, 3) if isinstance(decision, Wait) else None,
+        )
+    if (
+        isinstance(answer, MessageStatus)
+        and answer.deliverystatus not in ("scheduled", "processing")
+        and not answer.is_final
+        and engine.note_unknown_status(message_id, answer.deliverystatus)
+    ):
+        log.warning(
+            "track.unknown_status", message_id=message_id, deliverystatus=answer.deliverystatus
+        )
+    if isinstance(decision, Finish):
+        if isinstance(answer, MessageStatus):
+            source: str | None = "poll"
+        else:
+            source = cached.source if cached is not None and status is cached.status else None
+        result = build_result(
+            message_id,
+            decision.outcome,
+            status=status,
+            source=source,
+            started_at=session.started_at,
+            polls=session.polls + (1 if asked else 0),
+            error=decision.error,
+        )
+        return engine.settle(message_id, result, claimer=task_id).result
+    return next_run(decision.seconds, counted=decision.counted)
 
 
 def _due_at(eta: Any, now: float) -> float:
@@ -326,23 +308,6 @@ def _superseded(message_id: str, owner: str) -> dict[str, Any]:
     """A run whose tracking was taken over (re-driven) or that is a stale copy: it stops."""
     log.info("track.superseded", message_id=message_id, owner=owner)
     return {"message_id": message_id, "outcome": "superseded", "owner": owner}
-
-
-def _finish(
-    engine: Engine,
-    session: Session,
-    message_id: str,
-    outcome: Outcome,
-    claimer: str,
-    *,
-    error: str | None = None,
-) -> dict[str, Any]:
-    """Record the outcome (unless recorded already) and dispatch what this run claimed."""
-    fresh = engine.session(message_id) or session  # polls counted since the run began
-    result = build_result(
-        message_id, outcome, session=fresh, cached=engine.cache.get(message_id), error=error
-    )
-    return engine.settle(message_id, result, claimer=claimer).result
 
 
 @app.task(bind=True, name="smsbat_tracker.settle_message", acks_late=True)
@@ -366,8 +331,18 @@ def settle_from_cache(engine: Engine, message_id: str, *, claimer: str) -> dict[
     session = engine.session(message_id)
     if cached is None or not cached.is_final or session is None:
         return None
-    # Both were just read: no need for _finish to read them again.
-    result = build_result(message_id, outcome_of(cached.status), session=session, cached=cached)
+    progress = Progress(session.started_at, session.deadline_at, session.checks, session.pushed)
+    decision = decide(progress, cached=cached, now=time.time(), rules=engine.rules)
+    if not isinstance(decision, Finish):
+        return None
+    result = build_result(
+        message_id,
+        decision.outcome,
+        status=decision.status,
+        source=cached.source,
+        started_at=session.started_at,
+        polls=session.polls,
+    )
     return engine.settle(message_id, result, claimer=claimer).result
 
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
 import redis
 
@@ -33,14 +33,16 @@ from smsbat_tracker.backoff import Schedule
 from smsbat_tracker.cache import CachedStatus, StatusCache
 from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import Settings
+from smsbat_tracker.decide import OUTCOMES, Outcome, Rules, TryLater
 from smsbat_tracker.errors import RateLimited, RequestTimeout
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
-from smsbat_tracker.models import DELIVERED, FAILED_STATUSES, MessageStatus, validate_message_id
+from smsbat_tracker.models import DELIVERED, MessageStatus, validate_message_id
 from smsbat_tracker.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from celery import Celery
+    from celery.canvas import Signature
 
 __all__ = [
     "CHECK_WAIT",
@@ -55,19 +57,10 @@ __all__ = [
     "iso",
 ]
 
-Outcome = Literal["delivered", "undeliverable", "permanenterror", "timeout", "error"]
-
 # The longest a check sleeps in its worker for a rate-limit token: past that it hands the
 # worker back and comes back when the limit says its turn comes (a sleeping check would
 # hold up the callbacks queued behind it).
 CHECK_WAIT: Final = 0.25
-OUTCOMES: Final[tuple[str, ...]] = (
-    "delivered",
-    "undeliverable",
-    "permanenterror",
-    "timeout",
-    "error",
-)
 
 log = get_logger(__name__)
 
@@ -159,6 +152,7 @@ end
 local now = tonumber(ARGV[4])
 local mine = 'pending:' .. ARGV[3] .. ':'
 local claimed = {}
+local retaken = {}
 local unsent = 0
 local subs = redis.call('HGETALL', KEYS[2])
 for i = 1, #subs, 2 do
@@ -175,6 +169,7 @@ for i = 1, #subs, 2 do
     redis.call('HSET', KEYS[3], subs[i], mine .. ARGV[4])
     claimed[#claimed + 1] = subs[i]
     claimed[#claimed + 1] = subs[i + 1]
+    if mark then retaken[#retaken + 1] = subs[i] end
   end
 end
 if #subs > 0 then
@@ -186,11 +181,34 @@ if #claimed > 0 then
 elseif unsent == 0 then
   redis.call('ZREM', KEYS[5], ARGV[6])
 end
-return {recorded, outcome, claimed}
+return {recorded, outcome, claimed, retaken}
 """
 
 # KEYS: fired, subs, due.  ARGV: due member, subscription id.  Marks a dispatch sent; once
 # every subscription is sent the message leaves the due index.
+# KEYS: kombu's unacked hash, then queue lists.  ARGV: task ids.  Which of the task ids
+# some message in the broker carries (run on the server: the messages never travel).
+_IN_BROKER = """
+local want, found = {}, {}
+for i = 1, #ARGV do want[ARGV[i]] = true end
+local function scan(values)
+  for _, v in ipairs(values) do
+    for id in pairs(want) do
+      if string.find(v, id, 1, true) then
+        found[#found + 1] = id
+        want[id] = nil
+      end
+    end
+  end
+end
+scan(redis.call('HVALS', KEYS[1]))
+for i = 2, #KEYS do scan(redis.call('LRANGE', KEYS[i], 0, -1)) end
+return found
+"""
+# kombu's Redis transport keeps a queue's priorities in lists named <queue><sep><step>.
+PRIORITY_SEP: Final = "\x06\x16"
+PRIORITY_STEPS: Final = (0, 3, 6, 9)
+
 _SENT = """
 redis.call('HSET', KEYS[1], ARGV[2], 'sent')
 for _, id in ipairs(redis.call('HKEYS', KEYS[2])) do
@@ -219,19 +237,6 @@ def iso(epoch: float | None) -> str | None:
     return (
         datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     )
-
-
-class TryLater(Exception):
-    """No status request now: wait ``retry_in`` s.
-
-    ``reason`` is ``"gate"`` (the message was checked less than the minimum interval ago)
-    or ``"rate"`` (the global rate limit has no token in time).
-    """
-
-    def __init__(self, retry_in: float, reason: Literal["gate", "rate"] = "gate") -> None:
-        super().__init__(f"no request now ({reason}); retry in {retry_in:.3f} s")
-        self.retry_in = retry_in
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,40 +327,42 @@ class SettleResult:
     recorded: bool
     result: dict[str, Any]
     claimed: list[tuple[str, Subscription]]
-
-
-def outcome_of(status: MessageStatus) -> Outcome:
-    """The outcome a final status means."""
-    if status.deliverystatus == DELIVERED:
-        return "delivered"
-    if status.deliverystatus in FAILED_STATUSES:
-        return status.deliverystatus  # type: ignore[return-value]
-    raise ValueError(f"{status.deliverystatus!r} is not final")
+    # Claims taken over from a claimer that stopped after claiming: perhaps already sent.
+    retaken: frozenset[str] = frozenset()
 
 
 def build_result(
     message_id: str,
     outcome: Outcome,
     *,
-    session: Session | None,
-    cached: CachedStatus | None,
+    status: MessageStatus | None = None,
+    source: str | None = None,
+    started_at: float | None = None,
+    polls: int | None = 0,
     error: str | None = None,
     now: float | None = None,
+    campaign_id: str | None = None,
 ) -> dict[str, Any]:
-    """The result dict every callback receives (and ``track_message`` returns)."""
-    status = cached.status if cached else None
-    return {
-        "message_id": message_id,
-        "outcome": outcome,
-        "deliverystatus": status.deliverystatus if status else None,
-        "cost": status.cost if status else None,
-        "polls": session.polls if session else 0,
-        "started_at": iso(session.started_at) if session else None,
-        "finished_at": iso(time.time() if now is None else now),
-        "source": cached.source if cached else None,
-        "error": error,
-        "status": status.to_json_dict() if status else None,
-    }
+    """The result dict every callback receives (and ``track_message`` returns).
+
+    One shape for ``track_message`` and campaigns alike; a campaign's adds its
+    ``campaign_id``, and its ``polls`` is None (a campaign counts checks, not per message).
+    """
+    result: dict[str, Any] = {"message_id": message_id}
+    if campaign_id is not None:
+        result["campaign_id"] = campaign_id
+    result.update(
+        outcome=outcome,
+        deliverystatus=status.deliverystatus if status else None,
+        cost=status.cost if status else None,
+        polls=polls,
+        started_at=iso(started_at) if started_at is not None else None,
+        finished_at=iso(time.time() if now is None else now),
+        source=source,
+        error=error,
+        status=status.to_json_dict() if status else None,
+    )
+    return result
 
 
 class Engine:
@@ -375,10 +382,12 @@ class Engine:
         self.keys = Keys(settings.key_prefix)
         self.cache = StatusCache(redis_client, settings, self.keys)
         self.schedule = Schedule.from_settings(settings)
+        self.rules = Rules.from_settings(settings, self.schedule)
         self.limiter = RateLimiter(redis_client, settings, self.keys)
         self._begin = redis_client.register_script(_BEGIN)
         self._reschedule = redis_client.register_script(_RESCHEDULE)
         self._settle = redis_client.register_script(_SETTLE)
+        self._in_broker = redis_client.register_script(_IN_BROKER)
         self._sent = redis_client.register_script(_SENT)
         self._release = redis_client.register_script(_RELEASE)
         self._abandon = redis_client.register_script(_ABANDON)
@@ -619,7 +628,7 @@ class Engine:
         already recorded outcome are claimed (a late joiner, or a dispatch to finish).
         """
         ttl_ms = int(self.settings.final_ttl * 1000)
-        recorded, outcome_raw, flat = self._settle(
+        recorded, outcome_raw, flat, retaken = self._settle(
             keys=[
                 self.keys.outcome(message_id),
                 self.keys.subs(message_id),
@@ -643,7 +652,7 @@ class Engine:
         claimed = [
             (str(flat[i]), Subscription.from_json(str(flat[i + 1]))) for i in range(0, len(flat), 2)
         ]
-        settled = SettleResult(bool(recorded), final, claimed)
+        settled = SettleResult(bool(recorded), final, claimed, frozenset(map(str, retaken)))
         if settled.recorded:
             log.info(
                 "track.final",
@@ -674,10 +683,11 @@ class Engine:
         done = 0
         try:
             for sub_id, sub in settled.claimed:
+                sends: list[tuple[Signature[Any], str, dict[str, Any]]] = []
                 callback = sub.callback_for(outcome)
                 if callback:
                     sig = signature(callback, app=self.app)
-                    sig.apply_async((result,), task_id=self.keys.dispatch_id(session_key, sub_id))
+                    sends.append((sig, self.keys.dispatch_id(session_key, sub_id), {}))
                     log.info(
                         "track.callback",
                         message_id=message_id,
@@ -686,17 +696,14 @@ class Engine:
                         subscription=sub_id,
                     )
                 for n, link in enumerate(sub.links or ()):
-                    signature(link, app=self.app).apply_async(
-                        (result,), task_id=self.keys.dispatch_id(session_key, sub_id, f"link{n}")
-                    )
+                    task_id = self.keys.dispatch_id(session_key, sub_id, f"link{n}")
+                    sends.append((signature(link, app=self.app), task_id, {}))
                 if sub.chain:
                     # As Celery itself continues a chain: the last entry is the next step.
-                    nxt = signature(sub.chain[-1], app=self.app)
-                    nxt.apply_async(
-                        (result,),
-                        chain=sub.chain[:-1] or None,
-                        task_id=self.keys.dispatch_id(session_key, sub_id, "chain"),
-                    )
+                    task_id = self.keys.dispatch_id(session_key, sub_id, "chain")
+                    chain = {"chain": sub.chain[:-1] or None}
+                    sends.append((signature(sub.chain[-1], app=self.app), task_id, chain))
+                self.send_once(sends, result, maybe_sent=sub_id in settled.retaken)
                 self._sent(keys=sent_keys, args=[member, sub_id])
                 done += 1
         except BaseException:
@@ -708,6 +715,53 @@ class Engine:
             except redis.RedisError:  # the stale-claim time hands them on instead
                 log.warning("track.release_failed", message_id=message_id)
             raise
+
+    def send_once(
+        self,
+        sends: Sequence[tuple[Signature[Any], str, dict[str, Any]]],
+        result: Mapping[str, Any],
+        *,
+        maybe_sent: bool,
+    ) -> None:
+        """Publish each ``(signature, task id, options)`` with ``result`` as its argument.
+
+        ``maybe_sent``: a claimer that stopped before marking these sent may have sent
+        them. Those still in the broker (queued, or held by a worker, even a dead one whose
+        tasks the re-driver gives back) are not sent again; only the rest are. One that
+        already ran and was acknowledged cannot be told from one never sent, and is sent
+        again, with the same task id.
+        """
+        present: set[str] = set()
+        if maybe_sent and sends:
+            present = self.in_broker([task_id for _, task_id, _ in sends], [s for s, _, _ in sends])
+        for sig, task_id, options in sends:
+            if task_id in present:
+                log.info("track.already_sent", task_id=task_id)
+                continue
+            sig.apply_async((dict(result),), task_id=task_id, **options)
+
+    def in_broker(self, task_ids: Sequence[str], sigs: Sequence[Signature[Any]]) -> set[str]:
+        """Which of ``task_ids`` the broker holds: in their queues, or unacknowledged."""
+        keys = [self._unacked_key()]
+        for sig in sigs:
+            queue = self._queue_of(sig)
+            keys += [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS[1:]]
+        found = self._in_broker(keys=list(dict.fromkeys(keys)), args=list(task_ids))
+        return {str(x) for x in found}
+
+    def _queue_of(self, sig: Signature[Any]) -> str:
+        options = sig.options or {}
+        if isinstance(options.get("queue"), str):
+            return str(options["queue"])
+        if self.app is None:
+            return "celery"
+        route = self.app.amqp.router.route(dict(options), str(sig.task))
+        queue = route.get("queue")
+        return str(getattr(queue, "name", queue) or self.app.conf.task_default_queue)
+
+    def _unacked_key(self) -> str:
+        options = (self.app.conf.broker_transport_options if self.app else None) or {}
+        return str(options.get("unacked_key", "unacked"))
 
     def forget(self, message_ids: Sequence[str]) -> None:
         """Delete everything stored about these messages (tests, re-tracking by hand)."""

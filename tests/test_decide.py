@@ -1,0 +1,189 @@
+"""The tracking rules (smsbat_tracker.decide): one pure function, table-driven."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smsbat_tracker.backoff import Schedule
+from smsbat_tracker.cache import CachedStatus
+from smsbat_tracker.decide import (
+    Ask,
+    AwaitPush,
+    Finish,
+    Progress,
+    Rules,
+    TryLater,
+    Wait,
+    decide,
+    outcome_of,
+)
+from smsbat_tracker.errors import (
+    MessageNotFound,
+    PermanentError,
+    RateLimited,
+    ServerError,
+)
+from smsbat_tracker.models import MessageStatus
+
+NOW = 1_000_000.0
+# No jitter: waits are exact. First check 5 s after the start, doubling to 10 s at most.
+RULES = Rules(
+    schedule=Schedule(first_delay=5.0, factor=2.0, max_delay=10.0, jitter=0.0, min_interval=1.0),
+    not_found_grace=30.0,
+    fresh_for=1.0,
+    trust_pushes=True,
+    push_wait=900.0,
+)
+RUNNING = Progress(started_at=NOW - 20, deadline_at=NOW + 100, checks=2)
+AT_DEADLINE = Progress(started_at=NOW - 120, deadline_at=NOW, checks=9)
+
+
+def status(value: str) -> MessageStatus:
+    return MessageStatus(deliverystatus=value)
+
+
+def cached(value: str, *, age: float = 5.0, source: str = "poll") -> CachedStatus:
+    return CachedStatus(status=status(value), observed_at=NOW - age, source=source)  # type: ignore[arg-type]
+
+
+CASES: list[tuple[str, Progress, CachedStatus | None, Any, Any]] = [
+    # id, progress, cached, answer, expected decision
+    ("nothing known: ask", RUNNING, None, None, Ask()),
+    ("stale cache: ask", RUNNING, cached("processing"), None, Ask()),
+    (
+        "cached final: finish, no request",
+        RUNNING,
+        cached("delivered"),
+        None,
+        Finish("delivered", status("delivered")),
+    ),
+    (
+        "fresh cache is as good as asking",
+        RUNNING,
+        cached("processing", age=0.5),
+        None,
+        Wait(10.0, status=status("processing")),
+    ),
+    (
+        "at the deadline a fresh cache is not enough",
+        AT_DEADLINE,
+        cached("processing", age=0.1),
+        None,
+        Ask(),
+    ),
+    (
+        "a pushed message waits for the push",
+        RUNNING,
+        cached("processing", source="push"),
+        None,
+        AwaitPush(100.0),
+    ),
+    ("pushed, at the deadline: ask", AT_DEADLINE, cached("processing", source="push"), None, Ask()),
+    (
+        "final answer",
+        RUNNING,
+        None,
+        status("undeliverable"),
+        Finish("undeliverable", status("undeliverable")),
+    ),
+    (
+        "not final: next on the schedule",
+        RUNNING,
+        None,
+        status("processing"),
+        Wait(10.0, status=status("processing")),
+    ),
+    (
+        "not final at the deadline: timeout",
+        AT_DEADLINE,
+        None,
+        status("processing"),
+        Finish("timeout", status("processing")),
+    ),
+    (
+        "permanent error",
+        RUNNING,
+        None,
+        PermanentError(410),
+        Finish("error", None, str(PermanentError(410))),
+    ),
+    ("not found within the grace: keep checking", RUNNING, None, MessageNotFound("x"), Wait(10.0)),
+    (
+        "not found past the grace",
+        Progress(started_at=NOW - 60, deadline_at=NOW + 60, checks=4),
+        None,
+        MessageNotFound("x"),
+        Finish("error", None, str(MessageNotFound("x"))),
+    ),
+    ("429 stretches the wait", RUNNING, None, RateLimited(30.0), Wait(30.0)),
+    ("a 5xx is a check like any", RUNNING, None, ServerError(503), Wait(10.0)),
+    (
+        "turned away by the limit: not a check",
+        RUNNING,
+        None,
+        TryLater(2.5, "rate"),
+        Wait(2.5, counted=False),
+    ),
+    (
+        "turned away at the deadline: timeout",
+        AT_DEADLINE,
+        cached("processing"),
+        TryLater(1.0),
+        Finish("timeout", status("processing")),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("progress", "cached_status", "answer", "expected"),
+    [pytest.param(p, c, a, e, id=i) for i, p, c, a, e in CASES],
+)
+def test_decide(
+    progress: Progress, cached_status: CachedStatus | None, answer: Any, expected: Any
+) -> None:
+    """Each rule of the module docstring, as a row."""
+    assert decide(progress, cached=cached_status, now=NOW, rules=RULES, answer=answer) == expected
+
+
+def test_pushes_untrusted_are_polled() -> None:
+    """With SMSBAT_TRUST_PUSHES off a pushed message is polled like any other."""
+    rules = Rules(RULES.schedule, 30.0, 1.0, False, 900.0)
+    assert (
+        decide(RUNNING, cached=cached("processing", source="push"), now=NOW, rules=rules) == Ask()
+    )
+
+
+def test_the_last_wait_lands_on_the_deadline() -> None:
+    """Three seconds before the deadline the next check is the deadline check."""
+    progress = Progress(started_at=NOW - 50, deadline_at=NOW + 3, checks=5)
+    assert decide(progress, cached=None, now=NOW, rules=RULES, answer=status("processing")) == Wait(
+        3.0, status=status("processing")
+    )
+
+
+@given(
+    value=st.sampled_from(
+        ["scheduled", "processing", "delivered", "undeliverable", "permanenterror", "sending"]
+    ),
+    left=st.floats(min_value=-5, max_value=200),
+    checks=st.integers(min_value=0, max_value=50),
+)
+def test_an_answer_always_ends_or_waits_within_the_deadline(
+    value: str, left: float, checks: int
+) -> None:
+    """Any status answer: a final one finishes with its outcome; otherwise the wait never
+    passes the deadline, and at the deadline the outcome is timeout."""
+    progress = Progress(started_at=NOW - 10, deadline_at=NOW + left, checks=checks)
+    decision = decide(progress, cached=None, now=NOW, rules=RULES, answer=status(value))
+    if status(value).is_final:
+        assert decision == Finish(outcome_of(status(value)), status(value))
+    elif isinstance(decision, Wait):
+        assert 0 < decision.seconds <= left + 1e-6  # float sums: NOW + left - NOW
+        assert decision.counted
+    else:
+        assert decision == Finish("timeout", status(value))
+        assert left <= 0.05 + 1e-6
