@@ -497,3 +497,50 @@ def test_a_resend_skips_what_the_broker_still_holds(
     assert json.loads(queued)["headers"]["id"] == "new-id"
     assert engine.in_broker(["held-id", "new-id", "gone-id"], [sig]) == {"held-id", "new-id"}
     connection.release()
+
+
+def test_a_follow_up_lost_before_any_worker_received_it_is_sent_again(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A callback popped from the queue by a worker killed before it noted it (kombu's
+    BRPOP window) is sent again, with the same task id; one a worker received, or that
+    the broker still holds, is not; after RESEND_LIMIT sends it is given up."""
+    from smsbat_tracker.redrive import RESEND_LIMIT
+
+    engine = tracker_app.engine
+    keys = Keys()
+    now = time.time()
+    redis_client.hset(keys.worker_queues(), "celery", repr(now))  # a tracker worker's queue
+    engine._queues_seen = (0.0, set())
+    sig = record_outcome.s(label="lost")
+    engine.send_once([(sig, "lost-id", {}), (sig, "kept-id", {})], {"x": 1}, maybe_sent=False)
+    assert set(redis_client.zrange(keys.unreceived(), 0, -1)) == {"lost-id", "kept-id"}
+    redriver = Redriver(tracker_app, redis_client)
+    # A worker received "kept-id"; "lost-id" was popped and never noted.
+    redriver.note_received(SimpleNamespace(id="kept-id", message=None))
+    redis_client.delete("celery")
+    assert redriver.resend_lost(now + 1, now + 1) == 1
+    [queued] = redis_client.lrange("celery", 0, -1)
+    assert json.loads(queued)["headers"]["id"] == "lost-id"
+    # Still queued: nothing more is sent.
+    assert redriver.resend_lost(now + 2, now + 2) == 0
+    assert redis_client.llen("celery") == 1
+    for n in range(RESEND_LIMIT - 1):
+        redis_client.delete("celery")
+        assert redriver.resend_lost(now + 3 + n, now + 3 + n) == 1
+    redis_client.delete("celery")
+    assert redriver.resend_lost(now + 9, now + 9) == 0
+    assert redis_client.zcard(keys.unreceived()) == 0
+    assert redis_client.hlen(keys.unreceived_sends()) == 0
+
+
+def test_follow_ups_to_queues_no_tracker_worker_consumes_are_not_watched(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """Only a queue a tracker worker consumes confirms receipts: a callback routed
+    elsewhere is sent once and not watched (it would look lost forever)."""
+    engine = tracker_app.engine
+    engine._queues_seen = (0.0, set())
+    engine.send_once([(record_outcome.s(label="x"), "own-id", {})], {"x": 1}, maybe_sent=False)
+    assert redis_client.zcard(Keys().unreceived()) == 0
+    assert redis_client.llen("celery") == 1

@@ -123,6 +123,18 @@ class Keys:
         """Zset: the same callers, scored by when they are expected to ask again."""
         return f"{self.prefix}:ratelimit:waiters:back"
 
+    def unreceived(self) -> str:
+        """Zset: follow-up tasks sent and not yet received by a worker, scored by send time."""
+        return f"{self.prefix}:unreceived"
+
+    def unreceived_sends(self) -> str:
+        """Hash: how to send each of ``unreceived`` again (signature, argument, options)."""
+        return f"{self.prefix}:unreceived:sends"
+
+    def worker_queues(self) -> str:
+        """Hash: queue name -> when a tracker worker consuming it last beat."""
+        return f"{self.prefix}:queues"
+
     def rate_pause(self) -> str:
         """Set while the API asked everyone to back off (HTTP 429 Retry-After)."""
         return f"{self.prefix}:ratelimit:pause"

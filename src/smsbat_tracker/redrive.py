@@ -59,6 +59,8 @@ SWEEP_LIMIT: Final = 200
 # After an outage a worker beats this long before it sweeps: every live worker has beaten
 # again by then (each beats once a second).
 OUTAGE_GRACE: Final = 2 * HEARTBEAT
+# A follow-up lost before any worker received it is sent again at most this often.
+RESEND_LIMIT: Final = 3
 # The sweep lock outlives a sweep, and expires soon after its holder dies.
 LOCK_MS: Final = 5_000
 # Publish time stamped on the tracker's tasks (see ``queue_age``).
@@ -241,6 +243,14 @@ def _ack_on_live_client(qos: Any, delivery_tag: Any, forget: Any) -> None:
     forget(qos, delivery_tag)
 
 
+def _consumed_queues(app: Any) -> list[str]:
+    """The queues this worker consumes (``-Q``, else every queue the app knows)."""
+    with contextlib.suppress(Exception):
+        queues = app.amqp.queues
+        return sorted(str(q) for q in (queues.consume_from or queues))
+    return []
+
+
 def _tag(request: Any) -> str | None:
     """The broker delivery tag of a request (its entry in kombu's unacked hash)."""
     tag = getattr(getattr(request, "message", None), "delivery_tag", None)
@@ -264,6 +274,7 @@ class Redriver:
         self._received: dict[str, float] = {}  # tags noted at receipt -> when
         self._gone: set[str] = set()  # tags no longer held at the last beat
         self._refresh = client.register_script(_REFRESH)
+        self._queues = _consumed_queues(app)
         self._take_session = client.register_script(_TAKE_SESSION)
         self._take_chain = client.register_script(_TAKE_CHAIN)
         self._unlock = client.register_script(_UNLOCK)
@@ -303,11 +314,21 @@ class Redriver:
         task fetched just before its worker dies.
         """
         tag = _tag(request)
-        if tag is None:
-            return
-        with self._lock:
-            self._received[tag] = time.monotonic()
-        self.redis.sadd(self.keys.held(self.holder), tag)
+        pipe = self.redis.pipeline(transaction=False)
+        if tag is not None:
+            with self._lock:
+                self._received[tag] = time.monotonic()
+            pipe.sadd(self.keys.held(self.holder), tag)
+        task_id = getattr(request, "id", None)
+        if task_id:
+            self._note_receipts(pipe, [str(task_id)])
+        if len(pipe):
+            pipe.execute()
+
+    def _note_receipts(self, pipe: Any, task_ids: list[str]) -> None:
+        """A follow-up task the tracker sent has reached a worker (see ``resend_lost``)."""
+        pipe.zrem(self.keys.unreceived(), *task_ids)
+        pipe.hdel(self.keys.unreceived_sends(), *task_ids)
 
     def note_held(self, requests: list[Any], now: float) -> int:
         """Record this worker's heartbeat and the delivery tags of what it holds.
@@ -317,7 +338,8 @@ class Redriver:
         later (Celery forgets a finished task a moment before it acknowledges it) is given
         back to the queue. Returns how many were.
         """
-        held = {tag for tag in map(_tag, requests) if tag is not None}
+        ids = {tag: str(getattr(r, "id", "")) for r in requests if (tag := _tag(r)) is not None}
+        held = set(ids)
         recent = time.monotonic() - 2 * HEARTBEAT
         with self._lock:
             # A tag noted at receipt after ``requests`` was read is still held.
@@ -328,6 +350,11 @@ class Redriver:
         pipe = self.redis.pipeline(transaction=True)
         if held:
             pipe.sadd(key, *held)
+        new = [ids[t] for t in held - self._noted if ids[t]]
+        if new:  # noted at receipt already, unless Redis was away then
+            self._note_receipts(pipe, new)
+        if self._queues:
+            pipe.hset(self.keys.worker_queues(), mapping=dict.fromkeys(self._queues, repr(now)))
         # Outlives the holder long enough for a sweep to read it after its death.
         pipe.pexpire(key, int(max(60.0, 10 * self.settings.redrive_after) * 1000))
         pipe.zadd(self.keys.holders(), {self.holder: now})
@@ -453,7 +480,9 @@ class Redriver:
         try:
             now = time.time() if now is None else now
             self.restore_dead(now)
-            cutoff = now - self.settings.redrive_after - self.queue_age(now)
+            age = self.queue_age(now)
+            self.resend_lost(now - self.settings.redrive_after - age, now)
+            cutoff = now - self.settings.redrive_after - age
             members = self.redis.zrangebyscore(
                 self.keys.due(), "-inf", repr(cutoff), start=0, num=SWEEP_LIMIT
             )
@@ -467,6 +496,55 @@ class Redriver:
             return count
         finally:
             self._unlock(keys=[lock], args=[self.holder])
+
+    def resend_lost(self, cutoff: float, now: float) -> int:
+        """Send again the follow-up tasks sent before ``cutoff`` that no tracker worker has
+        received and the broker no longer holds; returns how many.
+
+        Kombu's Redis transport pops a message (``BRPOP``) before the worker records it as
+        unacknowledged, so a worker killed with the reply unread loses it. A follow-up the
+        tracker sent to a queue tracker workers consume stays in the ``unreceived`` index
+        until one of them receives it; one still queued or held is left alone; one gone
+        from the broker unreceived was lost that way, and is sent again with the same task
+        id, at most :data:`RESEND_LIMIT` times (a worker that does not run this bootstep
+        may have taken it: it then runs again).
+        """
+        index, sends = self.keys.unreceived(), self.keys.unreceived_sends()
+        ids = [
+            str(i)
+            for i in self.redis.zrangebyscore(index, "-inf", repr(cutoff), start=0, num=SWEEP_LIMIT)
+        ]
+        if not ids:
+            return 0
+        from celery import signature
+
+        raws = dict(zip(ids, self.redis.hmget(sends, ids), strict=True))
+        known = {i: json.loads(raw) for i, raw in raws.items() if raw}
+        engine = self.app.engine
+        sigs = {i: signature(send["sig"], app=self.app) for i, send in known.items()}
+        present = engine.in_broker(list(known), list(sigs.values())) if known else set()
+        lost: list[str] = []
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            send = known.get(task_id)
+            if send is None or (task_id not in present and send["n"] >= RESEND_LIMIT):
+                pipe.zrem(index, task_id)
+                pipe.hdel(sends, task_id)
+                continue
+            if task_id not in present:
+                send["n"] += 1
+                pipe.hset(sends, task_id, json.dumps(send, default=str))
+                lost.append(task_id)
+            pipe.zadd(index, {task_id: now})
+        # Noted before it is sent: a worker may receive it at once.
+        pipe.execute()
+        for task_id in lost:
+            send = known[task_id]
+            sigs[task_id].apply_async((send["result"],), task_id=task_id, **(send["options"] or {}))
+        resent = len(lost)
+        if resent:
+            log.warning("redrive.resent", tasks=resent)
+        return resent
 
     def redrive(self, member: str, cutoff: float, now: float) -> int:
         """Take one overdue tracking over and publish its fresh run; 1 if it was re-driven."""

@@ -19,6 +19,7 @@ Per message, Redis holds (see :mod:`smsbat_tracker.keys`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -205,6 +206,8 @@ scan(redis.call('HVALS', KEYS[1]))
 for i = 2, #KEYS do scan(redis.call('LRANGE', KEYS[i], 0, -1)) end
 return found
 """
+# How long a process trusts its copy of which queues tracker workers consume.
+QUEUES_CACHE: Final = 5.0
 # kombu's Redis transport keeps a queue's priorities in lists named <queue><sep><step>.
 PRIORITY_SEP: Final = "\x06\x16"
 PRIORITY_STEPS: Final = (0, 3, 6, 9)
@@ -388,6 +391,7 @@ class Engine:
         self._reschedule = redis_client.register_script(_RESCHEDULE)
         self._settle = redis_client.register_script(_SETTLE)
         self._in_broker = redis_client.register_script(_IN_BROKER)
+        self._queues_seen: tuple[float, set[str]] = (0.0, set())
         self._sent = redis_client.register_script(_SENT)
         self._release = redis_client.register_script(_RELEASE)
         self._abandon = redis_client.register_script(_ABANDON)
@@ -734,11 +738,49 @@ class Engine:
         present: set[str] = set()
         if maybe_sent and sends:
             present = self.in_broker([task_id for _, task_id, _ in sends], [s for s, _, _ in sends])
-        for sig, task_id, options in sends:
+        now = time.time()
+        watched = self._watched_queues(now)
+        todo = [send for send in sends if send[1] not in present]
+        for _, task_id, _ in sends:
             if task_id in present:
                 log.info("track.already_sent", task_id=task_id)
-                continue
-            sig.apply_async((dict(result),), task_id=task_id, **options)
+        # Kombu's Redis transport pops a message before the worker notes it: one killed in
+        # between loses it. A follow-up to a queue tracker workers consume is noted before
+        # it is sent (a worker may receive it at once) and kept until one receives it.
+        noted = [
+            (sig, task_id, options)
+            for sig, task_id, options in todo
+            if watched and self._queue_of(sig) in watched
+        ]
+        if noted:
+            pipe = self.redis.pipeline(transaction=False)
+            for sig, task_id, options in noted:
+                send = {"sig": dict(sig), "result": dict(result), "options": options, "n": 0}
+                pipe.zadd(self.keys.unreceived(), {task_id: now})
+                pipe.hset(self.keys.unreceived_sends(), task_id, json.dumps(send, default=str))
+            pipe.execute()
+        done = 0
+        try:
+            for sig, task_id, options in todo:
+                sig.apply_async((dict(result),), task_id=task_id, **options)
+                done += 1
+        except BaseException:
+            unsent = [task_id for _, task_id, _ in todo[done:]]
+            if noted and unsent:
+                with contextlib.suppress(redis.RedisError):
+                    self.redis.zrem(self.keys.unreceived(), *unsent)
+                    self.redis.hdel(self.keys.unreceived_sends(), *unsent)
+            raise
+
+    def _watched_queues(self, now: float) -> set[str]:
+        """The queues tracker workers consume (they confirm receipts), cached briefly."""
+        at, queues = self._queues_seen
+        if now - at > QUEUES_CACHE:
+            live = now - QUEUES_CACHE - 2 * self.settings.redrive_after
+            raw = self.redis.hgetall(self.keys.worker_queues())
+            queues = {str(q) for q, seen in raw.items() if float(seen) > live}
+            self._queues_seen = (now, queues)
+        return queues
 
     def in_broker(self, task_ids: Sequence[str], sigs: Sequence[Signature[Any]]) -> set[str]:
         """Which of ``task_ids`` the broker holds: in their queues, or unacknowledged."""
