@@ -84,7 +84,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 def make_settings(redis_url: str, sandbox: SandboxServer) -> Callable[..., Settings]:
     """Build settings pointing at the test Redis and sandbox, with fast schedules."""
 
-    def make(**overrides: Any) -> Settings:
+    def make(*, credentials: bool = True, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "redis_url": redis_url,
             "base_url": sandbox.url,
@@ -92,7 +92,7 @@ def make_settings(redis_url: str, sandbox: SandboxServer) -> Callable[..., Setti
             **FAST,
         }
         values.update(overrides)
-        return load_settings(**values)
+        return load_settings(credentials=credentials, **values)
 
     return make
 

@@ -567,6 +567,27 @@ def test_push_before_track_finishes_at_once(
     assert sandbox.state.truth(mid)["polls"] == 0
 
 
+def test_the_receiver_needs_no_provider_credentials(
+    http: httpx.Client,
+    make_settings: Callable[..., Settings],
+    worker: Any,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+) -> None:
+    """Without any SMSBAT_API_KEY or login the receiver starts, stores pushes and ends
+    trackings (it never calls the provider)."""
+    settings = make_settings(credentials=False, api_key="", webhook_token=TOKEN)
+    assert not settings.has_credentials
+    mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 60)])
+    track_message.delay(mid, on_delivered=record_outcome.s(label="nocreds"))
+    with BackgroundServer(create_app(settings)) as server:
+        answer = push(http, Hook(server.url), body(mid))
+    assert answer.json() == {"status": "stored", "final": True}
+    [entry] = wait_for(lambda: recorded(redis_client, "nocreds"))
+    assert entry["result"]["outcome"] == "delivered"
+    assert entry["result"]["source"] == "push"
+
+
 def test_push_ends_a_running_tracker(
     http: httpx.Client,
     live_hook: Hook,

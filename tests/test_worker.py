@@ -178,3 +178,21 @@ def test_tracking_on_its_own_queue_leaves_callbacks_to_other_workers(
         assert redis_client.llen("tracking") == 0
     finally:
         app.reconfigure(settings)
+
+
+def test_worker_refuses_to_start_without_credentials(tmp_path: Path) -> None:
+    """A worker calls the API: without credentials it exits naming SMSBAT_API_KEY (code
+    that only enqueues, and the webhook receiver, load without them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "smsbat_tracker.worker", "worker"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "SMSBAT_API_KEY: no credentials" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -6,7 +6,7 @@ Every variable is ``SMSBAT_<FIELD>`` except ``REDIS_URL``. Invalid settings rais
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -132,11 +132,6 @@ class Settings(BaseSettings):
                 "SMSBAT_API_KEY and SMSBAT_USERNAME/SMSBAT_PASSWORD: set one way to log in, "
                 "not both"
             )
-        if not has_key and not has_login:
-            raise ValueError(
-                "SMSBAT_API_KEY: no credentials; set SMSBAT_API_KEY, or SMSBAT_USERNAME "
-                "and SMSBAT_PASSWORD"
-            )
         if has_login and (not self.username or self.password is None):
             missing = "SMSBAT_PASSWORD" if self.username else "SMSBAT_USERNAME"
             raise ValueError(f"{missing}: needed with the other half of the login")
@@ -170,6 +165,19 @@ class Settings(BaseSettings):
         return env
 
     @property
+    def has_credentials(self) -> bool:
+        """Whether an API key or a login is set (the webhook receiver and code that only
+        enqueues need none; whatever calls the API does)."""
+        has_key = self.api_key is not None and bool(self.api_key.get_secret_value())
+        return has_key or bool(self.username)
+
+    def require_credentials(self) -> Settings:
+        """These settings, or :class:`ConfigError` naming ``SMSBAT_API_KEY`` without any."""
+        if not self.has_credentials:
+            raise ConfigError(f"invalid settings: {NO_CREDENTIALS}")
+        return self
+
+    @property
     def auth_method(self) -> Literal["header", "basic-key", "basic"]:
         """The way credentials go on the wire."""
         return "basic" if self.api_key is None else self.auth
@@ -184,14 +192,21 @@ def _env_name(loc: str) -> str:
     return f"{ENV_PREFIX}{loc.upper()}"
 
 
-def load_settings(**overrides: Any) -> Settings:
+NO_CREDENTIALS: Final = (
+    "SMSBAT_API_KEY: no credentials; set SMSBAT_API_KEY, or SMSBAT_USERNAME and SMSBAT_PASSWORD"
+)
+
+
+def load_settings(*, credentials: bool = True, **overrides: Any) -> Settings:
     """Read the settings, or raise :class:`ConfigError` naming each bad variable.
 
     ``overrides`` (field names) take precedence over the environment; the tests, the demo
     and embedding applications use them instead of mutating ``os.environ``.
+    ``credentials=False`` accepts settings without API credentials (the webhook receiver,
+    and processes that only enqueue).
     """
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_input=False, include_url=False):
@@ -202,3 +217,4 @@ def load_settings(**overrides: Any) -> Settings:
             else:
                 problems.append(message)
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+    return settings.require_credentials() if credentials else settings

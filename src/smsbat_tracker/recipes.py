@@ -94,7 +94,7 @@ def send_message(self: AnyTask, to: str, text: str, sender: str, type: str = "sm
     """
     tracker = cast(TrackerApp, self.app)
     message = OutgoingMessage.model_validate({"from": sender, "to": to, "type": type, "text": text})
-    sent = tracker.engine.api.send_messages([message])
+    sent = tracker.engine.require_api().send_messages([message])
     if not sent.message_ids:
         status = sent.messages[0].status if sent.messages else "no answer"
         raise ValueError(f"SMSBAT did not accept the message ({status})")

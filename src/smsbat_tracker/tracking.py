@@ -33,9 +33,9 @@ import redis
 from smsbat_tracker.backoff import Schedule
 from smsbat_tracker.cache import CachedStatus, StatusCache
 from smsbat_tracker.client import SmsbatClient
-from smsbat_tracker.config import Settings
+from smsbat_tracker.config import NO_CREDENTIALS, Settings
 from smsbat_tracker.decide import OUTCOMES, Outcome, Rules, TryLater
-from smsbat_tracker.errors import RateLimited, RequestTimeout
+from smsbat_tracker.errors import ConfigError, RateLimited, RequestTimeout
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import DELIVERED, MessageStatus, validate_message_id
@@ -375,7 +375,7 @@ class Engine:
         self,
         settings: Settings,
         redis_client: redis.Redis,
-        api: SmsbatClient,
+        api: SmsbatClient | None,
         app: Celery | None = None,
     ) -> None:
         self.settings = settings
@@ -557,6 +557,13 @@ class Engine:
             left = self.redis.pttl(key)
             raise TryLater(max(int(left), 1) / 1000 if left and int(left) > 0 else 0.05)
 
+    def require_api(self) -> SmsbatClient:
+        """The API client; :class:`ConfigError` naming SMSBAT_API_KEY in a process built
+        without credentials (the webhook receiver, or one that only enqueues)."""
+        if self.api is None:
+            raise ConfigError(f"invalid settings: {NO_CREDENTIALS}")
+        return self.api
+
     def poll(
         self,
         message_id: str,
@@ -587,7 +594,7 @@ class Engine:
         if for_session:
             self.redis.hincrby(self.keys.track(message_id), "polls", 1)
         try:
-            status = self.api.get_status(message_id)
+            status = self.require_api().get_status(message_id)
         except Exception as exc:
             self.limiter.observe_error(exc)
             raise

@@ -48,7 +48,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.errors import ConfigError, InvalidMessageId
 from smsbat_tracker.log import configure_logging, get_logger, redact_text, register_secret
@@ -346,7 +345,8 @@ class WebhookReceiver:
                 self._own_engine = Engine(
                     self.settings,
                     redis.Redis.from_url(self.settings.redis_url, decode_responses=True),
-                    SmsbatClient.from_settings(self.settings),
+                    # The receiver never calls the provider: no credentials needed.
+                    None,
                     app=celery_app,
                 )
             return self._own_engine
@@ -377,7 +377,8 @@ class WebhookReceiver:
         with self._lock:
             engine, self._own_engine = self._own_engine, None
         if engine is not None:
-            engine.api.close()
+            if engine.api is not None:
+                engine.api.close()
             engine.redis.close()
 
     # --- authentication and reading -------------------------------------------------
@@ -502,7 +503,7 @@ def create_app(
     stored final status; by default it ends that message's tracking in this process
     (:func:`smsbat_tracker.tasks.settle_from_cache`).
     """
-    settings = settings if settings is not None else load_settings()
+    settings = settings if settings is not None else load_settings(credentials=False)
     receiver = WebhookReceiver(settings, engine=engine, settle=settle)
     if receiver.open:
         log.warning(
@@ -753,7 +754,7 @@ class LazyWebhookApp:
 
 def _from_environment() -> Starlette:
     """Settings from the environment, the project's (redacting) logging, then the app."""
-    settings = load_settings()
+    settings = load_settings(credentials=False)
     configure_logging(
         secrets=[settings.webhook_token.get_secret_value() if settings.webhook_token else None]
     )
@@ -780,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO", help="log level (default %(default)s)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        settings = load_settings()
+        settings = load_settings(credentials=False)
         configure_logging(
             level=args.log_level.upper(),
             secrets=[settings.webhook_token.get_secret_value() if settings.webhook_token else None],

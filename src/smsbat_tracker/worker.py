@@ -31,7 +31,7 @@ from kombu.exceptions import OperationalError
 
 from smsbat_tracker.campaign import CampaignRunner
 from smsbat_tracker.client import SmsbatClient
-from smsbat_tracker.config import Settings, load_settings
+from smsbat_tracker.config import NO_CREDENTIALS, Settings, load_settings
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import configure_logging, get_logger
 from smsbat_tracker.redrive import PUBLISHED_AT, TICK_TASK, TRACK_TASK, RedriveStep
@@ -64,7 +64,12 @@ class TrackerApp(Celery):
                     client = redis.Redis.from_url(
                         self.settings.redis_url, decode_responses=True, health_check_interval=30
                     )
-                    api = SmsbatClient.from_settings(self.settings)
+                    # A process that only enqueues needs no credentials (a worker checks).
+                    api = (
+                        SmsbatClient.from_settings(self.settings)
+                        if self.settings.has_credentials
+                        else None
+                    )
                     self._engine = Engine(self.settings, client, api, app=self)
                     self._engine_pid = pid
         return self._engine
@@ -115,7 +120,8 @@ class TrackerApp(Celery):
             if self._engine is not None and self._engine_pid == os.getpid():
                 if self._campaigns is not None:
                     self._campaigns.close()
-                self._engine.api.close()
+                if self._engine.api is not None:
+                    self._engine.api.close()
                 self._engine.redis.close()
             self._engine = None
             self._campaigns = None
@@ -123,7 +129,7 @@ class TrackerApp(Celery):
 
 def create_app(settings: Settings | None = None) -> TrackerApp:
     """Build the Celery app for ``settings`` (default: from the environment)."""
-    settings = settings or load_settings()
+    settings = settings or load_settings(credentials=False)
     tracker = TrackerApp(
         settings,
         "smsbat_tracker",
@@ -239,6 +245,9 @@ def _warm_worker(sender: Any = None, **_: Any) -> None:
     from celery.concurrency.prefork import TaskPool as PreforkPool
 
     tracker = getattr(sender, "app", None)
+    if isinstance(tracker, TrackerApp) and not tracker.settings.has_credentials:
+        # A worker calls the API; enqueuing and the webhook receiver need no credentials.
+        raise SystemExit(f"smsbat-tracker: invalid settings: {NO_CREDENTIALS}")
     pool = getattr(sender, "pool_cls", None)
     if isinstance(tracker, TrackerApp) and pool and get_implementation(pool) is not PreforkPool:
         tracker.warm()
