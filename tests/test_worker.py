@@ -40,19 +40,24 @@ def test_celery_settings_make_countdowns_safe(settings: Settings) -> None:
     assert "task_time_limit" not in conf  # the deadline is the task's own business
 
 
-def test_worker_refuses_to_start_with_bad_settings(tmp_path: Path) -> None:
-    """`celery -A smsbat_tracker.worker worker` with a bad variable exits naming it."""
+def _start_worker(cwd: Path, **variables: str) -> subprocess.CompletedProcess[str]:
+    """`celery -A smsbat_tracker.worker worker` with only ``variables`` of ours set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}
-    env.update({"SMSBAT_API_KEY": "k", "SMSBAT_MAX_DELAY": "ten"})
-    proc = subprocess.run(
+    env.update(variables)
+    return subprocess.run(
         [sys.executable, "-m", "celery", "-A", "smsbat_tracker.worker", "worker"],
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_worker_refuses_to_start_with_bad_settings(tmp_path: Path) -> None:
+    """`celery -A smsbat_tracker.worker worker` with a bad variable exits naming it."""
+    proc = _start_worker(tmp_path, SMSBAT_API_KEY="k", SMSBAT_MAX_DELAY="ten")
     assert proc.returncode != 0
     assert "SMSBAT_MAX_DELAY" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -183,16 +188,7 @@ def test_tracking_on_its_own_queue_leaves_callbacks_to_other_workers(
 def test_worker_refuses_to_start_without_credentials(tmp_path: Path) -> None:
     """A worker calls the API: without credentials it exits naming SMSBAT_API_KEY (code
     that only enqueues, and the webhook receiver, load without them)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "smsbat_tracker.worker", "worker"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = _start_worker(tmp_path)
     assert proc.returncode != 0
     assert "SMSBAT_API_KEY: no credentials" in proc.stderr
     assert "Traceback" not in proc.stderr
