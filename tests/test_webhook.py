@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -39,6 +40,7 @@ from smsbat_tracker.tracking import Engine, iso
 from smsbat_tracker.webhook import (
     APPLY_THREADS,
     MAX_BODY_BYTES,
+    TOKEN_HEADER,
     ApplyGate,
     LazyWebhookApp,
     create_app,
@@ -746,6 +748,35 @@ def test_a_failed_settle_gives_its_claim_back_to_the_providers_retry(
     assert retry.status_code == 200
     assert sent == ["refused", "smsbat_tracker.recipes.record_outcome"]
     assert set(redis_client.hvals("smsbat:fired:{realsettle}")) == {"sent"}
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_nothing(settings: Settings, tracker_app: Any) -> None:
+    """schemathesis, with every check on, against the served receiver and the
+    /openapi.json it serves (the token in the header): no issue found."""
+    cli = Path(sys.executable).with_name("schemathesis")
+    if not cli.exists():
+        pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
+    with BackgroundServer(create_app(settings)) as server:
+        proc = subprocess.run(
+            [
+                str(cli),
+                "run",
+                f"{server.url}/openapi.json",
+                "--checks",
+                "all",
+                "--header",
+                f"{TOKEN_HEADER}: {TOKEN}",
+                "--seed",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "No issues found" in proc.stdout
 
 
 def test_openapi_document(http: httpx.Client, hook: Hook) -> None:

@@ -14,6 +14,7 @@ __all__ = [
     "FAILED_STATUSES",
     "FINAL_STATUSES",
     "MAX_MESSAGE_ID_LENGTH",
+    "MESSAGE_ID_PATTERN",
     "Fallback",
     "MessageStatus",
     "OutgoingMessage",
@@ -35,7 +36,8 @@ FINAL_STATUSES: Final = frozenset({DELIVERED, *FAILED_STATUSES})
 MAX_MESSAGE_ID_LENGTH: Final = 128
 # Unreserved URL characters only, starting with a letter or digit: such an id is always
 # exactly one path segment, never "." or "..", and needs no percent-encoding.
-_MESSAGE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*")
+MESSAGE_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._~-]*$"
+_MESSAGE_ID_RE: Final = re.compile(MESSAGE_ID_PATTERN)
 
 
 def validate_message_id(message_id: object) -> str:

@@ -505,8 +505,9 @@ class Redriver:
         unacknowledged, so a worker killed with the reply unread loses it. A follow-up the
         tracker sent to a queue tracker workers consume stays in the ``unreceived`` index
         until one of them receives it; one still queued or held is left alone; one gone
-        from the broker unreceived was lost that way, and is sent again with the same task
-        id, at most :data:`RESEND_LIMIT` times (a worker that does not run this bootstep
+        from the broker unreceived at two sweeps in a row (a message being fetched is in
+        neither place for an instant) was lost that way, and is sent again with the same
+        task id, at most :data:`RESEND_LIMIT` times (a worker that does not run this bootstep
         may have taken it: it then runs again).
         """
         index, sends = self.keys.unreceived(), self.keys.unreceived_sends()
@@ -531,11 +532,19 @@ class Redriver:
                 pipe.zrem(index, task_id)
                 pipe.hdel(sends, task_id)
                 continue
-            if task_id not in present:
+            again_at = now
+            if task_id in present:
+                send.pop("missing", None)
+            elif send.pop("missing", None):  # missing at the last sweep too: lost
                 send["n"] += 1
-                pipe.hset(sends, task_id, json.dumps(send, default=str))
                 lost.append(task_id)
-            pipe.zadd(index, {task_id: now})
+            else:
+                # A message between the queue and a worker's unacked hash (popped, not yet
+                # noted) is in neither for an instant: look again at the next sweep.
+                send["missing"] = now
+                again_at = 0.0
+            pipe.hset(sends, task_id, json.dumps(send, default=str))
+            pipe.zadd(index, {task_id: again_at})
         # Noted before it is sent: a worker may receive it at once.
         pipe.execute()
         for task_id in lost:

@@ -15,7 +15,8 @@ Routes:
   through the same exactly-once settle as the poller: the callbacks are enqueued before the
   answer.
 - ``GET /healthz``: 200 when Redis answers PING, else 503.
-- ``GET /openapi.json``: a hand-written OpenAPI 3.1 description of the above.
+- ``GET /openapi.json``: an OpenAPI 3.1 description of the above, its schemas generated
+  from the models that validate the pushes and shape the answers (:class:`PushBody`).
 
 Answers: 200 ``{"status": "stored"|"ignored", "final": bool}``; 401 ``{"error":
 "unauthorized"}``; 400/413/415/422 ``{"error": "...", "field": <name or null>}``; 503 when
@@ -28,8 +29,6 @@ import argparse
 import hmac
 import json
 import logging
-import math
-import re
 import sys
 import threading
 import uuid
@@ -38,10 +37,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import anyio
 import redis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -49,9 +49,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.errors import ConfigError, InvalidMessageId
+from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import configure_logging, get_logger, redact_text, register_secret
-from smsbat_tracker.models import MAX_MESSAGE_ID_LENGTH, MessageStatus, validate_message_id
+from smsbat_tracker.models import MAX_MESSAGE_ID_LENGTH, MESSAGE_ID_PATTERN, MessageStatus
 from smsbat_tracker.serving import Receive, Scope, Send
 from smsbat_tracker.tracking import Engine
 
@@ -62,10 +62,15 @@ __all__ = [
     "APPLY_THREADS",
     "MAX_BODY_BYTES",
     "TOKEN_HEADER",
+    "Accepted",
     "ApplyGate",
+    "Health",
     "LazyWebhookApp",
     "Push",
+    "PushBody",
     "PushRejected",
+    "Rejection",
+    "Unauthorized",
     "WebhookReceiver",
     "app",
     "create_app",
@@ -86,7 +91,6 @@ APPLY_THREADS: Final = 4
 
 # Visible ASCII only: a pushed status ends up in the cache, in log lines and in callback
 # results, where whitespace and control characters (line breaks) only do harm.
-_STATUS_RE: Final = re.compile(r"[!-~]+")
 _JSON_CHARSETS: Final = frozenset({"utf-8", "utf8"})
 
 log = get_logger(__name__)
@@ -123,58 +127,103 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _invalid(field: str, error: str) -> PushRejected:
-    return PushRejected(422, error, field)
-
-
-def _parse_status(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise _invalid("deliverystatus", "deliverystatus must be a non-empty string")
-    if len(value) > MAX_STATUS_LENGTH:
-        raise _invalid(
-            "deliverystatus", f"deliverystatus must be at most {MAX_STATUS_LENGTH} characters"
-        )
-    if not _STATUS_RE.fullmatch(value):
-        raise _invalid("deliverystatus", "deliverystatus may contain only visible ASCII characters")
-    return value
-
-
-def _parse_timestamp(value: object) -> float:
-    if not isinstance(value, str) or not value or len(value) > MAX_TIMESTAMP_LENGTH:
-        raise _invalid("timestamp", "timestamp must be an ISO-8601 string with a timezone")
-    text = value[:-1] + "+00:00" if value[-1] in "Zz" else value
+def _timestamp_epoch(value: str) -> float:
+    """Epoch seconds of an ISO-8601 date and time with a timezone; ValueError otherwise."""
+    text = value[:-1] + "+00:00" if value[-1:] in ("Z", "z") else value
     try:
         when = datetime.fromisoformat(text)
     except (ValueError, TypeError, OverflowError):
-        raise _invalid("timestamp", "timestamp is not an ISO-8601 date and time") from None
+        raise ValueError("not an ISO-8601 date and time") from None
     if when.tzinfo is None or when.utcoffset() is None:
-        raise _invalid("timestamp", "timestamp must carry a timezone (e.g. Z or +02:00)")
+        raise ValueError("must carry a timezone (e.g. Z or +02:00)")
     try:
-        epoch = when.timestamp()
+        return when.timestamp()
     except (ValueError, OverflowError):  # pragma: no cover - aware datetimes always convert
-        raise _invalid("timestamp", "timestamp is out of range") from None
-    return epoch
+        raise ValueError("out of range") from None
 
 
-def _parse_cost(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid("cost", "cost must be a number or null")
-    try:
-        cost = float(value)
-    except OverflowError:  # an integer literal too large for a float
-        raise _invalid("cost", "cost must be a finite number") from None
-    if not math.isfinite(cost):  # 1e999 parses as inf
-        raise _invalid("cost", "cost must be a finite number")
-    return cost
+class PushBody(BaseModel):
+    """A status push as the provider sends it: the one source of the receiver's checks and
+    of the request body in its OpenAPI document. Fields added later are ignored."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="ignore",
+        json_schema_extra={
+            "example": {
+                "messageId": "abc123def456",
+                "deliverystatus": "delivered",
+                "timestamp": "2025-01-23T10:30:00Z",
+                "cost": 0.05,
+            }
+        },
+    )
+
+    messageId: Annotated[
+        str,
+        Field(min_length=1, max_length=MAX_MESSAGE_ID_LENGTH, pattern=MESSAGE_ID_PATTERN),
+    ]
+    deliverystatus: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=MAX_STATUS_LENGTH,
+            pattern=r"^[!-~]+$",
+            description="scheduled, processing, delivered, undeliverable, permanenterror; "
+            "unknown values are kept and treated as not final",
+        ),
+    ]
+    timestamp: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=MAX_TIMESTAMP_LENGTH,
+            json_schema_extra={"format": "date-time"},
+            description="ISO-8601 with a timezone; orders late and duplicate pushes",
+        ),
+    ]
+    cost: Annotated[float | None, Field(allow_inf_nan=False)] = None
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware_timestamp(cls, value: str) -> str:
+        _timestamp_epoch(value)
+        return value
+
+
+class Accepted(BaseModel):
+    """200: the push was stored, or ignored as a duplicate or stale one."""
+
+    status: Literal["stored", "ignored"]
+    final: bool = Field(description="whether the pushed status is final")
+
+
+class Rejection(BaseModel):
+    """400, 413, 415, 422 and 503: what was wrong."""
+
+    error: str
+    field: str | None = Field(
+        description="the offending body field, null when the body as a whole is bad"
+    )
+
+
+class Unauthorized(BaseModel):
+    """401: a missing or wrong token."""
+
+    error: Literal["unauthorized"]
+
+
+class Health(BaseModel):
+    """``GET /healthz``."""
+
+    status: Literal["ok", "unavailable"]
 
 
 def parse_push(body: bytes) -> Push:
     """Validate a push body; raise :class:`PushRejected` (400 or 422) when it is unusable.
 
-    400 for anything that is not one UTF-8 JSON object; 422 naming the first bad field.
-    Fields the provider adds later are ignored.
+    400 for anything that is not one UTF-8 JSON object; 422 naming the first bad field
+    (:class:`PushBody` holds the rules).
     """
     try:
         data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
@@ -182,22 +231,18 @@ def parse_push(body: bytes) -> Push:
         raise PushRejected(400, "body is not valid UTF-8 JSON") from None
     if not isinstance(data, dict):
         raise PushRejected(400, "body must be a JSON object")
-    if "messageId" not in data:
-        raise _invalid("messageId", "messageId is required")
     try:
-        message_id = validate_message_id(data["messageId"])
-    except InvalidMessageId as exc:
-        raise _invalid("messageId", str(exc)) from None
-    deliverystatus = _parse_status(data.get("deliverystatus"))
-    ts = _parse_timestamp(data.get("timestamp"))
-    fields: dict[str, Any] = {"deliverystatus": deliverystatus, "messageId": message_id}
-    if "cost" in data:  # absent stays unset, so the cached body shows only what was sent
-        fields["cost"] = _parse_cost(data["cost"])
-    try:
-        status = MessageStatus(**fields)
-    except Exception:  # pragma: no cover - the checks above cover every model constraint
-        raise PushRejected(422, "push does not form a valid status") from None
-    return Push(message_id=message_id, status=status, ts=ts)
+        push = PushBody.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_context=False, include_input=False)[0]
+        name = str(first["loc"][0]) if first["loc"] else None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise PushRejected(422, f"{name}: {message}" if name else message, name) from None
+    fields: dict[str, Any] = {"deliverystatus": push.deliverystatus, "messageId": push.messageId}
+    if "cost" in push.model_fields_set:  # absent stays unset: the cache shows what was sent
+        fields["cost"] = push.cost
+    status = MessageStatus(**fields)
+    return Push(message_id=push.messageId, status=status, ts=_timestamp_epoch(push.timestamp))
 
 
 def _is_json_media_type(value: str | None) -> bool:
@@ -533,68 +578,14 @@ def create_app(
 # --------------------------------------------------------------------- OpenAPI
 
 
-def _error_schema(*, with_field: bool = True) -> dict[str, Any]:
-    properties: dict[str, Any] = {"error": {"type": "string"}}
-    if with_field:
-        properties["field"] = {
-            "type": ["string", "null"],
-            "description": "the offending body field, null when the body as a whole is bad",
-        }
-    return {"type": "object", "required": list(properties), "properties": properties}
-
-
-def _answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+def _answer(description: str, model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema()
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def openapi_document() -> dict[str, Any]:
-    """The hand-written OpenAPI 3.1 document served at ``/openapi.json``."""
-    push_schema = {
-        "type": "object",
-        "required": ["messageId", "deliverystatus", "timestamp"],
-        "additionalProperties": True,
-        "properties": {
-            "messageId": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": MAX_MESSAGE_ID_LENGTH,
-                "pattern": "^[A-Za-z0-9][A-Za-z0-9._~-]*$",
-            },
-            "deliverystatus": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": MAX_STATUS_LENGTH,
-                "pattern": "^[!-~]+$",
-                "description": "scheduled, processing, delivered, undeliverable, "
-                "permanenterror; unknown values are kept and treated as not final",
-            },
-            "timestamp": {
-                "type": "string",
-                "format": "date-time",
-                "description": "ISO-8601 with a timezone; orders late and duplicate pushes",
-            },
-            "cost": {"type": ["number", "null"]},
-        },
-        "example": {
-            "messageId": "abc123def456",
-            "deliverystatus": "delivered",
-            "timestamp": "2025-01-23T10:30:00Z",
-            "cost": 0.05,
-        },
-    }
-    accepted = {
-        "type": "object",
-        "required": ["status", "final"],
-        "properties": {
-            "status": {"type": "string", "enum": ["stored", "ignored"]},
-            "final": {"type": "boolean", "description": "whether the pushed status is final"},
-        },
-    }
-    health = {
-        "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"type": "string", "enum": ["ok", "unavailable"]}},
-    }
+    """The OpenAPI 3.1 document served at ``/openapi.json``, its schemas from the models
+    the receiver validates and answers with."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -627,21 +618,18 @@ def openapi_document() -> dict[str, Any]:
                     "requestBody": {
                         "required": True,
                         "description": f"at most {MAX_BODY_BYTES} bytes",
-                        "content": {"application/json": {"schema": push_schema}},
+                        "content": {"application/json": {"schema": PushBody.model_json_schema()}},
                     },
                     "responses": {
                         "200": _answer(
-                            "accepted: stored, or ignored as a duplicate or stale push",
-                            accepted,
+                            "accepted: stored, or ignored as a duplicate or stale push", Accepted
                         ),
-                        "400": _answer(
-                            "not a UTF-8 JSON object, or bad Content-Length", _error_schema()
-                        ),
-                        "401": _answer("missing or wrong token", _error_schema(with_field=False)),
-                        "413": _answer(f"body larger than {MAX_BODY_BYTES} bytes", _error_schema()),
-                        "415": _answer("Content-Type is not application/json", _error_schema()),
-                        "422": _answer("a field is missing or invalid", _error_schema()),
-                        "503": _answer("Redis is unreachable; retry later", _error_schema()),
+                        "400": _answer("not a UTF-8 JSON object, or bad Content-Length", Rejection),
+                        "401": _answer("missing or wrong token", Unauthorized),
+                        "413": _answer(f"body larger than {MAX_BODY_BYTES} bytes", Rejection),
+                        "415": _answer("Content-Type is not application/json", Rejection),
+                        "422": _answer("a field is missing or invalid", Rejection),
+                        "503": _answer("Redis is unreachable; retry later", Rejection),
                     },
                 }
             },
@@ -650,8 +638,8 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "health",
                     "summary": "Whether Redis answers",
                     "responses": {
-                        "200": _answer("Redis answers PING", health),
-                        "503": _answer("Redis is unreachable", health),
+                        "200": _answer("Redis answers PING", Health),
+                        "503": _answer("Redis is unreachable", Health),
                     },
                 }
             },
