@@ -13,7 +13,6 @@ from smsbat_tracker.backoff import (
     DEFAULT_BACKOFF_FACTOR,
     DEFAULT_FIRST_DELAY,
     DEFAULT_MAX_DELAY,
-    MIN_INTERVAL,
     Schedule,
     compute_backoff,
 )
@@ -135,8 +134,11 @@ def test_min_interval_floor_since_last_check() -> None:
 
 
 def test_defaults_respect_the_provider_minimum_interval() -> None:
-    """The default schedule keeps the provider's one-second minimum interval."""
-    assert Schedule().min_interval == MIN_INTERVAL == 1.0
+    """Without a min_interval of its own, even a schedule of 0.1 s waits a second after a
+    check: the provider's one-second minimum interval per message."""
+    eager = Schedule(first_delay=0.1, factor=1.0, max_delay=0.1, jitter=0.0)
+    wait = eager.next_wait(now=10.0, deadline_at=100.0, attempt=3, last_check_at=10.0)
+    assert wait == pytest.approx(1.0)
 
 
 def test_from_settings() -> None:
