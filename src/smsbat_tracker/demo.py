@@ -64,13 +64,16 @@ def worker_process(
     pool: str = "threads",
     queues: Sequence[str] = (),
     log_path: str = os.devnull,
+    imports: Sequence[str] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real ``celery worker`` subprocess using ``settings``; stopped on exit.
 
-    ``queues``: the ``-Q`` list; empty, every queue the settings name.
+    ``queues``: the ``-Q`` list; empty, every queue the settings name. ``imports``: more
+    task modules for the worker to load (``--include``).
     """
     env = {**os.environ, **settings.to_env()}
     only = ["--queues", ",".join(queues)] if queues else []
+    only += ["--include", ",".join(imports)] if imports else []
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             [

@@ -1,0 +1,138 @@
+"""Worker CPU per ``track_message`` check, against Celery's own floor, in one run.
+
+``python -m bench.cpu_floor`` starts one ``celery worker`` (prefork, 2 children) with the
+default settings, but for a schedule of one check a second and the rate limit off, so that
+the checks come fast enough to measure. It then runs, one after the other on that worker:
+
+- *floor*: ``--chains`` chains of a no-op task that retries itself with a 1 s countdown,
+  ``--checks`` times each: what Celery itself costs per retry (publish, ETA hold, ack);
+- *checks*: ``--chains`` messages that stay "processing", tracked with ``track_message``
+  until each has had ``--checks`` status checks (one a second).
+
+It reads the worker's CPU (main process and children, from ``/proc``) before and after each
+phase, and prints the CPU per retry, per check, and their ratio. The figures go to
+``bench/results/cpu_floor.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+
+from bench.sampling import proc_reading
+from bench.workload import free_port
+from smsbat_tracker.config import load_settings
+from smsbat_tracker.demo import worker_process
+from smsbat_tracker.embedded import PersistentRedis
+from smsbat_tracker.sandbox import SandboxConfig, SandboxServer
+from smsbat_tracker.tasks import track_message
+from smsbat_tracker.worker import app
+
+RESULTS = Path(__file__).parent / "results"
+COUNTDOWN = 1.0  # the floor's retry countdown: the checks' own pace
+
+
+@app.task(bind=True, name="bench.noop_retry", max_retries=None, ignore_result=True)
+def noop_retry(self: Task[Any, Any], left: int, done_key: str) -> None:
+    """Retry ``left`` more times with a countdown, then count itself done."""
+    if left > 0:
+        raise self.retry(kwargs={"left": left - 1, "done_key": done_key}, countdown=COUNTDOWN)
+    app.engine.redis.incr(done_key)
+
+
+def _wait(predicate: Any, timeout: float) -> None:
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > give_up:
+            raise SystemExit("bench.cpu_floor: a phase did not finish in time")
+        time.sleep(0.2)
+
+
+def run(chains: int, checks: int) -> dict[str, Any]:
+    """Both phases on one worker; the figures."""
+    sandbox = SandboxServer(SandboxConfig(seed=1))
+    sandbox.start()
+    with (
+        contextlib.ExitStack() as stack,
+        tempfile.TemporaryDirectory() as data,
+        PersistentRedis(free_port(), data) as server,
+    ):
+        stack.callback(sandbox.stop)
+        settings = load_settings(
+            redis_url=server.url,
+            base_url=sandbox.url,
+            api_key=sandbox.config.api_key,
+            first_delay=1.0,
+            max_delay=1.0,
+            jitter=0.0,
+            rate_limit=0.0,
+            deadline=checks + 30.0,
+        )
+        app.reconfigure(settings)
+        with worker_process(
+            settings,
+            concurrency=2,
+            pool="prefork",
+            log_path=str(RESULTS / "cpu-floor-worker.log"),
+            imports=("bench.cpu_floor",),
+        ) as worker:
+            redis_client = app.engine.redis
+            _wait(lambda: redis_client.zcard(app.engine.keys.holders()) > 0, 60)
+            time.sleep(2.0)  # let start-up settle before the first reading
+
+            before = proc_reading(worker.pid).cpu
+            for _ in range(chains):
+                noop_retry.delay(checks, "bench:floor:done")
+            _wait(lambda: int(redis_client.get("bench:floor:done") or 0) >= chains, checks * 3 + 60)
+            floor_cpu = proc_reading(worker.pid).cpu - before
+            floor_retries = chains * checks
+
+            ids = [sandbox.state.create_scripted([("processing", 0)]) for _ in range(chains)]
+
+            def polls() -> int:
+                return sum(sandbox.state.truth(m)["polls"] for m in ids)
+
+            before = proc_reading(worker.pid).cpu
+            started = time.monotonic()
+            for m in ids:
+                track_message.delay(m)
+            _wait(lambda: polls() >= chains * checks, checks * 3 + 60)
+            check_cpu = proc_reading(worker.pid).cpu - before
+            checked = polls()
+            wall = time.monotonic() - started
+    per_retry = floor_cpu / floor_retries
+    per_check = check_cpu / checked
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "worker": "celery worker --pool prefork --concurrency 2",
+        "chains": chains,
+        "floor_retries": floor_retries,
+        "floor_cpu_ms_per_retry": round(per_retry * 1000, 2),
+        "checks": checked,
+        "check_cpu_ms_per_check": round(per_check * 1000, 2),
+        "ratio": round(per_check / per_retry, 3),
+        "checks_wall_s": round(wall, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_floor", description=__doc__)
+    parser.add_argument("--chains", type=int, default=50, help="chains, and messages")
+    parser.add_argument("--checks", type=int, default=20, help="retries, and checks, each")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(exist_ok=True)
+    figures = run(args.chains, args.checks)
+    (RESULTS / "cpu_floor.json").write_text(json.dumps(figures, indent=2))
+    print(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
