@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Final
+from typing import Any, Final
 
 import redis
 
@@ -20,7 +20,14 @@ from smsbat_tracker.errors import RateLimited
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 
-__all__ = ["DEFAULT_PAUSE", "LINE_WINDOW", "RESERVE_AHEAD", "WAITER_GRACE", "RateLimiter"]
+__all__ = [
+    "DEFAULT_PAUSE",
+    "LINE_WINDOW",
+    "RESERVE_AHEAD",
+    "RESERVE_LUA",
+    "WAITER_GRACE",
+    "RateLimiter",
+]
 
 # Pause after a 429 that carries no Retry-After.
 DEFAULT_PAUSE: Final = 1.0
@@ -41,53 +48,56 @@ log = get_logger(__name__)
 # when its turn comes instead of racing everyone again at the next free token. The window
 # is wider than a caller's own wait, so that waiters who come back late (their worker was
 # busy) hold up the line only when more than the window's worth of them are late.
-_RESERVE = """
-local pause = redis.call('PTTL', KEYS[2])
-if pause > 0 then return {0, pause * 1000} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local ahead = tonumber(ARGV[4])
-local member = ARGV[5]
-local due = tonumber(ARGV[6]) or now
-local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
-if #gone > 0 then
-  redis.call('ZREM', KEYS[3], unpack(gone))
-  redis.call('ZREM', KEYS[4], unpack(gone))
-end
-if member ~= '' then
-  local first = tonumber(redis.call('ZSCORE', KEYS[3], member))
-  if first and first < due then due = first end
-end
-local before = redis.call('ZCOUNT', KEYS[3], '-inf', string.format('(%d', due))
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local line = tat + interval * (before + n) - tolerance - interval - now
-line = line - math.max(tonumber(ARGV[8]), ahead)
-local own = tat + interval * n - tolerance - interval - now - ahead
-if line > 0 or own > 0 then
-  local retry = math.ceil(math.max(line, own))
-  if member ~= '' then
-    redis.call('ZADD', KEYS[3], string.format('%d', due), member)
-    redis.call('ZADD', KEYS[4], string.format('%d', now + retry + tonumber(ARGV[7])), member)
-    redis.call('PEXPIRE', KEYS[3], 60000)
-    redis.call('PEXPIRE', KEYS[4], 60000)
+RESERVE_LUA: Final = """
+local function reserve(K, A)
+  local pause = redis.call('PTTL', K[2])
+  if pause > 0 then return {0, pause * 1000} end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local interval = tonumber(A[1])
+  local tolerance = tonumber(A[2])
+  local n = tonumber(A[3])
+  local ahead = tonumber(A[4])
+  local member = A[5]
+  local due = tonumber(A[6]) or now
+  local gone = redis.call('ZRANGEBYSCORE', K[4], '-inf', now, 'LIMIT', 0, 100)
+  if #gone > 0 then
+    redis.call('ZREM', K[3], unpack(gone))
+    redis.call('ZREM', K[4], unpack(gone))
   end
-  return {0, retry}
+  if member ~= '' then
+    local first = tonumber(redis.call('ZSCORE', K[3], member))
+    if first and first < due then due = first end
+  end
+  local before = redis.call('ZCOUNT', K[3], '-inf', string.format('(%d', due))
+  local tat = tonumber(redis.call('GET', K[1]) or now)
+  if tat < now then tat = now end
+  local line = tat + interval * (before + n) - tolerance - interval - now
+  line = line - math.max(tonumber(A[8]), ahead)
+  local own = tat + interval * n - tolerance - interval - now - ahead
+  if line > 0 or own > 0 then
+    local retry = math.ceil(math.max(line, own))
+    if member ~= '' then
+      redis.call('ZADD', K[3], string.format('%d', due), member)
+      redis.call('ZADD', K[4], string.format('%d', now + retry + tonumber(A[7])), member)
+      redis.call('PEXPIRE', K[3], 60000)
+      redis.call('PEXPIRE', K[4], 60000)
+    end
+    return {0, retry}
+  end
+  local new_tat = tat + interval * n
+  local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
+  redis.call('SET', K[1], string.format('%d', new_tat), 'PX', ttl_ms)
+  if member ~= '' then
+    redis.call('ZREM', K[3], member)
+    redis.call('ZREM', K[4], member)
+  end
+  local wait = new_tat - tolerance - interval - now
+  if wait < 0 then wait = 0 end
+  return {1, math.ceil(wait)}
 end
-local new_tat = tat + interval * n
-local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', ttl_ms)
-if member ~= '' then
-  redis.call('ZREM', KEYS[3], member)
-  redis.call('ZREM', KEYS[4], member)
-end
-local wait = new_tat - tolerance - interval - now
-if wait < 0 then wait = 0 end
-return {1, math.ceil(wait)}
 """
+_RESERVE = RESERVE_LUA + "return reserve(KEYS, ARGV)\n"
 # How long a turned-away caller may be late to ask again before its place is given up
 # (a task's retry waits behind others in its worker; a dead one never asks again).
 WAITER_GRACE: Final = 2.0
@@ -112,7 +122,7 @@ class RateLimiter:
     ) -> None:
         self.rate = settings.rate_limit if rate is None else rate
         keys = keys or Keys(settings.key_prefix)
-        self._keys = (
+        self._keys: tuple[str, str, str, str] = (
             keys.rate_limit(),
             keys.rate_pause(),
             keys.rate_waiters(),
@@ -142,6 +152,26 @@ class RateLimiter:
         booked, wait = self.reserve(n, ahead=0.0)
         return 0.0 if booked else wait
 
+    @property
+    def keys(self) -> tuple[str, str, str, str]:
+        """The keys :data:`RESERVE_LUA`'s ``reserve(K, A)`` takes, in order."""
+        return self._keys
+
+    def script_args(
+        self, n: int, *, ahead: float, waiter: str = "", due_at: float | None = None
+    ) -> list[Any]:
+        """The arguments :data:`RESERVE_LUA`'s ``reserve(K, A)`` takes, in order."""
+        return [
+            repr(self._interval_us),
+            repr(self._tolerance_us),
+            n,
+            int(ahead * 1_000_000),
+            waiter,
+            "" if due_at is None else int(due_at * 1_000_000),
+            int(WAITER_GRACE * 1_000_000),
+            int(LINE_WINDOW * 1_000_000),
+        ]
+
     def reserve(
         self,
         n: int = 1,
@@ -165,16 +195,7 @@ class RateLimiter:
             raise ValueError("n must be >= 1")
         booked, wait_us = self._reserve(
             keys=list(self._keys),
-            args=[
-                repr(self._interval_us),
-                repr(self._tolerance_us),
-                n,
-                int(ahead * 1_000_000),
-                waiter,
-                "" if due_at is None else int(due_at * 1_000_000),
-                int(WAITER_GRACE * 1_000_000),
-                int(LINE_WINDOW * 1_000_000),
-            ],
+            args=self.script_args(n, ahead=ahead, waiter=waiter, due_at=due_at),
         )
         return bool(booked), int(wait_us) / 1_000_000
 

@@ -39,7 +39,7 @@ from smsbat_tracker.errors import ConfigError, RateLimited, RequestTimeout
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import DELIVERED, MessageStatus, validate_message_id
-from smsbat_tracker.ratelimit import RateLimiter
+from smsbat_tracker.ratelimit import RESERVE_LUA, RateLimiter
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -187,6 +187,31 @@ return {recorded, outcome, claimed, retaken}
 
 # KEYS: fired, subs, due.  ARGV: due member, subscription id.  Marks a dispatch sent; once
 # every subscription is sent the message leaves the due index.
+# KEYS: the message's gate, the rate limit's four keys, the session.  ARGV: gate ms, whether
+# to count the poll on the session ('1'), whether the limit is on ('1'), then the rate
+# limit's arguments (RateLimiter.script_args).  Everything a check does before its request,
+# in one round trip: the per-message minimum interval ({2, ms left} while it runs), a rate
+# limit token ({0, us to wait} without one), then the gate is taken and the poll counted
+# ({1, us until the token}).
+_TAKE_TURN = (
+    RESERVE_LUA
+    + """
+local left = redis.call('PTTL', KEYS[1])
+if left > 0 then return {2, left} end
+local booked, wait = 1, 0
+if ARGV[3] == '1' then
+  local turn = reserve({KEYS[2], KEYS[3], KEYS[4], KEYS[5]},
+    {ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]})
+  booked, wait = turn[1], turn[2]
+end
+if booked == 1 then
+  redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+  if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[6], 'polls', 1) end
+end
+return {booked, wait}
+"""
+)
+
 # KEYS: kombu's unacked hash, then queue lists.  ARGV: task ids.  Which of the task ids
 # some message in the broker carries (run on the server: the messages never travel).
 _IN_BROKER = """
@@ -391,6 +416,7 @@ class Engine:
         self._reschedule = redis_client.register_script(_RESCHEDULE)
         self._settle = redis_client.register_script(_SETTLE)
         self._in_broker = redis_client.register_script(_IN_BROKER)
+        self._take_turn = redis_client.register_script(_TAKE_TURN)
         self._queues_seen: tuple[float, set[str]] = (0.0, set())
         self._sent = redis_client.register_script(_SENT)
         self._release = redis_client.register_script(_RELEASE)
@@ -546,17 +572,6 @@ class Engine:
 
     # --- checking -----------------------------------------------------------------------
 
-    def open_gate(self, message_id: str) -> None:
-        """Take the per-message minimum-interval gate or raise :class:`TryLater`.
-
-        Shared by every worker and process: the first caller in each interval wins.
-        """
-        key = self.keys.poll_gate(message_id)
-        interval_ms = int(self.settings.min_interval * 1000)
-        if not self.redis.set(key, 1, px=interval_ms, nx=True):
-            left = self.redis.pttl(key)
-            raise TryLater(max(int(left), 1) / 1000 if left and int(left) > 0 else 0.05)
-
     def require_api(self) -> SmsbatClient:
         """The API client; :class:`ConfigError` naming SMSBAT_API_KEY in a process built
         without credentials (the webhook receiver, or one that only enqueues)."""
@@ -580,19 +595,29 @@ class Engine:
         :mod:`~smsbat_tracker.errors` too.
         """
         validate_message_id(message_id)
-        self.open_gate(message_id)
         ahead = CHECK_WAIT
         if not_after is not None:
             ahead = max(0.0, min(ahead, not_after - time.time()))
-        booked, wait = self.limiter.reserve(
-            1, ahead=ahead, waiter=f"m:{message_id}" if for_session else "", due_at=due_at
+        limiter = self.limiter
+        # Gate, rate-limit token and poll count in one round trip.
+        turn, wait_raw = self._take_turn(
+            keys=[self.keys.poll_gate(message_id), *limiter.keys, self.keys.track(message_id)],
+            args=[
+                int(self.settings.min_interval * 1000),
+                "1" if for_session else "",
+                "1" if limiter.enabled else "",
+                *limiter.script_args(
+                    1, ahead=ahead, waiter=f"m:{message_id}" if for_session else "", due_at=due_at
+                ),
+            ],
         )
-        if not booked:
+        if int(turn) == 2:  # checked by someone else less than the minimum interval ago
+            raise TryLater(max(int(wait_raw), 1) / 1000)
+        wait = int(wait_raw) / 1_000_000
+        if not int(turn):
             raise TryLater(wait, "rate")
         if wait > 0:
             time.sleep(wait)
-        if for_session:
-            self.redis.hincrby(self.keys.track(message_id), "polls", 1)
         try:
             status = self.require_api().get_status(message_id)
         except Exception as exc:
