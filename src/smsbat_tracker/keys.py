@@ -8,9 +8,27 @@ neither does the tracker.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Final
 
-__all__ = ["Keys"]
+__all__ = ["KOMBU_PRIORITY_STEPS", "Keys", "kombu_queue_list", "kombu_unacked_key"]
+
+# Kombu's Redis transport: a queue's messages of priority step ``p`` wait in the list
+# ``<queue>\x06\x16<p>`` (``<queue>`` itself for 0), and fetched, unacknowledged ones in
+# one hash.
+KOMBU_PRIORITY_STEPS: Final = (0, 3, 6, 9)
+_KOMBU_PRIORITY_SEP: Final = "\x06\x16"
+
+
+def kombu_queue_list(queue: str, priority: int = 0) -> str:
+    """The Redis list kombu keeps ``queue``'s messages of ``priority`` in."""
+    return f"{queue}{_KOMBU_PRIORITY_SEP}{priority}" if priority else queue
+
+
+def kombu_unacked_key(transport_options: Mapping[str, Any] | None) -> str:
+    """The hash kombu keeps fetched, unacknowledged messages in."""
+    return str((transport_options or {}).get("unacked_key", "unacked"))
 
 
 @dataclass(frozen=True, slots=True)

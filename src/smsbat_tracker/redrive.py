@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 import redis
 from celery import bootsteps, signals
 
-from smsbat_tracker.keys import Keys
+from smsbat_tracker.keys import Keys, kombu_queue_list
 from smsbat_tracker.log import get_logger
 
 if TYPE_CHECKING:
@@ -372,7 +372,7 @@ class Redriver:
     def _restore(self, tags: set[str] | list[str], event: str, **fields: Any) -> int:
         """Give back the ``tags`` still unacked, with kombu's own ``restore_by_tag``."""
         restored = 0
-        unacked = self._unacked_key()
+        unacked = self.app.engine.unacked_key()
         left = [t for t, there in zip(tags, self._hexists(unacked, tags), strict=True) if there]
         if not left:
             return 0
@@ -390,10 +390,6 @@ class Redriver:
             pipe.hexists(key, tag)
         return [bool(x) for x in pipe.execute()]
 
-    def _unacked_key(self) -> str:
-        options = self.app.conf.broker_transport_options or {}
-        return str(options.get("unacked_key", "unacked"))
-
     def retire(self, now: float) -> None:
         """A stop: this worker's last beat. Celery gives back what it held when it closes
         its channel, and the held set is forgotten as soon as nothing in it is unacked. A
@@ -402,7 +398,7 @@ class Redriver:
         """
         key = self.keys.held(self.holder)
         tags = [str(t) for t in self.redis.smembers(key)]
-        if tags and any(self.redis.hmget(self._unacked_key(), tags)):
+        if tags and any(self.redis.hmget(self.app.engine.unacked_key(), tags)):
             self.redis.zadd(self.keys.holders(), {self.holder: now})
             return
         self.redis.delete(key)
@@ -450,8 +446,7 @@ class Redriver:
         """The broker lists the tracker's due-tracked tasks wait in (their priority's)."""
         from smsbat_tracker.worker import DEFAULT_QUEUE, TRACK_PRIORITY
 
-        # kombu's Redis transport keeps one list per queue and priority step.
-        return [f"{self.settings.queue or DEFAULT_QUEUE}\x06\x16{TRACK_PRIORITY}"]
+        return [kombu_queue_list(self.settings.queue or DEFAULT_QUEUE, TRACK_PRIORITY)]
 
     def queue_age(self, now: float) -> float:
         """How long the oldest tracker task waiting in the broker has waited (0: none).

@@ -36,7 +36,7 @@ from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import NO_CREDENTIALS, Settings
 from smsbat_tracker.decide import OUTCOMES, Outcome, Rules, TryLater
 from smsbat_tracker.errors import ConfigError, RateLimited, RequestTimeout
-from smsbat_tracker.keys import Keys
+from smsbat_tracker.keys import KOMBU_PRIORITY_STEPS, Keys, kombu_queue_list, kombu_unacked_key
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import DELIVERED, MessageStatus, validate_message_id
 from smsbat_tracker.ratelimit import RESERVE_LUA, RateLimiter
@@ -233,9 +233,6 @@ return found
 """
 # How long a process trusts its copy of which queues tracker workers consume.
 QUEUES_CACHE: Final = 5.0
-# kombu's Redis transport keeps a queue's priorities in lists named <queue><sep><step>.
-PRIORITY_SEP: Final = "\x06\x16"
-PRIORITY_STEPS: Final = (0, 3, 6, 9)
 
 _SENT = """
 redis.call('HSET', KEYS[1], ARGV[2], 'sent')
@@ -816,10 +813,10 @@ class Engine:
 
     def in_broker(self, task_ids: Sequence[str], sigs: Sequence[Signature[Any]]) -> set[str]:
         """Which of ``task_ids`` the broker holds: in their queues, or unacknowledged."""
-        keys = [self._unacked_key()]
+        keys = [self.unacked_key()]
         for sig in sigs:
             queue = self._queue_of(sig)
-            keys += [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS[1:]]
+            keys += [kombu_queue_list(queue, p) for p in KOMBU_PRIORITY_STEPS]
         found = self._in_broker(keys=list(dict.fromkeys(keys)), args=list(task_ids))
         return {str(x) for x in found}
 
@@ -833,9 +830,9 @@ class Engine:
         queue = route.get("queue")
         return str(getattr(queue, "name", queue) or self.app.conf.task_default_queue)
 
-    def _unacked_key(self) -> str:
-        options = (self.app.conf.broker_transport_options if self.app else None) or {}
-        return str(options.get("unacked_key", "unacked"))
+    def unacked_key(self) -> str:
+        """Kombu's hash of fetched, unacknowledged messages on this app's broker."""
+        return kombu_unacked_key(self.app.conf.broker_transport_options if self.app else None)
 
     def forget(self, message_ids: Sequence[str]) -> None:
         """Delete everything stored about these messages (tests, re-tracking by hand)."""
