@@ -751,7 +751,7 @@ def test_a_failed_settle_gives_its_claim_back_to_the_providers_retry(
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_nothing(settings: Settings, tracker_app: Any) -> None:
+def test_schemathesis_finds_nothing(settings: Settings, tracker_app: Any, tmp_path: Path) -> None:
     """schemathesis, with every check on, against the served receiver and the
     /openapi.json it serves (the token in the header): no issue found."""
     cli = Path(sys.executable).with_name("schemathesis")
@@ -770,6 +770,7 @@ def test_schemathesis_finds_nothing(settings: Settings, tracker_app: Any) -> Non
                 "--seed",
                 "1",
             ],
+            cwd=tmp_path,  # its example cache stays out of the checkout
             capture_output=True,
             text=True,
             timeout=300,
