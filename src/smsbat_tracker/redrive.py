@@ -398,7 +398,7 @@ class Redriver:
         """
         key = self.keys.held(self.holder)
         tags = [str(t) for t in self.redis.smembers(key)]
-        if tags and any(self.redis.hmget(self.app.engine.unacked_key(), tags)):
+        if tags and any(self._hexists(self.app.engine.unacked_key(), tags)):
             self.redis.zadd(self.keys.holders(), {self.holder: now})
             return
         self.redis.delete(key)
@@ -475,9 +475,8 @@ class Redriver:
         try:
             now = time.time() if now is None else now
             self.restore_dead(now)
-            age = self.queue_age(now)
-            self.resend_lost(now - self.settings.redrive_after - age, now)
-            cutoff = now - self.settings.redrive_after - age
+            cutoff = now - self.settings.redrive_after - self.queue_age(now)
+            self.resend_lost(cutoff, now)
             members = self.redis.zrangebyscore(
                 self.keys.due(), "-inf", repr(cutoff), start=0, num=SWEEP_LIMIT
             )
