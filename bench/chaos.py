@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 t["poll_times"] = [round(x - t0, 2) for x in sandbox.state.truth(mid)["poll_times"]]
             t_zero = t0
             redriven = sum(
-                int(client.hget(f"{settings.key_prefix}:track:{{{m}}}", "redriven") or 0)
+                int(client.hget(f"{settings.key_prefix}:session:{{{m}}}", "redriven") or 0)
                 for m in track_ids
             )
         finally:
@@ -243,8 +243,8 @@ def _lost_state(
     unacked = list(client.hvals("unacked"))
     for mid in (m for m in truth if m not in seen):
         state[mid] = {
-            "session": client.hgetall(f"{prefix}:track:{{{mid}}}"),
-            "fired": client.hgetall(f"{prefix}:fired:{{{mid}}}"),
+            "session": client.hgetall(f"{prefix}:session:{{{mid}}}"),
+            "claims": client.hgetall(f"{prefix}:claims:{{{mid}}}"),
             "outcome": bool(client.exists(f"{prefix}:outcome:{{{mid}}}")),
             "due": client.zscore(f"{prefix}:due", f"m:{mid}"),
             "queued": sum(mid in x for x in queued),

@@ -2,7 +2,7 @@
 
 The sandbox runs in its own process (``python -m smsbat_tracker.sandbox``), as a remote API
 would, and the project's own async clients hammer ``GET /bat/message/{id}`` from the bench
-process: :class:`~smsbat_tracker.batch.BatchStatusClient` (aiohttp) when aiohttp is
+process: :class:`~smsbat_tracker.aioclient.BatchStatusClient` (aiohttp) when aiohttp is
 installed, and :class:`~smsbat_tracker.client.AsyncSmsbatClient` (httpx). Each run is
 bounded by a request count and a time cap. On a 2-core machine the client and the server
 each get about one core; the figure is a floor for what the campaign path could reach.
@@ -40,7 +40,7 @@ class _StatusClient(Protocol):
 
 def _make_client(kind: str, url: str, api_key: str, concurrency: int) -> _StatusClient:
     if kind == "aiohttp":
-        from smsbat_tracker.batch import BatchStatusClient
+        from smsbat_tracker.aioclient import BatchStatusClient
 
         return BatchStatusClient(url, api_key=api_key, max_connections=concurrency)
     return AsyncSmsbatClient(url, api_key=api_key, max_connections=concurrency)

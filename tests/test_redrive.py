@@ -13,6 +13,7 @@ from celery.canvas import Signature
 from kombu.exceptions import OperationalError
 
 from smsbat_tracker.config import Settings
+from smsbat_tracker.decide import Finish
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.recipes import record_outcome
 from smsbat_tracker.redrive import LOCK_MS, PUBLISHED_AT, Redriver
@@ -176,13 +177,13 @@ def test_settling_keeps_the_entry_until_every_callback_is_sent(
     monkeypatch.setattr(Signature, "apply_async", refuse)
     with pytest.raises(OperationalError):
         engine.settle("rd-settle", result, claimer="webhook-1")
-    assert redis_client.hgetall(Keys().fired("rd-settle")) == {}  # claim given back
+    assert redis_client.hgetall(Keys().claims("rd-settle")) == {}  # claim given back
     assert _score(redis_client, "m:rd-settle") == pytest.approx(time.time(), abs=2)
 
     monkeypatch.setattr(Signature, "apply_async", original)
     retried = engine.settle("rd-settle", None, claimer="webhook-2")  # the provider's retry
     assert len(retried.claimed) == 1
-    assert set(redis_client.hvals(Keys().fired("rd-settle"))) == {"sent"}
+    assert set(redis_client.hvals(Keys().claims("rd-settle"))) == {"sent"}
     assert _score(redis_client, "m:rd-settle") is None  # nothing left to do
 
 
@@ -197,10 +198,10 @@ def test_a_claim_of_a_dead_claimer_is_taken_after_the_bound(
     # What a claimer leaves when it dies after claiming: a pending mark, the entry due.
     engine.redis.set(Keys().outcome("rd-dead"), json.dumps(result))
     old = int((time.time() - settings.redrive_after - 1) * 1000)
-    redis_client.hset(Keys().fired("rd-dead"), sub_id, f"pending:webhook-dead:{old}")
+    redis_client.hset(Keys().claims("rd-dead"), sub_id, f"pending:webhook-dead:{old}")
     settled = engine.settle("rd-dead", None, claimer="redriven-run")
     assert [s for s, _ in settled.claimed] == [sub_id]
-    assert redis_client.hget(Keys().fired("rd-dead"), sub_id) == "sent"
+    assert redis_client.hget(Keys().claims("rd-dead"), sub_id) == "sent"
 
 
 def test_a_lost_tick_chain_is_taken_over_with_its_batch(
@@ -302,9 +303,7 @@ def test_campaign_callbacks_a_dead_tick_left_are_sent_once_each(
     monkeypatch.setattr(Signature, "apply_async", publish)
     meta = runner.meta("rd-unsent")
     with pytest.raises(SystemExit):
-        runner._record_outcomes(
-            "rd-unsent", meta, [(m, "delivered", None, None) for m in ids], time.time()
-        )
+        runner._record("rd-unsent", meta, dict.fromkeys(ids, Finish("delivered")), time.time())
     unsent = Keys().campaign_unsent("rd-unsent")
     assert sorted(redis_client.hkeys(unsent)) == ["rd-u1", "rd-u2"]
     assert runner.resend_unsent("rd-unsent", meta) == 0  # not stale yet: its tick may live

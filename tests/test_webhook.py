@@ -739,7 +739,7 @@ def test_a_failed_settle_gives_its_claim_back_to_the_providers_retry(
     swappable.target = create_app(settings)  # the real engine settles in-process
     try:
         first = http.post(f"{url}/webhook", params={"token": TOKEN}, json=body("realsettle"))
-        fired = redis_client.hgetall("smsbat:fired:{realsettle}")
+        fired = redis_client.hgetall("smsbat:claims:{realsettle}")
         retry = http.post(f"{url}/webhook", params={"token": TOKEN}, json=body("realsettle"))
     finally:
         swappable.target = None
@@ -747,7 +747,7 @@ def test_a_failed_settle_gives_its_claim_back_to_the_providers_retry(
     assert fired == {}  # the claim was given back, not left pending for anyone to wait out
     assert retry.status_code == 200
     assert sent == ["refused", "smsbat_tracker.recipes.record_outcome"]
-    assert set(redis_client.hvals("smsbat:fired:{realsettle}")) == {"sent"}
+    assert set(redis_client.hvals("smsbat:claims:{realsettle}")) == {"sent"}
 
 
 @pytest.mark.slow

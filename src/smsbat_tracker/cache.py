@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import redis
 
@@ -18,39 +18,44 @@ from smsbat_tracker.config import Settings
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.models import MessageStatus, is_final
 
-__all__ = ["CachedStatus", "HistoryEntry", "StatusCache"]
+__all__ = ["STORE_LUA", "CachedStatus", "HistoryEntry", "StatusCache"]
 
 Source = Literal["poll", "push"]
 
-# KEYS: status.  ARGV: body JSON, final (0/1), time (ts or observed), in-flight TTL ms,
-# final TTL ms, observed_at, source, ts or '', history length, deliverystatus.
-# Returns 1 when stored, 0 when the cached entry is final or newer. The entry is built by
-# concatenation so the provider's body is stored byte for byte (cjson would turn [] into {}).
-_STORE = """
-local old = redis.call('GET', KEYS[1])
-local new_final = ARGV[2] == '1'
-local history = {}
-local last_status = nil
-if old then
-  local ok, e = pcall(cjson.decode, old)
-  if ok and type(e) == 'table' then
-    if e['f'] == 1 then return 0 end
-    local old_time = tonumber(e['ts']) or tonumber(e['o']) or 0
-    if (not new_final) and old_time > tonumber(ARGV[3]) then return 0 end
-    if type(e['h']) == 'table' then history = e['h'] end
-    if type(e['b']) == 'table' then last_status = e['b']['deliverystatus'] end
+# ``store(K, A)``: K[1] is the status key; A: body JSON, final (0/1), time (ts or observed),
+# in-flight TTL ms, final TTL ms, observed_at, source, ts or '', history length,
+# deliverystatus (StatusCache.store_args).  Returns 1 when stored, 0 when the cached entry
+# is final or newer. The entry is built by concatenation so the provider's body is stored
+# byte for byte (cjson would turn [] into {}). A function, so that the tracking engine's
+# after-check script stores in the same round trip.
+STORE_LUA: Final = """
+local function store(K, A)
+  local old = redis.call('GET', K[1])
+  local new_final = A[2] == '1'
+  local history = {}
+  local last_status = nil
+  if old then
+    local ok, e = pcall(cjson.decode, old)
+    if ok and type(e) == 'table' then
+      if e['f'] == 1 then return 0 end
+      local old_time = tonumber(e['ts']) or tonumber(e['o']) or 0
+      if (not new_final) and old_time > tonumber(A[3]) then return 0 end
+      if type(e['h']) == 'table' then history = e['h'] end
+      if type(e['b']) == 'table' then last_status = e['b']['deliverystatus'] end
+    end
   end
+  if last_status ~= A[10] then
+    history[#history + 1] = {A[10], tonumber(A[6]), A[7]}
+    while #history > tonumber(A[9]) do table.remove(history, 1) end
+  end
+  local ts = A[8] == '' and 'null' or A[8]
+  local entry = '{"b":' .. A[1] .. ',"o":' .. A[6] .. ',"s":"' .. A[7] .. '","ts":' .. ts
+    .. ',"f":' .. (new_final and '1' or '0') .. ',"h":' .. cjson.encode(history) .. '}'
+  redis.call('SET', K[1], entry, 'PX', new_final and A[5] or A[4])
+  return 1
 end
-if last_status ~= ARGV[10] then
-  history[#history + 1] = {ARGV[10], tonumber(ARGV[6]), ARGV[7]}
-  while #history > tonumber(ARGV[9]) do table.remove(history, 1) end
-end
-local ts = ARGV[8] == '' and 'null' or ARGV[8]
-local entry = '{"b":' .. ARGV[1] .. ',"o":' .. ARGV[6] .. ',"s":"' .. ARGV[7] .. '","ts":' .. ts
-  .. ',"f":' .. (new_final and '1' or '0') .. ',"h":' .. cjson.encode(history) .. '}'
-redis.call('SET', KEYS[1], entry, 'PX', new_final and ARGV[5] or ARGV[4])
-return 1
 """
+_STORE = STORE_LUA + "return store(KEYS, ARGV)\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,24 +149,35 @@ class StatusCache:
 
         With ``pipe`` the write is queued on that pipeline and True is returned at once.
         """
-        observed = time.time() if observed_at is None else observed_at
         stored = self._store(
             keys=[self._keys.status(message_id)],
-            args=[
-                json.dumps(status.to_json_dict(), separators=(",", ":")),
-                "1" if is_final(status.deliverystatus) else "0",
-                repr(ts if ts is not None else observed),
-                self._ttl_ms,
-                self._final_ttl_ms,
-                repr(round(observed, 3)),
-                source,
-                repr(ts) if ts is not None else "",
-                self._history_length,
-                status.deliverystatus,
-            ],
+            args=self.store_args(status, source=source, observed_at=observed_at, ts=ts),
             client=pipe,
         )
         return True if pipe is not None else bool(stored)
+
+    def store_args(
+        self,
+        status: MessageStatus,
+        *,
+        source: Source = "poll",
+        observed_at: float | None = None,
+        ts: float | None = None,
+    ) -> list[Any]:
+        """The arguments :data:`STORE_LUA`'s ``store(K, A)`` takes, in order."""
+        observed = time.time() if observed_at is None else observed_at
+        return [
+            json.dumps(status.to_json_dict(), separators=(",", ":")),
+            "1" if is_final(status.deliverystatus) else "0",
+            repr(ts if ts is not None else observed),
+            self._ttl_ms,
+            self._final_ttl_ms,
+            repr(round(observed, 3)),
+            source,
+            repr(ts) if ts is not None else "",
+            self._history_length,
+            status.deliverystatus,
+        ]
 
     def history(self, message_id: str) -> list[HistoryEntry]:
         """The message's recent status changes, oldest first (empty once expired)."""

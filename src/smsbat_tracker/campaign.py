@@ -35,8 +35,8 @@ from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from smsbat_tracker.batch import BatchStatusClient
-from smsbat_tracker.cache import CachedStatus
+from smsbat_tracker.aioclient import BatchStatusClient
+from smsbat_tracker.cache import STORE_LUA, CachedStatus
 from smsbat_tracker.decide import (
     Answer,
     Ask,
@@ -49,10 +49,11 @@ from smsbat_tracker.decide import (
     Wait,
     decide,
 )
-from smsbat_tracker.errors import RateLimited, SmsbatError
+from smsbat_tracker.errors import SmsbatError
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import MessageStatus, validate_message_id
+from smsbat_tracker.ratelimit import ADJUST_LUA, RESERVE_LUA, pause_for
 from smsbat_tracker.tracking import CHECK_WAIT, Engine, Subscription, build_result, iso
 
 __all__ = ["CampaignRunner", "TickResult", "build_report", "validate_campaign_id"]
@@ -68,57 +69,126 @@ ZADD_CHUNK: Final = 10_000
 # in this many seconds.
 CLAIM_SECONDS: Final = 1.0
 
-# KEYS: due, then claimed and meta (a fenced chain).  ARGV: now, limit, lease until, then
-# the chain's field and run.  Claims the due messages for one batch, and notes them as
-# the chain's batch. A batch the chain left noted was abandoned (its tick died, and this is
-# the same run again): it is due again first. A run that was taken over claims nothing.
-# Returns the claimed ids each followed by its due time.
+# KEYS: due, checks, then claimed and meta (a fenced chain).  ARGV: now, limit, lease until,
+# the status key's text before and after the message id, then the chain's field and run.
+# Claims the due messages for one batch, and notes them as the chain's batch. A batch the
+# chain left noted was abandoned (its tick died, and this is the same run again): it is due
+# again first. A run that was taken over claims nothing.
+# Returns the claimed ids each followed by its due time, then their cached statuses and
+# their checks so far (what the rules need), in one round trip.
 _CLAIM = """
-if KEYS[2] then
-  if redis.call('HGET', KEYS[3], ARGV[4]) ~= ARGV[5] then return {} end
-  for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+if KEYS[3] then
+  if redis.call('HGET', KEYS[4], ARGV[6]) ~= ARGV[7] then return {{}, {}, {}} end
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     redis.call('ZADD', KEYS[1], 'XX', ARGV[1], id)
   end
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[3])
 end
 local claimed = redis.call(
   'ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
-local ids = {}
+local ids, cached, checks = {}, {}, {}
 for i = 1, #claimed, 2 do
-  ids[#ids + 1] = claimed[i]
-  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], claimed[i])
+  local id = claimed[i]
+  ids[#ids + 1] = id
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
+  cached[#cached + 1] = redis.call('GET', ARGV[4] .. id .. ARGV[5]) or ''
+  checks[#checks + 1] = redis.call('HGET', KEYS[2], id) or '0'
 end
-if KEYS[2] and #ids > 0 then redis.call('SADD', KEYS[2], unpack(ids)) end
-return claimed
+if KEYS[3] and #ids > 0 then redis.call('SADD', KEYS[3], unpack(ids)) end
+return {claimed, cached, checks}
 """
 
-# KEYS: meta, claimed.  ARGV: field, run.  The batch is checked and re-scored: forget it,
-# unless the run was taken over (the noted batch is then the new run's).
-_CHECKED = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
-return 1
+# KEYS: the rate limit's four keys, the campaign's due set, then each message's gate.
+# ARGV: whether the limit is on ('1'), gate ms, the limit's arguments for all the messages
+# (RateLimiter.script_args), then each message's id and due time.
+# A batch's turn: tokens for the whole batch in the limit's line (or the batch goes back
+# in the due set: {0, us until its turn}), then each message's gate; a message checked
+# by someone else within the minimum interval gives its token back.  Returns {1, us until
+# the last token, the messages' gates taken (1/0)}.
+_TURNS = (
+    RESERVE_LUA
+    + ADJUST_LUA
+    + """
+local gates = #KEYS - 5
+local booked, wait = 1, 0
+if ARGV[1] == '1' then
+  local turn = reserve({KEYS[1], KEYS[2], KEYS[3], KEYS[4]},
+    {ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]})
+  booked, wait = turn[1], turn[2]
+end
+if booked == 0 then
+  for i = 1, gates do redis.call('ZADD', KEYS[5], 'XX', ARGV[10 + 2 * i], ARGV[9 + 2 * i]) end
+  return {0, wait, {}}
+end
+local got, missed = {}, 0
+for i = 1, gates do
+  if redis.call('SET', KEYS[5 + i], 1, 'PX', ARGV[2], 'NX') then
+    got[i] = 1
+  else
+    got[i] = 0
+    missed = missed + 1
+  end
+end
+if missed > 0 and ARGV[1] == '1' then unreserve(KEYS, tonumber(ARGV[3]), missed) end
+return {1, wait, got}
 """
+)
 
-# KEYS: outcomes, due, checks, meta, unsent.  ARGV: ttl ms, now ms ('' when nobody wants
-# per-message callbacks), then id, outcome, record triples.
-# Records each outcome once; returns the ids this call recorded, each noted as unsent
-# until its callback is confirmed.
-_RECORD = """
+# KEYS: the campaign's checks, due set, outcomes, meta, unsent, the rate limit's pause, the
+# chain's claimed set, then the status keys of the answers to cache.  ARGV: ttl ms, now ms
+# ('' when nobody wants per-message callbacks), pause ms (''), then how many messages are
+# cached, re-scored, counted and recorded, the chain's field ('' for none) and run, then
+# each answer's StatusCache.store_args, (id, score) pairs, counted ids, and (id, outcome,
+# record) triples.
+# A batch's after-step in one round trip: caches the answers, re-scores and counts, pauses
+# every caller after a 429, records each outcome once (noted as unsent until its callback
+# is confirmed), and forgets the chain's claimed batch (unless the run was taken over: the
+# noted batch is then the new run's).  Returns the ids this call recorded, how many
+# messages are left in the due set, the first one's due time, and whether it paused.
+_AFTER_BATCH = (
+    STORE_LUA
+    + ADJUST_LUA
+    + """
+local stores, rescored, counted, finals = tonumber(ARGV[4]), tonumber(ARGV[5]),
+  tonumber(ARGV[6]), tonumber(ARGV[7])
+local at = 10
+for i = 1, stores do
+  local A = {}
+  for j = 0, 9 do A[j + 1] = ARGV[at + (i - 1) * 10 + j] end
+  store({KEYS[7 + i]}, A)
+end
+at = at + stores * 10
+for i = 1, rescored do
+  redis.call('ZADD', KEYS[2], 'XX', ARGV[at + 1], ARGV[at])
+  at = at + 2
+end
+for i = 1, counted do
+  redis.call('HINCRBY', KEYS[1], ARGV[at], 1)
+  at = at + 1
+end
+local paused = 0
+if ARGV[3] ~= '' then paused = pause({'', KEYS[6]}, tonumber(ARGV[3])) end
 local recorded = {}
-for i = 3, #ARGV, 3 do
-  local id = ARGV[i]
-  if redis.call('HSETNX', KEYS[1], id, ARGV[i + 2]) == 1 then
+for i = 1, finals do
+  local id = ARGV[at]
+  if redis.call('HSETNX', KEYS[3], id, ARGV[at + 2]) == 1 then
     redis.call('ZREM', KEYS[2], id)
-    redis.call('HDEL', KEYS[3], id)
+    redis.call('HDEL', KEYS[1], id)
     redis.call('HINCRBY', KEYS[4], 'done', 1)
-    redis.call('HINCRBY', KEYS[4], 'n:' .. ARGV[i + 1], 1)
+    redis.call('HINCRBY', KEYS[4], 'n:' .. ARGV[at + 1], 1)
     if ARGV[2] ~= '' then redis.call('HSET', KEYS[5], id, ARGV[2]) end
     recorded[#recorded + 1] = id
   end
+  at = at + 3
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return recorded
+if finals > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[1]) end
+if ARGV[8] ~= '' and redis.call('HGET', KEYS[4], ARGV[8]) == ARGV[9] then
+  redis.call('DEL', KEYS[7])
+end
+local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {recorded, redis.call('ZCARD', KEYS[2]), head[2] or '', paused}
 """
+)
 
 # KEYS: unsent.  ARGV: message id, the stamp its sender read, a new stamp.  Takes a
 # callback to send, unless another tick took it since (1 or 0).
@@ -303,11 +373,11 @@ class CampaignRunner:
         self.keys = engine.keys
         self.redis = engine.redis
         self._claim = self.redis.register_script(_CLAIM)
-        self._record = self.redis.register_script(_RECORD)
+        self._turns = self.redis.register_script(_TURNS)
+        self._after = self.redis.register_script(_AFTER_BATCH)
         self._tick_next = self.redis.register_script(_TICK_NEXT)
         self._claim_report = self.redis.register_script(_CLAIM_REPORT)
         self._take_unsent = self.redis.register_script(_TAKE_UNSENT)
-        self._checked = self.redis.register_script(_CHECKED)
         self._loop: LoopThread | None = None
         self._client: BatchStatusClient | None = None
         self._lock = threading.Lock()
@@ -476,64 +546,65 @@ class CampaignRunner:
             share = limiter.rate * CLAIM_SECONDS / self.settings.campaign_ticks
             batch = max(1, min(batch, int(share)))
         lease = LEASE_SECONDS + (batch / limiter.rate if limiter.enabled else 0)
-        claim_keys = [due_key]
-        claim_args: list[Any] = [repr(now), batch, repr(now + lease)]
-        claimed_key = ""
+        # Round trip one: claim the batch, with what the rules need of each message.
+        claim_keys = [due_key, self.keys.campaign_checks(campaign_id)]
+        head, tail = self.keys.status("\0").split("\0")
+        claim_args: list[Any] = [repr(now), batch, repr(now + lease), head, tail]
+        chain: tuple[int, str] | None = None
         if slot is not None and run is not None:
-            claimed_key = self.keys.campaign_claimed(campaign_id, slot)
-            claim_keys += [claimed_key, self.keys.campaign(campaign_id)]
+            chain = (slot, run)
+            claim_keys += [
+                self.keys.campaign_claimed(campaign_id, slot),
+                self.keys.campaign(campaign_id),
+            ]
             claim_args += [f"tick:{slot}", run]
-        claimed = self._claim(keys=claim_keys, args=claim_args)
+        claimed, raws, checks = self._claim(keys=claim_keys, args=claim_args)
         due = {str(claimed[i]): float(claimed[i + 1]) for i in range(0, len(claimed), 2)}
-        ids = list(due)
-        api_calls = recorded = 0
-        turn: float | None = None  # set when the rate limit put the batch back in line
-        if ids:
-            api_calls, recorded, turn = self._check_batch(
-                campaign_id, meta, due, started_at, deadline_at, waiter=f"c:{campaign_id}:{slot}"
-            )
-            if claimed_key:  # checked and re-scored: nothing left to put back
-                self._checked(
-                    keys=[self.keys.campaign(campaign_id), claimed_key],
-                    args=[f"tick:{slot}", str(run)],
-                )
-        if not self.redis.zcard(due_key):
+        cached: dict[str, CachedStatus] = {}
+        for m, raw in zip(due, raws, strict=True):
+            if raw and (entry := self.engine.cache.parse(raw)) is not None:
+                cached[m] = entry
+        progress = {
+            m: Progress(started_at, deadline_at, int(n)) for m, n in zip(due, checks, strict=True)
+        }
+        api_calls, turn, decisions, answers = self._check_batch(
+            campaign_id, due, cached, progress, waiter=f"c:{campaign_id}:{slot}"
+        )
+        # Round trip two: cache, count, re-score, record.
+        recorded, left, first = self._record(
+            campaign_id, meta, decisions, started_at, answers=answers, chain=chain
+        )
+        if not left:
             self.finish(campaign_id, meta)
-            return TickResult(len(ids), api_calls, recorded, True, None)
-        head = self.redis.zrange(due_key, 0, 0, withscores=True)
-        next_in = max(0.0, float(head[0][1]) - time.time()) if head else 0.0
+            return TickResult(len(due), api_calls, recorded, True, None)
+        next_in = max(0.0, first - time.time()) if first is not None else 0.0
         if turn is not None:
             next_in = max(next_in, turn)
         return TickResult(
-            len(ids), api_calls, recorded, False, min(next_in, self.settings.max_delay)
+            len(due), api_calls, recorded, False, min(next_in, self.settings.max_delay)
         )
 
     def _check_batch(
         self,
         campaign_id: str,
-        meta: dict[str, str],
         due: dict[str, float],
-        started_at: float,
-        deadline_at: float,
+        cached: dict[str, CachedStatus],
+        progress: dict[str, Progress],
         *,
         waiter: str,
-    ) -> tuple[int, int, float | None]:
-        """Check a claimed batch (``due``: each id's due time); returns the API calls made,
-        the outcomes recorded, and, when the rate limit has no turn for the batch yet, the
-        seconds until it has (the unchecked messages are then back in the due index)."""
+    ) -> tuple[int, float | None, dict[str, Decision], dict[str, Answer]]:
+        """Check a claimed batch (``due``: each id's due time).
+
+        Returns the API calls made; when the rate limit has no turn for the batch yet, the
+        seconds until it has (the messages to ask are then back in the due set); each
+        message's decision; and the answers.
+        """
         engine, settings = self.engine, self.settings
         limiter = engine.limiter
-        ids = list(due)
         now = time.time()
-        cached = self._cached(ids)
-        checks = self.redis.hmget(self.keys.campaign_checks(campaign_id), ids)
-        progress = {
-            m: Progress(started_at, deadline_at, int(n or 0))
-            for m, n in zip(ids, checks, strict=True)
-        }
         decisions: dict[str, Decision] = {}
         to_call: list[str] = []
-        for m in ids:
+        for m in due:
             decision = decide(progress[m], cached=cached.get(m), now=now, rules=engine.rules)
             if isinstance(decision, Ask):
                 to_call.append(m)
@@ -541,79 +612,79 @@ class CampaignRunner:
                 decisions[m] = decision
         turn: float | None = None
         wait = 0.0
+        answers: dict[str, Answer] = {}
+        gated: list[str] = []
         if to_call:
             # One booking for the batch, in the limit's line by its oldest message: a batch
             # never holds a worker waiting behind older checks; it goes back in the due
-            # index and its tick comes back when its turn comes.
-            booked, wait = limiter.reserve(
-                len(to_call),
-                # The batch's own pace, and no more: a tick does not sleep on a worker.
-                ahead=len(to_call) / limiter.rate + CHECK_WAIT if limiter.enabled else 0.0,
-                waiter=waiter,
-                due_at=min(due[m] for m in to_call),
+            # set and its tick comes back when its turn comes. Then each message's gate,
+            # the per-message minimum interval shared with track_message and get_status.
+            args: list[Any] = [
+                "1" if limiter.enabled else "",
+                int(settings.min_interval * 1000),
+                *limiter.script_args(
+                    len(to_call),
+                    # The batch's own pace, and no more: a tick does not sleep on a worker.
+                    ahead=len(to_call) / limiter.rate + CHECK_WAIT if limiter.enabled else 0.0,
+                    waiter=waiter,
+                    due_at=min(due[m] for m in to_call),
+                ),
+            ]
+            for m in to_call:
+                args += [m, repr(due[m])]
+            booked, wait_us, gates = self._turns(
+                keys=[
+                    *limiter.keys,
+                    self.keys.campaign_due(campaign_id),
+                    *(self.keys.poll_gate(m) for m in to_call),
+                ],
+                args=args,
             )
+            wait = int(wait_us) / 1_000_000
             if not booked:
-                self.redis.zadd(
-                    self.keys.campaign_due(campaign_id), {m: due[m] for m in to_call}, xx=True
-                )
-                turn, to_call = wait, []
-        # The per-message minimum interval, shared with track_message and get_status.
-        interval_ms = int(settings.min_interval * 1000)
-        pipe = self.redis.pipeline(transaction=False)
-        for m in to_call:
-            pipe.set(self.keys.poll_gate(m), 1, px=interval_ms, nx=True)
-        opened = pipe.execute()
-        gated = [m for m, ok in zip(to_call, opened, strict=True) if ok]
-        answers: dict[str, Answer] = {
-            # Checked by someone else just now: look again shortly.
-            m: TryLater(settings.min_interval)
-            for m, ok in zip(to_call, opened, strict=True)
-            if not ok
-        }
+                turn = wait
+            for m, ok in zip(to_call, gates, strict=False):
+                if int(ok):
+                    gated.append(m)
+                else:  # checked by someone else just now: look again shortly
+                    answers[m] = TryLater(settings.min_interval)
         if gated:
-            loop, client = self._runtime()
-
-            async def fetch() -> dict[str, MessageStatus | SmsbatError]:
-                # The booked tokens come due one interval apart, the last after ``wait``:
-                # send each slice when its tokens are due, at the limit's pace.
-                step = limiter.burst if limiter.enabled else len(gated)
-                begin = time.monotonic()
-                sent = []
-                for start in range(0, len(gated), step):
-                    chunk = gated[start : start + step]
-                    if limiter.enabled:
-                        later = (len(gated) - start - len(chunk)) / limiter.rate
-                        delay = wait - later - (time.monotonic() - begin)
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                    sent.append(
-                        asyncio.ensure_future(
-                            client.get_statuses(chunk, concurrency=settings.campaign_concurrency)
-                        )
-                    )
-                results: dict[str, MessageStatus | SmsbatError] = {}
-                for future in sent:
-                    results.update(await future)
-                return results
-
-            fetched = loop.run(fetch())
-            answers.update(fetched)
-            pipe = self.redis.pipeline(transaction=False)
-            for m, value in fetched.items():
-                if isinstance(value, MessageStatus):
-                    engine.cache.store(m, value, source="poll", pipe=pipe)
-                elif isinstance(value, RateLimited):
-                    limiter.observe_error(value)
-            pipe.execute()
+            answers.update(self._fetch(gated, wait))
         now = time.time()
         for m, answer in answers.items():
             decisions[m] = decide(
                 progress[m], cached=cached.get(m), now=now, rules=engine.rules, answer=answer
             )
-        if not decisions:
-            return 0, 0, turn
-        recorded = self._settle(campaign_id, meta, decisions, started_at, now)
-        return len(gated), recorded, turn
+        return len(gated), turn, decisions, answers
+
+    def _fetch(self, ids: list[str], wait: float) -> dict[str, MessageStatus | SmsbatError]:
+        """Ask the API for ``ids``, whose tokens come due one interval apart, the last
+        after ``wait``: each slice is sent when its tokens are due, at the limit's pace."""
+        limiter, settings = self.engine.limiter, self.settings
+        loop, client = self._runtime()
+
+        async def fetch() -> dict[str, MessageStatus | SmsbatError]:
+            step = limiter.burst if limiter.enabled else len(ids)
+            begin = time.monotonic()
+            sent = []
+            for start in range(0, len(ids), step):
+                chunk = ids[start : start + step]
+                if limiter.enabled:
+                    later = (len(ids) - start - len(chunk)) / limiter.rate
+                    delay = wait - later - (time.monotonic() - begin)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                sent.append(
+                    asyncio.ensure_future(
+                        client.get_statuses(chunk, concurrency=settings.campaign_concurrency)
+                    )
+                )
+            results: dict[str, MessageStatus | SmsbatError] = {}
+            for future in sent:
+                results.update(await future)
+            return results
+
+        return loop.run(fetch())
 
     def _cached(self, ids: list[str]) -> dict[str, CachedStatus]:
         raws = self.redis.mget([self.keys.status(m) for m in ids])
@@ -624,63 +695,72 @@ class CampaignRunner:
                 out[m] = entry
         return out
 
-    def _settle(
+    def _record(
         self,
         campaign_id: str,
         meta: dict[str, str],
         decisions: dict[str, Decision],
         started_at: float,
-        now: float,
-    ) -> int:
-        """Apply the batch's decisions: record the outcomes, re-score the rest."""
+        *,
+        answers: dict[str, Answer] | None = None,
+        chain: tuple[int, str] | None = None,
+    ) -> tuple[int, int, float | None]:
+        """Apply a batch's decisions in one round trip: cache the answers, re-score and
+        count, record the outcomes (and send their callbacks), forget the chain's batch.
+
+        Returns the outcomes recorded, how many messages are left due, and when the first
+        of them is due.
+        """
+        now = time.time()
         finals: list[tuple[str, Outcome, MessageStatus | None, str | None]] = []
-        rescore: dict[str, float] = {}
+        rescore: list[Any] = []
         counted: list[str] = []
         for m, decision in decisions.items():
             if isinstance(decision, Finish):
                 finals.append((m, decision.outcome, decision.status, decision.error))
             elif isinstance(decision, Wait | AwaitPush):
-                rescore[m] = now + decision.seconds
+                rescore += [m, repr(now + decision.seconds)]
             if not isinstance(decision, AwaitPush) and (
                 not isinstance(decision, Wait) or decision.counted
             ):
                 counted.append(m)
-        pipe = self.redis.pipeline(transaction=False)
-        if rescore:
-            pipe.zadd(self.keys.campaign_due(campaign_id), rescore, xx=True)
-        checks_key = self.keys.campaign_checks(campaign_id)
-        for m in counted:
-            pipe.hincrby(checks_key, m, 1)
-        pipe.execute()
-        return self._record_outcomes(campaign_id, meta, finals, started_at)
-
-    def _record_outcomes(
-        self,
-        campaign_id: str,
-        meta: dict[str, str],
-        finals: list[tuple[str, Outcome, MessageStatus | None, str | None]],
-        started_at: float,
-    ) -> int:
-        if not finals:
-            return 0
-        now = time.time()
+        statuses = {m: a for m, a in (answers or {}).items() if isinstance(a, MessageStatus)}
+        pauses = [p for a in (answers or {}).values() if (p := pause_for(a)) is not None]
         sub = self._subscription(meta)
-        args: list[Any] = [int(self.settings.final_ttl * 1000), int(now * 1000) if sub else ""]
+        stamp = str(int(now * 1000)) if sub else ""
+        slot, run = chain if chain is not None else (None, "")
+        args: list[Any] = [
+            int(self.settings.final_ttl * 1000),
+            stamp,
+            max(1, int(max(pauses) * 1000)) if pauses else "",
+            len(statuses),
+            len(rescore) // 2,
+            len(counted),
+            len(finals),
+            f"tick:{slot}" if chain is not None else "",
+            run,
+        ]
+        for answer in statuses.values():
+            args += self.engine.cache.store_args(answer, source="poll")
+        args += rescore + counted
         for m, outcome, status, _error in finals:
             args += [m, outcome, _compact(outcome, status, now - started_at)]
-        recorded = {
-            str(m)
-            for m in self._record(
-                keys=[
-                    self.keys.campaign_outcomes(campaign_id),
-                    self.keys.campaign_due(campaign_id),
-                    self.keys.campaign_checks(campaign_id),
-                    self.keys.campaign(campaign_id),
-                    self.keys.campaign_unsent(campaign_id),
-                ],
-                args=args,
-            )
-        }
+        reply, left, first, paused = self._after(
+            keys=[
+                self.keys.campaign_checks(campaign_id),
+                self.keys.campaign_due(campaign_id),
+                self.keys.campaign_outcomes(campaign_id),
+                self.keys.campaign(campaign_id),
+                self.keys.campaign_unsent(campaign_id),
+                self.engine.limiter.keys[1],
+                self.keys.campaign_claimed(campaign_id, slot if slot is not None else -1),
+                *(self.keys.status(m) for m in statuses),
+            ],
+            args=args,
+        )
+        if int(paused):
+            log.warning("ratelimit.pause", seconds=round(max(pauses), 3))
+        recorded = {str(m) for m in reply}
         if sub is not None and recorded:
             self._send(
                 campaign_id,
@@ -690,9 +770,27 @@ class CampaignRunner:
                     for m, outcome, status, error in finals
                     if m in recorded
                 ],
-                dict.fromkeys(recorded, str(args[1])),
+                dict.fromkeys(recorded, stamp),
             )
-        return len(recorded)
+        return len(recorded), int(left), float(first) if first else None
+
+    def _at_deadline(
+        self, meta: dict[str, str], ids: list[str], cached: dict[str, CachedStatus]
+    ) -> dict[str, Decision]:
+        """What the rules make of messages left unfinished when the campaign ends: decided
+        as at the deadline, with no time left to ask."""
+        rules, deadline_at = self.engine.rules, float(meta["deadline_at"])
+        now = max(time.time(), deadline_at)
+        out: dict[str, Decision] = {}
+        for m in ids:
+            progress = Progress(float(meta["started_at"]), deadline_at)
+            decision = decide(progress, cached=cached.get(m), now=now, rules=rules)
+            if isinstance(decision, Ask):
+                decision = decide(
+                    progress, cached=cached.get(m), now=now, rules=rules, answer=TryLater(0.0)
+                )
+            out[m] = decision
+        return out
 
     @staticmethod
     def _subscription(meta: dict[str, str]) -> Subscription | None:
@@ -775,12 +873,7 @@ class CampaignRunner:
             if not left:
                 break
             cached = self._cached(left)
-            self._record_outcomes(
-                campaign_id,
-                meta,
-                [(m, "timeout", cached[m].status if m in cached else None, None) for m in left],
-                started_at,
-            )
+            self._record(campaign_id, meta, self._at_deadline(meta, left, cached), started_at)
             self.redis.zrem(due_key, *left)  # recorded earlier by another tick: drop anyway
         self.redis.hset(self.keys.campaign(campaign_id), "state", "finished")
         meta = self.meta(campaign_id)

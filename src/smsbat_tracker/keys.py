@@ -41,18 +41,18 @@ class Keys:
         """Cached status: last body, observed_at, source and recent changes (the history)."""
         return f"{self.prefix}:status:{{{message_id}}}"
 
-    def track(self, message_id: str) -> str:
+    def session(self, message_id: str) -> str:
         """Tracking session hash: owner task id and the run it expects next (the fencing
         token), started_at, deadline_at, checks, polls."""
-        return f"{self.prefix}:track:{{{message_id}}}"
+        return f"{self.prefix}:session:{{{message_id}}}"
 
     def subs(self, message_id: str) -> str:
         """Subscriptions hash: subscription id -> callbacks JSON."""
         return f"{self.prefix}:subs:{{{message_id}}}"
 
-    def fired(self, message_id: str) -> str:
-        """Dispatch marks hash: subscription id -> ``pending:<claimer>`` or ``sent``."""
-        return f"{self.prefix}:fired:{{{message_id}}}"
+    def claims(self, message_id: str) -> str:
+        """Dispatch claims hash: subscription id -> ``pending:<claimer>:<ms>`` or ``sent``."""
+        return f"{self.prefix}:claims:{{{message_id}}}"
 
     def outcome(self, message_id: str) -> str:
         """The final result dict of the message's tracking, written once (SET NX)."""

@@ -13,6 +13,7 @@ __all__ = [
     "DELIVERED",
     "FAILED_STATUSES",
     "FINAL_STATUSES",
+    "IN_FLIGHT",
     "MAX_MESSAGE_ID_LENGTH",
     "MESSAGE_ID_PATTERN",
     "Fallback",
@@ -32,6 +33,8 @@ UNDELIVERABLE: Final = "undeliverable"
 PERMANENTERROR: Final = "permanenterror"
 FAILED_STATUSES: Final = frozenset({UNDELIVERABLE, PERMANENTERROR})
 FINAL_STATUSES: Final = frozenset({DELIVERED, *FAILED_STATUSES})
+# The documented statuses before a final one; any other status is unknown (logged once).
+IN_FLIGHT: Final = frozenset({SCHEDULED, PROCESSING})
 
 MAX_MESSAGE_ID_LENGTH: Final = 128
 # Unreserved URL characters only, starting with a letter or digit: such an id is always

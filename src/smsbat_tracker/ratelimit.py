@@ -21,12 +21,14 @@ from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 
 __all__ = [
+    "ADJUST_LUA",
     "DEFAULT_PAUSE",
     "LINE_WINDOW",
     "RESERVE_AHEAD",
     "RESERVE_LUA",
     "WAITER_GRACE",
     "RateLimiter",
+    "pause_for",
 ]
 
 # Pause after a 429 that carries no Retry-After.
@@ -98,6 +100,26 @@ local function reserve(K, A)
 end
 """
 _RESERVE = RESERVE_LUA + "return reserve(KEYS, ARGV)\n"
+
+# K: as reserve's.  ``unreserve(K, interval, n)`` gives back ``n`` tokens a caller booked
+# and did not use (``interval``: the emission interval, us). ``pause(K, ms)`` stops every
+# caller for ``ms`` unless a longer pause is on (1 when it set one): a 429's Retry-After.
+ADJUST_LUA: Final = """
+local function unreserve(K, interval, n)
+  local ttl = redis.call('PTTL', K[1])
+  local tat = tonumber(redis.call('GET', K[1]))
+  if tat and ttl > 0 then
+    redis.call('SET', K[1], string.format('%d', tat - interval * n), 'PX', ttl)
+  end
+end
+local function pause(K, ms)
+  if ms > 0 and redis.call('PTTL', K[2]) < ms then
+    redis.call('SET', K[2], 1, 'PX', ms)
+    return 1
+  end
+  return 0
+end
+"""
 # How long a turned-away caller may be late to ask again before its place is given up
 # (a task's retry waits behind others in its worker; a dead one never asks again).
 WAITER_GRACE: Final = 2.0
@@ -237,7 +259,20 @@ class RateLimiter:
             self._redis.set(self._keys[1], 1, px=ms)
             log.warning("ratelimit.pause", seconds=round(seconds, 3))
 
+    @property
+    def interval_us(self) -> float:
+        """The emission interval, in microseconds (what ``unreserve`` takes)."""
+        return self._interval_us
+
     def observe_error(self, exc: BaseException) -> None:
         """Pause everyone when the API says it is rate limiting us."""
-        if isinstance(exc, RateLimited):
-            self.pause(exc.retry_after if exc.retry_after is not None else DEFAULT_PAUSE)
+        seconds = pause_for(exc)
+        if seconds is not None:
+            self.pause(seconds)
+
+
+def pause_for(exc: BaseException | object) -> float | None:
+    """How long an API error pauses every caller: a 429's Retry-After, else None."""
+    if isinstance(exc, RateLimited):
+        return exc.retry_after if exc.retry_after is not None else DEFAULT_PAUSE
+    return None

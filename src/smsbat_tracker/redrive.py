@@ -67,6 +67,8 @@ LOCK_MS: Final = 5_000
 PUBLISHED_AT: Final = "smsbat_published_at"
 TRACK_TASK: Final = "smsbat_tracker.track_message"
 TICK_TASK: Final = "smsbat_tracker.campaign_tick"
+# The tasks whose runs the due index covers.
+DUE_INDEXED: Final = frozenset({TRACK_TASK, TICK_TASK})
 
 # KEYS: due, then one hash per item.  ARGV: now, then member, field, expected value,
 # expected run ('' for none) per item.  Refreshes the overdue entries whose token still
@@ -149,7 +151,7 @@ def _held_item(request: Any, keys: Keys) -> tuple[str, str, str, str, str] | Non
         retries = int(request.request_dict.get("retries") or 0)
         return (
             Keys.due_message(message_id),
-            keys.track(message_id),
+            keys.session(message_id),
             "owner",
             str(request.id),
             str(retries),
@@ -556,7 +558,7 @@ class Redriver:
         if kind == "m":
             owner = uuid.uuid4().hex
             taken = self._take_session(
-                keys=[due, self.keys.track(rest)], args=[member, repr(cutoff), owner, repr(now)]
+                keys=[due, self.keys.session(rest)], args=[member, repr(cutoff), owner, repr(now)]
             )
             if not isinstance(taken, list):
                 return 0
@@ -661,7 +663,9 @@ class RedriveStep(bootsteps.StartStopStep):
 
     def _received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         redriver = self._redriver
-        if redriver is None or request is None:
+        # A tracker run needs no note: the due index re-drives it if it is lost (and a
+        # check then costs its two round trips only). Callbacks and the rest do.
+        if redriver is None or request is None or getattr(request, "name", None) in DUE_INDEXED:
             return
         with contextlib.suppress(redis.RedisError):  # away: the heartbeat notes it later
             redriver.note_received(request)

@@ -32,7 +32,6 @@ from celery.utils import uuid
 
 from smsbat_tracker.campaign import validate_campaign_id
 from smsbat_tracker.decide import (
-    DEADLINE_SLACK,
     Answer,
     Ask,
     AwaitPush,
@@ -45,7 +44,8 @@ from smsbat_tracker.decide import (
 from smsbat_tracker.errors import SmsbatError
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import MessageStatus, validate_message_id
-from smsbat_tracker.tracking import Engine, Subscription, build_result
+from smsbat_tracker.ratelimit import pause_for
+from smsbat_tracker.tracking import Check, Engine, Session, Subscription, build_result
 from smsbat_tracker.worker import TrackerApp, app
 
 __all__ = [
@@ -208,40 +208,31 @@ def track_message(
         if not sub.is_empty and not engine.subscribe(message_id, sub):
             log.info("track.duplicate", message_id=message_id, subscription=sub.id)
     started = enqueued_at if enqueued_at is not None else now
-    session, recorded, cached = engine.begin(
+    # Round trip one: the session, the outcome, the cache, and a turn to ask the API.
+    start = engine.start(
         message_id,
         owner=task_id,
+        run=run,
         started_at=started,
         deadline_at=started + (deadline if deadline is not None else settings.deadline),
+        due_at=_due_at(self.request.eta, now),
     )
-    if recorded is not None:
+    session, cached = start.session, start.cached
+    if start.recorded is not None:
         # Finished already (webhook, an earlier run, another session): claim what is ours.
-        return engine.settle(message_id, None, claimer=task_id).result or recorded
-    if session.owner != task_id or (session.run is not None and session.run != run):
+        return engine.settle(message_id, None, claimer=task_id).result or start.recorded
+    if start.turn is None:  # not the run the session expects
         if first_run and session.owner != task_id:
             log.info("track.joined", message_id=message_id, owner=session.owner)
             return {"message_id": message_id, "outcome": "joined", "owner": session.owner}
         return _superseded(message_id, session.owner)
-
-    def next_run(wait: float, *, counted: bool) -> dict[str, Any]:
-        # Fenced: the due index learns the next run, or this run stops if it was superseded.
-        if not engine.reschedule(
-            message_id, owner=task_id, run=run, next_at=time.time() + wait, counted=counted
-        ):
-            return _superseded(message_id, session.owner)
-        raise self.retry(countdown=wait)
 
     progress = Progress(session.started_at, session.deadline_at, session.checks, session.pushed)
     decision = decide(progress, cached=cached, now=now, rules=engine.rules)
     answer: Answer | None = None
     if isinstance(decision, Ask):
         try:
-            # Never past the deadline, even while waiting for a rate-limit token.
-            answer = engine.poll(
-                message_id,
-                not_after=session.deadline_at + DEADLINE_SLACK,
-                due_at=_due_at(self.request.eta, now),
-            )
+            answer = engine.ask(message_id, start.turn)
         except (TryLater, SmsbatError) as exc:
             answer = exc
             if isinstance(exc, SmsbatError):
@@ -250,13 +241,19 @@ def track_message(
             progress, cached=cached, now=time.time(), rules=engine.rules, answer=answer
         )
     assert not isinstance(decision, Ask)  # an answer is never followed by another ask
+    asked = answer is not None and not isinstance(answer, TryLater)
+    # Round trip two writes what this run learned, with its next step.
+    check = Check(
+        answer=answer if isinstance(answer, MessageStatus) else None,
+        asked=asked,
+        unused_turn=start.turn.taken and answer is None,
+        pushed=isinstance(decision, AwaitPush) and not session.pushed,
+        pause=pause_for(answer),
+    )
     if isinstance(decision, AwaitPush):
         # The provider pushes this message's changes; the webhook will end tracking.
-        if not session.pushed:
-            engine.mark_pushed(message_id)
         log.info("track.awaiting_push", message_id=message_id, next_in=round(decision.seconds, 3))
-        return next_run(decision.seconds, counted=False)
-    asked = answer is not None and not isinstance(answer, TryLater)
+        return _next_run(self, session, run, decision.seconds, False, check)
     status = decision.status
     if asked or (isinstance(decision, Wait) and decision.counted):
         log.info(
@@ -266,15 +263,6 @@ def track_message(
             source="api" if asked else "cache",
             attempt=session.checks + 1,
             next_in=round(decision.seconds, 3) if isinstance(decision, Wait) else None,
-        )
-    if (
-        isinstance(answer, MessageStatus)
-        and answer.deliverystatus not in ("scheduled", "processing")
-        and not answer.is_final
-        and engine.note_unknown_status(message_id, answer.deliverystatus)
-    ):
-        log.warning(
-            "track.unknown_status", message_id=message_id, deliverystatus=answer.deliverystatus
         )
     if isinstance(decision, Finish):
         if isinstance(answer, MessageStatus):
@@ -290,8 +278,30 @@ def track_message(
             polls=session.polls + (1 if asked else 0),
             error=decision.error,
         )
-        return engine.settle(message_id, result, claimer=task_id).result
-    return next_run(decision.seconds, counted=decision.counted)
+        return engine.settle(message_id, result, claimer=task_id, check=check).result
+    return _next_run(self, session, run, decision.seconds, decision.counted, check)
+
+
+def _next_run(
+    task: AnyTask,
+    session: Session,
+    run: int,
+    wait: float,
+    counted: bool,
+    check: Check,
+) -> dict[str, Any]:
+    """Schedule the next run in ``wait`` s; fenced: a superseded run stops instead."""
+    message_id = session.message_id
+    if not _engine(task).reschedule(
+        message_id,
+        owner=str(task.request.id),
+        run=run,
+        next_at=time.time() + wait,
+        counted=counted,
+        check=check,
+    ):
+        return _superseded(message_id, session.owner)
+    raise task.retry(countdown=wait)
 
 
 def _due_at(eta: Any, now: float) -> float:

@@ -26,20 +26,20 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import redis
 
 from smsbat_tracker.backoff import Schedule
-from smsbat_tracker.cache import CachedStatus, StatusCache
+from smsbat_tracker.cache import STORE_LUA, CachedStatus, StatusCache
 from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import NO_CREDENTIALS, Settings
-from smsbat_tracker.decide import OUTCOMES, Outcome, Rules, TryLater
-from smsbat_tracker.errors import ConfigError, RateLimited, RequestTimeout
+from smsbat_tracker.decide import DEADLINE_SLACK, OUTCOMES, Outcome, Rules, TryLater
+from smsbat_tracker.errors import ConfigError, RateLimited, RequestTimeout, SmsbatError
 from smsbat_tracker.keys import KOMBU_PRIORITY_STEPS, Keys, kombu_queue_list, kombu_unacked_key
 from smsbat_tracker.log import get_logger
-from smsbat_tracker.models import DELIVERED, MessageStatus, validate_message_id
-from smsbat_tracker.ratelimit import RESERVE_LUA, RateLimiter
+from smsbat_tracker.models import DELIVERED, IN_FLIGHT, MessageStatus, validate_message_id
+from smsbat_tracker.ratelimit import ADJUST_LUA, RESERVE_LUA, RateLimiter
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -48,12 +48,15 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECK_WAIT",
     "OUTCOMES",
+    "Check",
     "Engine",
     "Outcome",
     "Session",
     "SettleResult",
+    "Start",
     "Subscription",
     "TryLater",
+    "Turn",
     "build_result",
     "iso",
 ]
@@ -65,7 +68,7 @@ CHECK_WAIT: Final = 0.25
 
 log = get_logger(__name__)
 
-# The session-opening piece of _REGISTER and _BEGIN.  KEYS[1]: track, and ``due`` is set by
+# The session-opening piece of _REGISTER and _BEFORE.  KEYS[1]: session, and ``due`` is set by
 # the script.  ARGV: owner, started_at, deadline_at, ttl ms, first due score, due member.
 # Creates the session if absent (its owner runs 0 comes next, and the due index learns
 # when); reads owner, started_at, deadline_at, checks, polls, pushed, run.
@@ -80,7 +83,7 @@ local session = redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at
                            'polls', 'pushed', 'run')
 """
 
-# KEYS: track, subs, status, due.  ARGV: as _OPEN_SESSION, then subscription id ('' for
+# KEYS: session, subs, status, due.  ARGV: as _OPEN_SESSION, then subscription id ('' for
 # none), its JSON, subs ttl ms.  A new tracking's whole registration in one round trip: the
 # subscription (HSETNX), the session, and the cached status. A subscription that joins a
 # session which may have ended already gets a due entry too: if its run is lost, the
@@ -101,28 +104,73 @@ return {session, added, redis.call('GET', KEYS[3])}
 """
 )
 
-# KEYS: track, outcome, status, due.  ARGV: as _OPEN_SESSION.  What a run needs before it
-# decides, in one round trip: the session (created when the task was sent by name), the
-# recorded outcome and the cached status.
-_BEGIN = (
-    "local due = KEYS[4]\n"
-    + _OPEN_SESSION
-    + "return {session, redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3])}\n"
+# ``take_turn(gate, K, A)``: may this caller ask the API now? ``gate``: the message's gate;
+# K: the rate limit's keys; A: gate ms, whether the limit is on ('1'), then the limit's
+# arguments (RateLimiter.script_args). The per-message minimum interval first ({2, ms
+# left} while it runs), then a rate-limit token ({0, us to wait} without one); with one
+# the gate is taken ({1, us until the token is due}).
+_TURN_LUA = (
+    RESERVE_LUA
+    + """
+local function take_turn(gate, K, A)
+  local left = redis.call('PTTL', gate)
+  if left > 0 then return {2, left} end
+  local booked, wait = 1, 0
+  if A[2] == '1' then
+    local turn = reserve(K, {A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10]})
+    booked, wait = turn[1], turn[2]
+  end
+  if booked == 1 then redis.call('SET', gate, 1, 'PX', A[1]) end
+  return {booked, wait}
+end
+"""
 )
 
-# KEYS: track, due.  ARGV: owner, run, next due score, due member, count ('1' or '0').
-# Records a check and schedules the owner's next run, fenced: only the session's owner, in
-# the run the session expects, may. Returns 0 when the run was superseded.
-_RESCHEDULE = """
-local s = redis.call('HMGET', KEYS[1], 'owner', 'run')
-if s[1] ~= ARGV[1] or (s[2] and tonumber(s[2]) ~= tonumber(ARGV[2])) then return 0 end
-if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'checks', 1) end
-redis.call('HSET', KEYS[1], 'run', tonumber(ARGV[2]) + 1)
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return 1
+# KEYS: gate, then the rate limit's four keys.  ARGV: take_turn's.  A one-off caller's
+# turn (get_status).
+_TAKE_TURN = _TURN_LUA + "return take_turn(KEYS[1], {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV)\n"
+
+# The first of a check's two round trips.  KEYS: session, outcome, status, due, gate, then
+# the rate limit's four keys.  ARGV: as _OPEN_SESSION, then the run, then take_turn's.
+# Everything a run needs before it decides: the session (created when the task was sent by
+# name), the recorded outcome and the cached status; and, for the run the session expects
+# while nothing is recorded, a turn to ask the API, taken ahead of the decision. A run that
+# does not ask gives it back in the second round trip.  Returns {session, outcome or '',
+# cached or '', turn ({3, 0}: none taken)}.
+_BEFORE = (
+    _TURN_LUA
+    + "local due = KEYS[4]\n"
+    + _OPEN_SESSION
+    + """
+local outcome = redis.call('GET', KEYS[2]) or ''
+local cached = redis.call('GET', KEYS[3]) or ''
+local turn = {3, 0}
+if outcome == '' and session[1] == ARGV[1]
+    and ((not session[7]) or tonumber(session[7]) == tonumber(ARGV[7])) then
+  local A = {}
+  for i = 8, #ARGV do A[#A + 1] = ARGV[i] end
+  turn = take_turn(KEYS[5], {KEYS[6], KEYS[7], KEYS[8], KEYS[9]}, A)
+end
+return {session, outcome, cached, turn}
+"""
+)
+
+# ``reschedule(K, A)``: K: session, due; A: owner, run, next due score, due member, count
+# ('1' or '0').  Records a check and schedules the owner's next run, fenced: only the
+# session's owner, in the run the session expects, may. Returns 0 when the run was
+# superseded.
+_RESCHEDULE_LUA = """
+local function reschedule(K, A)
+  local s = redis.call('HMGET', K[1], 'owner', 'run')
+  if s[1] ~= A[1] or (s[2] and tonumber(s[2]) ~= tonumber(A[2])) then return 0 end
+  if A[5] == '1' then redis.call('HINCRBY', K[1], 'checks', 1) end
+  redis.call('HSET', K[1], 'run', tonumber(A[2]) + 1)
+  redis.call('ZADD', K[2], A[3], A[4])
+  return 1
+end
 """
 
-# KEYS: track, subs.  ARGV: owner, subscription id ('' for none).  Drops the session when
+# KEYS: session, subs.  ARGV: owner, subscription id ('' for none).  Drops the session when
 # ``owner`` still owns it, and the subscription.
 _ABANDON = """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -130,85 +178,104 @@ if ARGV[2] ~= '' then redis.call('HDEL', KEYS[2], ARGV[2]) end
 return 1
 """
 
-# KEYS: outcome, subs, fired, track, due.  ARGV: result JSON ('' to record nothing), ttl ms,
-# claimer, now ms, stale claim ms, due member.
+# ``settle(K, A)``: K: outcome, subs, claims, session, due; A: result JSON ('' to record
+# nothing), ttl ms, claimer, now ms, stale claim ms, due member.
 # Records the outcome if none is recorded, then claims every subscription that is not
-# dispatched: unmarked, claimed earlier by this same claimer (its run was interrupted), or
+# dispatched: unclaimed, claimed earlier by this same claimer (its run was interrupted), or
 # claimed by another claimer longer ago than the stale claim time (that claimer died).
 # While anything is left to dispatch the message stays in the due index, due now: if the
 # claimer dies before it marks its dispatch sent, the re-driver hands the claim on.
-_SETTLE = """
-local outcome = redis.call('GET', KEYS[1])
-local recorded = 0
-if not outcome then
-  if ARGV[1] == '' then return {0, '', {}} end
-  outcome = ARGV[1]
-  recorded = 1
-  redis.call('SET', KEYS[1], outcome, 'PX', ARGV[2])
-  if redis.call('EXISTS', KEYS[4]) == 1 then
-    redis.call('HSET', KEYS[4], 'finished', '1')
-    redis.call('PEXPIRE', KEYS[4], ARGV[2])
+# Returns {recorded, outcome JSON or '', claimed (id, JSON pairs), retaken ids}.
+_SETTLE_LUA = """
+local function settle(K, A)
+  local outcome = redis.call('GET', K[1])
+  local recorded = 0
+  if not outcome then
+    if A[1] == '' then return {0, '', {}, {}} end
+    outcome = A[1]
+    recorded = 1
+    redis.call('SET', K[1], outcome, 'PX', A[2])
+    if redis.call('EXISTS', K[4]) == 1 then
+      redis.call('HSET', K[4], 'finished', '1')
+      redis.call('PEXPIRE', K[4], A[2])
+    end
   end
-end
-local now = tonumber(ARGV[4])
-local mine = 'pending:' .. ARGV[3] .. ':'
-local claimed = {}
-local retaken = {}
-local unsent = 0
-local subs = redis.call('HGETALL', KEYS[2])
-for i = 1, #subs, 2 do
-  local mark = redis.call('HGET', KEYS[3], subs[i])
-  local take = false
-  if not mark then
-    take = true
-  elseif string.sub(mark, 1, 8) == 'pending:' then
-    local at = tonumber(string.match(mark, ':(%d+)$')) or 0
-    take = string.sub(mark, 1, #mine) == mine or now - at > tonumber(ARGV[5])
-    unsent = 1
+  local now = tonumber(A[4])
+  local mine = 'pending:' .. A[3] .. ':'
+  local claimed = {}
+  local retaken = {}
+  local unsent = 0
+  local subs = redis.call('HGETALL', K[2])
+  for i = 1, #subs, 2 do
+    local mark = redis.call('HGET', K[3], subs[i])
+    local take = false
+    if not mark then
+      take = true
+    elseif string.sub(mark, 1, 8) == 'pending:' then
+      local at = tonumber(string.match(mark, ':(%d+)$')) or 0
+      take = string.sub(mark, 1, #mine) == mine or now - at > tonumber(A[5])
+      unsent = 1
+    end
+    if take then
+      redis.call('HSET', K[3], subs[i], mine .. A[4])
+      claimed[#claimed + 1] = subs[i]
+      claimed[#claimed + 1] = subs[i + 1]
+      if mark then retaken[#retaken + 1] = subs[i] end
+    end
   end
-  if take then
-    redis.call('HSET', KEYS[3], subs[i], mine .. ARGV[4])
-    claimed[#claimed + 1] = subs[i]
-    claimed[#claimed + 1] = subs[i + 1]
-    if mark then retaken[#retaken + 1] = subs[i] end
+  if #subs > 0 then
+    redis.call('PEXPIRE', K[2], A[2])
+    redis.call('PEXPIRE', K[3], A[2])
   end
+  if #claimed > 0 then
+    redis.call('ZADD', K[5], now / 1000, A[6])
+  elseif unsent == 0 then
+    redis.call('ZREM', K[5], A[6])
+  end
+  return {recorded, outcome, claimed, retaken}
 end
-if #subs > 0 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  redis.call('PEXPIRE', KEYS[3], ARGV[2])
-end
-if #claimed > 0 then
-  redis.call('ZADD', KEYS[5], now / 1000, ARGV[6])
-elseif unsent == 0 then
-  redis.call('ZREM', KEYS[5], ARGV[6])
-end
-return {recorded, outcome, claimed, retaken}
 """
 
-# KEYS: fired, subs, due.  ARGV: due member, subscription id.  Marks a dispatch sent; once
-# every subscription is sent the message leaves the due index.
-# KEYS: the message's gate, the rate limit's four keys, the session.  ARGV: gate ms, whether
-# to count the poll on the session ('1'), whether the limit is on ('1'), then the rate
-# limit's arguments (RateLimiter.script_args).  Everything a check does before its request,
-# in one round trip: the per-message minimum interval ({2, ms left} while it runs), a rate
-# limit token ({0, us to wait} without one), then the gate is taken and the poll counted
-# ({1, us until the token}).
-_TAKE_TURN = (
-    RESERVE_LUA
+# The second of a check's two round trips, and the settle step of anyone who finishes a
+# tracking.  KEYS: session, status, due, outcome, subs, claims, gate, then the rate limit's
+# bucket and pause.  ARGV: owner, run, due member, 'settle' or 'wait', next due score,
+# count the check ('1'), count a poll ('1'), mark pushed ('1'), an unknown status to note
+# once (''), the emission interval us to give an unused turn back (''), a pause ms (''),
+# then settle's result JSON, ttl ms, claimer, now ms, stale ms, then (optional) the
+# status to cache (StatusCache.store_args).
+# Caches the answer, counts the poll, gives back an unused turn, pauses everyone after a
+# 429; then settles (recording the outcome) or reschedules.  Returns {rescheduled (1, or
+# 0 when superseded), unknown status new (1/0), paused (1/0), settle's reply or {}}.
+_AFTER = (
+    STORE_LUA
+    + ADJUST_LUA
+    + _RESCHEDULE_LUA
+    + _SETTLE_LUA
     + """
-local left = redis.call('PTTL', KEYS[1])
-if left > 0 then return {2, left} end
-local booked, wait = 1, 0
-if ARGV[3] == '1' then
-  local turn = reserve({KEYS[2], KEYS[3], KEYS[4], KEYS[5]},
-    {ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]})
-  booked, wait = turn[1], turn[2]
+if #ARGV > 16 then
+  local A = {}
+  for i = 17, #ARGV do A[#A + 1] = ARGV[i] end
+  store({KEYS[2]}, A)
 end
-if booked == 1 then
-  redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
-  if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[6], 'polls', 1) end
+local unknown = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if ARGV[7] == '1' then redis.call('HINCRBY', KEYS[1], 'polls', 1) end
+  if ARGV[8] == '1' then redis.call('HSET', KEYS[1], 'pushed', 1) end
+  if ARGV[9] ~= '' then unknown = redis.call('HSETNX', KEYS[1], 'unknown:' .. ARGV[9], 1) end
 end
-return {booked, wait}
+if ARGV[10] ~= '' then
+  redis.call('DEL', KEYS[7])
+  unreserve({KEYS[8]}, tonumber(ARGV[10]), 1)
+end
+local paused = 0
+if ARGV[11] ~= '' then paused = pause({KEYS[8], KEYS[9]}, tonumber(ARGV[11])) end
+if ARGV[4] == 'settle' then
+  local done = settle({KEYS[4], KEYS[5], KEYS[6], KEYS[1], KEYS[3]},
+    {ARGV[12], ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[3]})
+  return {1, unknown, paused, done}
+end
+local next = reschedule({KEYS[1], KEYS[3]}, {ARGV[1], ARGV[2], ARGV[5], ARGV[3], ARGV[6]})
+return {next, unknown, paused, {}}
 """
 )
 
@@ -234,6 +301,8 @@ return found
 # How long a process trusts its copy of which queues tracker workers consume.
 QUEUES_CACHE: Final = 5.0
 
+# KEYS: claims, subs, due.  ARGV: due member, subscription id.  Marks a dispatch sent; once
+# every subscription is sent the message leaves the due index.
 _SENT = """
 redis.call('HSET', KEYS[1], ARGV[2], 'sent')
 for _, id in ipairs(redis.call('HKEYS', KEYS[2])) do
@@ -243,7 +312,7 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 """
 
-# KEYS: fired.  ARGV: this claimer's mark prefix, then subscription ids.  Gives back the
+# KEYS: claims.  ARGV: this claimer's mark prefix, then subscription ids.  Gives back the
 # claims of a dispatch that failed, so that the next settle (a provider's retried push, the
 # poller, the re-driver) takes them at once.
 _RELEASE = """
@@ -356,6 +425,41 @@ class SettleResult:
     retaken: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """Whether a run may ask the API now, as the before-check script found.
+
+    ``taken``: the gate and a rate-limit token are the run's, the token due in ``wait``
+    seconds. Otherwise ``wait`` is how long until asking again makes sense, and ``reason``
+    says who turned it away.
+    """
+
+    taken: bool
+    wait: float
+    reason: Literal["gate", "rate"] = "rate"
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """What a run learns in its first round trip (:meth:`Engine.start`)."""
+
+    session: Session
+    recorded: dict[str, Any] | None  # the outcome, when the tracking has ended
+    cached: CachedStatus | None
+    turn: Turn | None  # None for a run that may not check (ended, or not the expected run)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """What a run learned, written with its next step in its second round trip."""
+
+    answer: MessageStatus | None = None  # the API's answer: cached
+    asked: bool = False  # a request was made (counted as a poll)
+    unused_turn: bool = False  # a turn was taken and not used: given back
+    pushed: bool = False  # the provider pushes this message's changes: noted
+    pause: float | None = None  # a 429's pause for every caller, seconds
+
+
 def build_result(
     message_id: str,
     outcome: Outcome,
@@ -409,9 +513,8 @@ class Engine:
         self.schedule = Schedule.from_settings(settings)
         self.rules = Rules.from_settings(settings, self.schedule)
         self.limiter = RateLimiter(redis_client, settings, self.keys)
-        self._begin = redis_client.register_script(_BEGIN)
-        self._reschedule = redis_client.register_script(_RESCHEDULE)
-        self._settle = redis_client.register_script(_SETTLE)
+        self._before = redis_client.register_script(_BEFORE)
+        self._after_script = redis_client.register_script(_AFTER)
         self._in_broker = redis_client.register_script(_IN_BROKER)
         self._take_turn = redis_client.register_script(_TAKE_TURN)
         self._queues_seen: tuple[float, set[str]] = (0.0, set())
@@ -422,47 +525,139 @@ class Engine:
 
     # --- sessions and subscriptions ---------------------------------------------------
 
-    def begin(
-        self, message_id: str, *, owner: str, started_at: float, deadline_at: float
-    ) -> tuple[Session, dict[str, Any] | None, CachedStatus | None]:
-        """What a run needs first, in one round trip: the session, the outcome, the cache.
+    def start(
+        self,
+        message_id: str,
+        *,
+        owner: str,
+        run: int,
+        started_at: float,
+        deadline_at: float,
+        due_at: float,
+    ) -> Start:
+        """A run's first round trip: the session, the outcome, the cache and a turn.
 
         Creates the session (and its due entry) unless one exists, as when the task was
-        sent by name; returns the session in force, the recorded result and the cached
-        status.
+        sent by name. For the run the session expects, while nothing is recorded, it also
+        takes a turn to ask the API (:class:`Turn`), waiting at most :data:`CHECK_WAIT`
+        for a token, never past the deadline, in the limit's line by ``due_at`` (when the
+        run fell due). A run that then does not ask gives it back in :meth:`reschedule`
+        or :meth:`settle` (``Check(unused_turn=True)``).
         """
-        values, outcome, raw = self._begin(
+        now = time.time()
+        ahead = max(0.0, min(CHECK_WAIT, deadline_at + DEADLINE_SLACK - now))
+        values, outcome, raw, (turn, wait) = self._before(
             keys=[
-                self.keys.track(message_id),
+                self.keys.session(message_id),
                 self.keys.outcome(message_id),
                 self.keys.status(message_id),
                 self.keys.due(),
+                self.keys.poll_gate(message_id),
+                *self.limiter.keys,
             ],
-            args=self._open_args(message_id, owner, started_at, deadline_at, time.time()),
+            args=[
+                *self._open_args(message_id, owner, started_at, deadline_at, now),
+                run,
+                *self._turn_args(message_id, ahead=ahead, due_at=due_at),
+            ],
         )
         session = self._session(message_id, values)
         assert session is not None  # the script creates it
-        return (
+        return Start(
             session,
             json.loads(outcome) if outcome else None,
             StatusCache.parse(raw) if raw else None,
+            None if int(turn) == 3 else self._turn(int(turn), int(wait)),
         )
+
+    def _turn_args(self, message_id: str, *, ahead: float, due_at: float | None) -> list[Any]:
+        """``take_turn``'s arguments (see ``_TURN_LUA``)."""
+        limiter = self.limiter
+        return [
+            int(self.settings.min_interval * 1000),
+            "1" if limiter.enabled else "",
+            *limiter.script_args(
+                1,
+                ahead=ahead,
+                # A tracking keeps its place in the limit's line; a one-off caller does not.
+                waiter=Keys.due_message(message_id) if due_at is not None else "",
+                due_at=due_at,
+            ),
+        ]
+
+    @staticmethod
+    def _turn(code: int, wait: int) -> Turn:
+        if code == 2:  # checked by someone else less than the minimum interval ago (ms)
+            return Turn(False, max(wait, 1) / 1000, "gate")
+        return Turn(bool(code), wait / 1_000_000)
 
     def reschedule(
-        self, message_id: str, *, owner: str, run: int, next_at: float, counted: bool
+        self,
+        message_id: str,
+        *,
+        owner: str,
+        run: int,
+        next_at: float,
+        counted: bool,
+        check: Check | None = None,
     ) -> bool:
-        """Record a check (when ``counted``) and put the owner's next run in the due index.
+        """A run's second round trip when tracking goes on: ``check`` is written (see
+        :class:`Check`); the check is recorded (when ``counted``) and the owner's next run
+        put in the due index.
 
-        Fenced: False, and nothing written, when ``owner``'s run ``run`` is no longer the
-        one the session expects (the re-driver took the tracking over, or this is a stale
-        copy of the run). The caller then stops without publishing anything.
+        Fenced: False, and no next run, when ``owner``'s run ``run`` is no longer the one
+        the session expects (the re-driver took the tracking over, or this is a stale copy
+        of the run). The caller then stops without publishing anything.
         """
-        return bool(
-            self._reschedule(
-                keys=[self.keys.track(message_id), self.keys.due()],
-                args=[owner, run, repr(next_at), Keys.due_message(message_id), int(counted)],
-            )
+        done, _ = self._after(
+            message_id,
+            check,
+            [owner, run, Keys.due_message(message_id), "wait", repr(next_at), int(counted)],
+            ["", 0, "", 0, 0],
         )
+        return bool(done)
+
+    def _after(
+        self, message_id: str, check: Check | None, step: list[Any], settle: list[Any]
+    ) -> tuple[int, list[Any]]:
+        """Run ``_AFTER``: ``step`` is its first six arguments, ``settle`` settle's five."""
+        check = check or Check()
+        answer = check.answer
+        unknown = ""
+        if answer is not None and not answer.is_final and answer.deliverystatus not in IN_FLIGHT:
+            unknown = answer.deliverystatus[:64]
+        pause = check.pause
+        args = [
+            *step,
+            "1" if check.asked else "",
+            "1" if check.pushed else "",
+            unknown,
+            repr(self.limiter.interval_us) if check.unused_turn else "",
+            max(1, int(pause * 1000)) if pause is not None else "",
+            *settle,
+        ]
+        if answer is not None:
+            args += self.cache.store_args(answer, source="poll")
+        bucket, paused_key = self.limiter.keys[0], self.limiter.keys[1]
+        done, new_unknown, paused, settled = self._after_script(
+            keys=[
+                self.keys.session(message_id),
+                self.keys.status(message_id),
+                self.keys.due(),
+                self.keys.outcome(message_id),
+                self.keys.subs(message_id),
+                self.keys.claims(message_id),
+                self.keys.poll_gate(message_id),
+                bucket,
+                paused_key,
+            ],
+            args=args,
+        )
+        if int(new_unknown):
+            log.warning("track.unknown_status", message_id=message_id, deliverystatus=unknown)
+        if int(paused) and pause is not None:
+            log.warning("ratelimit.pause", seconds=round(pause, 3))
+        return int(done), list(settled)
 
     @staticmethod
     def _session(message_id: str, values: Sequence[Any]) -> Session | None:
@@ -483,11 +678,7 @@ class Engine:
     def session(self, message_id: str) -> Session | None:
         """The message's session, or None."""
         fields = ["owner", "started_at", "deadline_at", "checks", "polls", "pushed", "run"]
-        return self._session(message_id, self.redis.hmget(self.keys.track(message_id), fields))
-
-    def mark_pushed(self, message_id: str) -> None:
-        """Note that the provider pushes this message's statuses (see ``trust_pushes``)."""
-        self.redis.hset(self.keys.track(message_id), "pushed", 1)
+        return self._session(message_id, self.redis.hmget(self.keys.session(message_id), fields))
 
     def subscribe(self, message_id: str, subscription: Subscription) -> bool:
         """Register a subscription; False when an equal one was registered already."""
@@ -535,7 +726,7 @@ class Engine:
         """
         values, added, raw = self._register(
             keys=[
-                self.keys.track(message_id),
+                self.keys.session(message_id),
                 self.keys.subs(message_id),
                 self.keys.status(message_id),
                 self.keys.due(),
@@ -554,7 +745,7 @@ class Engine:
     def abandon(self, message_id: str, *, owner: str, subscription: str | None) -> None:
         """Undo a registration whose task was never published (see ``TrackTask``)."""
         self._abandon(
-            keys=[self.keys.track(message_id), self.keys.subs(message_id)],
+            keys=[self.keys.session(message_id), self.keys.subs(message_id)],
             args=[owner, subscription or ""],
         )
 
@@ -562,10 +753,6 @@ class Engine:
         """The recorded final result, or None while tracking goes on."""
         raw = self.redis.get(self.keys.outcome(message_id))
         return json.loads(raw) if raw else None
-
-    def note_unknown_status(self, message_id: str, status: str) -> bool:
-        """True the first time this unknown status is seen for the message (log it once)."""
-        return bool(self.redis.hsetnx(self.keys.track(message_id), f"unknown:{status[:64]}", 1))
 
     # --- checking -----------------------------------------------------------------------
 
@@ -576,48 +763,34 @@ class Engine:
             raise ConfigError(f"invalid settings: {NO_CREDENTIALS}")
         return self.api
 
-    def poll(
-        self,
-        message_id: str,
-        *,
-        for_session: bool = True,
-        not_after: float | None = None,
-        due_at: float | None = None,
-    ) -> MessageStatus:
-        """One status request through the gate and the global rate limit, cached.
+    def ask(self, message_id: str, turn: Turn) -> MessageStatus:
+        """Ask the API for the status with a ``turn`` taken for it.
 
-        Waits at most :data:`CHECK_WAIT` for a token, and never past ``not_after`` (epoch);
-        otherwise raises :class:`TryLater` rather than hold the worker, and the check keeps
-        its place in the limit's line by ``due_at`` (when it fell due). Raises the client's
-        :mod:`~smsbat_tracker.errors` too.
+        Raises :class:`TryLater` when the turn was not taken (the caller waits and comes
+        back), after sleeping until the token is due otherwise; raises the client's
+        :mod:`~smsbat_tracker.errors` too. Caches nothing: the caller's next step does.
+        """
+        if not turn.taken:
+            raise TryLater(turn.wait, turn.reason)
+        if turn.wait > 0:
+            time.sleep(turn.wait)
+        return self.require_api().get_status(message_id)
+
+    def poll(self, message_id: str) -> MessageStatus:
+        """One status request for a one-off caller, through the gate and the global rate
+        limit (waiting at most :data:`CHECK_WAIT` for a token), cached.
+
+        Raises :class:`TryLater` when it may not ask now, and the client's
+        :mod:`~smsbat_tracker.errors`.
         """
         validate_message_id(message_id)
-        ahead = CHECK_WAIT
-        if not_after is not None:
-            ahead = max(0.0, min(ahead, not_after - time.time()))
-        limiter = self.limiter
-        # Gate, rate-limit token and poll count in one round trip.
-        turn, wait_raw = self._take_turn(
-            keys=[self.keys.poll_gate(message_id), *limiter.keys, self.keys.track(message_id)],
-            args=[
-                int(self.settings.min_interval * 1000),
-                "1" if for_session else "",
-                "1" if limiter.enabled else "",
-                *limiter.script_args(
-                    1, ahead=ahead, waiter=f"m:{message_id}" if for_session else "", due_at=due_at
-                ),
-            ],
+        code, wait = self._take_turn(
+            keys=[self.keys.poll_gate(message_id), *self.limiter.keys],
+            args=self._turn_args(message_id, ahead=CHECK_WAIT, due_at=None),
         )
-        if int(turn) == 2:  # checked by someone else less than the minimum interval ago
-            raise TryLater(max(int(wait_raw), 1) / 1000)
-        wait = int(wait_raw) / 1_000_000
-        if not int(turn):
-            raise TryLater(wait, "rate")
-        if wait > 0:
-            time.sleep(wait)
         try:
-            status = self.require_api().get_status(message_id)
-        except Exception as exc:
+            status = self.ask(message_id, self._turn(int(code), int(wait)))
+        except SmsbatError as exc:
             self.limiter.observe_error(exc)
             raise
         self.cache.store(message_id, status, source="poll")
@@ -638,7 +811,7 @@ class Engine:
             if cached is not None:
                 return cached.status
             try:
-                return self.poll(message_id, for_session=False)
+                return self.poll(message_id)
             except TryLater as later:
                 if time.monotonic() > give_up:
                     if later.reason == "rate":
@@ -653,32 +826,33 @@ class Engine:
     # --- settling ------------------------------------------------------------------------
 
     def settle(
-        self, message_id: str, result: Mapping[str, Any] | None, *, claimer: str
+        self,
+        message_id: str,
+        result: Mapping[str, Any] | None,
+        *,
+        claimer: str,
+        check: Check | None = None,
     ) -> SettleResult:
         """Record ``result`` unless an outcome is recorded; claim and dispatch callbacks.
 
         With ``result=None`` nothing new is recorded: only pending subscriptions of an
         already recorded outcome are claimed (a late joiner, or a dispatch to finish).
+        A run that ends its tracking writes its ``check`` in the same round trip.
         """
-        ttl_ms = int(self.settings.final_ttl * 1000)
-        recorded, outcome_raw, flat, retaken = self._settle(
-            keys=[
-                self.keys.outcome(message_id),
-                self.keys.subs(message_id),
-                self.keys.fired(message_id),
-                self.keys.track(message_id),
-                self.keys.due(),
-            ],
-            args=[
+        _, reply = self._after(
+            message_id,
+            check,
+            ["", 0, Keys.due_message(message_id), "settle", 0, 0],
+            [
                 json.dumps(result, separators=(",", ":")) if result is not None else "",
-                ttl_ms,
+                int(self.settings.final_ttl * 1000),
                 claimer,
                 int(time.time() * 1000),
                 # A claim this old belongs to a claimer that died: as late as a lost run.
                 int(self.settings.redrive_after * 1000),
-                Keys.due_message(message_id),
             ],
         )
+        recorded, outcome_raw, flat, retaken = reply
         if not outcome_raw:  # result None and nothing recorded: nothing to do
             return SettleResult(False, {}, [])
         final: dict[str, Any] = json.loads(outcome_raw)
@@ -712,7 +886,7 @@ class Engine:
         member = Keys.due_message(message_id)
         # One id per follow-up of this tracking (a later tracking of the same id differs).
         session_key = f"{message_id}@{result.get('started_at')}"
-        sent_keys = [self.keys.fired(message_id), self.keys.subs(message_id), self.keys.due()]
+        sent_keys = [self.keys.claims(message_id), self.keys.subs(message_id), self.keys.due()]
         done = 0
         try:
             for sub_id, sub in settled.claimed:
@@ -743,7 +917,7 @@ class Engine:
             left = [sub_id for sub_id, _ in settled.claimed[done:]]
             try:
                 self._release(
-                    keys=[self.keys.fired(message_id)], args=[f"pending:{claimer}:", *left]
+                    keys=[self.keys.claims(message_id)], args=[f"pending:{claimer}:", *left]
                 )
             except redis.RedisError:  # the stale-claim time hands them on instead
                 log.warning("track.release_failed", message_id=message_id)
@@ -839,6 +1013,6 @@ class Engine:
         keys = []
         for m in message_ids:
             k = self.keys
-            keys += [k.status(m), k.track(m), k.subs(m), k.fired(m), k.outcome(m)]
+            keys += [k.status(m), k.session(m), k.subs(m), k.claims(m), k.outcome(m)]
         if keys:
             self.redis.delete(*keys)
