@@ -12,11 +12,20 @@ It then counts, per message, the callbacks *sent* (distinct task ids) and *run*,
 each outcome against the API's truth, and measures each outcome's lateness: from the
 moment it became knowable (the final status at the API, or the deadline) to its callback.
 The figures go to ``bench/results/chaos.json`` and the terminal.
+
+``--faults`` is the provider-fault run instead: no crashes, a 60 s deadline, every message
+final 3-50 s after it is sent, and the API answering 30 % 5xx, 10 % 429 (Retry-After 1),
+5 % malformed bodies and 5 % slow answers (past the read timeout); each rate can be set
+(``--error-rate`` ...). The documented loop (``bench.doc_loop``: a fixed 5 s poll, 3 tries
+per error, giving up after 60 s) then tracks as many messages of the same shapes under the
+same faults, for its wrong outcomes, lateness and calls per message. The figures go to
+``bench/results/faults.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import logging
@@ -44,9 +53,11 @@ from smsbat_tracker.sandbox import SandboxConfig, SandboxServer
 RESULTS = Path(__file__).parent / "results"
 
 
-def _timeline(rng: random.Random) -> tuple[list[tuple[str, float]], str | None, float | None]:
+def _timeline(
+    rng: random.Random, never_final: float = 0.04
+) -> tuple[list[tuple[str, float]], str | None, float | None]:
     """A message's script: (timeline, final status or None, seconds to final or None)."""
-    if rng.random() < 0.04:
+    if rng.random() < never_final:
         return [("processing", 0.0)], None, None
     final = "delivered" if rng.random() < 0.9 else "undeliverable"
     at = rng.uniform(3.0, 50.0)
@@ -106,7 +117,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ):
         sandbox = SandboxServer(SandboxConfig(seed=args.seed))
         sandbox.start()
-        overrides = {} if args.rate_limit is None else {"rate_limit": args.rate_limit}
+        overrides: dict[str, Any] = (
+            {} if args.rate_limit is None else {"rate_limit": args.rate_limit}
+        )
+        if args.deadline is not None:
+            overrides["deadline"] = args.deadline
         settings = load_settings(
             redis_url=server.url, base_url=sandbox.url, api_key=sandbox.config.api_key, **overrides
         )
@@ -136,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ("campaign", args.campaign, campaign_ids),
             ):
                 for _ in range(count):
-                    timeline, final, at = _timeline(rng)
+                    timeline, final, at = _timeline(rng, args.never_final)
                     mid = sandbox.state.create_scripted(timeline)
                     truth[mid] = {
                         "kind": kind,
@@ -144,6 +159,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "final_at": time.time() + at if at is not None else None,
                     }
                     into.append(mid)
+            faults = _fault_settings(args, settings)
+            if faults:
+                sandbox.state.set_faults(**faults)
+                events.append({"at": 0.0, "faults": faults})
             sent_at = time.time()
             for mid in track_ids:
                 sig = record_outcome.s(label="track")
@@ -216,6 +235,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for mid, t in truth.items():
                 t["poll_times"] = [round(x - t0, 2) for x in sandbox.state.truth(mid)["poll_times"]]
             t_zero = t0
+            calls = {
+                kind: sum(len(t["poll_times"]) for t in truth.values() if t["kind"] == kind)
+                / max(1, sum(1 for t in truth.values() if t["kind"] == kind))
+                for kind in ("track", "campaign")
+            }
+            doc_loop = _run_doc_loop(args, sandbox, settings, rng, logs) if args.doc_loop else None
             redriven = sum(
                 int(client.hget(f"{settings.key_prefix}:session:{{{m}}}", "redriven") or 0)
                 for m in track_ids
@@ -224,8 +249,83 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             workers.close()
             sandbox.stop()
     summary = _analyse(truth, entries, reports, events, settings.deadline, redriven, args, t_zero)
+    summary["calls_per_message"] = {k: round(v, 2) for k, v in calls.items()}
+    if doc_loop is not None:
+        summary["doc_loop"] = doc_loop
     summary["lost_state"] = lost_state
     return summary
+
+
+def _fault_settings(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """The sandbox's fault rates for this run (empty: none)."""
+    rates = {
+        "error_rate": args.error_rate,
+        "rate_limit_rate": args.rate_limit_rate,
+        "malformed_rate": args.malformed_rate,
+        "slow_rate": args.slow_rate,
+    }
+    if not any(rates.values()):
+        return {}
+    # Slow: past the read timeout, so the client gives up on the request.
+    return {**rates, "retry_after": 1.0, "slow_seconds": settings.read_timeout + 2.0}
+
+
+def _run_doc_loop(
+    args: argparse.Namespace,
+    sandbox: SandboxServer,
+    settings: Settings,
+    rng: random.Random,
+    logs: Path,
+) -> dict[str, Any]:
+    """The documented loop on as many messages of the same shapes, under the same faults."""
+    truth: dict[str, dict[str, Any]] = {}
+    for _ in range(args.messages):
+        timeline, final, at = _timeline(rng, args.never_final)
+        mid = sandbox.state.create_scripted(timeline)
+        truth[mid] = {"final": final, "final_at": time.time() + at if at is not None else None}
+    with open(logs / "doc-loop.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.doc_loop"],
+            cwd=Path(__file__).parent.parent,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # ready
+    job = {
+        "base_url": sandbox.url,
+        "api_key": sandbox.config.api_key,
+        "ids": list(truth),
+        "interval": 5.0,
+        "give_up": 60.0,
+        "read_timeout": settings.read_timeout,
+    }
+    out, _ = proc.communicate(json.dumps(job) + "\n", timeout=300)
+    results: dict[str, dict[str, Any]] = json.loads(out.strip().splitlines()[-1])["results"]
+    wrong = 0
+    lateness = []
+    for mid, t in truth.items():
+        r = results.get(mid)
+        if r is None or r["outcome"] != (t["final"] or "timeout"):
+            wrong += 1
+        if r is not None and t["final_at"] is not None:
+            lateness.append(r["known_at"] - t["final_at"])
+    lateness.sort()
+    return {
+        "messages": len(truth),
+        "wrong": wrong,
+        "outcomes": dict(
+            sorted(collections.Counter(r["outcome"] for r in results.values()).items())
+        ),
+        "calls_per_message": round(sum(r["checks"] for r in results.values()) / len(truth), 2),
+        "lateness_s": {
+            "p50": round(lateness[len(lateness) // 2], 2) if lateness else None,
+            "p99": round(lateness[int(0.99 * len(lateness))], 2) if lateness else None,
+            "max": round(lateness[-1], 2) if lateness else None,
+        },
+    }
 
 
 def _lost_state(
@@ -278,7 +378,7 @@ def _analyse(
         outcome = first["result"]["outcome"]
         expected = t["final"] or "timeout"
         if outcome != expected:
-            wrong.append(mid)
+            wrong.append(f"{mid}: {outcome} ({first['result'].get('error')}), not {expected}")
         knowable = t["final_at"] if t["final"] else t["enqueued_at"] + deadline
         lateness.append(first["recorded_at"] - knowable)
         rows.append(
@@ -338,8 +438,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rate-limit", type=float, default=None, help="SMSBAT_RATE_LIMIT (default: the default)"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
+    parser.add_argument("--deadline", type=float, default=None, help="SMSBAT_DEADLINE")
+    parser.add_argument(
+        "--never-final", type=float, default=None, help="share of messages never final"
+    )
+    parser.add_argument(
+        "--faults",
+        action="store_true",
+        help="the provider-fault run: no crashes, 60 s deadline, 30%% 5xx, 10%% 429, "
+        "5%% malformed, 5%% slow, every message final in 3-50 s, then the documented loop",
+    )
+    for name in ("error-rate", "rate-limit-rate", "malformed-rate", "slow-rate"):
+        parser.add_argument(f"--{name}", type=float, default=None)
+    parser.add_argument("--doc-loop", action="store_true", help="also run the documented loop")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    preset = {
+        "error_rate": 0.30,
+        "rate_limit_rate": 0.10,
+        "malformed_rate": 0.05,
+        "slow_rate": 0.05,
+    }
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value if args.faults else 0.0)
+    if args.faults:
+        args.kills, args.redis_kill_at, args.doc_loop = 0, -1.0, True
+        args.deadline = 60.0 if args.deadline is None else args.deadline
+    if args.never_final is None:
+        args.never_final = 0.0 if args.faults else 0.04
+    if args.out is None:
+        args.out = RESULTS / ("faults.json" if args.faults else "chaos.json")
+
     summary = run(args)
     args.out.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

@@ -15,6 +15,7 @@ from smsbat_tracker.backoff import (
     DEFAULT_MAX_DELAY,
     Schedule,
     compute_backoff,
+    retry_backoff,
 )
 from smsbat_tracker.config import load_settings
 
@@ -218,3 +219,21 @@ def test_next_wait_is_bounded(
         assert wait >= min(retry_after, left) - 1e-9
     if last_check_at is not None:
         assert wait >= min(min_interval - (now - last_check_at), left) - 1e-9
+
+
+def test_a_failed_request_is_retried_after_1_2_4_seconds() -> None:
+    """The provider's own example: 1 s, 2 s, 4 s, then 4 s for as long as it fails."""
+    assert [retry_backoff(n) for n in range(1, 7)] == [1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
+
+
+def test_a_retry_after_is_never_cut_short() -> None:
+    """A 429's Retry-After stretches the retry; a shorter one changes nothing."""
+    assert retry_backoff(1, retry_after=30.0) == 30.0
+    assert retry_backoff(3, retry_after=1.0) == 4.0
+    assert retry_backoff(10**9) == 4.0  # no overflow
+
+
+def test_retry_backoff_needs_a_failure() -> None:
+    """It counts failures from 1: zero is a caller's mistake."""
+    with pytest.raises(ValueError, match="failures"):
+        retry_backoff(0)

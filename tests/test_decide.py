@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from smsbat_tracker.backoff import Schedule
 from smsbat_tracker.cache import CachedStatus
 from smsbat_tracker.decide import (
+    NO_ANSWER,
     Ask,
     AwaitPush,
     Finish,
@@ -22,10 +23,14 @@ from smsbat_tracker.decide import (
     outcome_of,
 )
 from smsbat_tracker.errors import (
+    ConnectionFailed,
+    MalformedResponse,
     MessageNotFound,
     PermanentError,
     RateLimited,
+    RequestTimeout,
     ServerError,
+    SmsbatError,
 )
 from smsbat_tracker.models import MessageStatus
 
@@ -37,6 +42,7 @@ RULES = Rules(
     fresh_for=1.0,
     trust_pushes=True,
     push_wait=900.0,
+    deadline_grace=10.0,
 )
 RUNNING = Progress(started_at=NOW - 20, deadline_at=NOW + 100, checks=2)
 AT_DEADLINE = Progress(started_at=NOW - 120, deadline_at=NOW, checks=9)
@@ -119,8 +125,41 @@ CASES: list[tuple[str, Progress, CachedStatus | None, Any, Any]] = [
         MessageNotFound("x"),
         Finish("error", None, str(MessageNotFound("x"))),
     ),
-    ("429 stretches the wait", RUNNING, None, RateLimited(30.0), Wait(30.0)),
-    ("a 5xx is a check like any", RUNNING, None, ServerError(503), Wait(10.0)),
+    (
+        "a 5xx is no check: retried in 1 s",
+        RUNNING,
+        None,
+        ServerError(503),
+        Wait(1.0, counted=False, failed=True),
+    ),
+    (
+        "the third failure in a row: 4 s",
+        Progress(started_at=NOW - 20, deadline_at=NOW + 100, checks=2, failures=2),
+        None,
+        RequestTimeout("slow"),
+        Wait(4.0, counted=False, failed=True),
+    ),
+    (
+        "failures back off no further than 4 s",
+        Progress(started_at=NOW - 20, deadline_at=NOW + 100, checks=2, failures=9),
+        None,
+        MalformedResponse("not JSON"),
+        Wait(4.0, counted=False, failed=True),
+    ),
+    (
+        "a 429 is no check; its Retry-After is honoured",
+        RUNNING,
+        None,
+        RateLimited(3.0),
+        Wait(3.0, counted=False, failed=True),
+    ),
+    (
+        "a failure just before the deadline: retried at the deadline",
+        Progress(started_at=NOW - 50, deadline_at=NOW + 0.5, checks=5),
+        cached("processing"),
+        ConnectionFailed("reset"),
+        Wait(0.5, counted=False, status=status("processing"), failed=True),
+    ),
     (
         "turned away by the limit: not a check",
         RUNNING,
@@ -129,11 +168,39 @@ CASES: list[tuple[str, Progress, CachedStatus | None, Any, Any]] = [
         Wait(2.5, counted=False),
     ),
     (
-        "turned away at the deadline: timeout",
+        "the deadline check failed: retried within the grace",
+        AT_DEADLINE,
+        cached("processing"),
+        ServerError(500),
+        Wait(1.0, counted=False, status=status("processing"), failed=True),
+    ),
+    (
+        "the deadline check turned away: retried within the grace",
         AT_DEADLINE,
         cached("processing"),
         TryLater(1.0),
-        Finish("timeout", status("processing")),
+        Wait(1.0, counted=False, status=status("processing")),
+    ),
+    (
+        "a retry never passes the end of the grace",
+        Progress(started_at=NOW - 128, deadline_at=NOW - 8, checks=9, failures=3),
+        None,
+        ServerError(500),
+        Wait(2.0, counted=False, failed=True),
+    ),
+    (
+        "no answer by the end of the grace: timeout, saying so",
+        Progress(started_at=NOW - 130, deadline_at=NOW - 10, checks=9, failures=5),
+        cached("processing"),
+        ServerError(500),
+        Finish("timeout", status("processing"), NO_ANSWER),
+    ),
+    (
+        "an answer within the grace counts: final",
+        Progress(started_at=NOW - 125, deadline_at=NOW - 5, checks=9, failures=3),
+        None,
+        status("delivered"),
+        Finish("delivered", status("delivered")),
     ),
 ]
 
@@ -187,3 +254,42 @@ def test_an_answer_always_ends_or_waits_within_the_deadline(
     else:
         assert decision == Finish("timeout", status(value))
         assert left <= 0.05 + 1e-6
+
+
+FAILURES = st.sampled_from(
+    [
+        ServerError(500),
+        ServerError(503),
+        RateLimited(1.0),
+        RateLimited(None),
+        RequestTimeout("read"),
+        ConnectionFailed("reset"),
+        MalformedResponse("not JSON"),
+    ]
+)
+
+
+@given(
+    failure=FAILURES,
+    left=st.floats(min_value=-15, max_value=200),
+    checks=st.integers(min_value=0, max_value=50),
+    failures=st.integers(min_value=0, max_value=20),
+)
+def test_a_failed_request_is_never_a_check(
+    failure: SmsbatError, left: float, checks: int, failures: int
+) -> None:
+    """Whatever failed and whenever: the schedule's step is kept (not counted), the retry
+    comes within 1-4 s (or the Retry-After), never past the deadline, nor past the end of
+    the deadline's grace; only there does the tracking end, as a timeout that says no
+    answer came."""
+    progress = Progress(NOW - 10, NOW + left, checks=checks, failures=failures)
+    decision = decide(progress, cached=None, now=NOW, rules=RULES, answer=failure)
+    if left + RULES.deadline_grace <= 0.05:
+        assert decision == Finish("timeout", None, NO_ANSWER)
+        return
+    assert isinstance(decision, Wait)
+    assert not decision.counted
+    assert decision.failed
+    bound = left if left > 0.05 else left + RULES.deadline_grace
+    assert 0 <= decision.seconds <= max(bound, 0) + 1e-6
+    assert decision.seconds <= 4.0 or decision.seconds == bound

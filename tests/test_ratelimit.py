@@ -14,7 +14,13 @@ from structlog.testing import capture_logs
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import RateLimited, ServerError
 from smsbat_tracker.keys import Keys
-from smsbat_tracker.ratelimit import DEFAULT_PAUSE, LINE_WINDOW, WAITER_GRACE, RateLimiter
+from smsbat_tracker.ratelimit import (
+    DEFAULT_PAUSE,
+    LINE_WINDOW,
+    PAUSE_MAX,
+    WAITER_GRACE,
+    RateLimiter,
+)
 from tests.conftest import wait_for
 
 
@@ -96,13 +102,29 @@ def test_pause_is_shared_across_limiters(redis_client: redis.Redis, settings: Se
     assert 1.5 < second.try_acquire() <= 2.0
 
 
-def test_observe_rate_limited_pauses_for_retry_after(
+def test_observe_rate_limited_pauses_briefly(
+    limiter_for: Callable[..., RateLimiter], redis_client: redis.Redis
+) -> None:
+    """observe_error(RateLimited(0.5)) pauses everyone 0.5 s; a longer Retry-After pauses
+    everyone PAUSE_MAX at most (the message itself waits the whole Retry-After)."""
+    limiter = limiter_for(1000)
+    limiter.observe_error(RateLimited(0.5))
+    assert 0.3 < limiter.try_acquire() <= 0.5
+    redis_client.delete(Keys().rate_pause())
+    limiter.observe_error(RateLimited(30.0))
+    assert PAUSE_MAX * 0.5 < limiter.try_acquire() <= PAUSE_MAX
+
+
+def test_a_stream_of_429s_pauses_at_most_half_the_time(
     limiter_for: Callable[..., RateLimiter],
 ) -> None:
-    """observe_error(RateLimited(2.0)) pauses everyone about 2 s."""
+    """A second 429 within twice a pause's length of the first does not pause again: a
+    provider answering 429 to one request in ten cannot stop every tracker for good."""
     limiter = limiter_for(1000)
-    limiter.observe_error(RateLimited(2.0))
-    assert 1.5 < limiter.try_acquire() <= 2.0
+    limiter.pause(0.2)
+    wait_for(lambda: limiter.try_acquire() == 0.0, timeout=2)
+    limiter.pause(0.2)  # 0.2-0.4 s after the first: no new pause
+    assert limiter.try_acquire() == 0.0
 
 
 def test_observe_rate_limited_without_retry_after_uses_default(

@@ -15,8 +15,12 @@ __all__ = [
     "DEFAULT_JITTER",
     "DEFAULT_MAX_DELAY",
     "MIN_INTERVAL",
+    "RETRY_FACTOR",
+    "RETRY_FIRST",
+    "RETRY_MAX",
     "Schedule",
     "compute_backoff",
+    "retry_backoff",
 ]
 
 # The provider advises checks every 5-10 s with exponential backoff; the defaults start at
@@ -28,6 +32,12 @@ DEFAULT_MAX_DELAY: Final = 10.0
 DEFAULT_JITTER: Final = 0.1
 # Never two status requests for one message within a second (the provider's rule).
 MIN_INTERVAL: Final = 1.0
+# A failed request (a network error, a timeout, 5xx, 429, a malformed body) says nothing
+# about the message: it is retried on its own short backoff, the provider's example (1 s,
+# 2 s, 4 s), without spending a step of the schedule.
+RETRY_FIRST: Final = 1.0
+RETRY_FACTOR: Final = 2.0
+RETRY_MAX: Final = 4.0
 
 
 def compute_backoff(
@@ -51,6 +61,25 @@ def compute_backoff(
     base = first_delay if factor == 1 else min(max_delay, first_delay * factor ** min(attempt, 64))
     spread = base * jitter * (2.0 * rng() - 1.0)
     return max(0.0, min(max_delay, base + spread))
+
+
+def retry_backoff(
+    failures: int,
+    *,
+    retry_after: float | None = None,
+    first: float = RETRY_FIRST,
+    factor: float = RETRY_FACTOR,
+    max_delay: float = RETRY_MAX,
+) -> float:
+    """Seconds to wait after ``failures`` failed requests in a row (1 after the first).
+
+    ``first * factor ** (failures - 1)``, capped at ``max_delay``, and never shorter than
+    the API's ``retry_after``.
+    """
+    if failures < 1:
+        raise ValueError("failures must be >= 1")
+    wait = min(max_delay, first * factor ** min(failures - 1, 64))
+    return max(wait, retry_after or 0.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ from smsbat_tracker.decide import (
     TryLater,
     Wait,
     decide,
+    line_position,
 )
 from smsbat_tracker.errors import SmsbatError
 from smsbat_tracker.keys import Keys
@@ -74,11 +75,11 @@ CLAIM_SECONDS: Final = 1.0
 # Claims the due messages for one batch, and notes them as the chain's batch. A batch the
 # chain left noted was abandoned (its tick died, and this is the same run again): it is due
 # again first. A run that was taken over claims nothing.
-# Returns the claimed ids each followed by its due time, then their cached statuses and
-# their checks so far (what the rules need), in one round trip.
+# Returns the claimed ids each followed by its due time, then their cached statuses, their
+# checks so far and their requests failed in a row (what the rules need), in one round trip.
 _CLAIM = """
 if KEYS[3] then
-  if redis.call('HGET', KEYS[4], ARGV[6]) ~= ARGV[7] then return {{}, {}, {}} end
+  if redis.call('HGET', KEYS[4], ARGV[6]) ~= ARGV[7] then return {{}, {}, {}, {}} end
   for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     redis.call('ZADD', KEYS[1], 'XX', ARGV[1], id)
   end
@@ -86,16 +87,17 @@ if KEYS[3] then
 end
 local claimed = redis.call(
   'ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
-local ids, cached, checks = {}, {}, {}
+local ids, cached, checks, failures = {}, {}, {}, {}
 for i = 1, #claimed, 2 do
   local id = claimed[i]
   ids[#ids + 1] = id
   redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
   cached[#cached + 1] = redis.call('GET', ARGV[4] .. id .. ARGV[5]) or ''
   checks[#checks + 1] = redis.call('HGET', KEYS[2], id) or '0'
+  failures[#failures + 1] = redis.call('HGET', KEYS[2], 'f:' .. id) or '0'
 end
 if KEYS[3] and #ids > 0 then redis.call('SADD', KEYS[3], unpack(ids)) end
-return {claimed, cached, checks}
+return {claimed, cached, checks, failures}
 """
 
 # KEYS: the rate limit's four keys, the campaign's due set, then each message's gate.
@@ -137,9 +139,10 @@ return {1, wait, got}
 # KEYS: the campaign's checks, due set, outcomes, meta, unsent, the rate limit's pause, the
 # chain's claimed set, then the status keys of the answers to cache.  ARGV: ttl ms, now ms
 # ('' when nobody wants per-message callbacks), pause ms (''), then how many messages are
-# cached, re-scored, counted and recorded, the chain's field ('' for none) and run, then
-# each answer's StatusCache.store_args, (id, score) pairs, counted ids, and (id, outcome,
-# record) triples.
+# cached, re-scored, counted and recorded, the chain's field ('' for none) and run, how
+# many failed, then each answer's StatusCache.store_args, (id, score) pairs, counted ids
+# (an answer: one more check, no failures), failed ids (one more failure in a row; kept in
+# the checks hash as 'f:<id>'), and (id, outcome, record) triples.
 # A batch's after-step in one round trip: caches the answers, re-scores and counts, pauses
 # every caller after a 429, records each outcome once (noted as unsent until its callback
 # is confirmed), and forgets the chain's claimed batch (unless the run was taken over: the
@@ -151,7 +154,8 @@ _AFTER_BATCH = (
     + """
 local stores, rescored, counted, finals = tonumber(ARGV[4]), tonumber(ARGV[5]),
   tonumber(ARGV[6]), tonumber(ARGV[7])
-local at = 10
+local failed = tonumber(ARGV[10])
+local at = 11
 for i = 1, stores do
   local A = {}
   for j = 0, 9 do A[j + 1] = ARGV[at + (i - 1) * 10 + j] end
@@ -164,6 +168,11 @@ for i = 1, rescored do
 end
 for i = 1, counted do
   redis.call('HINCRBY', KEYS[1], ARGV[at], 1)
+  redis.call('HDEL', KEYS[1], 'f:' .. ARGV[at])
+  at = at + 1
+end
+for i = 1, failed do
+  redis.call('HINCRBY', KEYS[1], 'f:' .. ARGV[at], 1)
   at = at + 1
 end
 local paused = 0
@@ -173,7 +182,7 @@ for i = 1, finals do
   local id = ARGV[at]
   if redis.call('HSETNX', KEYS[3], id, ARGV[at + 2]) == 1 then
     redis.call('ZREM', KEYS[2], id)
-    redis.call('HDEL', KEYS[1], id)
+    redis.call('HDEL', KEYS[1], id, 'f:' .. id)
     redis.call('HINCRBY', KEYS[4], 'done', 1)
     redis.call('HINCRBY', KEYS[4], 'n:' .. ARGV[at + 1], 1)
     if ARGV[2] ~= '' then redis.call('HSET', KEYS[5], id, ARGV[2]) end
@@ -531,7 +540,8 @@ class CampaignRunner:
         now = time.time()
         started_at = float(meta["started_at"])
         deadline_at = float(meta["deadline_at"])
-        grace = self.settings.max_delay + self.settings.min_interval
+        # Past the deadline check's grace and one more tick: what is left is decided now.
+        grace = self.settings.deadline_grace + self.settings.max_delay + self.settings.min_interval
         if now > deadline_at + grace:
             self.finish(campaign_id, meta)
             return TickResult(0, 0, 0, True, None)
@@ -558,14 +568,15 @@ class CampaignRunner:
                 self.keys.campaign(campaign_id),
             ]
             claim_args += [f"tick:{slot}", run]
-        claimed, raws, checks = self._claim(keys=claim_keys, args=claim_args)
+        claimed, raws, checks, failures = self._claim(keys=claim_keys, args=claim_args)
         due = {str(claimed[i]): float(claimed[i + 1]) for i in range(0, len(claimed), 2)}
         cached: dict[str, CachedStatus] = {}
         for m, raw in zip(due, raws, strict=True):
             if raw and (entry := self.engine.cache.parse(raw)) is not None:
                 cached[m] = entry
         progress = {
-            m: Progress(started_at, deadline_at, int(n)) for m, n in zip(due, checks, strict=True)
+            m: Progress(started_at, deadline_at, int(n), failures=int(f))
+            for m, n, f in zip(due, checks, failures, strict=True)
         }
         api_calls, turn, decisions, answers = self._check_batch(
             campaign_id, due, cached, progress, waiter=f"c:{campaign_id}:{slot}"
@@ -627,7 +638,7 @@ class CampaignRunner:
                     # The batch's own pace, and no more: a tick does not sleep on a worker.
                     ahead=len(to_call) / limiter.rate + CHECK_WAIT if limiter.enabled else 0.0,
                     waiter=waiter,
-                    due_at=min(due[m] for m in to_call),
+                    due_at=min(line_position(progress[m], due_at=due[m], now=now) for m in to_call),
                 ),
             ]
             for m in to_call:
@@ -715,15 +726,16 @@ class CampaignRunner:
         finals: list[tuple[str, Outcome, MessageStatus | None, str | None]] = []
         rescore: list[Any] = []
         counted: list[str] = []
+        failed: list[str] = []
         for m, decision in decisions.items():
             if isinstance(decision, Finish):
                 finals.append((m, decision.outcome, decision.status, decision.error))
             elif isinstance(decision, Wait | AwaitPush):
                 rescore += [m, repr(now + decision.seconds)]
-            if not isinstance(decision, AwaitPush) and (
-                not isinstance(decision, Wait) or decision.counted
-            ):
+            if isinstance(decision, Wait) and decision.counted:
                 counted.append(m)
+            elif isinstance(decision, Wait) and decision.failed:
+                failed.append(m)
         statuses = {m: a for m, a in (answers or {}).items() if isinstance(a, MessageStatus)}
         pauses = [p for a in (answers or {}).values() if (p := pause_for(a)) is not None]
         sub = self._subscription(meta)
@@ -739,10 +751,11 @@ class CampaignRunner:
             len(finals),
             f"tick:{slot}" if chain is not None else "",
             run,
+            len(failed),
         ]
         for answer in statuses.values():
             args += self.engine.cache.store_args(answer, source="poll")
-        args += rescore + counted
+        args += rescore + counted + failed
         for m, outcome, status, _error in finals:
             args += [m, outcome, _compact(outcome, status, now - started_at)]
         reply, left, first, paused = self._after(
@@ -778,9 +791,9 @@ class CampaignRunner:
         self, meta: dict[str, str], ids: list[str], cached: dict[str, CachedStatus]
     ) -> dict[str, Decision]:
         """What the rules make of messages left unfinished when the campaign ends: decided
-        as at the deadline, with no time left to ask."""
+        as at the end of the deadline check's grace, with no time left to ask."""
         rules, deadline_at = self.engine.rules, float(meta["deadline_at"])
-        now = max(time.time(), deadline_at)
+        now = max(time.time(), deadline_at + rules.deadline_grace)
         out: dict[str, Decision] = {}
         for m in ids:
             progress = Progress(float(meta["started_at"]), deadline_at)

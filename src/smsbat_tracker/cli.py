@@ -121,6 +121,7 @@ def campaign_give_up(settings: Settings, meta: dict[str, str]) -> float:
     deadline_at = float(meta.get("deadline_at") or time.time() + settings.deadline)
     return (
         deadline_at
+        + settings.deadline_grace
         + settings.max_delay
         + settings.min_interval
         + settings.redrive_after

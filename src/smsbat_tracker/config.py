@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     not_found_grace: float = Field(default=30.0, ge=0, le=3_600)
     # A poller accepts a cached in-flight status this young instead of calling the API.
     fresh_for: float = Field(default=1.0, ge=0, le=60)
+    # The deadline check is retried this long while its requests fail or get no turn: a
+    # failed request is no answer, and a wrong "timeout" re-sends an OTP.
+    deadline_grace: float = Field(default=10.0, ge=0, le=3_600)
 
     # --- cache ----------------------------------------------------------------------
     cache_ttl: float = Field(default=30.0, gt=0, le=3_600)

@@ -18,12 +18,17 @@ The rules, in order:
    (``SMSBAT_TRUST_PUSHES``).
 3. A status someone cached less than ``SMSBAT_FRESH_FOR`` ago is as good as asking.
 4. Otherwise ask. A final answer ends it; a message the API does not know yet is given
-   ``SMSBAT_NOT_FOUND_GRACE``; a permanent error ends it as ``error``; a 429's Retry-After
-   stretches the next wait; a request the rate limit or the per-message gate turned away
-   was no check and waits its turn.
-5. The check at the deadline is the last: without a final status the outcome is
-   ``timeout``. Before it, the next check follows the backoff schedule, its last wait
-   landing on the deadline.
+   ``SMSBAT_NOT_FOUND_GRACE``; a permanent error ends it as ``error``.
+5. A failed request (a network error, a timeout, 5xx, 429, a malformed body) is not a
+   check: it says nothing about the message. It is retried on its own short backoff
+   (:func:`~smsbat_tracker.backoff.retry_backoff`: 1, 2, 4 s, never before a 429's
+   Retry-After), and the schedule's next step is kept for the next answer. A request the
+   rate limit or the per-message gate turned away was no check either, and waits its turn.
+6. The check at the deadline is the last: its answer, if not final, makes the outcome
+   ``timeout``. It must get an answer: while it fails or gets no turn it is retried for up
+   to ``SMSBAT_DEADLINE_GRACE``; a tracking that got no answer by then ends as
+   ``timeout`` with the error :data:`NO_ANSWER`. Before the deadline, the next check
+   follows the backoff schedule, its last wait landing on the deadline.
 """
 
 from __future__ import annotations
@@ -31,7 +36,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
-from smsbat_tracker.errors import MessageNotFound, PermanentError, RateLimited, SmsbatError
+from smsbat_tracker.backoff import retry_backoff
+from smsbat_tracker.errors import (
+    MessageNotFound,
+    PermanentError,
+    RateLimited,
+    SmsbatError,
+)
 from smsbat_tracker.models import DELIVERED, FAILED_STATUSES, MessageStatus
 
 if TYPE_CHECKING:
@@ -40,7 +51,9 @@ if TYPE_CHECKING:
     from smsbat_tracker.config import Settings
 
 __all__ = [
+    "DEADLINE_FIRST",
     "DEADLINE_SLACK",
+    "NO_ANSWER",
     "OUTCOMES",
     "Answer",
     "Ask",
@@ -53,6 +66,7 @@ __all__ = [
     "TryLater",
     "Wait",
     "decide",
+    "line_position",
     "outcome_of",
 ]
 
@@ -66,6 +80,11 @@ OUTCOMES: Final[tuple[str, ...]] = (
 )
 # A check due within this of the deadline is the deadline check.
 DEADLINE_SLACK: Final = 0.05
+# The error of a tracking whose deadline check got no answer within the grace.
+NO_ANSWER: Final = "no answer from the API at the deadline"
+# How far ahead of the checks that merely fell due a check at its deadline stands in the
+# rate limit's line.
+DEADLINE_FIRST: Final = 3600.0
 
 
 class TryLater(Exception):
@@ -98,6 +117,7 @@ class Progress:
     deadline_at: float
     checks: int = 0  # checks made so far (the next one is ``checks + 1``)
     pushed: bool = False  # a push was seen for the message
+    failures: int = 0  # requests failed in a row since the last answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +129,7 @@ class Rules:
     fresh_for: float
     trust_pushes: bool
     push_wait: float  # the longest wait while pushes are trusted
+    deadline_grace: float = 10.0  # how long the deadline check is retried for an answer
 
     @classmethod
     def from_settings(cls, settings: Settings, schedule: Schedule) -> Rules:
@@ -120,6 +141,7 @@ class Rules:
             trust_pushes=settings.trust_pushes,
             # Far below the visibility timeout, so that a waiting task is never redelivered.
             push_wait=max(settings.max_delay, settings.visibility_timeout / 4),
+            deadline_grace=settings.deadline_grace,
         )
 
 
@@ -139,11 +161,13 @@ class Finish:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Check again in ``seconds``; ``counted`` when this one was a check."""
+    """Check again in ``seconds``; ``counted`` when this one was a check (an answer),
+    ``failed`` when its request failed (one more failure in a row)."""
 
     seconds: float
     counted: bool = True
     status: MessageStatus | None = None
+    failed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,11 +201,21 @@ def decide(
         if cached is None or at_deadline or cached.age(now) >= rules.fresh_for:
             return Ask()
         answer = cached.status  # someone else just checked: that answer is as good as ours
-    if isinstance(answer, TryLater):
+    if isinstance(answer, TryLater) or not isinstance(answer, MessageStatus | PermanentError):
+        # No answer: not a check. Again shortly, never past the deadline (or its grace).
+        failed = not isinstance(answer, TryLater)
+        if isinstance(answer, TryLater):
+            wait = answer.retry_in
+        else:
+            retry_after = answer.retry_after if isinstance(answer, RateLimited) else None
+            wait = retry_backoff(progress.failures + 1, retry_after=retry_after)
         if at_deadline:
-            return Finish("timeout", last)
-        return Wait(min(answer.retry_in, max(progress.deadline_at - now, 0.0)), counted=False)
-    retry_after: float | None = None
+            left = progress.deadline_at + rules.deadline_grace - now
+            if left <= DEADLINE_SLACK:
+                return Finish("timeout", last, NO_ANSWER)
+            return Wait(min(wait, left), counted=False, status=last, failed=failed)
+        left = max(progress.deadline_at - now, 0.0)
+        return Wait(min(wait, left), counted=False, status=last, failed=failed)
     if isinstance(answer, MessageStatus):
         if answer.is_final:
             return Finish(outcome_of(answer), answer)
@@ -191,17 +225,23 @@ def decide(
             return Finish("error", last, str(answer))
     elif isinstance(answer, PermanentError):
         return Finish("error", last, str(answer))
-    elif isinstance(answer, RateLimited):
-        retry_after = answer.retry_after
     if at_deadline:
         return Finish("timeout", last)
-    wait = rules.schedule.next_wait(
+    following = rules.schedule.next_wait(
         now=now,
         deadline_at=progress.deadline_at,
         attempt=progress.checks + 1,
         last_check_at=now,
-        retry_after=retry_after,
     )
-    if wait is None:  # the deadline check has happened
+    if following is None:  # the deadline check has happened
         return Finish("timeout", last)
-    return Wait(wait, status=last)
+    return Wait(following, status=last)
+
+
+def line_position(progress: Progress, *, due_at: float, now: float) -> float:
+    """Where a check stands in the rate limit's line (the lowest goes first): when it fell
+    due; a check at its deadline, or in its grace, before any other, the earliest deadline
+    first. After a 429's pause, the checks closest to their deadlines are served first."""
+    if now >= progress.deadline_at - DEADLINE_SLACK:
+        return progress.deadline_at - DEADLINE_FIRST
+    return due_at

@@ -1,9 +1,11 @@
 """One rate limit for calls to the SMSBAT API, shared by every worker and process.
 
 A GCRA token bucket in one Lua script on the Redis server's clock, so workers on several
-machines agree. A 429 from the API pauses everyone for its Retry-After. When requests
-outrun the limit they are served oldest first, across tasks, campaign batches and
-processes. Celery's own ``rate_limit`` is per worker and can do none of this.
+machines agree. A 429 from the API pauses everyone briefly (its Retry-After, at most
+:data:`PAUSE_MAX`, and at most every other such span). When requests outrun the limit, or a
+pause ends, they are served oldest first (a check at its deadline before any), across
+tasks, campaign batches and processes. Celery's own ``rate_limit`` is per worker and can do
+none of this.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "ADJUST_LUA",
     "DEFAULT_PAUSE",
     "LINE_WINDOW",
+    "PAUSE_MAX",
     "RESERVE_AHEAD",
     "RESERVE_LUA",
     "WAITER_GRACE",
@@ -33,11 +36,15 @@ __all__ = [
 
 # Pause after a 429 that carries no Retry-After.
 DEFAULT_PAUSE: Final = 1.0
+# The longest a 429 pauses every caller: the provider's limit is per account, but one
+# message's 429 must not stop every tracker for long (the message itself waits out its
+# Retry-After on its own backoff).
+PAUSE_MAX: Final = 1.0
 
 log = get_logger(__name__)
 
-# KEYS: bucket (theoretical arrival time, in microseconds), pause, waiters (scored by when
-# their request fell due, us), waiters' expected return (us).
+# KEYS: bucket (theoretical arrival time, in microseconds), pause (when it ends, ms),
+# waiters (scored by when their request fell due, us), waiters' expected return (us).
 # ARGV: emission interval us, burst tolerance us, tokens wanted, how long the caller would
 # wait for them (us), the caller's name ('' for one-off callers), when its request fell
 # due (us; '' for now), how long a waiter may be late to ask again before it is forgotten
@@ -47,15 +54,16 @@ log = get_logger(__name__)
 # Fair: a caller is served only when the tokens of every waiter whose request fell due
 # earlier fit in the line's window too, so the oldest requests go first whoever asks
 # first (a task's retry and a campaign's batch alike), and a turned-away caller is told
-# when its turn comes instead of racing everyone again at the next free token. The window
+# when its turn comes instead of racing everyone again at the next free token. A caller
+# turned away by a pause takes its place in the line too: when the pause ends, the line
+# goes in order. The window
 # is wider than a caller's own wait, so that waiters who come back late (their worker was
 # busy) hold up the line only when more than the window's worth of them are late.
 RESERVE_LUA: Final = """
 local function reserve(K, A)
-  local pause = redis.call('PTTL', K[2])
-  if pause > 0 then return {0, pause * 1000} end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local paused = (tonumber(redis.call('GET', K[2])) or 0) * 1000 - now
   local interval = tonumber(A[1])
   local tolerance = tonumber(A[2])
   local n = tonumber(A[3])
@@ -77,8 +85,8 @@ local function reserve(K, A)
   local line = tat + interval * (before + n) - tolerance - interval - now
   line = line - math.max(tonumber(A[8]), ahead)
   local own = tat + interval * n - tolerance - interval - now - ahead
-  if line > 0 or own > 0 then
-    local retry = math.ceil(math.max(line, own))
+  if line > 0 or own > 0 or paused > 0 then
+    local retry = math.ceil(math.max(line, own, paused))
     if member ~= '' then
       redis.call('ZADD', K[3], string.format('%d', due), member)
       redis.call('ZADD', K[4], string.format('%d', now + retry + tonumber(A[7])), member)
@@ -103,7 +111,8 @@ _RESERVE = RESERVE_LUA + "return reserve(KEYS, ARGV)\n"
 
 # K: as reserve's.  ``unreserve(K, interval, n)`` gives back ``n`` tokens a caller booked
 # and did not use (``interval``: the emission interval, us). ``pause(K, ms)`` stops every
-# caller for ``ms`` unless a longer pause is on (1 when it set one): a 429's Retry-After.
+# caller for ``ms`` (1), unless a pause began less than twice its length ago (0): a stream
+# of 429s pauses everyone at most half the time.
 ADJUST_LUA: Final = """
 local function unreserve(K, interval, n)
   local ttl = redis.call('PTTL', K[1])
@@ -113,10 +122,10 @@ local function unreserve(K, interval, n)
   end
 end
 local function pause(K, ms)
-  if ms > 0 and redis.call('PTTL', K[2]) < ms then
-    redis.call('SET', K[2], 1, 'PX', ms)
-    return 1
-  end
+  if ms <= 0 then return 0 end
+  local t = redis.call('TIME')
+  local ends = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ms
+  if redis.call('SET', K[2], string.format('%d', ends), 'PX', 2 * ms, 'NX') then return 1 end
   return 0
 end
 """
@@ -152,6 +161,7 @@ class RateLimiter:
         )
         self._redis = client
         self._reserve = client.register_script(_RESERVE)
+        self._pause = client.register_script(ADJUST_LUA + "return pause(KEYS, tonumber(ARGV[1]))")
         self._interval_us = 1_000_000 / self.rate if self.rate > 0 else 0.0
         # Allow a burst of a twentieth of a second's budget (at least one request).
         burst = max(1.0, self.rate / 20) if burst is None else burst
@@ -251,12 +261,10 @@ class RateLimiter:
         return [most] * (n // most) + ([n % most] if n % most else [])
 
     def pause(self, seconds: float) -> None:
-        """Stop every caller for ``seconds`` (after a 429)."""
+        """Stop every caller for ``seconds`` (after a 429), unless a pause began less than
+        twice its length ago (see ``ADJUST_LUA``)."""
         ms = max(1, int(seconds * 1000))
-        # Only ever extend a pause, never shorten one another worker set.
-        current = self._redis.pttl(self._keys[1])
-        if int(current) < ms:
-            self._redis.set(self._keys[1], 1, px=ms)
+        if self._pause(keys=list(self._keys[:2]), args=[ms]):
             log.warning("ratelimit.pause", seconds=round(seconds, 3))
 
     @property
@@ -272,7 +280,8 @@ class RateLimiter:
 
 
 def pause_for(exc: BaseException | object) -> float | None:
-    """How long an API error pauses every caller: a 429's Retry-After, else None."""
+    """How long an API error pauses every caller: a 429's Retry-After, at most
+    :data:`PAUSE_MAX`; None for any other error."""
     if isinstance(exc, RateLimited):
-        return exc.retry_after if exc.retry_after is not None else DEFAULT_PAUSE
+        return min(exc.retry_after if exc.retry_after is not None else DEFAULT_PAUSE, PAUSE_MAX)
     return None

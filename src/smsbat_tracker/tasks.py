@@ -40,6 +40,7 @@ from smsbat_tracker.decide import (
     TryLater,
     Wait,
     decide,
+    line_position,
 )
 from smsbat_tracker.errors import SmsbatError
 from smsbat_tracker.log import get_logger
@@ -209,13 +210,16 @@ def track_message(
             log.info("track.duplicate", message_id=message_id, subscription=sub.id)
     started = enqueued_at if enqueued_at is not None else now
     # Round trip one: the session, the outcome, the cache, and a turn to ask the API.
+    deadline_at = started + (deadline if deadline is not None else settings.deadline)
     start = engine.start(
         message_id,
         owner=task_id,
         run=run,
         started_at=started,
-        deadline_at=started + (deadline if deadline is not None else settings.deadline),
-        due_at=_due_at(self.request.eta, now),
+        deadline_at=deadline_at,
+        due_at=line_position(
+            Progress(started, deadline_at), due_at=_due_at(self.request.eta, now), now=now
+        ),
     )
     session, cached = start.session, start.cached
     if start.recorded is not None:
@@ -227,7 +231,7 @@ def track_message(
             return {"message_id": message_id, "outcome": "joined", "owner": session.owner}
         return _superseded(message_id, session.owner)
 
-    progress = Progress(session.started_at, session.deadline_at, session.checks, session.pushed)
+    progress = session.progress
     decision = decide(progress, cached=cached, now=now, rules=engine.rules)
     answer: Answer | None = None
     if isinstance(decision, Ask):
@@ -253,7 +257,7 @@ def track_message(
     if isinstance(decision, AwaitPush):
         # The provider pushes this message's changes; the webhook will end tracking.
         log.info("track.awaiting_push", message_id=message_id, next_in=round(decision.seconds, 3))
-        return _next_run(self, session, run, decision.seconds, False, check)
+        return _next_run(self, session, run, decision, check)
     status = decision.status
     if asked or (isinstance(decision, Wait) and decision.counted):
         log.info(
@@ -279,25 +283,22 @@ def track_message(
             error=decision.error,
         )
         return engine.settle(message_id, result, claimer=task_id, check=check).result
-    return _next_run(self, session, run, decision.seconds, decision.counted, check)
+    return _next_run(self, session, run, decision, check)
 
 
 def _next_run(
-    task: AnyTask,
-    session: Session,
-    run: int,
-    wait: float,
-    counted: bool,
-    check: Check,
+    task: AnyTask, session: Session, run: int, decision: Wait | AwaitPush, check: Check
 ) -> dict[str, Any]:
-    """Schedule the next run in ``wait`` s; fenced: a superseded run stops instead."""
+    """Schedule the next run as ``decision`` says; fenced: a superseded run stops instead."""
     message_id = session.message_id
+    wait = decision.seconds
     if not _engine(task).reschedule(
         message_id,
         owner=str(task.request.id),
         run=run,
         next_at=time.time() + wait,
-        counted=counted,
+        counted=isinstance(decision, Wait) and decision.counted,
+        failed=isinstance(decision, Wait) and decision.failed,
         check=check,
     ):
         return _superseded(message_id, session.owner)
@@ -341,7 +342,7 @@ def settle_from_cache(engine: Engine, message_id: str, *, claimer: str) -> dict[
     session = engine.session(message_id)
     if cached is None or not cached.is_final or session is None:
         return None
-    progress = Progress(session.started_at, session.deadline_at, session.checks, session.pushed)
+    progress = session.progress
     decision = decide(progress, cached=cached, now=time.time(), rules=engine.rules)
     if not isinstance(decision, Finish):
         return None

@@ -34,7 +34,7 @@ from smsbat_tracker.backoff import Schedule
 from smsbat_tracker.cache import STORE_LUA, CachedStatus, StatusCache
 from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import NO_CREDENTIALS, Settings
-from smsbat_tracker.decide import DEADLINE_SLACK, OUTCOMES, Outcome, Rules, TryLater
+from smsbat_tracker.decide import OUTCOMES, Outcome, Progress, Rules, TryLater
 from smsbat_tracker.errors import ConfigError, RateLimited, RequestTimeout, SmsbatError
 from smsbat_tracker.keys import KOMBU_PRIORITY_STEPS, Keys, kombu_queue_list, kombu_unacked_key
 from smsbat_tracker.log import get_logger
@@ -71,7 +71,7 @@ log = get_logger(__name__)
 # The session-opening piece of _REGISTER and _BEFORE.  KEYS[1]: session, and ``due`` is set by
 # the script.  ARGV: owner, started_at, deadline_at, ttl ms, first due score, due member.
 # Creates the session if absent (its owner runs 0 comes next, and the due index learns
-# when); reads owner, started_at, deadline_at, checks, polls, pushed, run.
+# when); reads owner, started_at, deadline_at, checks, polls, pushed, run, failures.
 _OPEN_SESSION = """
 if redis.call('HSETNX', KEYS[1], 'owner', ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], 'run', 0, 'started_at', ARGV[2], 'deadline_at', ARGV[3],
@@ -80,7 +80,7 @@ if redis.call('HSETNX', KEYS[1], 'owner', ARGV[1]) == 1 then
   redis.call('ZADD', due, ARGV[5], ARGV[6])
 end
 local session = redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at', 'checks',
-                           'polls', 'pushed', 'run')
+                           'polls', 'pushed', 'run', 'failures')
 """
 
 # KEYS: session, subs, status, due.  ARGV: as _OPEN_SESSION, then subscription id ('' for
@@ -155,15 +155,20 @@ return {session, outcome, cached, turn}
 """
 )
 
-# ``reschedule(K, A)``: K: session, due; A: owner, run, next due score, due member, count
-# ('1' or '0').  Records a check and schedules the owner's next run, fenced: only the
-# session's owner, in the run the session expects, may. Returns 0 when the run was
-# superseded.
+# ``reschedule(K, A)``: K: session, due; A: owner, run, next due score, due member, what
+# the run was: '1' a check (an answer), 'f' a failed request, '0' neither.  Records it and
+# schedules the owner's next run, fenced: only the session's owner, in the run the session
+# expects, may. Returns 0 when the run was superseded.
 _RESCHEDULE_LUA = """
 local function reschedule(K, A)
   local s = redis.call('HMGET', K[1], 'owner', 'run')
   if s[1] ~= A[1] or (s[2] and tonumber(s[2]) ~= tonumber(A[2])) then return 0 end
-  if A[5] == '1' then redis.call('HINCRBY', K[1], 'checks', 1) end
+  if A[5] == '1' then
+    redis.call('HINCRBY', K[1], 'checks', 1)
+    redis.call('HDEL', K[1], 'failures')
+  elseif A[5] == 'f' then
+    redis.call('HINCRBY', K[1], 'failures', 1)
+  end
   redis.call('HSET', K[1], 'run', tonumber(A[2]) + 1)
   redis.call('ZADD', K[2], A[3], A[4])
   return 1
@@ -239,7 +244,7 @@ end
 # The second of a check's two round trips, and the settle step of anyone who finishes a
 # tracking.  KEYS: session, status, due, outcome, subs, claims, gate, then the rate limit's
 # bucket and pause.  ARGV: owner, run, due member, 'settle' or 'wait', next due score,
-# count the check ('1'), count a poll ('1'), mark pushed ('1'), an unknown status to note
+# what the run was (reschedule's), count a poll ('1'), mark pushed ('1'), an unknown status to note
 # once (''), the emission interval us to give an unused turn back (''), a pause ms (''),
 # then settle's result JSON, ttl ms, claimer, now ms, stale ms, then (optional) the
 # status to cache (StatusCache.store_args).
@@ -344,9 +349,15 @@ class Session:
     checks: int = 0
     polls: int = 0
     pushed: bool = False  # a push has been seen for the message: the provider pushes it
+    failures: int = 0  # requests failed in a row since the last answer
     # The owner's run (Celery's retries count) the session expects next: with ``owner``, the
     # fencing token. None for a session stored before the tracker had one.
     run: int | None = None
+
+    @property
+    def progress(self) -> Progress:
+        """What the rules (:func:`~smsbat_tracker.decide.decide`) need of the session."""
+        return Progress(self.started_at, self.deadline_at, self.checks, self.pushed, self.failures)
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,7 +556,8 @@ class Engine:
         or :meth:`settle` (``Check(unused_turn=True)``).
         """
         now = time.time()
-        ahead = max(0.0, min(CHECK_WAIT, deadline_at + DEADLINE_SLACK - now))
+        # Never a token past the deadline check's grace.
+        ahead = max(0.0, min(CHECK_WAIT, deadline_at + self.rules.deadline_grace - now))
         values, outcome, raw, (turn, wait) = self._before(
             keys=[
                 self.keys.session(message_id),
@@ -599,11 +611,12 @@ class Engine:
         run: int,
         next_at: float,
         counted: bool,
+        failed: bool = False,
         check: Check | None = None,
     ) -> bool:
         """A run's second round trip when tracking goes on: ``check`` is written (see
-        :class:`Check`); the check is recorded (when ``counted``) and the owner's next run
-        put in the due index.
+        :class:`Check`); the check is recorded (when ``counted``: an answer), or a failed
+        request (``failed``), and the owner's next run put in the due index.
 
         Fenced: False, and no next run, when ``owner``'s run ``run`` is no longer the one
         the session expects (the re-driver took the tracking over, or this is a stale copy
@@ -612,7 +625,14 @@ class Engine:
         done, _ = self._after(
             message_id,
             check,
-            [owner, run, Keys.due_message(message_id), "wait", repr(next_at), int(counted)],
+            [
+                owner,
+                run,
+                Keys.due_message(message_id),
+                "wait",
+                repr(next_at),
+                "1" if counted else "f" if failed else "0",
+            ],
             ["", 0, "", 0, 0],
         )
         return bool(done)
@@ -661,7 +681,7 @@ class Engine:
 
     @staticmethod
     def _session(message_id: str, values: Sequence[Any]) -> Session | None:
-        owner, started, deadline, checks, polls, pushed, run = values
+        owner, started, deadline, checks, polls, pushed, run, failures = values
         if owner is None or started is None or deadline is None:
             return None
         return Session(
@@ -672,12 +692,22 @@ class Engine:
             checks=int(checks or 0),
             polls=int(polls or 0),
             pushed=bool(pushed),
+            failures=int(failures or 0),
             run=None if run is None else int(run),
         )
 
     def session(self, message_id: str) -> Session | None:
         """The message's session, or None."""
-        fields = ["owner", "started_at", "deadline_at", "checks", "polls", "pushed", "run"]
+        fields = [
+            "owner",
+            "started_at",
+            "deadline_at",
+            "checks",
+            "polls",
+            "pushed",
+            "run",
+            "failures",
+        ]
         return self._session(message_id, self.redis.hmget(self.keys.session(message_id), fields))
 
     def subscribe(self, message_id: str, subscription: Subscription) -> bool:
