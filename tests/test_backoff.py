@@ -221,16 +221,18 @@ def test_next_wait_is_bounded(
         assert wait >= min(min_interval - (now - last_check_at), left) - 1e-9
 
 
-def test_a_failed_request_is_retried_after_1_2_4_seconds() -> None:
-    """The provider's own example: 1 s, 2 s, 4 s, then 4 s for as long as it fails."""
-    assert [retry_backoff(n) for n in range(1, 7)] == [1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
+def test_a_failed_request_is_retried_each_second_then_backed_off() -> None:
+    """Every second (the provider's per-message minimum) for the first 16 failures in a
+    row; an API that keeps failing is then backed off, doubling to 10 s."""
+    waits = [retry_backoff(n) for n in range(1, 22)]
+    assert waits == [1.0] * 16 + [2.0, 4.0, 8.0, 10.0, 10.0]
 
 
 def test_a_retry_after_is_never_cut_short() -> None:
     """A 429's Retry-After stretches the retry; a shorter one changes nothing."""
     assert retry_backoff(1, retry_after=30.0) == 30.0
-    assert retry_backoff(3, retry_after=1.0) == 4.0
-    assert retry_backoff(10**9) == 4.0  # no overflow
+    assert retry_backoff(18, retry_after=1.0) == 4.0
+    assert retry_backoff(10**9) == 10.0  # no overflow
 
 
 def test_retry_backoff_needs_a_failure() -> None:

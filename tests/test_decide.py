@@ -133,15 +133,15 @@ CASES: list[tuple[str, Progress, CachedStatus | None, Any, Any]] = [
         Wait(1.0, counted=False, failed=True),
     ),
     (
-        "the third failure in a row: 4 s",
+        "the third failure in a row: still 1 s",
         Progress(started_at=NOW - 20, deadline_at=NOW + 100, checks=2, failures=2),
         None,
         RequestTimeout("slow"),
-        Wait(4.0, counted=False, failed=True),
+        Wait(1.0, counted=False, failed=True),
     ),
     (
-        "failures back off no further than 4 s",
-        Progress(started_at=NOW - 20, deadline_at=NOW + 100, checks=2, failures=9),
+        "an API that keeps failing is backed off",
+        Progress(started_at=NOW - 20, deadline_at=NOW + 100, checks=2, failures=17),
         None,
         MalformedResponse("not JSON"),
         Wait(4.0, counted=False, failed=True),
@@ -183,7 +183,7 @@ CASES: list[tuple[str, Progress, CachedStatus | None, Any, Any]] = [
     ),
     (
         "a retry never passes the end of the grace",
-        Progress(started_at=NOW - 128, deadline_at=NOW - 8, checks=9, failures=3),
+        Progress(started_at=NOW - 128, deadline_at=NOW - 8, checks=9, failures=18),
         None,
         ServerError(500),
         Wait(2.0, counted=False, failed=True),
@@ -279,7 +279,7 @@ def test_a_failed_request_is_never_a_check(
     failure: SmsbatError, left: float, checks: int, failures: int
 ) -> None:
     """Whatever failed and whenever: the schedule's step is kept (not counted), the retry
-    comes within 1-4 s (or the Retry-After), never past the deadline, nor past the end of
+    comes within 1-10 s (or the Retry-After), never past the deadline, nor past the end of
     the deadline's grace; only there does the tracking end, as a timeout that says no
     answer came."""
     progress = Progress(NOW - 10, NOW + left, checks=checks, failures=failures)
@@ -292,4 +292,4 @@ def test_a_failed_request_is_never_a_check(
     assert decision.failed
     bound = left if left > 0.05 else left + RULES.deadline_grace
     assert 0 <= decision.seconds <= max(bound, 0) + 1e-6
-    assert decision.seconds <= 4.0 or decision.seconds == bound
+    assert decision.seconds <= 10.0 or decision.seconds == bound

@@ -50,7 +50,7 @@ from smsbat_tracker.decide import (
     decide,
     line_position,
 )
-from smsbat_tracker.errors import SmsbatError
+from smsbat_tracker.errors import RequestTimeout, SmsbatError
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import MessageStatus, validate_message_id
@@ -69,6 +69,10 @@ ZADD_CHUNK: Final = 10_000
 # Under a rate limit, the campaign's chains together claim what the limit lets them check
 # in this many seconds.
 CLAIM_SECONDS: Final = 1.0
+# How long a batch waits for its last answers once every request has started: a slow
+# answer is retried on its own short backoff rather than hold the whole batch (and its
+# worker) for the read timeout.
+STRAGGLER_WAIT: Final = 1.0
 
 # KEYS: due, checks, then claimed and meta (a fenced chain).  ARGV: now, limit, lease until,
 # the status key's text before and after the message id, then the chain's field and run.
@@ -670,14 +674,31 @@ class CampaignRunner:
 
     def _fetch(self, ids: list[str], wait: float) -> dict[str, MessageStatus | SmsbatError]:
         """Ask the API for ``ids``, whose tokens come due one interval apart, the last
-        after ``wait``: each slice is sent when its tokens are due, at the limit's pace."""
+        after ``wait``: each slice is sent when its tokens are due, at the limit's pace.
+
+        A straggler does not hold the batch: once every request has started, the batch
+        waits at most :data:`STRAGGLER_WAIT` for the last answers; a request still open
+        then is cancelled and counts as failed (retried on its own short backoff).
+        """
         limiter, settings = self.engine.limiter, self.settings
         loop, client = self._runtime()
 
         async def fetch() -> dict[str, MessageStatus | SmsbatError]:
+            gate = asyncio.Semaphore(settings.campaign_concurrency)
+            started = [0, time.monotonic()]  # how many started, when the last did
+
+            async def one(message_id: str) -> MessageStatus | SmsbatError:
+                async with gate:
+                    started[0] += 1
+                    started[1] = time.monotonic()
+                    try:
+                        return await client.get_status(message_id)
+                    except SmsbatError as exc:
+                        return exc
+
             step = limiter.burst if limiter.enabled else len(ids)
             begin = time.monotonic()
-            sent = []
+            tasks: dict[str, asyncio.Task[MessageStatus | SmsbatError]] = {}
             for start in range(0, len(ids), step):
                 chunk = ids[start : start + step]
                 if limiter.enabled:
@@ -685,14 +706,21 @@ class CampaignRunner:
                     delay = wait - later - (time.monotonic() - begin)
                     if delay > 0:
                         await asyncio.sleep(delay)
-                sent.append(
-                    asyncio.ensure_future(
-                        client.get_statuses(chunk, concurrency=settings.campaign_concurrency)
-                    )
-                )
+                for m in chunk:
+                    tasks[m] = asyncio.ensure_future(one(m))
+            pending = set(tasks.values())
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=STRAGGLER_WAIT / 4)
+                if started[0] == len(ids) and time.monotonic() - started[1] > STRAGGLER_WAIT:
+                    break
+            late = RequestTimeout(f"no answer within {STRAGGLER_WAIT:g} s; the batch went on")
             results: dict[str, MessageStatus | SmsbatError] = {}
-            for future in sent:
-                results.update(await future)
+            for m, task in tasks.items():
+                if task in pending:
+                    task.cancel()
+                    results[m] = late
+                else:
+                    results[m] = task.result()
             return results
 
         return loop.run(fetch())

@@ -21,8 +21,9 @@ The rules, in order:
    ``SMSBAT_NOT_FOUND_GRACE``; a permanent error ends it as ``error``.
 5. A failed request (a network error, a timeout, 5xx, 429, a malformed body) is not a
    check: it says nothing about the message. It is retried on its own short backoff
-   (:func:`~smsbat_tracker.backoff.retry_backoff`: 1, 2, 4 s, never before a 429's
-   Retry-After), and the schedule's next step is kept for the next answer. A request the
+   (:func:`~smsbat_tracker.backoff.retry_backoff`: each second, backing off only an API
+   that keeps failing; never before a 429's Retry-After), and the schedule's next step is
+   kept for the next answer. A request the
    rate limit or the per-message gate turned away was no check either, and waits its turn.
 6. The check at the deadline is the last: its answer, if not final, makes the outcome
    ``timeout``. It must get an answer: while it fails or gets no turn it is retried for up

@@ -2,7 +2,7 @@
 
 A GCRA token bucket in one Lua script on the Redis server's clock, so workers on several
 machines agree. A 429 from the API pauses everyone briefly (its Retry-After, at most
-:data:`PAUSE_MAX`, and at most every other such span). When requests outrun the limit, or a
+:data:`PAUSE_MAX`, and at most a quarter of the time). When requests outrun the limit, or a
 pause ends, they are served oldest first (a check at its deadline before any), across
 tasks, campaign batches and processes. Celery's own ``rate_limit`` is per worker and can do
 none of this.
@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_PAUSE",
     "LINE_WINDOW",
     "PAUSE_MAX",
+    "PAUSE_SPACING",
     "RESERVE_AHEAD",
     "RESERVE_LUA",
     "WAITER_GRACE",
@@ -40,6 +41,9 @@ DEFAULT_PAUSE: Final = 1.0
 # message's 429 must not stop every tracker for long (the message itself waits out its
 # Retry-After on its own backoff).
 PAUSE_MAX: Final = 1.0
+# A pause starts at most once in this many times its length: a stream of 429s (one
+# request in ten, say) stops every caller at most a quarter of the time.
+PAUSE_SPACING: Final = 4
 
 log = get_logger(__name__)
 
@@ -111,9 +115,10 @@ _RESERVE = RESERVE_LUA + "return reserve(KEYS, ARGV)\n"
 
 # K: as reserve's.  ``unreserve(K, interval, n)`` gives back ``n`` tokens a caller booked
 # and did not use (``interval``: the emission interval, us). ``pause(K, ms)`` stops every
-# caller for ``ms`` (1), unless a pause began less than twice its length ago (0): a stream
-# of 429s pauses everyone at most half the time.
-ADJUST_LUA: Final = """
+# caller for ``ms`` (1), unless a pause began less than PAUSE_SPACING times its length ago
+# (0).
+ADJUST_LUA: Final = f"""
+local SPACING = {PAUSE_SPACING}
 local function unreserve(K, interval, n)
   local ttl = redis.call('PTTL', K[1])
   local tat = tonumber(redis.call('GET', K[1]))
@@ -125,7 +130,9 @@ local function pause(K, ms)
   if ms <= 0 then return 0 end
   local t = redis.call('TIME')
   local ends = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ms
-  if redis.call('SET', K[2], string.format('%d', ends), 'PX', 2 * ms, 'NX') then return 1 end
+  if redis.call('SET', K[2], string.format('%d', ends), 'PX', SPACING * ms, 'NX') then
+    return 1
+  end
   return 0
 end
 """
@@ -262,7 +269,7 @@ class RateLimiter:
 
     def pause(self, seconds: float) -> None:
         """Stop every caller for ``seconds`` (after a 429), unless a pause began less than
-        twice its length ago (see ``ADJUST_LUA``)."""
+        :data:`PAUSE_SPACING` times its length ago."""
         ms = max(1, int(seconds * 1000))
         if self._pause(keys=list(self._keys[:2]), args=[ms]):
             log.warning("ratelimit.pause", seconds=round(seconds, 3))

@@ -259,7 +259,9 @@ def track_message(
         log.info("track.awaiting_push", message_id=message_id, next_in=round(decision.seconds, 3))
         return _next_run(self, session, run, decision, check)
     status = decision.status
-    if asked or (isinstance(decision, Wait) and decision.counted):
+    if isinstance(decision, Wait) and decision.failed:
+        log.info("track.retry", message_id=message_id, next_in=round(decision.seconds, 3))
+    elif asked or (isinstance(decision, Wait) and decision.counted):
         log.info(
             "track.check",
             message_id=message_id,
