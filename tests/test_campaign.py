@@ -165,3 +165,35 @@ def test_batch_without_a_turn_at_the_rate_limit_goes_back_in_line(
     assert min(3.0, tracker_app.settings.max_delay) <= result.next_in <= 4.0
     assert dict(redis_client.zrange(due_key, 0, -1, withscores=True)) == before
     assert all(sandbox.state.truth(m)["polls"] == 0 for m in ids)
+
+
+def test_campaign_outcomes_are_right_while_the_api_fails(
+    make_settings: Any,
+    tracker_app: Any,
+    worker: Any,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+) -> None:
+    """Campaigns follow the same rules: failed requests (5xx, 429, malformed, a slow answer
+    past the read timeout) are retried, and no delivered message comes out as a timeout,
+    even when its deadline check fails."""
+    tracker_app.reconfigure(make_settings(read_timeout=0.5, deadline_grace=6.0))
+    truth = make_messages(sandbox, 10)
+    faults = ["500", "429", "malformed", "slow", "500"]
+    sandbox.state.set_faults(
+        retry_after=1, slow_seconds=1.0, message_faults=dict.fromkeys(truth, faults)
+    )
+    track_campaign.delay(
+        "flaky",
+        list(truth),
+        deadline=3,
+        on_delivered=record_outcome.s(label="msg"),
+        on_failed=record_outcome.s(label="msg"),
+        on_timeout=record_outcome.s(label="msg"),
+    )
+    results = wait_for(
+        lambda: len(recorded(redis_client, "msg")) >= len(truth) and recorded(redis_client, "msg"),
+        timeout=30,
+    )
+    assert {e["result"]["message_id"]: e["result"]["outcome"] for e in results} == truth
+    assert all(sandbox.state.truth(m)["polls"] >= len(faults) + 1 for m in truth)

@@ -20,6 +20,7 @@ from smsbat_tracker.decide import (
     TryLater,
     Wait,
     decide,
+    line_position,
     outcome_of,
 )
 from smsbat_tracker.errors import (
@@ -293,3 +294,12 @@ def test_a_failed_request_is_never_a_check(
     bound = left if left > 0.05 else left + RULES.deadline_grace
     assert 0 <= decision.seconds <= max(bound, 0) + 1e-6
     assert decision.seconds <= 10.0 or decision.seconds == bound
+
+
+def test_a_check_at_its_deadline_goes_first_in_the_rate_limits_line() -> None:
+    """Checks stand in the rate limit's line by when they fell due; a check at its deadline
+    (or in its grace) stands before all of them, the earliest deadline first."""
+    assert line_position(RUNNING, due_at=NOW - 1, now=NOW) == NOW - 1
+    at = line_position(Progress(NOW - 60, NOW), due_at=NOW, now=NOW)
+    earlier = line_position(Progress(NOW - 60, NOW - 5), due_at=NOW, now=NOW)
+    assert earlier < at < NOW - 1000

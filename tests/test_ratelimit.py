@@ -259,3 +259,20 @@ def test_late_waiters_hold_up_the_line_only_beyond_its_window(
     booked, wait = limiter.reserve(1, ahead=0.2, waiter="late")
     assert not booked
     assert 0.8 < wait <= LINE_WINDOW + 0.2
+
+
+def test_when_a_pause_ends_the_line_goes_in_order(
+    limiter_for: Callable[..., RateLimiter], redis_client: redis.Redis
+) -> None:
+    """Callers turned away by a pause take their place in the line: when it ends, those
+    standing first (checks at their deadlines) are served first, whoever asks first."""
+    limiter = limiter_for(1)  # one token a second: three in line are more than the window
+    limiter.pause(30.0)
+    now = time.time()
+    first = [f"m:deadline{i}" for i in range(3)]
+    for name in [*first, "m:late"]:
+        due = now - 3600 if name in first else now
+        assert limiter.reserve(1, ahead=0.1, waiter=name, due_at=due)[0] is False
+    redis_client.delete(Keys().rate_pause())  # the pause ends
+    assert limiter.reserve(1, ahead=0.1, waiter="m:late", due_at=now)[0] is False
+    assert limiter.reserve(1, ahead=0.1, waiter=first[0], due_at=now - 3600)[0] is True

@@ -11,6 +11,7 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
+from smsbat_tracker.decide import NO_ANSWER
 from smsbat_tracker.errors import InvalidMessageId
 from smsbat_tracker.models import MessageStatus
 from smsbat_tracker.recipes import record_outcome
@@ -197,6 +198,69 @@ def test_transient_errors_are_retried(
     [result] = wait_for(lambda: outcomes(redis_client), timeout=15)
     assert result["outcome"] == "delivered"
     assert sandbox.state.truth(mid)["polls"] == 4
+
+
+def test_a_failed_request_does_not_spend_the_schedule(
+    make_settings: Any,
+    tracker_app: Any,
+    worker: Any,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+) -> None:
+    """After a failed request the next one comes a second later, not after the schedule's
+    next wait (4.5 s here); the schedule goes on from the next answer."""
+    tracker_app.reconfigure(make_settings(first_delay=3.0, max_delay=5.0))
+    mid = scripted(sandbox, ("processing", 0), ("delivered", 8.0))
+    sandbox.state.set_faults(message_faults={mid: ["ok", "500", "500", "500"]})
+    track_message.delay(mid, deadline=20, **callbacks())
+    [result] = wait_for(lambda: outcomes(redis_client), timeout=25)
+    assert result["outcome"] == "delivered"
+    times = sandbox.state.truth(mid)["poll_times"]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) == 4, gaps
+    assert gaps[0] >= 4.0  # after an answer: the schedule
+    assert all(0.9 <= g <= 1.6 for g in gaps[1:]), gaps  # after a failure: 1 s
+
+
+def test_the_deadline_check_is_retried_until_it_has_an_answer(
+    make_settings: Any,
+    tracker_app: Any,
+    worker: Any,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+) -> None:
+    """A message delivered before its deadline whose deadline check keeps failing is still
+    reported delivered: the check is retried within SMSBAT_DEADLINE_GRACE, not turned into
+    a timeout (which would re-send an OTP)."""
+    tracker_app.reconfigure(make_settings(first_delay=1.5, max_delay=2.0, deadline_grace=6.0))
+    mid = scripted(sandbox, ("processing", 0), ("delivered", 1.8))
+    # The first check (1.5 s) answers "processing"; then every request fails until 4.
+    sandbox.state.set_faults(message_faults={mid: ["ok", "500", "429", "malformed", "500"]})
+    track_message.delay(mid, deadline=2, **callbacks())
+    [result] = wait_for(lambda: outcomes(redis_client), timeout=20)
+    assert result["outcome"] == "delivered"
+    assert result["error"] is None
+    times = sandbox.state.truth(mid)["poll_times"]
+    assert times[-1] - times[0] > 2.0  # it answered past the deadline, within the grace
+
+
+def test_no_answer_by_the_end_of_the_grace_says_so(
+    make_settings: Any,
+    tracker_app: Any,
+    worker: Any,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+) -> None:
+    """When every request fails through the deadline's grace, the outcome is timeout and
+    its error says no answer came."""
+    tracker_app.reconfigure(make_settings(deadline_grace=1.5))
+    mid = scripted(sandbox, ("processing", 0))
+    sandbox.state.set_faults(message_faults={mid: ["500"] * 50})
+    track_message.delay(mid, deadline=1.5, **callbacks())
+    [result] = wait_for(lambda: outcomes(redis_client), timeout=20)
+    assert result["outcome"] == "timeout"
+    assert result["error"] == NO_ANSWER
+    assert result["deliverystatus"] is None  # no answer ever came
 
 
 def test_unknown_status_is_logged_once_and_not_final(

@@ -103,8 +103,11 @@ MESSAGE_TYPES: frozenset[str] = frozenset(
 )
 """Message types accepted by ``POST /bat/messagelist``."""
 
-FAULT_KINDS: frozenset[str] = frozenset({"500", "429", "malformed", "truncated", "slow", "401"})
-"""Kinds accepted in the per-message fault queues (``message_faults``)."""
+FAULT_KINDS: frozenset[str] = frozenset(
+    {"500", "429", "malformed", "truncated", "slow", "401", "ok"}
+)
+"""Kinds accepted in the per-message fault queues (``message_faults``); ``"ok"`` answers
+normally (to script a good answer between faults)."""
 
 # ASCII digits only, and fullmatch() so a trailing newline is not accepted.
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")

@@ -209,8 +209,8 @@ def track_message(
         if not sub.is_empty and not engine.subscribe(message_id, sub):
             log.info("track.duplicate", message_id=message_id, subscription=sub.id)
     started = enqueued_at if enqueued_at is not None else now
-    # Round trip one: the session, the outcome, the cache, and a turn to ask the API.
     deadline_at = started + (deadline if deadline is not None else settings.deadline)
+    # Round trip one: the session, the outcome, the cache, and a turn to ask the API.
     start = engine.start(
         message_id,
         owner=task_id,
