@@ -197,3 +197,29 @@ def test_campaign_outcomes_are_right_while_the_api_fails(
     )
     assert {e["result"]["message_id"]: e["result"]["outcome"] for e in results} == truth
     assert all(sandbox.state.truth(m)["polls"] >= len(faults) + 1 for m in truth)
+
+
+def test_a_tick_chain_is_one_task_in_flower(
+    worker: Any, tracker_app: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """A campaign's ticks run again as retries of their chain's task: the task list shows
+    one task per chain (SMSBAT_CAMPAIGN_TICKS), not one per tick."""
+    from celery.signals import task_prerun
+
+    runs: list[str] = []
+
+    def note(sender: Any = None, task_id: Any = None, **_: Any) -> None:
+        if getattr(sender, "name", "") == "smsbat_tracker.campaign_tick":
+            runs.append(str(task_id))
+
+    task_prerun.connect(note, weak=False)
+    try:
+        truth = make_messages(sandbox, 10)
+        track_campaign.delay(
+            "one-task-a-chain", list(truth), deadline=4, on_report=record_outcome.s(label="r")
+        )
+        wait_for(lambda: recorded(redis_client, "r"), timeout=20)
+    finally:
+        task_prerun.disconnect(note)
+    assert len(runs) > tracker_app.settings.campaign_ticks  # it ticked more than once a chain
+    assert len(set(runs)) <= tracker_app.settings.campaign_ticks

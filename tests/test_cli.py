@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from smsbat_tracker.cli import main
+from smsbat_tracker.config import load_settings
 from smsbat_tracker.sandbox import SandboxServer
 
 
@@ -33,6 +34,104 @@ def test_campaign_start_shows_progress_and_prints_the_report(
     report = json.loads(capsys.readouterr().out)
     assert report["outcomes"]["delivered"] == 2
     assert report["outcomes"]["undeliverable"] == 1
+    assert report["failed_ids"] == [ids[2]]
+    assert report["timeout_ids"] == []
+
+    assert main(["campaign", "report", "cli-run", "--failed"]) == 0
+    out = capsys.readouterr().out
+    assert f"failed (1):\n  {ids[2]}\n" in out
+    assert "timed out (0):" in out
+
+
+def test_progress_off_a_terminal_is_a_line_every_tenth(
+    worker: Any, sandbox: SandboxServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With stderr not a terminal (a log file), `campaign start` writes no bar redraws:
+    one line each time another tenth of the messages has its outcome."""
+    ids = [sandbox.state.create_scripted([("delivered", 0.2)]) for _ in range(20)]
+    path = tmp_path / "ids.txt"
+    path.write_text("\n".join(ids) + "\n")
+    assert main(["campaign", "start", "cli-lines", str(path), "--deadline", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("final: ")]
+    assert lines[-1] == "final: 20/20 (100 %)"
+    assert 1 <= len(lines) <= 10
+
+
+def test_redis_out_of_reach_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status` and `campaign report` with Redis down print one line naming where Redis
+    was looked for (without its password), never a traceback."""
+    from bench.workload import free_port
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SMSBAT_API_KEY", "k-cli")
+    monkeypatch.setenv("REDIS_URL", f"redis://:pw-cli-secret@127.0.0.1:{free_port()}/0")
+    from smsbat_tracker.worker import app
+
+    app.reconfigure(load_settings())
+    try:
+        for argv in (["status", "abc123"], ["campaign", "report", "abc"]):
+            assert main(argv) == 1
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1, err
+            assert "cannot reach Redis at redis://127.0.0.1:" in err
+            assert "pw-cli-secret" not in err
+    finally:
+        app.close_engine()
+
+
+def test_check_config_names_every_bad_variable_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad value, a bad combination and missing credentials: all in one line."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("SMSBAT_API_KEY", "SMSBAT_USERNAME", "SMSBAT_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SMSBAT_DEADLINE", "soon")
+    monkeypatch.setenv("SMSBAT_FIRST_DELAY", "30")
+    assert main(["check-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    for name in ("SMSBAT_DEADLINE:", "SMSBAT_FIRST_DELAY:", "SMSBAT_API_KEY:"):
+        assert name in err
+
+
+def test_check_config_ping_reaches_redis_and_the_api(
+    settings: Any,
+    sandbox: SandboxServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--ping reaches Redis and asks the API with the credentials: ok with the right
+    key; a refused key (or Redis out of reach) says so and exits 1."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert main(["check-config", "--ping"]) == 0
+    out = capsys.readouterr().out
+    assert "redis: ok" in out
+    assert "api: ok, credentials accepted" in out
+    monkeypatch.setenv("SMSBAT_API_KEY", "wrong-key-cli")
+    assert main(["check-config", "--ping"]) == 1
+    err = capsys.readouterr().err
+    assert "api: credentials refused" in err
+    assert "wrong-key-cli" not in err
+
+
+def test_webhook_usage_names_the_command_and_port_8000(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`smsbat-tracker webhook --help` shows how it is run here, on the README's port."""
+    with pytest.raises(SystemExit) as exc:
+        main(["webhook", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: smsbat-tracker webhook")
+    assert "(default 8000)" in out
 
 
 def test_campaign_refuses_a_hostile_id_in_the_file(

@@ -115,3 +115,12 @@ def test_readme_documents_every_setting() -> None:
         alias = info.validation_alias if isinstance(info.validation_alias, str) else None
         env = alias or f"SMSBAT_{name.upper()}"
         assert f"`{env}`" in readme, env
+
+
+def test_flower_needs_a_login(compose: dict[str, Any]) -> None:
+    """Flower is published with a login from FLOWER_BASIC_AUTH, required (compose's
+    ``:?``): never open on :5555, and its API works with the same login."""
+    flower = compose["services"]["flower"]
+    auth = flower["environment"]["FLOWER_BASIC_AUTH"]
+    assert auth.startswith("${FLOWER_BASIC_AUTH:?")
+    assert flower["environment"]["REDIS_URL"] == "redis://redis:6379/0"

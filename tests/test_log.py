@@ -242,6 +242,22 @@ def test_redact_processor_unit() -> None:
 # --------------------------------------------------------------- leaks once found
 
 
+def test_json_lines_carry_no_ansi_colour_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    """uvicorn adds a coloured copy of each message (``color_message``); JSON lines drop
+    it, so no ANSI escape reaches a log file."""
+    configure_logging(json=True)
+    logging.getLogger("uvicorn.error").info(
+        "Started server process [%d]",
+        42,
+        extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"},
+    )
+    err, events = json_lines(capsys)
+    assert events[0]["event"] == "Started server process [42]"
+    assert "color_message" not in events[0]
+    assert "\x1b" not in err
+    assert "\\u001b" not in err
+
+
 def test_stdlib_extra_secret_is_redacted(capsys: pytest.CaptureFixture[str]) -> None:
     """A secret passed to a stdlib logger in extra= under a secret key is redacted."""
     configure_logging(json=True)

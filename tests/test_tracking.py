@@ -407,3 +407,28 @@ def test_a_retry_leaves_the_task_with_a_one_frame_traceback() -> None:
     frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
     assert "retries" not in frames
     assert frames[-1] == "__call__"
+
+
+def test_flower_shows_why_a_check_runs_again_and_the_outcome_first(
+    worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """Each retry carries its reason (what Flower and the worker log show instead of a bare
+    ``Retry(Retry(...), None, 8.0)``), and the result starts with the outcome."""
+    from celery.signals import task_retry
+
+    reasons: list[str] = []
+
+    def note(sender: Any = None, reason: Any = None, **_: Any) -> None:
+        reasons.append(repr(reason))
+
+    task_retry.connect(note, weak=False)
+    try:
+        mid = scripted(sandbox, ("processing", 0), ("delivered", 1.5))
+        sandbox.state.set_faults(message_faults={mid: ["ok", "500"]})
+        track_message.delay(mid, **callbacks())
+        [result] = wait_for(lambda: outcomes(redis_client), timeout=15)
+    finally:
+        task_retry.disconnect(note)
+    assert any("NextRun('processing; next check in" in r for r in reasons), reasons
+    assert any("NextRun('the request failed; retry in 1.0 s')" in r for r in reasons), reasons
+    assert next(iter(result)) == "outcome"

@@ -331,16 +331,27 @@ def _compact(outcome: str, status: MessageStatus | None, elapsed: float) -> str:
 
 
 def build_report(
-    campaign_id: str, meta: dict[str, str], records: Iterable[str], *, now: float | None = None
+    campaign_id: str,
+    meta: dict[str, str],
+    records: Iterable[tuple[str, str]],
+    *,
+    now: float | None = None,
 ) -> dict[str, Any]:
-    """The delivery report from the campaign hash and its compact outcome records."""
+    """The delivery report from the campaign hash and its compact outcome records (each
+    with its message id); it lists the ids that failed and that timed out."""
     counts: Counter[str] = Counter()
     costs: dict[str, float] = defaultdict(float)
     times: list[float] = []
+    failed: list[str] = []
+    timed_out: list[str] = []
     extended = fallback = 0
-    for raw in records:
+    for message_id, raw in records:
         rec = json.loads(raw)
         counts[rec["o"]] += 1
+        if rec["o"] == "timeout":
+            timed_out.append(message_id)
+        elif rec["o"] != "delivered":
+            failed.append(message_id)
         if rec.get("c"):
             costs[rec.get("cur") or "unknown"] += float(rec["c"])
         if rec["o"] in ("delivered", "undeliverable", "permanenterror"):
@@ -371,6 +382,9 @@ def build_report(
         "time_to_final_p50": pct(50),
         "time_to_final_p95": pct(95),
         "fallback": {"extended": extended, "used": fallback},
+        # Undeliverable, permanent errors and errors; then the timeouts: what to send again.
+        "failed_ids": sorted(failed),
+        "timeout_ids": sorted(timed_out),
         "started_at": iso(float(meta["started_at"])) if "started_at" in meta else None,
         "deadline_at": iso(float(meta["deadline_at"])) if "deadline_at" in meta else None,
         "reported_at": iso(time.time() if now is None else now),
@@ -968,7 +982,7 @@ class CampaignRunner:
         """The report as of now (partial while the campaign runs)."""
         meta = meta if meta is not None else self.meta(campaign_id)
         records = self.redis.hscan_iter(self.keys.campaign_outcomes(campaign_id), count=2_000)
-        return build_report(campaign_id, meta, (str(v) for _, v in records))
+        return build_report(campaign_id, meta, ((str(k), str(v)) for k, v in records))
 
     def stored_report(self, campaign_id: str) -> dict[str, Any] | None:
         """The final report, once written."""

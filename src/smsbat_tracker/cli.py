@@ -7,10 +7,14 @@ import json
 import sys
 import time
 from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+import redis
+from kombu.exceptions import OperationalError
 
 from smsbat_tracker import __version__, redrive
 from smsbat_tracker.config import Settings
-from smsbat_tracker.errors import ConfigError, SmsbatError
+from smsbat_tracker.errors import AuthenticationError, ConfigError, MessageNotFound, SmsbatError
 from smsbat_tracker.models import validate_message_id
 from smsbat_tracker.tracking import iso
 
@@ -37,8 +41,11 @@ def _read_ids(source: str) -> list[str]:
     return ids
 
 
-def print_report(report: dict[str, Any], out: TextIO | None = None) -> None:
-    """A campaign report as a small table."""
+def print_report(
+    report: dict[str, Any], out: TextIO | None = None, *, failed: bool = False
+) -> None:
+    """A campaign report as a small table; with ``failed``, then the ids that failed and
+    timed out, one a line."""
     out = out or sys.stdout
     rows = [(k, str(v)) for k, v in report["outcomes"].items()]
     rows += [
@@ -55,6 +62,12 @@ def print_report(report: dict[str, Any], out: TextIO | None = None) -> None:
     print(f"campaign {report['campaign_id']}", file=out)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}", file=out)
+    if failed:
+        for title, key in (("failed", "failed_ids"), ("timed out", "timeout_ids")):
+            ids = report.get(key) or []
+            print(f"{title} ({len(ids)}):", file=out)
+            for message_id in ids:
+                print(f"  {message_id}", file=out)
 
 
 def _campaign(args: argparse.Namespace) -> int:
@@ -69,7 +82,7 @@ def _campaign(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(report, indent=2))
         else:
-            print_report(report)
+            print_report(report, failed=args.failed)
         return 0
     ids = _read_ids(args.file)
     if not ids:
@@ -79,24 +92,20 @@ def _campaign(args: argparse.Namespace) -> int:
     print(f"campaign {args.campaign_id}: tracking {len(set(ids))} messages", file=sys.stderr)
     if args.no_wait:
         return 0
-    from tqdm import tqdm
-
     runner = app.campaigns
-    report = None
     total = len(set(ids))
     give_up = campaign_give_up(app.settings, runner.meta(args.campaign_id))
-    with tqdm(total=total, unit="msg", desc="final", file=sys.stderr) as bar:
+    with _Progress(total) as bar:
+        report = None
         while report is None:
-            progress = runner.progress(args.campaign_id)
-            bar.update(progress.get("done", 0) - bar.n)
-            bar.set_postfix({k: v for k, v in progress.items() if k not in ("total", "done")})
+            bar.show(runner.progress(args.campaign_id))
             report = runner.stored_report(args.campaign_id)
             if report is None:
                 if time.time() > give_up:
                     break
                 time.sleep(0.5)
         if report is not None:
-            bar.update(total - bar.n)
+            bar.show({"done": total})
     if report is None:
         progress = runner.progress(args.campaign_id)
         print(
@@ -107,8 +116,41 @@ def _campaign(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    print_report(report)
+    print_report(report, failed=args.failed)
     return 0
+
+
+class _Progress:
+    """The campaign's progress on stderr: a bar on a terminal, else a line every 10 %."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.bar: Any = None
+        self.tenths = 0
+
+    def __enter__(self) -> _Progress:
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="msg", desc="final", file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def show(self, progress: dict[str, int]) -> None:
+        """Show how many of the messages have an outcome (and how many of each)."""
+        done = min(progress.get("done", 0), self.total)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix({k: v for k, v in progress.items() if k not in ("total", "done")})
+            return
+        tenths = done * 10 // self.total if self.total else 10
+        if tenths > self.tenths:
+            self.tenths = tenths
+            print(f"final: {done}/{self.total} ({tenths * 10} %)", file=sys.stderr)
 
 
 # Past the deadline and the re-drive bound, a report is owed: the last checks and the
@@ -130,14 +172,52 @@ def campaign_give_up(settings: Settings, meta: dict[str, str]) -> float:
     )
 
 
-def _check_config(_args: argparse.Namespace) -> int:
+def _check_config(args: argparse.Namespace) -> int:
     from smsbat_tracker.config import load_settings
 
     settings = load_settings()
     # SecretStr fields render as '**********'.
     for name, value in settings.model_dump().items():
         print(f"{name} = {value}")
-    return 0
+    return _ping(settings) if args.ping else 0
+
+
+def _ping(settings: Settings) -> int:
+    """Reach Redis and the API with these settings: one line each; 1 when either fails."""
+    failed = 0
+    where = safe_redis_url(settings.redis_url)
+    try:
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+        client.ping()
+        client.close()
+        print(f"redis: ok ({where})")
+    except redis.RedisError as exc:
+        print(f"redis: cannot reach {where}: {type(exc).__name__}", file=sys.stderr)
+        failed = 1
+    from smsbat_tracker.client import SmsbatClient
+
+    try:
+        with SmsbatClient.from_settings(settings) as api:
+            # An id nobody sent: a 404 means the API took the credentials.
+            api.get_status("smsbat-tracker-ping")
+        print(f"api: ok ({settings.base_url})")
+    except MessageNotFound:
+        print(f"api: ok, credentials accepted ({settings.base_url})")
+    except AuthenticationError:
+        print(f"api: credentials refused by {settings.base_url}", file=sys.stderr)
+        failed = 1
+    except SmsbatError as exc:
+        print(f"api: {settings.base_url}: {exc}", file=sys.stderr)
+        failed = 1
+    return failed
+
+
+def safe_redis_url(url: str) -> str:
+    """A Redis URL without its user and password, to name it in a message."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return parts._replace(netloc=netloc).geturl()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("webhook", help="serve the webhook receiver", add_help=False)
     status = sub.add_parser("status", help="print one message's status from the API")
     status.add_argument("message_id")
-    sub.add_parser("check-config", help="validate the settings and print them (secrets hidden)")
+    check = sub.add_parser(
+        "check-config", help="validate the settings and print them (secrets hidden)"
+    )
+    check.add_argument(
+        "--ping", action="store_true", help="also reach Redis and the API with the credentials"
+    )
     campaign = sub.add_parser("campaign", help="track a campaign, or show its report")
     actions = campaign.add_subparsers(dest="action", required=True)
     start = actions.add_parser("start", help="track message ids from a file (or - for stdin)")
@@ -163,9 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("file", help="one message id per line; - reads stdin")
     start.add_argument("--deadline", type=float, default=None, help="seconds (default: settings)")
     start.add_argument("--no-wait", action="store_true", help="enqueue and exit")
+    start.add_argument(
+        "--failed", action="store_true", help="list the ids that failed and timed out"
+    )
     report = actions.add_parser("report", help="print a campaign's report")
     report.add_argument("campaign_id")
     report.add_argument("--json", action="store_true", help="print JSON")
+    report.add_argument(
+        "--failed", action="store_true", help="list the ids that failed and timed out"
+    )
 
     args, rest = parser.parse_known_args(argv)
     try:
@@ -191,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"smsbat-tracker: {exc}", file=sys.stderr)
         return 2
+    except (redis.RedisError, OperationalError) as exc:
+        from smsbat_tracker.config import load_settings
+
+        where = safe_redis_url(load_settings(credentials=False).redis_url)
+        reason = str(exc).split("\n")[0][:200]
+        print(f"smsbat-tracker: cannot reach Redis at {where}: {reason}", file=sys.stderr)
+        return 1
     except (SmsbatError, OSError) as exc:
         print(f"smsbat-tracker: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

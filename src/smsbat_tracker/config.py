@@ -130,26 +130,34 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
+        problems = self.combination_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def combination_problems(self) -> list[str]:
+        """What is wrong with how the values go together (each valid alone), all of it."""
+        problems = []
         has_key = self.api_key is not None and bool(self.api_key.get_secret_value())
         has_login = bool(self.username) or self.password is not None
         if has_key and has_login:
-            raise ValueError(
+            problems.append(
                 "SMSBAT_API_KEY and SMSBAT_USERNAME/SMSBAT_PASSWORD: set one way to log in, "
                 "not both"
             )
         if has_login and (not self.username or self.password is None):
             missing = "SMSBAT_PASSWORD" if self.username else "SMSBAT_USERNAME"
-            raise ValueError(f"{missing}: needed with the other half of the login")
+            problems.append(f"{missing}: needed with the other half of the login")
         if self.first_delay > self.max_delay:
-            raise ValueError("SMSBAT_FIRST_DELAY: must not exceed SMSBAT_MAX_DELAY")
+            problems.append("SMSBAT_FIRST_DELAY: must not exceed SMSBAT_MAX_DELAY")
         if self.max_delay * 4 > self.visibility_timeout:
             # A countdown task is held unacked while it waits; one that outlives the
             # visibility timeout is redelivered to a second worker.
-            raise ValueError(
+            problems.append(
                 "SMSBAT_VISIBILITY_TIMEOUT: must be at least 4 x SMSBAT_MAX_DELAY "
                 f"({self.max_delay * 4:g} s)"
             )
-        return self
+        return problems
 
     def to_env(self) -> dict[str, str]:
         """These settings as environment variables, secrets included, for child processes.
@@ -188,13 +196,29 @@ class Settings(BaseSettings):
         return "basic" if self.api_key is None else self.auth
 
 
-def _env_name(loc: str) -> str:
-    info = Settings.model_fields.get(loc)
-    if info is None:  # pydantic reported the alias itself, e.g. REDIS_URL
+def _field_name(loc: str) -> str | None:
+    """The field pydantic reported ``loc`` for (it reports an alias by itself)."""
+    if loc in Settings.model_fields:
         return loc
+    for name, info in Settings.model_fields.items():
+        if info.validation_alias == loc:
+            return name
+    return None
+
+
+def _env_name(loc: str) -> str:
+    name = _field_name(loc)
+    if name is None:
+        return loc
+    info = Settings.model_fields[name]
     if isinstance(info.validation_alias, str):
         return info.validation_alias
-    return f"{ENV_PREFIX}{loc.upper()}"
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+# The fields the combination checks read besides the login: put back to their defaults to
+# look for what else is wrong.
+_SCHEDULE_FIELDS: Final = ("first_delay", "max_delay", "visibility_timeout")
 
 
 NO_CREDENTIALS: Final = (
@@ -210,16 +234,36 @@ def load_settings(*, credentials: bool = True, **overrides: Any) -> Settings:
     ``credentials=False`` accepts settings without API credentials (the webhook receiver,
     and processes that only enqueue).
     """
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_input=False, include_url=False):
-            loc = [str(part) for part in error["loc"]]
-            message = str(error["msg"]).removeprefix("Value error, ")
-            if loc:
-                problems.append(f"{_env_name(loc[0])}: {message}")
-            else:
-                problems.append(message)
-        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
-    return settings.require_credentials() if credentials else settings
+    problems: list[str] = []
+    values = dict(overrides)
+    settings: Settings | None = None
+    # Every bad variable at once: a bad value is put back to its default and the rest
+    # validated again, so that the combinations and the credentials are checked too.
+    for _ in range(3):
+        try:
+            settings = Settings(**values)
+            break
+        except ValidationError as exc:
+            retry = False
+            for error in exc.errors(include_input=False, include_url=False):
+                loc = [str(part) for part in error["loc"]]
+                message = str(error["msg"]).removeprefix("Value error, ")
+                name = _field_name(loc[0]) if loc else None
+                if name is not None:
+                    problems.append(f"{_env_name(loc[0])}: {message}")
+                    values[name] = Settings.model_fields[name].get_default()
+                    retry = True
+                else:  # how values go together: look past the schedule's (not the login's)
+                    problems.extend(message.split("; "))
+                    values.update(
+                        {f: Settings.model_fields[f].get_default() for f in _SCHEDULE_FIELDS}
+                    )
+                    retry = "SMSBAT_USERNAME" not in message and "SMSBAT_PASSWORD" not in message
+            if not retry:
+                break
+    if settings is not None and credentials and not settings.has_credentials:
+        problems.append(NO_CREDENTIALS)
+    if problems:
+        raise ConfigError("invalid settings: " + "; ".join(dict.fromkeys(problems))) from None
+    assert settings is not None
+    return settings

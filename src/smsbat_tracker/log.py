@@ -125,6 +125,12 @@ class _RedactRendered:
         return _redact_text(line) if isinstance(line, str) else line
 
 
+def _drop_color_message(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    """uvicorn passes a copy of each message with ANSI colour codes as ``color_message``."""
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
 def _shared_processors() -> list[Processor]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -168,7 +174,7 @@ def configure_logging(
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         # ExtraAdder first: stdlib extra= values must pass the redaction too.
-        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), _drop_color_message, *shared],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             *tail,

@@ -154,6 +154,24 @@ class TrackTask(AnyTask):
             raise retry.with_traceback(None) from None
 
 
+class NextRun(Exception):
+    """Why a tracker task runs again: the reason its retry shows in Flower and the logs,
+    e.g. ``NextRun('processing; next check in 8.0 s')``."""
+
+
+def _reason(decision: Wait | AwaitPush) -> NextRun:
+    """A retry's reason, from the decision that schedules it."""
+    wait = f"{decision.seconds:.1f} s"
+    if isinstance(decision, AwaitPush):
+        return NextRun(f"awaiting the provider's push; next look in {wait}")
+    if decision.failed:
+        return NextRun(f"the request failed; retry in {wait}")
+    if not decision.counted:
+        return NextRun(f"no turn to ask the API yet; next try in {wait}")
+    status = decision.status.deliverystatus if decision.status else "no status yet"
+    return NextRun(f"{status}; next check in {wait}")
+
+
 def _engine(task: AnyTask) -> Engine:
     return cast(TrackerApp, task.app).engine
 
@@ -304,7 +322,7 @@ def _next_run(
         check=check,
     ):
         return _superseded(message_id, session.owner)
-    raise task.retry(countdown=wait)
+    raise task.retry(countdown=wait, exc=_reason(decision))
 
 
 def _due_at(eta: Any, now: float) -> float:
@@ -475,15 +493,16 @@ def track_campaign(
     return {"campaign_id": campaign_id, "started": True, "total": len(set(message_ids))}
 
 
-@app.task(bind=True, name="smsbat_tracker.campaign_tick", ignore_result=True)
+@app.task(bind=True, name="smsbat_tracker.campaign_tick", ignore_result=True, max_retries=None)
 def campaign_tick(
     self: AnyTask, campaign_id: str, slot: int | None = None, run: str | None = None
 ) -> dict[str, Any]:
     """Check the campaign's due messages for a few seconds, then schedule the next tick.
 
-    Each tick holds one batch at a time and re-enqueues itself: at most
-    ``SMSBAT_CAMPAIGN_TICKS`` chains per campaign exist, whatever its size. A chain's
-    ``run`` is its fencing token: a tick whose chain was re-driven stops at once.
+    Each tick holds one batch at a time and runs again as a retry of itself (one task id
+    per chain in Flower, not one per tick): at most ``SMSBAT_CAMPAIGN_TICKS`` chains per
+    campaign exist, whatever its size. A chain's ``run`` is its fencing token: a tick
+    whose chain was re-driven stops at once.
     """
     runner = cast(TrackerApp, self.app).campaigns
     fenced = slot is not None and run is not None
@@ -500,15 +519,20 @@ def campaign_tick(
         if result.finished or result.next_in is None:
             break
         if result.next_in > 0 or time.monotonic() > until:
+            reason = NextRun(
+                f"{claimed} checked, {recorded} final; next tick in {result.next_in:.1f} s"
+            )
             if not fenced:
-                self.apply_async((campaign_id,), countdown=result.next_in)
-                break
+                raise self.retry(args=(campaign_id,), countdown=result.next_in, exc=reason)
             following = runner.next_run(
                 campaign_id, cast(int, slot), cast(str, run), time.time() + result.next_in
             )
             if following is not None:
-                self.apply_async(
-                    (campaign_id,), {"slot": slot, "run": following}, countdown=result.next_in
+                raise self.retry(
+                    args=(campaign_id,),
+                    kwargs={"slot": slot, "run": following},
+                    countdown=result.next_in,
+                    exc=reason,
                 )
             break
     return {"claimed": claimed, "api_calls": calls, "recorded": recorded}

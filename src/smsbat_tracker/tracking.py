@@ -488,11 +488,11 @@ def build_result(
     One shape for ``track_message`` and campaigns alike; a campaign's adds its
     ``campaign_id``, and its ``polls`` is None (a campaign counts checks, not per message).
     """
-    result: dict[str, Any] = {"message_id": message_id}
+    # The outcome first: Flower's task list shows the start of each result.
+    result: dict[str, Any] = {"outcome": outcome, "message_id": message_id}
     if campaign_id is not None:
         result["campaign_id"] = campaign_id
     result.update(
-        outcome=outcome,
         deliverystatus=status.deliverystatus if status else None,
         cost=status.cost if status else None,
         polls=polls,

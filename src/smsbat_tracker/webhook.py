@@ -1,7 +1,7 @@
 """The webhook receiver: SMSBAT pushes status changes here instead of waiting for a poll.
 
-Serve it with ``uvicorn smsbat_tracker.webhook:app`` or ``python -m smsbat_tracker.webhook
---host 0.0.0.0 --port 8080``, and give the provider ``https://<host>/webhook?token=<secret>``.
+Serve it with ``uvicorn smsbat_tracker.webhook:app`` or ``smsbat-tracker webhook
+--host 0.0.0.0 --port 8000``, and give the provider ``https://<host>/webhook?token=<secret>``.
 
 Routes:
 
@@ -754,18 +754,18 @@ app = LazyWebhookApp(_from_environment)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m smsbat_tracker.webhook [--host H] [--port P]``: serve in the foreground.
+    """``smsbat-tracker webhook [--host H] [--port P]``: serve in the foreground.
 
     Prints one line and returns 2 on a configuration error.
     """
     import uvicorn
 
     parser = argparse.ArgumentParser(
-        prog="python -m smsbat_tracker.webhook",
+        prog="smsbat-tracker webhook",
         description="Serve the SMSBAT webhook receiver.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
-    parser.add_argument("--port", type=int, default=8080, help="port (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     parser.add_argument("--log-level", default="INFO", help="log level (default %(default)s)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

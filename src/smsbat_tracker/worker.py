@@ -112,7 +112,13 @@ class TrackerApp(Celery):
         # kombu keeps its pools per broker URL: forgetting ours makes the next publish
         # take (or build) the pool of the new one.
         self._pool = None
-        self.amqp._producer_pool = None  # type: ignore[attr-defined]
+        amqp = self.amqp
+        amqp._producer_pool = None  # type: ignore[attr-defined]
+        # Celery caches the routes, the queues and the router built from the first
+        # settings: build them again from these (SMSBAT_QUEUE may have changed).
+        amqp.flush_routes()
+        for cached in ("queues", "default_queue", "router"):
+            amqp.__dict__.pop(cached, None)
 
     def close_engine(self) -> None:
         """Close this process's connections (tests, embedding applications)."""
