@@ -71,17 +71,29 @@ log = get_logger(__name__)
 # The session-opening piece of _REGISTER and _BEFORE.  KEYS[1]: session, and ``due`` is set by
 # the script.  ARGV: owner, started_at, deadline_at, ttl ms, first due score, due member.
 # Creates the session if absent (its owner runs 0 comes next, and the due index learns
-# when); reads owner, started_at, deadline_at, checks, polls, pushed, run, failures.
-_OPEN_SESSION = """
+# when); reads the _SESSION_FIELDS.
+_SESSION_FIELDS: Final = (
+    "owner",
+    "started_at",
+    "deadline_at",
+    "checks",
+    "polls",
+    "pushed",
+    "run",
+    "failures",
+)
+_OPEN_SESSION = (
+    """
 if redis.call('HSETNX', KEYS[1], 'owner', ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], 'run', 0, 'started_at', ARGV[2], 'deadline_at', ARGV[3],
              'checks', 0, 'polls', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('ZADD', due, ARGV[5], ARGV[6])
 end
-local session = redis.call('HMGET', KEYS[1], 'owner', 'started_at', 'deadline_at', 'checks',
-                           'polls', 'pushed', 'run', 'failures')
-"""
+local session = redis.call('HMGET', KEYS[1], """
+    + ", ".join(f"'{name}'" for name in _SESSION_FIELDS)
+    + ")\n"
+)
 
 # KEYS: session, subs, status, due.  ARGV: as _OPEN_SESSION, then subscription id ('' for
 # none), its JSON, subs ttl ms.  A new tracking's whole registration in one round trip: the
@@ -698,17 +710,8 @@ class Engine:
 
     def session(self, message_id: str) -> Session | None:
         """The message's session, or None."""
-        fields = [
-            "owner",
-            "started_at",
-            "deadline_at",
-            "checks",
-            "polls",
-            "pushed",
-            "run",
-            "failures",
-        ]
-        return self._session(message_id, self.redis.hmget(self.keys.session(message_id), fields))
+        raw = self.redis.hmget(self.keys.session(message_id), list(_SESSION_FIELDS))
+        return self._session(message_id, raw)
 
     def subscribe(self, message_id: str, subscription: Subscription) -> bool:
         """Register a subscription; False when an equal one was registered already."""
