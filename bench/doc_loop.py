@@ -4,14 +4,14 @@ What the documentation tells people to write: a blocking ``wait_for_delivery(mes
 per message, in its own thread, that checks at once and then every 5 s (fixed), retries an
 HTTP error 3 times (waiting 1 s, then 2 s), and gives up after 60 s. It uses one plain
 synchronous ``httpx.Client`` shared by all threads, with the same timeouts as the project's
-client (connect 5 s, read 5 s) so neither side wins on timeouts.
+client (connect 5 s, read 3 s) so neither side wins on timeouts.
 
 It runs in its own process so that the bench can measure its CPU and memory apart from the
 sandbox (which lives in the bench process). Protocol, one JSON document per line:
 
 1. the child prints ``{"ready": true}`` once imported and set up;
 2. the parent writes ``{"base_url", "api_key", "ids", "interval", "give_up"}`` (and
-   optionally ``"read_timeout"``, default 5 s) to stdin;
+   optionally ``"read_timeout"``, default 3 s) to stdin;
 3. the child starts one thread per id at once, and when all have returned prints
    ``{"results": {id: {"outcome", "started_at", "known_at", "checks", "errors"}},
    "cpu": {"ready", "end"}}`` (its own CPU seconds at step 1 and now).
@@ -126,7 +126,7 @@ def main() -> int:
     with httpx.Client(
         base_url=job["base_url"],
         headers={"X-Authorization-Key": job["api_key"]},
-        timeout=httpx.Timeout(float(job.get("read_timeout", 5.0)), connect=5.0),
+        timeout=httpx.Timeout(float(job.get("read_timeout", 3.0)), connect=5.0),
     ) as client:
         threads = [
             threading.Thread(target=_track, args=(client, m, job, results), daemon=True)

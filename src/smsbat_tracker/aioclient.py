@@ -46,7 +46,7 @@ class BatchStatusClient:
         username: str | None = None,
         password: str | None = None,
         connect_timeout: float = 5.0,
-        read_timeout: float = 5.0,
+        read_timeout: float = 3.0,
         max_connections: int = 64,
     ) -> None:
         headers = auth_headers(api_key=api_key, auth=auth, username=username, password=password)

@@ -249,7 +249,7 @@ class SmsbatClient:
         username: str | None = None,
         password: str | None = None,
         connect_timeout: float = 5.0,
-        read_timeout: float = 5.0,
+        read_timeout: float = 3.0,
         transport: httpx.BaseTransport | None = None,
         max_connections: int = 20,
     ) -> None:
@@ -309,7 +309,7 @@ class AsyncSmsbatClient:
         username: str | None = None,
         password: str | None = None,
         connect_timeout: float = 5.0,
-        read_timeout: float = 5.0,
+        read_timeout: float = 3.0,
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 50,
     ) -> None:
