@@ -19,7 +19,7 @@ from smsbat_tracker.client import (
     parse_status,
     status_path,
 )
-from smsbat_tracker.config import Settings
+from smsbat_tracker.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Settings
 from smsbat_tracker.errors import (
     ConnectionFailed,
     MalformedResponse,
@@ -45,8 +45,8 @@ class BatchStatusClient:
         auth: str = "header",
         username: str | None = None,
         password: str | None = None,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 3.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
         max_connections: int = 64,
     ) -> None:
         headers = auth_headers(api_key=api_key, auth=auth, username=username, password=password)

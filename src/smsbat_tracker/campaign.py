@@ -588,10 +588,7 @@ class CampaignRunner:
             claim_args += [f"tick:{slot}", run]
         claimed, raws, checks, failures = self._claim(keys=claim_keys, args=claim_args)
         due = {str(claimed[i]): float(claimed[i + 1]) for i in range(0, len(claimed), 2)}
-        cached: dict[str, CachedStatus] = {}
-        for m, raw in zip(due, raws, strict=True):
-            if raw and (entry := self.engine.cache.parse(raw)) is not None:
-                cached[m] = entry
+        cached = self._parse_cached(list(due), raws)
         progress = {
             m: Progress(started_at, deadline_at, int(n), failures=int(f))
             for m, n, f in zip(due, checks, failures, strict=True)
@@ -740,7 +737,10 @@ class CampaignRunner:
         return loop.run(fetch())
 
     def _cached(self, ids: list[str]) -> dict[str, CachedStatus]:
-        raws = self.redis.mget([self.keys.status(m) for m in ids])
+        return self._parse_cached(ids, self.redis.mget([self.keys.status(m) for m in ids]))
+
+    def _parse_cached(self, ids: list[str], raws: Sequence[Any]) -> dict[str, CachedStatus]:
+        """The cache entries read for ``ids`` (a damaged or missing one is left out)."""
         out = {}
         for m, raw in zip(ids, raws, strict=True):
             entry = self.engine.cache.parse(raw) if raw else None

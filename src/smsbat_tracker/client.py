@@ -20,7 +20,7 @@ import httpx
 from pydantic import ValidationError
 
 from smsbat_tracker import __version__
-from smsbat_tracker.config import Settings
+from smsbat_tracker.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Settings
 from smsbat_tracker.errors import (
     AuthenticationError,
     ClientError,
@@ -248,8 +248,8 @@ class SmsbatClient:
         auth: str = "header",
         username: str | None = None,
         password: str | None = None,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 3.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
         max_connections: int = 20,
     ) -> None:
@@ -308,8 +308,8 @@ class AsyncSmsbatClient:
         auth: str = "header",
         username: str | None = None,
         password: str | None = None,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 3.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 50,
     ) -> None:

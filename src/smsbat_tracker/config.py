@@ -19,6 +19,11 @@ __all__ = ["Settings", "load_settings"]
 ENV_PREFIX = "SMSBAT_"
 
 
+# The API clients' defaults too (one place: the settings and every client agree).
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+DEFAULT_READ_TIMEOUT: Final = 3.0
+
+
 class Settings(BaseSettings):
     """Everything smsbat-tracker can be told; see the README's configuration table."""
 
@@ -38,10 +43,10 @@ class Settings(BaseSettings):
     auth: Literal["header", "basic-key"] = "header"
     username: str | None = None
     password: SecretStr | None = None
-    connect_timeout: float = Field(default=5.0, gt=0, le=120)
+    connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0, le=120)
     # A status answer slower than this is a failed request, retried in 1 s: a slow answer
     # holds a worker process while it waits, and makes the late tail (bench/RESULTS.md).
-    read_timeout: float = Field(default=3.0, gt=0, le=300)
+    read_timeout: float = Field(default=DEFAULT_READ_TIMEOUT, gt=0, le=300)
 
     # --- Redis: the Celery broker, the result backend and the status cache ----------
     redis_url: str = Field(default="redis://localhost:6379/0", validation_alias="REDIS_URL")
