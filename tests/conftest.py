@@ -140,3 +140,12 @@ def recorded(
 ) -> list[dict[str, Any]]:
     """What :func:`smsbat_tracker.recipes.record_outcome` (and friends) recorded."""
     return [json.loads(x) for x in client.lrange(f"{prefix}:recorded:{label}", 0, -1)]
+
+
+def kept(client: redis.Redis, message_id: str, prefix: str = "smsbat") -> tuple[set[str], set[str]]:
+    """What a message keeps in Redis: its key kinds, and the subscriptions its outcome
+    records as served (see ``smsbat_tracker.tracking._FORGET_LUA``)."""
+    kinds = {str(k).split(":")[1] for k in client.keys(f"{prefix}:*:{{{message_id}}}")}
+    raw = client.get(f"{prefix}:outcome:{{{message_id}}}")
+    served = set(filter(None, str(raw).partition("\n")[2].split(","))) if raw else set()
+    return kinds, served

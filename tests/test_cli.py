@@ -10,6 +10,7 @@ import pytest
 
 from smsbat_tracker.cli import main
 from smsbat_tracker.config import load_settings
+from smsbat_tracker.connections import safe_redis_url
 from smsbat_tracker.sandbox import SandboxServer
 
 
@@ -99,6 +100,16 @@ def test_check_config_names_every_bad_variable_at_once(
         assert name in err
 
 
+def test_a_sentinel_url_is_named_without_any_password() -> None:
+    """Every sentinel of a ';'-separated REDIS_URL is named, none with its password; a
+    ';' inside a redis:// password splits nothing."""
+    url = "sentinel://:pw-a@s1:26379/0;sentinel://user:pw-b@s2:26380/0;sentinel://s3:26381/0"
+    assert safe_redis_url(url) == (
+        "sentinel://s1:26379/0;sentinel://s2:26380/0;sentinel://s3:26381/0"
+    )
+    assert safe_redis_url("redis://:p;w@h:6379/0") == "redis://h:6379/0"
+
+
 def test_check_config_ping_reaches_redis_and_the_api(
     settings: Any,
     sandbox: SandboxServer,
@@ -166,13 +177,16 @@ def test_status_reads_through_the_cache(
 def test_check_config_hides_secrets(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """check-config prints every setting but never the API key."""
+    """check-config prints every setting but never the API key or the Redis password."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SMSBAT_API_KEY", "sk_live_cli_marker")
+    monkeypatch.setenv("REDIS_URL", "redis://:redis_pw_marker@cache:6379/1")
     assert main(["check-config"]) == 0
     out = capsys.readouterr().out
     assert "base_url = https://restapi.smsbat.com" in out
+    assert "redis_url = redis://cache:6379/1" in out
     assert "sk_live_cli_marker" not in out
+    assert "redis_pw_marker" not in out
 
 
 def test_bad_settings_exit_2_naming_the_variable(

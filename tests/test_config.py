@@ -134,6 +134,10 @@ def test_login_credentials_select_basic_auth(monkeypatch: pytest.MonkeyPatch) ->
         ("REDIS_URL", "http://x"),
         ("REDIS_URL", "redis://:bad port"),
         ("REDIS_URL", "redis://localhost:notaport/0"),
+        ("REDIS_URL", "sentinel://s1"),
+        ("REDIS_URL", "sentinel://s1:26379;redis://s2:6379"),
+        ("SMSBAT_SENTINEL_MASTER", "has space"),
+        ("SMSBAT_SENTINEL_MASTER", ""),
         ("SMSBAT_DEADLINE", "-1"),
         ("SMSBAT_DEADLINE", "abc"),
         ("SMSBAT_DEADLINE", "0"),
@@ -154,6 +158,42 @@ def test_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch, variable: str, v
     message = config_error()
     assert f"{variable}: " in message
     assert issubclass(ConfigError, ValueError)
+
+
+def test_a_sentinel_url_and_its_master_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """REDIS_URL takes kombu's Sentinel form (sentinels separated by ';', the master's
+    password and database on each); SMSBAT_SENTINEL_MASTER names the master ("mymaster")."""
+    monkeypatch.setenv("SMSBAT_API_KEY", "k")
+    url = "sentinel://:pw@s1:26379/1;sentinel://:pw@s2:26380/1;sentinel://:pw@s3:26381/1"
+    monkeypatch.setenv("REDIS_URL", url)
+    assert load_settings().sentinel_master == "mymaster"
+    monkeypatch.setenv("SMSBAT_SENTINEL_MASTER", "billing-redis")
+    settings = load_settings()
+    assert settings.redis_url == url
+    assert settings.sentinel_master == "billing-redis"
+    assert settings.to_env()["SMSBAT_SENTINEL_MASTER"] == "billing-redis"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("sentinel://s1:26379;sentinel://s2", "must name its port"),
+        ("sentinel://s1:26379;sentinel://s2:0x1", "invalid sentinel port"),
+        ("sentinel://s1:26379;;sentinel://s2:26379", "empty ';'-separated part"),
+        ("sentinel://:pw@s1:26379;sentinel://s2:26379", "same user, password and database"),
+        ("sentinel://s1:26379/1;sentinel://s2:26379", "same user, password and database"),
+    ],
+)
+def test_a_bad_sentinel_url_is_named_with_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, value: str, reason: str
+) -> None:
+    """Each sentinel must name a host and its port, and every part the same password and
+    database (kombu reads the part it switched to): REDIS_URL is named with the reason."""
+    monkeypatch.setenv("SMSBAT_API_KEY", "k")
+    monkeypatch.setenv("REDIS_URL", value)
+    message = config_error()
+    assert "REDIS_URL: " in message
+    assert reason in message
 
 
 def test_base_url_with_invalid_port_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -240,6 +280,8 @@ def test_every_bad_variable_is_named_at_once(monkeypatch: pytest.MonkeyPatch) ->
         {"SMSBAT_PASSWORD": SECRET_PASSWORD},
         {"SMSBAT_API_KEY": SECRET_KEY, "SMSBAT_WEBHOOK_TOKEN": SECRET_TOKEN, "SMSBAT_JITTER": "2"},
         {"SMSBAT_API_KEY": SECRET_KEY, "REDIS_URL": f"http://:{SECRET_PASSWORD}@x"},
+        {"REDIS_URL": f"sentinel://:{SECRET_PASSWORD}@s1:26379;sentinel://s2:26379"},
+        {"REDIS_URL": f"sentinel://:{SECRET_PASSWORD}@s1:26379/x"},
     ],
 )
 def test_secret_values_never_appear_in_config_errors(

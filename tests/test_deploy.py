@@ -124,3 +124,54 @@ def test_flower_needs_a_login(compose: dict[str, Any]) -> None:
     auth = flower["environment"]["FLOWER_BASIC_AUTH"]
     assert auth.startswith("${FLOWER_BASIC_AUTH:?")
     assert flower["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_the_monitoring_profile_scrapes_the_workers_and_the_receiver(
+    compose: dict[str, Any],
+) -> None:
+    """Profile "monitoring": Prometheus scrapes every worker on its SMSBAT_METRICS_PORT and
+    the receiver's /metrics; Grafana is provisioned with it and needs an admin password."""
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+    port = services["worker"]["environment"]["SMSBAT_METRICS_PORT"]
+    web_port = _command(services["web"])[-1]
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    [worker_sd] = jobs["smsbat-worker"]["dns_sd_configs"]
+    assert worker_sd["names"] == ["worker"]
+    assert str(worker_sd["port"]) == port
+    assert jobs["smsbat-webhook"]["static_configs"][0]["targets"] == [f"web:{web_port}"]
+    assert jobs["smsbat-webhook"]["metrics_path"] == "/metrics"
+    mounts = services["prometheus"]["volumes"] + services["grafana"]["volumes"]
+    for mount in mounts:
+        assert (ROOT / mount.split(":")[0]).exists(), mount
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert password.startswith("${GRAFANA_ADMIN_PASSWORD:?")
+
+
+def test_the_dashboard_queries_only_metrics_the_tracker_exports() -> None:
+    """Every panel's query names metrics from smsbat_tracker.metrics.METRICS, every metric
+    is on some panel, and the panels use the provisioned datasource."""
+    import json
+
+    from smsbat_tracker.metrics import METRICS
+
+    dashboard = json.loads(
+        (ROOT / "deploy" / "grafana" / "dashboards" / "smsbat-tracker.json").read_text()
+    )
+    datasources = yaml.safe_load(
+        (
+            ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+        ).read_text()
+    )
+    [source] = datasources["datasources"]
+    used: set[str] = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == source["uid"]
+        for target in panel["targets"]:
+            for name in re.findall(r"\bsmsbat_[a-z_]+", target["expr"]):
+                base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+                assert base in METRICS, name
+                used.add(base)
+    assert used == set(METRICS)

@@ -20,7 +20,7 @@ from smsbat_tracker.redrive import LOCK_MS, PUBLISHED_AT, Redriver
 from smsbat_tracker.sandbox import SandboxServer
 from smsbat_tracker.tasks import track_message
 from smsbat_tracker.tracking import Subscription, build_result
-from tests.conftest import recorded
+from tests.conftest import kept, recorded
 
 TRACK_LIST = "celery\x06\x166"
 
@@ -183,8 +183,11 @@ def test_settling_keeps_the_entry_until_every_callback_is_sent(
     monkeypatch.setattr(Signature, "apply_async", original)
     retried = engine.settle("rd-settle", None, claimer="webhook-2")  # the provider's retry
     assert len(retried.claimed) == 1
-    assert set(redis_client.hvals(Keys().claims("rd-settle"))) == {"sent"}
-    assert _score(redis_client, "m:rd-settle") is None  # nothing left to do
+    [(sub_id, _)] = retried.claimed
+    # Nothing left to do: out of the due index, and only the outcome kept, naming the
+    # subscription it served.
+    assert _score(redis_client, "m:rd-settle") is None
+    assert kept(redis_client, "rd-settle") == ({"outcome"}, {sub_id})
 
 
 def test_a_claim_of_a_dead_claimer_is_taken_after_the_bound(
@@ -201,7 +204,7 @@ def test_a_claim_of_a_dead_claimer_is_taken_after_the_bound(
     redis_client.hset(Keys().claims("rd-dead"), sub_id, f"pending:webhook-dead:{old}")
     settled = engine.settle("rd-dead", None, claimer="redriven-run")
     assert [s for s, _ in settled.claimed] == [sub_id]
-    assert redis_client.hget(Keys().claims("rd-dead"), sub_id) == "sent"
+    assert kept(redis_client, "rd-dead") == ({"outcome"}, {sub_id})  # sent, then cut back
 
 
 def test_a_lost_tick_chain_is_taken_over_with_its_batch(
@@ -399,6 +402,27 @@ def test_a_task_this_worker_dropped_goes_back_to_the_queue(
     connection.release()
 
 
+def test_a_task_dropped_in_an_outage_right_after_its_receipt_goes_back(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A task received just before Redis went away (noted at receipt, at no beat) and dropped
+    by the consumer with the connection is given back once beats reach Redis again, however
+    long the outage lasted (a master failover: seen losing four callbacks)."""
+    tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 1},))
+    connection = tracker_app.connection_for_write()
+    dropped = connection.default_channel.basic_get("celery", no_ack=False)
+    redriver = Redriver(tracker_app, redis_client)
+    redriver.note_received(SimpleNamespace(id="dropped-id", message=dropped))
+    # The outage: every beat failed while the receipt grew old.
+    redriver._received[str(dropped.delivery_tag)] -= 10.0
+    now = time.time()
+    assert redriver.note_held([], now) == 0  # the first beat back: no longer held
+    assert redriver.note_held([], now + 1) == 1  # still unacked a beat later: given back
+    assert redis_client.llen("celery") == 1
+    assert redis_client.hlen("unacked") == 0
+    connection.release()
+
+
 def test_a_worker_survives_kombus_restore_on_a_torn_down_connection() -> None:
     """kombu's restore at channel close raising AttributeError no longer kills the worker."""
     from kombu.transport import redis as kombu_redis
@@ -440,6 +464,37 @@ def test_a_task_finished_across_a_reconnect_is_acknowledged(
     assert redis_client.hlen("unacked") == 0
     assert redis_client.zcard("unacked_index") == 0
     assert redis_client.llen("celery") == 1  # the rejected one, given back
+    connection.release()
+
+
+def test_a_task_finished_while_redis_is_away_is_acknowledged_once_it_is_back(
+    tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task that finishes while Redis is away (a Sentinel failover takes seconds) is
+    acknowledged at the re-driver's first beat that reaches Redis, before anything is given
+    back: it is not run again (seen as a callback run twice in the failover test)."""
+    from smsbat_tracker.redrive import survive_broker_loss
+
+    survive_broker_loss(redis_client)
+    tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 1},))
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    finished = channel.basic_get("celery", no_ack=False)
+    redriver = Redriver(tracker_app, redis_client)
+    now = time.time()
+    redriver.note_held([SimpleNamespace(message=finished)], now)
+
+    def away(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("Error 111 connecting to the old master")
+
+    monkeypatch.setattr(channel.qos, "_remove_from_indices", away)
+    finished.ack()  # neither raised nor logged as "Couldn't ack"
+    assert redis_client.hlen("unacked") == 1
+    monkeypatch.undo()  # Redis is back
+    assert redriver.note_held([], now + 1) == 0
+    assert redis_client.hlen("unacked") == 0
+    assert redriver.note_held([], now + 2) == 0
+    assert redis_client.llen("celery") == 0
     connection.release()
 
 

@@ -17,7 +17,7 @@ from smsbat_tracker.models import MessageStatus
 from smsbat_tracker.recipes import record_outcome
 from smsbat_tracker.sandbox import SandboxServer
 from smsbat_tracker.tasks import get_status, settle_message, track_message
-from tests.conftest import recorded, wait_for
+from tests.conftest import kept, recorded, wait_for
 
 
 def scripted(sandbox: SandboxServer, *steps: tuple[str, float], **kw: Any) -> str:
@@ -354,10 +354,11 @@ def test_pushes_untrusted_keep_the_polling_schedule(
     status = MessageStatus.model_validate({"messageId": mid, "deliverystatus": "processing"})
     assert tracker_app.engine.cache.store(mid, status, source="push")
     track_message.delay(mid, deadline=4, **callbacks())
+    wait_for(lambda: sandbox.state.truth(mid)["polls"] >= 1, timeout=10)
+    assert tracker_app.engine.session(mid).pushed is False  # polling, not awaiting pushes
     [result] = wait_for(lambda: outcomes(redis_client), timeout=15)
     assert result["outcome"] == "timeout"
     assert sandbox.state.truth(mid)["polls"] >= 2  # not just the check at the deadline
-    assert tracker_app.engine.session(mid).pushed is False
 
 
 def test_sent_by_name_the_first_run_registers_the_callbacks(
@@ -432,3 +433,45 @@ def test_flower_shows_why_a_check_runs_again_and_the_outcome_first(
     assert any("NextRun('processing; next check in" in r for r in reasons), reasons
     assert any("NextRun('the request failed; retry in 1.0 s')" in r for r in reasons), reasons
     assert next(iter(result)) == "outcome"
+
+
+def test_a_finished_tracking_keeps_only_its_outcome(
+    tracker_app: Any, worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """Once the outcome is recorded and its callback sent, the session, subscriptions,
+    claims and the cached status with its history are dropped: one key is left, the
+    outcome, naming the subscription it served; get_status answers from it, no request."""
+    mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 0.5)])
+    track_message.delay(mid, deadline=10, **callbacks())
+    [result] = wait_for(lambda: outcomes(redis_client), timeout=15)
+    assert result["outcome"] == "delivered"
+    _, served = wait_for(lambda: (k := kept(redis_client, mid))[0] == {"outcome"} and k)
+    assert len(served) == 1
+    assert redis_client.zscore("smsbat:due", f"m:{mid}") is None
+    polls = sandbox.state.truth(mid)["polls"]
+    assert get_status(mid).deliverystatus == "delivered"
+    assert sandbox.state.truth(mid)["polls"] == polls
+    assert tracker_app.engine.outcome(mid)["status"]["messageId"] == mid
+
+
+def test_a_served_subscription_is_not_served_again_after_the_tracking_is_cut_back(
+    tracker_app: Any, worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """A redelivered task sent by name registers its callbacks again in its first run:
+    once served, they fire nothing more, though the subscriptions themselves were dropped.
+    A new subscription after the end still gets the outcome, at once."""
+    mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 0.5)])
+    kwargs = {"deadline": 10, **{k: dict(v) for k, v in callbacks("once").items()}}
+    tracker_app.send_task("smsbat_tracker.track_message", (mid,), kwargs)
+    wait_for(lambda: outcomes(redis_client, "once"), timeout=15)
+    wait_for(lambda: kept(redis_client, mid)[0] == {"outcome"})
+    tracker_app.send_task("smsbat_tracker.track_message", (mid,), kwargs)  # the redelivery
+    wait_for(lambda: redis_client.zcard("smsbat:due") == 0 and redis_client.llen("celery") == 0)
+    late_at = time.time()
+    track_message.delay(mid, deadline=10, **callbacks("late"))
+    [entry] = wait_for(lambda: recorded(redis_client, "late"), timeout=10)
+    assert entry["result"]["outcome"] == "delivered"
+    assert entry["recorded_at"] - late_at < 2.0  # not after the first delay
+    assert len(outcomes(redis_client, "once")) == 1
+    assert wait_for(lambda: kept(redis_client, mid)[0] == {"outcome"})
+    assert len(kept(redis_client, mid)[1]) == 2

@@ -45,7 +45,7 @@ from smsbat_tracker.webhook import (
     LazyWebhookApp,
     create_app,
 )
-from tests.conftest import recorded, wait_for
+from tests.conftest import kept, recorded, wait_for
 
 TOKEN = "tok-123-secret"
 JSON = {"Content-Type": "application/json"}
@@ -616,13 +616,17 @@ def test_push_ends_a_running_tracker(
     assert entry["recorded_at"] - pushed_at < 1.0
     assert entry["result"]["outcome"] == "delivered"
     assert entry["result"]["cost"] == pytest.approx(0.07)
-    assert push(http, live_hook, body(mid)).json() == {"status": "ignored", "final": True}
+    # The provider's duplicate: acknowledged, and it fires nothing more.
+    assert push(http, live_hook, body(mid)).json()["final"] is True
     # The tracker's pending wake-up (at most max_delay away) runs, finds the outcome and
     # returns without a request.
     wait_for(task.ready, timeout=settings.max_delay + 5)
     assert task.result["outcome"] == "delivered"
     wait_for(lambda: redis_client.llen("celery") == 0)
     assert sandbox.state.truth(mid)["polls"] == polls
+    assert len(recorded(redis_client, "run")) == 1
+    # What the message keeps: its outcome alone (the duplicate's cache entry dropped too).
+    assert wait_for(lambda: kept(redis_client, mid)[0] == {"outcome"}, timeout=5)
     assert len(recorded(redis_client, "run")) == 1
 
 
@@ -747,7 +751,9 @@ def test_a_failed_settle_gives_its_claim_back_to_the_providers_retry(
     assert fired == {}  # the claim was given back, not left pending for anyone to wait out
     assert retry.status_code == 200
     assert sent == ["refused", "smsbat_tracker.recipes.record_outcome"]
-    assert set(redis_client.hvals("smsbat:claims:{realsettle}")) == {"sent"}
+    kinds, served = kept(redis_client, "realsettle")
+    assert kinds == {"outcome"}
+    assert len(served) == 1
 
 
 @pytest.mark.slow

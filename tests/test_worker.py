@@ -40,6 +40,15 @@ def test_celery_settings_make_countdowns_safe(settings: Settings) -> None:
     assert "task_time_limit" not in conf  # the deadline is the task's own business
 
 
+def test_a_prefork_child_is_replaced_past_the_memory_cap(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """SMSBAT_WORKER_MAX_MEMORY (MiB) is Celery's worker_max_memory_per_child (KiB), on by
+    default; 0 turns it off."""
+    assert celery_config(make_settings())["worker_max_memory_per_child"] == 400 * 1024
+    assert celery_config(make_settings(worker_max_memory=0))["worker_max_memory_per_child"] is None
+
+
 def _start_worker(cwd: Path, **variables: str) -> subprocess.CompletedProcess[str]:
     """`celery -A smsbat_tracker.worker worker` with only ``variables`` of ours set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}

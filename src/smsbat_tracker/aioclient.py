@@ -8,10 +8,11 @@ as :class:`~smsbat_tracker.client.SmsbatClient`, so errors are the same classes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 import aiohttp
 
+from smsbat_tracker import metrics
 from smsbat_tracker.client import (
     auth_headers,
     gather_statuses,
@@ -69,14 +70,10 @@ class BatchStatusClient:
         try:
             async with self._session.get(path) as response:
                 content = await response.read()
-                return parse_status(response.status, response.headers.get("Retry-After"), content)
-        except TimeoutError:
-            raise RequestTimeout("SMSBAT API did not answer in time") from None
-        except aiohttp.ClientPayloadError:
-            raise MalformedResponse("SMSBAT API answer was cut off") from None
-        except aiohttp.ClientError as exc:
-            reason = type(exc).__name__  # only the class: aiohttp texts may quote URLs
-            raise ConnectionFailed(f"could not reach the SMSBAT API ({reason})") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            metrics.get().api_network_error()
+            _raise_network(exc)
+        return parse_status(response.status, response.headers.get("Retry-After"), content)
 
     async def get_statuses(
         self, message_ids: Sequence[str], *, concurrency: int = 64
@@ -93,3 +90,13 @@ class BatchStatusClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _raise_network(exc: BaseException) -> NoReturn:
+    """Raise the :mod:`~smsbat_tracker.errors` exception for a request that got no answer."""
+    if isinstance(exc, TimeoutError):
+        raise RequestTimeout("SMSBAT API did not answer in time") from None
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        raise MalformedResponse("SMSBAT API answer was cut off") from None
+    reason = type(exc).__name__  # only the class: aiohttp texts may quote URLs
+    raise ConnectionFailed(f"could not reach the SMSBAT API ({reason})") from None

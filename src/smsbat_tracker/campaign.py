@@ -35,6 +35,7 @@ from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
+from smsbat_tracker import metrics
 from smsbat_tracker.aioclient import BatchStatusClient
 from smsbat_tracker.cache import STORE_LUA, CachedStatus
 from smsbat_tracker.decide import (
@@ -669,6 +670,9 @@ class CampaignRunner:
             wait = int(wait_us) / 1_000_000
             if not booked:
                 turn = wait
+                metrics.get().rate_waits.labels("deferred").inc(len(to_call))
+            elif wait > 0:
+                metrics.get().rate_waits.labels("slept").inc(len(to_call))
             for m, ok in zip(to_call, gates, strict=False):
                 if int(ok):
                     gated.append(m)
@@ -730,6 +734,7 @@ class CampaignRunner:
                 if task in pending:
                     task.cancel()
                     results[m] = late
+                    metrics.get().api_network_error()
                 else:
                     results[m] = task.result()
             return results
@@ -816,6 +821,11 @@ class CampaignRunner:
         if int(paused):
             log.warning("ratelimit.pause", seconds=round(max(pauses), 3))
         recorded = {str(m) for m in reply}
+        if recorded:
+            counts = metrics.get().campaign_outcomes
+            for m, outcome, _status, _error in finals:
+                if m in recorded:
+                    counts.labels(outcome).inc()
         if sub is not None and recorded:
             self._send(
                 campaign_id,
@@ -941,6 +951,7 @@ class CampaignRunner:
             px=int(self.settings.final_ttl * 1000),
         )
         if written:
+            metrics.get().campaigns_finished.inc()
             log.info(
                 "campaign.report",
                 campaign_id=campaign_id,

@@ -7,13 +7,13 @@ import json
 import sys
 import time
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 import redis
 from kombu.exceptions import OperationalError
 
 from smsbat_tracker import __version__, redrive
 from smsbat_tracker.config import Settings
+from smsbat_tracker.connections import redis_client, safe_redis_url
 from smsbat_tracker.errors import AuthenticationError, ConfigError, MessageNotFound, SmsbatError
 from smsbat_tracker.models import validate_message_id
 from smsbat_tracker.tracking import iso
@@ -176,9 +176,9 @@ def _check_config(args: argparse.Namespace) -> int:
     from smsbat_tracker.config import load_settings
 
     settings = load_settings()
-    # SecretStr fields render as '**********'.
+    # SecretStr fields render as '**********'; REDIS_URL is shown without its password.
     for name, value in settings.model_dump().items():
-        print(f"{name} = {value}")
+        print(f"{name} = {safe_redis_url(value) if name == 'redis_url' else value}")
     return _ping(settings) if args.ping else 0
 
 
@@ -187,7 +187,7 @@ def _ping(settings: Settings) -> int:
     failed = 0
     where = safe_redis_url(settings.redis_url)
     try:
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+        client = redis_client(settings, socket_connect_timeout=3)
         client.ping()
         client.close()
         print(f"redis: ok ({where})")
@@ -210,14 +210,6 @@ def _ping(settings: Settings) -> int:
         print(f"api: {settings.base_url}: {exc}", file=sys.stderr)
         failed = 1
     return failed
-
-
-def safe_redis_url(url: str) -> str:
-    """A Redis URL without its user and password, to name it in a message."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return parts._replace(netloc=netloc).geturl()
 
 
 def main(argv: list[str] | None = None) -> int:

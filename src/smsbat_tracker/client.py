@@ -19,7 +19,7 @@ from typing import Any, Self
 import httpx
 from pydantic import ValidationError
 
-from smsbat_tracker import __version__
+from smsbat_tracker import __version__, metrics
 from smsbat_tracker.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Settings
 from smsbat_tracker.errors import (
     AuthenticationError,
@@ -78,7 +78,9 @@ def decode_answer(code: int, retry_after: str | None, content: bytes) -> Any:
     """Raise the matching error for a non-2xx answer, else return the decoded JSON body.
 
     Shared by every client, whatever its HTTP library: status code, Retry-After, body.
+    Counts the answer in :mod:`~smsbat_tracker.metrics`.
     """
+    metrics.get().api_answer(code)
     if code == 429:
         raise RateLimited(parse_retry_after(retry_after))
     if code in (401, 403):
@@ -137,6 +139,7 @@ def _send_body(messages: Iterable[OutgoingMessage | Mapping[str, Any]]) -> dict[
 
 def _transport_error(exc: httpx.TransportError) -> SmsbatError:
     # Only the exception class goes into the message: httpx texts may quote URLs.
+    metrics.get().api_network_error()
     if isinstance(exc, httpx.TimeoutException):
         return RequestTimeout(f"SMSBAT API did not answer in time ({type(exc).__name__})")
     if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from smsbat_tracker.connections import is_sentinel_url, parse_sentinel_url
 from smsbat_tracker.errors import ConfigError
 
 __all__ = ["Settings", "load_settings"]
@@ -50,6 +51,10 @@ class Settings(BaseSettings):
 
     # --- Redis: the Celery broker, the result backend and the status cache ----------
     redis_url: str = Field(default="redis://localhost:6379/0", validation_alias="REDIS_URL")
+    # The master the sentinels watch, for a REDIS_URL of sentinel:// parts (see connections).
+    sentinel_master: str = Field(
+        default="mymaster", min_length=1, max_length=64, pattern=r"^[\w.:-]+$"
+    )
     key_prefix: str = Field(default="smsbat", min_length=1, max_length=64, pattern=r"^[\w.:-]+$")
 
     # --- tracking schedule (seconds) ------------------------------------------------
@@ -85,6 +90,11 @@ class Settings(BaseSettings):
     # else). A worker started without -Q consumes both; `-Q <queue>` gives tracking its own
     # workers, so that a burst of checks never delays the application's callbacks.
     queue: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[\w.:-]+$")
+    # A prefork child whose RSS passes this (MiB) after a task is replaced by a fresh one
+    # (Celery's worker_max_memory_per_child; 0 = never): a safety net well above the
+    # plateau a child reaches (bench/RESULTS.md, "Soak"), so that a leak in any library
+    # cannot grow a worker without bound.
+    worker_max_memory: int = Field(default=400, ge=0, le=1_048_576)
 
     # --- campaigns --------------------------------------------------------------------
     # Messages one batch task claims and checks concurrently.
@@ -105,6 +115,13 @@ class Settings(BaseSettings):
     # --- global API rate limit (requests per second across every worker; 0 = off) ---
     rate_limit: float = Field(default=50.0, ge=0, le=100_000)
 
+    # --- Prometheus metrics served by a worker (0 = off; the receiver serves /metrics) ---
+    metrics_port: int = Field(default=0, ge=0, le=65_535)
+    metrics_host: str = Field(default="0.0.0.0", min_length=1, max_length=255)  # noqa: S104
+    # Where a worker's processes count (prometheus-client's multiprocess directory); emptied
+    # when the worker starts. Default: a new temporary directory per worker.
+    metrics_dir: str | None = Field(default=None, min_length=1, max_length=4096)
+
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
@@ -122,9 +139,12 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
+        if is_sentinel_url(value):
+            parse_sentinel_url(value)  # ValueError naming what is wrong, never the value
+            return value
         parts = urlsplit(value)
         if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+            raise ValueError("must start with redis://, rediss://, unix:// or sentinel://")
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError("must name a host")
         try:

@@ -22,10 +22,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import redis
-
 from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import Settings, load_settings
+from smsbat_tracker.connections import redis_client, safe_redis_url
 from smsbat_tracker.embedded import EmbeddedRedis
 from smsbat_tracker.log import configure_logging
 from smsbat_tracker.sandbox import SandboxConfig, SandboxServer
@@ -172,7 +171,8 @@ def run_demo(
         from smsbat_tracker.tasks import track_message
 
         log_path = os.path.join(tempfile.gettempdir(), "smsbat-tracker-demo-worker.log")
-        print(f"redis   {redis_url}\nsandbox {sandbox.url}\nworker  log in {log_path}\n", file=out)
+        where = safe_redis_url(redis_url)  # never its password
+        print(f"redis   {where}\nsandbox {sandbox.url}\nworker  log in {log_path}\n", file=out)
         with (
             worker_process(settings, log_path=log_path),
             SmsbatClient.from_settings(settings) as client,
@@ -193,7 +193,7 @@ def run_demo(
                 done = record_outcome.s(label=label)
                 track_message.delay(message_id, on_delivered=done, on_failed=done, on_timeout=done)
             print(f"sent {len(ids)} messages; tracking them (deadline {deadline:g} s)...", file=out)
-            r = redis.Redis.from_url(redis_url, decode_responses=True)
+            r = redis_client(settings, decode_responses=True)
             key = recorded_key(app, label)
             give_up = time.monotonic() + deadline + 30
             while r.llen(key) < len(ids) and time.monotonic() < give_up:

@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any, Final
 import redis
 from celery import bootsteps, signals
 
+from smsbat_tracker import metrics
+from smsbat_tracker.connections import redis_client
 from smsbat_tracker.keys import Keys, kombu_queue_list
 from smsbat_tracker.log import get_logger
 
@@ -186,7 +188,10 @@ def survive_broker_loss(client: redis.Redis | None = None) -> None:
     A task that was running meanwhile finishes after the reconnect and is acknowledged
     on the old channel: the same ``AttributeError`` again. Its acknowledgement is then
     made with ``client`` instead (the same two deletions kombu makes), so that the
-    finished task is neither given back to run again nor the worker stopped.
+    finished task is neither given back to run again nor the worker stopped. One that
+    finishes while Redis is still away (a Sentinel failover takes seconds) cannot be
+    acknowledged yet: its acknowledgement waits for the re-driver's first beat that
+    reaches Redis (:func:`make_deferred_acks`), which makes it before giving anything back.
     """
     from kombu.transport import redis as kombu_redis
     from kombu.transport import virtual
@@ -209,16 +214,28 @@ def survive_broker_loss(client: redis.Redis | None = None) -> None:
             original_ack(self, delivery_tag)
         except AttributeError:
             _ack_on_live_client(self, delivery_tag, virtual.QoS.ack)
+        except (redis.ConnectionError, redis.TimeoutError):
+            _defer_ack(self, delivery_tag, virtual.QoS.ack)
 
     def reject(self: Any, delivery_tag: Any, requeue: bool = False) -> None:
         try:
             original_reject(self, delivery_tag, requeue)
         except AttributeError:
             live = _ACK_CLIENT.get("client")
-            if requeue and live is not None:
-                with contextlib.suppress(redis.RedisError):
+            if requeue:
+                try:
+                    if live is None:
+                        raise redis.ConnectionError("no client") from None
                     self.restore_by_tag(delivery_tag, client=live, leftmost=True)
+                except redis.RedisError:
+                    virtual.QoS.ack(self, delivery_tag)  # unacked: the re-driver gives it back
+                    return
             _ack_on_live_client(self, delivery_tag, virtual.QoS.ack)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if requeue:
+                virtual.QoS.ack(self, delivery_tag)  # unacked: the re-driver gives it back
+            else:
+                _defer_ack(self, delivery_tag, virtual.QoS.ack)
 
     restore_unacked._smsbat_guarded = True  # type: ignore[attr-defined]
     qos.restore_unacked = restore_unacked  # type: ignore[method-assign]
@@ -240,9 +257,41 @@ def _ack_on_live_client(qos: Any, delivery_tag: Any, forget: Any) -> None:
         pipe.hdel(qos.unacked_key, delivery_tag)
         pipe.execute()
     except redis.RedisError:
-        # Left in kombu's unacked hash: the task may run again (at-least-once).
-        log.warning("redrive.ack_failed", tag=str(delivery_tag))
+        _defer_ack(qos, delivery_tag, forget)
+        return
     forget(qos, delivery_tag)
+
+
+# Acknowledgements Redis was away for: delivery tag -> (kombu's unacked index, unacked
+# hash). Made at the re-driver's next beat that reaches Redis; never given back meanwhile.
+_DEFERRED_ACKS: dict[str, tuple[str, str]] = {}
+_DEFERRED_LOCK = threading.Lock()
+
+
+def _defer_ack(qos: Any, delivery_tag: Any, forget: Any) -> None:
+    with _DEFERRED_LOCK:
+        _DEFERRED_ACKS[str(delivery_tag)] = (qos.unacked_index_key, qos.unacked_key)
+    log.warning("redrive.ack_deferred", tag=str(delivery_tag))
+    forget(qos, delivery_tag)  # nor given back when the channel closes
+
+
+def make_deferred_acks(client: redis.Redis) -> int:
+    """Make the acknowledgements Redis was away for (see :func:`survive_broker_loss`);
+    returns how many. Raises :class:`redis.RedisError` while Redis is still away."""
+    with _DEFERRED_LOCK:
+        deferred = dict(_DEFERRED_ACKS)
+    if not deferred:
+        return 0
+    pipe = client.pipeline()
+    for tag, (index, unacked) in deferred.items():
+        pipe.zrem(index, tag)
+        pipe.hdel(unacked, tag)
+    pipe.execute()
+    with _DEFERRED_LOCK:
+        for tag in deferred:
+            _DEFERRED_ACKS.pop(tag, None)
+    log.info("redrive.acks_made", tasks=len(deferred))
+    return len(deferred)
 
 
 def _consumed_queues(app: Any) -> list[str]:
@@ -340,11 +389,16 @@ class Redriver:
         later (Celery forgets a finished task a moment before it acknowledges it) is given
         back to the queue. Returns how many were.
         """
+        # Acknowledged while Redis was away: acknowledged now, before anything is given back.
+        make_deferred_acks(self.redis)
         ids = {tag: str(getattr(r, "id", "")) for r in requests if (tag := _tag(r)) is not None}
         held = set(ids)
         recent = time.monotonic() - 2 * HEARTBEAT
         with self._lock:
-            # A tag noted at receipt after ``requests`` was read is still held.
+            # A tag noted at receipt after ``requests`` was read is still held. An older one
+            # is noted from now on even if no beat reaches Redis (an outage): the consumer
+            # may have dropped it with the connection, and it must be looked for when back.
+            self._noted |= {t for t, at in self._received.items() if at <= recent}
             self._received = {t: at for t, at in self._received.items() if at > recent}
             keep = held | set(self._received)
             gone = self._noted - keep
@@ -476,15 +530,17 @@ class Redriver:
             return 0
         try:
             now = time.time() if now is None else now
-            self.restore_dead(now)
+            counts = metrics.get().redrives
+            counts.labels("restored").inc(self.restore_dead(now))
             cutoff = now - self.settings.redrive_after - self.queue_age(now)
-            self.resend_lost(cutoff, now)
+            counts.labels("follow_up").inc(self.resend_lost(cutoff, now))
             members = self.redis.zrangebyscore(
                 self.keys.due(), "-inf", repr(cutoff), start=0, num=SWEEP_LIMIT
             )
             count = 0
             for member in members:
                 count += self.redrive(str(member), cutoff, now)
+            counts.labels("run").inc(count)
             if members:
                 log.warning(
                     "redrive.sweep", overdue=len(members), redriven=count, cutoff=round(cutoff, 3)
@@ -641,8 +697,8 @@ class RedriveStep(bootsteps.StartStopStep):
         if not isinstance(app, TrackerApp):
             survive_broker_loss()
             return
-        self._client = redis.Redis.from_url(
-            app.settings.redis_url,
+        self._client = redis_client(
+            app.settings,
             decode_responses=True,
             # Short: the receipt hook runs on the consumer's thread.
             socket_timeout=2,

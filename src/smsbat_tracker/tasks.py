@@ -30,6 +30,7 @@ from celery import Task
 from celery.exceptions import Retry
 from celery.utils import uuid
 
+from smsbat_tracker import metrics
 from smsbat_tracker.campaign import validate_campaign_id
 from smsbat_tracker.decide import (
     Answer,
@@ -112,7 +113,7 @@ class TrackTask(AnyTask):
         task_id = options.setdefault("task_id", uuid())
         sub = Subscription(on_delivered=on_delivered, on_failed=on_failed, on_timeout=on_timeout)
         deadline_at = now + (deadline if deadline is not None else tracker.settings.deadline)
-        session, added, cached = engine.register(
+        session, added, cached, ended = engine.register(
             message_id,
             sub,
             owner=task_id,
@@ -123,7 +124,7 @@ class TrackTask(AnyTask):
         if not sub.is_empty and not added:
             log.info("track.duplicate", message_id=message_id, subscription=sub.id)
         if "countdown" not in options and "eta" not in options:
-            final = cached is not None and cached.is_final
+            final = ended or (cached is not None and cached.is_final)
             options["countdown"] = (
                 0.0 if final else min(tracker.settings.first_delay, session.deadline_at - now)
             )
@@ -152,6 +153,25 @@ class TrackTask(AnyTask):
             # of each (every frame's code positions, formatted): cut to this frame, that
             # copy costs about 0.6 ms less per check.
             raise retry.with_traceback(None) from None
+
+
+class _ShownRetry(Retry):
+    """Celery's :class:`Retry`, shown as its reason.
+
+    A thread-pool worker reports the ``Retry`` itself as a retry's exception (in the
+    ``task-retried`` event Flower shows): ``Retry(Retry(...), NextRun('...'), 8.0)``. A
+    prefork one reports its ``exc``. This repr makes both ``NextRun('...')``.
+    """
+
+    def __repr__(self) -> str:
+        return repr(self.exc) if self.exc is not None else super().__repr__()
+
+
+def _retry(task: AnyTask, **options: Any) -> Retry:
+    """``task.retry(**options)`` (the next run is published), shown as its reason."""
+    retry = task.retry(throw=False, **options)
+    retry.__class__ = _ShownRetry
+    return retry
 
 
 class NextRun(Exception):
@@ -240,6 +260,8 @@ def track_message(
         ),
     )
     session, cached = start.session, start.cached
+    if first_run and session.owner == task_id:
+        metrics.get().started.inc()
     if start.recorded is not None:
         # Finished already (webhook, an earlier run, another session): claim what is ours.
         return engine.settle(message_id, None, claimer=task_id).result or start.recorded
@@ -322,7 +344,7 @@ def _next_run(
         check=check,
     ):
         return _superseded(message_id, session.owner)
-    raise task.retry(countdown=wait, exc=_reason(decision))
+    raise _retry(task, countdown=wait, exc=_reason(decision))
 
 
 def _due_at(eta: Any, now: float) -> float:
@@ -360,6 +382,11 @@ def settle_from_cache(engine: Engine, message_id: str, *, claimer: str) -> dict[
     """
     cached = engine.cache.get(message_id)
     session = engine.session(message_id)
+    if session is None and cached is not None and cached.is_final:
+        # A push after the tracking ended (a duplicate): the settle finds the outcome and
+        # cuts what the message keeps back to it (the push's cache entry included).
+        engine.settle(message_id, None, claimer=claimer)
+        return None
     if cached is None or not cached.is_final or session is None:
         return None
     progress = session.progress
@@ -484,13 +511,16 @@ def track_campaign(
     if meta.get("started_at") != repr(enqueued_at):
         log.info("campaign.duplicate", campaign_id=campaign_id)
         return {"campaign_id": campaign_id, "started": False}
+    total = len(set(message_ids))
+    metrics.get().campaigns_started.inc()
+    metrics.get().campaign_messages.inc(total)
     first = enqueued_at + runner.settings.first_delay * (1 - runner.settings.jitter)
     for slot, run in runner.chains(campaign_id, meta).items():
         if run.endswith(":0"):  # a chain not started yet (a redelivery finds them started)
             campaign_tick.apply_async(
                 (campaign_id,), {"slot": slot, "run": run}, countdown=first - time.time()
             )
-    return {"campaign_id": campaign_id, "started": True, "total": len(set(message_ids))}
+    return {"campaign_id": campaign_id, "started": True, "total": total}
 
 
 @app.task(bind=True, name="smsbat_tracker.campaign_tick", ignore_result=True, max_retries=None)
@@ -523,12 +553,13 @@ def campaign_tick(
                 f"{claimed} checked, {recorded} final; next tick in {result.next_in:.1f} s"
             )
             if not fenced:
-                raise self.retry(args=(campaign_id,), countdown=result.next_in, exc=reason)
+                raise _retry(self, args=(campaign_id,), countdown=result.next_in, exc=reason)
             following = runner.next_run(
                 campaign_id, cast(int, slot), cast(str, run), time.time() + result.next_in
             )
             if following is not None:
-                raise self.retry(
+                raise _retry(
+                    self,
                     args=(campaign_id,),
                     kwargs={"slot": slot, "run": following},
                     countdown=result.next_in,

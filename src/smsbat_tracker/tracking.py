@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import redis
 
+from smsbat_tracker import metrics
 from smsbat_tracker.backoff import Schedule
 from smsbat_tracker.cache import STORE_LUA, CachedStatus, StatusCache
 from smsbat_tracker.client import SmsbatClient
@@ -95,8 +96,8 @@ local session = redis.call('HMGET', KEYS[1], """
     + ")\n"
 )
 
-# KEYS: session, subs, status, due.  ARGV: as _OPEN_SESSION, then subscription id ('' for
-# none), its JSON, subs ttl ms.  A new tracking's whole registration in one round trip: the
+# KEYS: session, subs, status, due, outcome.  ARGV: as _OPEN_SESSION, then subscription id
+# ('' for none), its JSON, subs ttl ms.  A new tracking's whole registration in one round trip: the
 # subscription (HSETNX), the session, and the cached status. A subscription that joins a
 # session which may have ended already gets a due entry too: if its run is lost, the
 # re-driver finishes its dispatch.
@@ -112,7 +113,7 @@ end
     + _OPEN_SESSION
     + """
 if added == 1 then redis.call('ZADD', due, 'NX', ARGV[5], ARGV[6]) end
-return {session, added, redis.call('GET', KEYS[3])}
+return {session, added, redis.call('GET', KEYS[3]), redis.call('EXISTS', KEYS[5])}
 """
 )
 
@@ -154,7 +155,7 @@ _BEFORE = (
     + "local due = KEYS[4]\n"
     + _OPEN_SESSION
     + """
-local outcome = redis.call('GET', KEYS[2]) or ''
+local outcome = string.match(redis.call('GET', KEYS[2]) or '', '^[^\\n]*')
 local cached = redis.call('GET', KEYS[3]) or ''
 local turn = {3, 0}
 if outcome == '' and session[1] == ARGV[1]
@@ -195,19 +196,62 @@ if ARGV[2] ~= '' then redis.call('HDEL', KEYS[2], ARGV[2]) end
 return 1
 """
 
-# ``settle(K, A)``: K: outcome, subs, claims, session, due; A: result JSON ('' to record
-# nothing), ttl ms, claimer, now ms, stale claim ms, due member.
+# What a finished tracking keeps: once its outcome is recorded and every callback sent,
+# ``forget(K)`` (K: outcome, subs, claims, session, status) drops the subscriptions, the
+# claims, the session and the cached status with its history, and keeps one key, the
+# outcome: the result JSON, then after a newline the ids of the subscriptions it served
+# (so that a redelivered registration of one of them is not served twice). The outcome's
+# ``status`` is what ``get_status`` answers from then on.
+_FORGET_LUA = """
+local function outcome_parts(outcome)
+  local cut = string.find(outcome, '\\n', 1, true)
+  if not cut then return outcome, '' end
+  return string.sub(outcome, 1, cut - 1), string.sub(outcome, cut + 1)
+end
+local function served_ids(tail)
+  local served = {}
+  for id in string.gmatch(tail, '[^,]+') do served[id] = true end
+  return served
+end
+local function forget(K)
+  local outcome = redis.call('GET', K[1])
+  if not outcome then return end
+  local ids = redis.call('HKEYS', K[3])
+  if #ids > 0 then
+    local head, tail = outcome_parts(outcome)
+    local served = served_ids(tail)
+    for _, id in ipairs(ids) do
+      if not served[id] then
+        tail = (tail == '' and id) or (tail .. ',' .. id)
+        served[id] = true
+      end
+    end
+    redis.call('SET', K[1], head .. '\\n' .. tail, 'KEEPTTL')
+  end
+  redis.call('DEL', K[2], K[3], K[4], K[5])
+end
+"""
+
+# ``settle(K, A)``: K: outcome, subs, claims, session, due, status; A: result JSON ('' to
+# record nothing), ttl ms, claimer, now ms, stale claim ms, due member.
 # Records the outcome if none is recorded, then claims every subscription that is not
 # dispatched: unclaimed, claimed earlier by this same claimer (its run was interrupted), or
 # claimed by another claimer longer ago than the stale claim time (that claimer died).
 # While anything is left to dispatch the message stays in the due index, due now: if the
 # claimer dies before it marks its dispatch sent, the re-driver hands the claim on.
+# A subscription the outcome served before it was forgotten counts as sent. When nothing is
+# left to dispatch, what the tracking leaves is cut to its outcome (``forget``).
 # Returns {recorded, outcome JSON or '', claimed (id, JSON pairs), retaken ids}.
 _SETTLE_LUA = """
 local function settle(K, A)
   local outcome = redis.call('GET', K[1])
   local recorded = 0
-  if not outcome then
+  local served = {}
+  if outcome then
+    local tail
+    outcome, tail = outcome_parts(outcome)
+    served = served_ids(tail)
+  else
     if A[1] == '' then return {0, '', {}, {}} end
     outcome = A[1]
     recorded = 1
@@ -225,6 +269,7 @@ local function settle(K, A)
   local subs = redis.call('HGETALL', K[2])
   for i = 1, #subs, 2 do
     local mark = redis.call('HGET', K[3], subs[i])
+    if served[subs[i]] then mark = 'sent' end
     local take = false
     if not mark then
       take = true
@@ -248,6 +293,7 @@ local function settle(K, A)
     redis.call('ZADD', K[5], now / 1000, A[6])
   elseif unsent == 0 then
     redis.call('ZREM', K[5], A[6])
+    forget({K[1], K[2], K[3], K[4], K[6]})
   end
   return {recorded, outcome, claimed, retaken}
 end
@@ -267,6 +313,7 @@ _AFTER = (
     STORE_LUA
     + ADJUST_LUA
     + _RESCHEDULE_LUA
+    + _FORGET_LUA
     + _SETTLE_LUA
     + """
 if #ARGV > 16 then
@@ -287,7 +334,7 @@ end
 local paused = 0
 if ARGV[11] ~= '' then paused = pause({KEYS[8], KEYS[9]}, tonumber(ARGV[11])) end
 if ARGV[4] == 'settle' then
-  local done = settle({KEYS[4], KEYS[5], KEYS[6], KEYS[1], KEYS[3]},
+  local done = settle({KEYS[4], KEYS[5], KEYS[6], KEYS[1], KEYS[3], KEYS[2]},
     {ARGV[12], ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[3]})
   return {1, unknown, paused, done}
 end
@@ -318,16 +365,23 @@ return found
 # How long a process trusts its copy of which queues tracker workers consume.
 QUEUES_CACHE: Final = 5.0
 
-# KEYS: claims, subs, due.  ARGV: due member, subscription id.  Marks a dispatch sent; once
-# every subscription is sent the message leaves the due index.
-_SENT = """
+# KEYS: claims, subs, due, outcome, session, status.  ARGV: due member, subscription id.
+# Marks a dispatch sent; once every subscription is sent the message leaves the due index,
+# and what it leaves is cut to its outcome (``forget``).
+_SENT = (
+    _FORGET_LUA
+    + """
 redis.call('HSET', KEYS[1], ARGV[2], 'sent')
+local _, tail = outcome_parts(redis.call('GET', KEYS[4]) or '')
+local served = served_ids(tail)
 for _, id in ipairs(redis.call('HKEYS', KEYS[2])) do
-  if redis.call('HGET', KEYS[1], id) ~= 'sent' then return 0 end
+  if redis.call('HGET', KEYS[1], id) ~= 'sent' and not served[id] then return 0 end
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
+forget({KEYS[4], KEYS[2], KEYS[1], KEYS[5], KEYS[6]})
 return 1
 """
+)
 
 # KEYS: claims.  ARGV: this claimer's mark prefix, then subscription ids.  Gives back the
 # claims of a dispatch that failed, so that the next settle (a provider's retried push, the
@@ -339,6 +393,13 @@ for i = 2, #ARGV do
 end
 return 1
 """
+
+
+def parse_outcome(raw: str) -> dict[str, Any]:
+    """A stored outcome's result (what follows its first line is bookkeeping: the ids of
+    the subscriptions it served; see ``_FORGET_LUA``)."""
+    result: dict[str, Any] = json.loads(raw.partition("\n")[0])
+    return result
 
 
 def iso(epoch: float | None) -> str | None:
@@ -750,19 +811,21 @@ class Engine:
         started_at: float,
         deadline_at: float,
         first_at: float,
-    ) -> tuple[Session, bool, CachedStatus | None]:
+    ) -> tuple[Session, bool, CachedStatus | None, bool]:
         """Register a new tracking in one round trip (see ``TrackTask``).
 
         Subscribes ``subscription`` (unless empty) and opens the session as
         :meth:`subscribe` and :meth:`begin` do, due at ``first_at``. Returns the session in
-        force, whether the subscription was new, and the cached status.
+        force, whether the subscription was new, the cached status, and whether an outcome
+        is recorded already.
         """
-        values, added, raw = self._register(
+        values, added, raw, ended = self._register(
             keys=[
                 self.keys.session(message_id),
                 self.keys.subs(message_id),
                 self.keys.status(message_id),
                 self.keys.due(),
+                self.keys.outcome(message_id),
             ],
             args=[
                 *self._open_args(message_id, owner, started_at, deadline_at, first_at),
@@ -773,7 +836,7 @@ class Engine:
         )
         session = self._session(message_id, values)
         assert session is not None  # the script creates it
-        return session, bool(added), StatusCache.parse(raw) if raw else None
+        return session, bool(added), StatusCache.parse(raw) if raw else None, bool(ended)
 
     def abandon(self, message_id: str, *, owner: str, subscription: str | None) -> None:
         """Undo a registration whose task was never published (see ``TrackTask``)."""
@@ -785,7 +848,19 @@ class Engine:
     def outcome(self, message_id: str) -> dict[str, Any] | None:
         """The recorded final result, or None while tracking goes on."""
         raw = self.redis.get(self.keys.outcome(message_id))
-        return json.loads(raw) if raw else None
+        return parse_outcome(str(raw)) if raw else None
+
+    def final_status(self, message_id: str) -> MessageStatus | None:
+        """The final status a finished tracking kept in its outcome, if it has one."""
+        result = self.outcome(message_id)
+        raw = result.get("status") if result else None
+        if not isinstance(raw, dict):
+            return None
+        try:
+            status = MessageStatus.model_validate(raw)
+        except ValueError:
+            return None
+        return status if status.is_final else None
 
     # --- checking -----------------------------------------------------------------------
 
@@ -804,8 +879,11 @@ class Engine:
         :mod:`~smsbat_tracker.errors` too. Caches nothing: the caller's next step does.
         """
         if not turn.taken:
+            if turn.reason == "rate":
+                metrics.get().rate_waits.labels("deferred").inc()
             raise TryLater(turn.wait, turn.reason)
         if turn.wait > 0:
+            metrics.get().rate_waits.labels("slept").inc()
             time.sleep(turn.wait)
         return self.require_api().get_status(message_id)
 
@@ -833,7 +911,8 @@ class Engine:
         """The message's status, from the cache while fresh, else from the API.
 
         When another caller checked the message within the last interval, waits for the
-        gate and reads what that caller cached instead of calling the API again. Raises
+        gate and reads what that caller cached instead of calling the API again. A
+        finished tracking answers with the final status its outcome kept. Raises
         :class:`~smsbat_tracker.errors.RateLimited` when the global rate limit has no
         token within ``SMSBAT_READ_TIMEOUT``.
         """
@@ -843,6 +922,9 @@ class Engine:
             cached = self.cache.get(message_id)
             if cached is not None:
                 return cached.status
+            final = self.final_status(message_id)
+            if final is not None:
+                return final
             try:
                 return self.poll(message_id)
             except TryLater as later:
@@ -894,6 +976,7 @@ class Engine:
         ]
         settled = SettleResult(bool(recorded), final, claimed, frozenset(map(str, retaken)))
         if settled.recorded:
+            metrics.get().outcome(final, now=time.time())
             log.info(
                 "track.final",
                 message_id=message_id,
@@ -919,7 +1002,14 @@ class Engine:
         member = Keys.due_message(message_id)
         # One id per follow-up of this tracking (a later tracking of the same id differs).
         session_key = f"{message_id}@{result.get('started_at')}"
-        sent_keys = [self.keys.claims(message_id), self.keys.subs(message_id), self.keys.due()]
+        sent_keys = [
+            self.keys.claims(message_id),
+            self.keys.subs(message_id),
+            self.keys.due(),
+            self.keys.outcome(message_id),
+            self.keys.session(message_id),
+            self.keys.status(message_id),
+        ]
         done = 0
         try:
             for sub_id, sub in settled.claimed:

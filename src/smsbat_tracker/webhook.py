@@ -48,7 +48,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from smsbat_tracker import metrics
 from smsbat_tracker.config import Settings, load_settings
+from smsbat_tracker.connections import redis_client
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import configure_logging, get_logger, redact_text, register_secret
 from smsbat_tracker.models import MAX_MESSAGE_ID_LENGTH, MESSAGE_ID_PATTERN, MessageStatus
@@ -389,7 +391,7 @@ class WebhookReceiver:
             if self._own_engine is None:
                 self._own_engine = Engine(
                     self.settings,
-                    redis.Redis.from_url(self.settings.redis_url, decode_responses=True),
+                    redis_client(self.settings, decode_responses=True),
                     # The receiver never calls the provider: no credentials needed.
                     None,
                     app=celery_app,
@@ -485,11 +487,14 @@ class WebhookReceiver:
 
     async def webhook(self, request: Request) -> Response:
         """``POST /webhook``."""
+        pushes = metrics.get().pushes
         if not self.authorized(request):  # before reading a single byte of the body
+            pushes.labels("unauthorized").inc()
             return JSONResponse({"error": "unauthorized"}, 401)
         try:
             push = await self.read_push(request)
         except PushRejected as rejected:
+            pushes.labels("rejected").inc()
             log.debug(
                 "webhook.rejected",
                 http_status=rejected.status_code,
@@ -502,10 +507,12 @@ class WebhookReceiver:
                 stored = await anyio.to_thread.run_sync(self.apply, push)
         except self._unavailable as exc:
             log.warning("webhook.unavailable", message_id=push.message_id, error=type(exc).__name__)
+            pushes.labels("unavailable").inc()
             return JSONResponse(
                 {"error": "unavailable", "field": None}, 503, headers={"Retry-After": "5"}
             )
         final = push.status.is_final
+        pushes.labels("stored" if stored else "ignored").inc()
         log.info(
             "webhook.push",
             message_id=push.message_id,
@@ -528,6 +535,11 @@ class WebhookReceiver:
         if ok:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable"}, 503)
+
+    async def serve_metrics(self, _request: Request) -> Response:
+        """``GET /metrics``: this receiver's metrics, in Prometheus's text format."""
+        body = metrics.exposition(metrics.scrape_registry())
+        return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
 
     async def openapi(self, _request: Request) -> Response:
         """``GET /openapi.json``."""
@@ -567,6 +579,7 @@ def create_app(
         routes=[
             Route("/webhook", receiver.webhook, methods=["POST"]),
             Route("/healthz", receiver.healthz, methods=["GET"]),
+            Route("/metrics", receiver.serve_metrics, methods=["GET"]),
             Route("/openapi.json", receiver.openapi, methods=["GET"]),
         ],
         lifespan=lifespan,

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -29,10 +31,13 @@ from celery import Celery, current_app, signals
 from kombu import Queue
 from kombu.exceptions import OperationalError
 
+from smsbat_tracker import metrics, tracebacks
 from smsbat_tracker.campaign import CampaignRunner
 from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import NO_CREDENTIALS, Settings, load_settings
+from smsbat_tracker.connections import is_sentinel_url, redis_client
 from smsbat_tracker.errors import ConfigError
+from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import configure_logging, get_logger
 from smsbat_tracker.redrive import PUBLISHED_AT, TICK_TASK, TRACK_TASK, RedriveStep
 from smsbat_tracker.tracking import Engine
@@ -52,6 +57,7 @@ class TrackerApp(Celery):
         self._engine_pid = 0
         self._engine_lock = threading.Lock()
         self._campaigns: CampaignRunner | None = None
+        self._metrics_server: tuple[Any, Path | None] | None = None
 
     @property
     def engine(self) -> Engine:
@@ -61,8 +67,8 @@ class TrackerApp(Celery):
             with self._engine_lock:
                 if self._engine is None or self._engine_pid != pid:
                     # Connections are not shared across fork: build new ones in the child.
-                    client = redis.Redis.from_url(
-                        self.settings.redis_url, decode_responses=True, health_check_interval=30
+                    client = redis_client(
+                        self.settings, decode_responses=True, health_check_interval=30
                     )
                     # A process that only enqueues needs no credentials (a worker checks).
                     api = (
@@ -119,6 +125,44 @@ class TrackerApp(Celery):
         amqp.flush_routes()
         for cached in ("queues", "default_queue", "router"):
             amqp.__dict__.pop(cached, None)
+
+    def serve_metrics(self) -> None:
+        """Serve Prometheus metrics on ``SMSBAT_METRICS_PORT`` from this process.
+
+        Call in the worker's parent before its pool starts: every process of the worker
+        then counts into one multiprocess directory (``SMSBAT_METRICS_DIR``, else a new
+        temporary one), emptied first, which a scrape adds up. Stops start-up with a clear
+        message when the port cannot be bound.
+        """
+        from prometheus_client import start_http_server
+
+        settings = self.settings
+        made = settings.metrics_dir is None
+        path = metrics.use_directory(settings.metrics_dir or tempfile.mkdtemp(prefix="smsbat-"))
+        registry = metrics.scrape_registry(
+            metrics.RedisCollector(lambda: self.engine.redis, Keys(settings.key_prefix).due())
+        )
+        try:
+            server, _ = start_http_server(settings.metrics_port, settings.metrics_host, registry)
+        except OSError as exc:
+            if made:
+                metrics.remove_directory(path)
+            raise SystemExit(
+                f"smsbat-tracker: SMSBAT_METRICS_PORT={settings.metrics_port}: cannot serve "
+                f"metrics on {settings.metrics_host} ({exc.strerror or type(exc).__name__})"
+            ) from None
+        self._metrics_server = (server, path if made else None)
+        log.info("worker.metrics", port=settings.metrics_port, directory=str(path))
+
+    def stop_metrics(self) -> None:
+        """Stop serving metrics; remove the temporary directory the worker made."""
+        if self._metrics_server is not None:
+            server, made = self._metrics_server
+            self._metrics_server = None
+            server.shutdown()
+            server.server_close()
+            if made is not None:
+                metrics.remove_directory(made)
 
     def close_engine(self) -> None:
         """Close this process's connections (tests, embedding applications)."""
@@ -182,6 +226,10 @@ def _queues(settings: Settings) -> list[Queue] | None:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings for ``settings``."""
+    # kombu's SentinelChannel and Celery's SentinelBackend both read the master's name here.
+    sentinel = (
+        {"master_name": settings.sentinel_master} if is_sentinel_url(settings.redis_url) else {}
+    )
     return {
         "broker_url": settings.redis_url,
         "result_backend": settings.redis_url,
@@ -189,8 +237,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": settings.unacked_restore_interval,
             "unacked_restore_throttle": 1,
+            **sentinel,
         },
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            **sentinel,
+        },
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "result_serializer": "json",
@@ -213,6 +265,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "enable_utc": True,
         "timezone": "UTC",
         "task_queues": _queues(settings),
+        # KiB, checked after each task; None: never replaced.
+        "worker_max_memory_per_child": settings.worker_max_memory * 1024 or None,
     }
 
 
@@ -228,6 +282,8 @@ def _load() -> TrackerApp:
 
 
 app = _load()
+# Each retry's traceback copy keeps one code position per frame, not ~190 KB of them.
+tracebacks.lean_copies()
 
 
 @signals.setup_logging.connect
@@ -254,9 +310,18 @@ def _warm_worker(sender: Any = None, **_: Any) -> None:
     if isinstance(tracker, TrackerApp) and not tracker.settings.has_credentials:
         # A worker calls the API; enqueuing and the webhook receiver need no credentials.
         raise SystemExit(f"smsbat-tracker: invalid settings: {NO_CREDENTIALS}")
+    if isinstance(tracker, TrackerApp) and tracker.settings.metrics_port:
+        tracker.serve_metrics()  # before the pool forks: its children count into its directory
     pool = getattr(sender, "pool_cls", None)
     if isinstance(tracker, TrackerApp) and pool and get_implementation(pool) is not PreforkPool:
         tracker.warm()
+
+
+@signals.worker_shutdown.connect
+def _stop_metrics(sender: Any = None, **_: Any) -> None:
+    tracker = getattr(sender, "app", None)
+    if isinstance(tracker, TrackerApp):
+        tracker.stop_metrics()
 
 
 @signals.worker_process_init.connect
