@@ -15,6 +15,10 @@ Per message, Redis holds (see :mod:`smsbat_tracker.keys`):
   the poller never fires a callback twice;
 - an entry in the *due index* (see :mod:`smsbat_tracker.redrive`), written by the same
   scripts that record each check and each dispatch, so that a lost run is re-driven.
+
+Once the outcome is recorded and every subscription dispatched, the tracking is cut back to
+the outcome alone (``_FORGET_LUA``): the result with the final status, and the ids of the
+subscriptions it served.
 """
 
 from __future__ import annotations
