@@ -231,7 +231,8 @@ def test_the_receiver_serves_its_push_counts_on_metrics(
         "deliverystatus": "processing",
         "timestamp": "2026-12-01T00:00:00+00:00",
     }
-    with BackgroundServer(create_app(receiver_settings, settle=settled.append)) as server:
+    application = create_app(receiver_settings, settle=settled.append)
+    with BackgroundServer(application, lifespan="on") as server:  # its shutdown closes it
         url = f"{server.url}/metrics"
         before = scrape(url)
         headers = {"X-Webhook-Token": TOKEN}
