@@ -27,7 +27,7 @@ from typing import Any
 from celery import Task
 
 from bench.sampling import proc_reading
-from bench.workload import free_port
+from bench.workload import free_port, wait_until
 from smsbat_tracker.config import load_settings
 from smsbat_tracker.demo import worker_process
 from smsbat_tracker.embedded import PersistentRedis
@@ -48,11 +48,7 @@ def noop_retry(self: Task[Any, Any], left: int, done_key: str) -> None:
 
 
 def _wait(predicate: Any, timeout: float) -> None:
-    give_up = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > give_up:
-            raise SystemExit("bench.cpu_floor: a phase did not finish in time")
-        time.sleep(0.2)
+    wait_until(predicate, timeout, "bench.cpu_floor: a phase did not finish in time")
 
 
 def run(chains: int, checks: int) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from typing import Any
 import redis
 
 from bench.sampling import _rss, _stat, _tree
+from bench.workload import wait_until
 from smsbat_tracker.config import load_settings
 from smsbat_tracker.demo import redis_url_or_embedded, worker_process
 from smsbat_tracker.log import configure_logging
@@ -341,11 +342,7 @@ def floor(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 
 def _until(predicate: Any, timeout: float, what: str) -> None:
-    give_up = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > give_up:
-            raise SystemExit(f"bench.soak: {what}")
-        time.sleep(0.2)
+    wait_until(predicate, timeout, f"bench.soak: {what}")
 
 
 def compare_snapshots(directory: Path, top: int = 20) -> dict[str, Any]:

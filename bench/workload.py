@@ -91,6 +91,15 @@ def create_messages(base_url: str, api_key: str, count: int) -> tuple[list[str],
     return ids, time.time()
 
 
+def wait_until(predicate: Any, timeout: float, failure: str) -> None:
+    """Poll ``predicate`` every 0.2 s; stop the bench with ``failure`` after ``timeout`` s."""
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > give_up:
+            raise SystemExit(failure)
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for servers bound later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
