@@ -1,9 +1,17 @@
 """smsbat-tracker: track SMSBAT message delivery with Celery and act on each final state.
 
-The Celery side lives in :mod:`smsbat_tracker.tasks` (``track_message``, ``get_status``);
-importing it builds the Celery app from the environment. This top level holds what needs
-no app: settings, the HTTP clients, the models, the errors and the schedule.
+In a project with its own Celery app, one call where the app is created::
+
+    import smsbat_tracker
+    smsbat_tracker.init_app(app)
+
+then ``from smsbat_tracker import track_message`` anywhere: the tasks are Celery shared
+tasks, bound to the current app. Projects without a Celery app run the package's own
+(``celery -A smsbat_tracker.worker worker``). Importing this package builds no app,
+patches nothing and connects no signal; the Celery names load on first use.
 """
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -36,6 +44,39 @@ from smsbat_tracker.models import (
     validate_message_id,
 )
 
+if TYPE_CHECKING:
+    from smsbat_tracker.integration import init_app
+    from smsbat_tracker.tasks import (
+        get_campaign_report,
+        get_status,
+        track_campaign,
+        track_message,
+    )
+    from smsbat_tracker.tracker import NotInitialised, Tracker
+
+# Loaded on first use: importing Celery's side is for the processes that use it.
+_LAZY = {
+    "init_app": "smsbat_tracker.integration",
+    "track_message": "smsbat_tracker.tasks",
+    "track_campaign": "smsbat_tracker.tasks",
+    "get_status": "smsbat_tracker.tasks",
+    "get_campaign_report": "smsbat_tracker.tasks",
+    "NotInitialised": "smsbat_tracker.tracker",
+    "Tracker": "smsbat_tracker.tracker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'smsbat_tracker' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "FINAL_STATUSES",
     "AsyncSmsbatClient",
@@ -47,6 +88,7 @@ __all__ = [
     "MalformedResponse",
     "MessageNotFound",
     "MessageStatus",
+    "NotInitialised",
     "OutgoingMessage",
     "PermanentError",
     "RateLimited",
@@ -58,11 +100,17 @@ __all__ = [
     "Settings",
     "SmsbatClient",
     "SmsbatError",
+    "Tracker",
     "TransientError",
     "__version__",
     "compute_backoff",
+    "get_campaign_report",
+    "get_status",
+    "init_app",
     "is_delivered",
     "is_final",
     "load_settings",
+    "track_campaign",
+    "track_message",
     "validate_message_id",
 ]

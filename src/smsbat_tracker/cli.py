@@ -25,7 +25,7 @@ def _status(args: argparse.Namespace) -> int:
     from smsbat_tracker.tasks import get_status
     from smsbat_tracker.worker import app
 
-    status = get_status(args.message_id)  # through the cache: repeated calls are free
+    status = get_status(args.message_id, app=app)  # through the cache: repeated calls are free
     print(json.dumps(status.to_json_dict(), indent=2))
     for entry in app.engine.cache.history(args.message_id):
         print(f"  {iso(entry.observed_at)}  {entry.deliverystatus:<16} ({entry.source})")
@@ -75,7 +75,7 @@ def _campaign(args: argparse.Namespace) -> int:
     from smsbat_tracker.worker import app
 
     if args.action == "report":
-        report = get_campaign_report(args.campaign_id)
+        report = get_campaign_report(args.campaign_id, app=app)
         if report is None:
             print(f"smsbat-tracker: no campaign {args.campaign_id!r}", file=sys.stderr)
             return 1

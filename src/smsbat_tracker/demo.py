@@ -68,11 +68,12 @@ def worker_process(
     """A real ``celery worker`` subprocess using ``settings``; stopped on exit.
 
     ``queues``: the ``-Q`` list; empty, every queue the settings name. ``imports``: more
-    task modules for the worker to load (``--include``).
+    task modules for the worker to load (``--include``), beside the demo's recipes.
     """
     env = {**os.environ, **settings.to_env()}
     only = ["--queues", ",".join(queues)] if queues else []
-    only += ["--include", ",".join(imports)] if imports else []
+    # The demo's worker runs its recipe tasks too (a production worker does not).
+    only += ["--include", ",".join(("smsbat_tracker.recipes", *imports))]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             [

@@ -3,20 +3,22 @@
 Each one is an ordinary Celery task taking the tracking result dict first, as every
 callback does. They keep their effects in Redis (under the key prefix) so that the demo,
 the tests and the benchmarks can see what happened; a real application replaces them with
-its own tasks (mark the order in its database, call its e-mail service).
+its own tasks (mark the order in its database, call its e-mail service): see the Django
+shop in ``examples/django_shop``. A worker registers them only when asked to
+(``--include smsbat_tracker.recipes``, or importing this module).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import Task
+from celery import Task, shared_task
 
 from smsbat_tracker.models import OutgoingMessage
-from smsbat_tracker.worker import TrackerApp, app
+from smsbat_tracker.tracker import Tracker, tracker_of
 
 if TYPE_CHECKING:
     AnyTask = Task[Any, Any]
@@ -33,13 +35,13 @@ __all__ = [
 ]
 
 
-def recorded_key(tracker: TrackerApp, label: str = "default") -> str:
+def recorded_key(tracker: Tracker | Any, label: str = "default") -> str:
     """The Redis list :func:`record_outcome` appends to."""
     return f"{tracker.settings.key_prefix}:recorded:{label}"
 
 
 def _record(task: AnyTask, label: str, entry: dict[str, Any]) -> None:
-    tracker = cast(TrackerApp, task.app)
+    tracker = tracker_of(task.app)
     entry = {**entry, "recorded_at": time.time(), "task": task.name, "task_id": task.request.id}
     # A callback should ride out a short outage of what it writes to (here Redis itself,
     # restarting): try again for a while rather than fail the one run it gets.
@@ -58,41 +60,41 @@ def _record(task: AnyTask, label: str, entry: dict[str, Any]) -> None:
 _OUTAGE_PATIENCE = 30.0
 
 
-@app.task(bind=True, name="smsbat_tracker.recipes.record_outcome")
+@shared_task(bind=True, name="smsbat_tracker.recipes.record_outcome")
 def record_outcome(self: AnyTask, result: dict[str, Any], label: str = "default") -> dict[str, Any]:
     """Append the result to a Redis list (demo, tests, benchmarks)."""
     _record(self, label, {"result": result})
     return result
 
 
-@app.task(bind=True, name="smsbat_tracker.recipes.mark_order_notified")
+@shared_task(bind=True, name="smsbat_tracker.recipes.mark_order_notified")
 def mark_order_notified(self: AnyTask, result: dict[str, Any], order_id: str) -> str:
     """Order confirmation delivered: mark the order "notification sent"."""
     _record(self, "orders", {"order_id": order_id, "action": "notified", "result": result})
     return order_id
 
 
-@app.task(bind=True, name="smsbat_tracker.recipes.schedule_retry")
+@shared_task(bind=True, name="smsbat_tracker.recipes.schedule_retry")
 def schedule_retry(self: AnyTask, result: dict[str, Any], order_id: str) -> str:
     """Order confirmation failed: schedule a new attempt (here: record that one is due)."""
     _record(self, "orders", {"order_id": order_id, "action": "retry", "result": result})
     return order_id
 
 
-@app.task(bind=True, name="smsbat_tracker.recipes.send_email_otp")
+@shared_task(bind=True, name="smsbat_tracker.recipes.send_email_otp")
 def send_email_otp(self: AnyTask, result: dict[str, Any], email: str) -> str:
     """Two-factor code not delivered in time: send it by e-mail (here: record it)."""
     _record(self, "otp", {"email": email, "action": "email", "result": result})
     return email
 
 
-@app.task(bind=True, name="smsbat_tracker.recipes.send_message")
+@shared_task(bind=True, name="smsbat_tracker.recipes.send_message")
 def send_message(self: AnyTask, to: str, text: str, sender: str, type: str = "sms") -> str:
     """Send one message and return its id: chain it into ``track_message``.
 
     ``send_message.s(to, text, sender) | track_message.s(on_delivered=...)``
     """
-    tracker = cast(TrackerApp, self.app)
+    tracker = tracker_of(self.app)
     message = OutgoingMessage.model_validate({"from": sender, "to": to, "type": type, "text": text})
     sent = tracker.engine.require_api().send_messages([message])
     if not sent.message_ids:

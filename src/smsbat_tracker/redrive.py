@@ -36,7 +36,7 @@ import json
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import redis
 from celery import bootsteps, signals
@@ -45,9 +45,8 @@ from smsbat_tracker import metrics
 from smsbat_tracker.connections import redis_client
 from smsbat_tracker.keys import Keys, kombu_queue_list
 from smsbat_tracker.log import get_logger
-
-if TYPE_CHECKING:
-    from smsbat_tracker.worker import TrackerApp
+from smsbat_tracker.names import DUE_INDEXED, PUBLISHED_AT, TICK_TASK, TRACK_PRIORITY, TRACK_TASK
+from smsbat_tracker.tracker import Tracker, find_tracker, tracker_of
 
 __all__ = ["HEARTBEAT", "SWEEP_LIMIT", "RedriveStep", "Redriver"]
 
@@ -65,12 +64,6 @@ OUTAGE_GRACE: Final = 2 * HEARTBEAT
 RESEND_LIMIT: Final = 3
 # The sweep lock outlives a sweep, and expires soon after its holder dies.
 LOCK_MS: Final = 5_000
-# Publish time stamped on the tracker's tasks (see ``queue_age``).
-PUBLISHED_AT: Final = "smsbat_published_at"
-TRACK_TASK: Final = "smsbat_tracker.track_message"
-TICK_TASK: Final = "smsbat_tracker.campaign_tick"
-# The tasks whose runs the due index covers.
-DUE_INDEXED: Final = frozenset({TRACK_TASK, TICK_TASK})
 
 # KEYS: due, then one hash per item.  ARGV: now, then member, field, expected value,
 # expected run ('' for none) per item.  Refreshes the overdue entries whose token still
@@ -311,9 +304,11 @@ def _tag(request: Any) -> str | None:
 class Redriver:
     """One worker's refresher and sweeper; :meth:`run_once` is one heartbeat."""
 
-    def __init__(self, app: TrackerApp, client: redis.Redis) -> None:
-        self.app = app
-        self.settings = app.settings
+    def __init__(self, tracker: Tracker | Any, client: redis.Redis) -> None:
+        # The tracker, or a Celery app that carries one.
+        self.tracker: Tracker = tracker if isinstance(tracker, Tracker) else tracker_of(tracker)
+        self.app = self.tracker.app
+        self.settings = self.tracker.settings
         self.redis = client
         self.keys = Keys(self.settings.key_prefix)
         self.holder = uuid.uuid4().hex
@@ -325,7 +320,7 @@ class Redriver:
         self._received: dict[str, float] = {}  # tags noted at receipt -> when
         self._gone: set[str] = set()  # tags no longer held at the last beat
         self._refresh = client.register_script(_REFRESH)
-        self._queues = _consumed_queues(app)
+        self._queues = _consumed_queues(self.app)
         self._take_session = client.register_script(_TAKE_SESSION)
         self._take_chain = client.register_script(_TAKE_CHAIN)
         self._unlock = client.register_script(_UNLOCK)
@@ -428,7 +423,7 @@ class Redriver:
     def _restore(self, tags: set[str] | list[str], event: str, **fields: Any) -> int:
         """Give back the ``tags`` still unacked, with kombu's own ``restore_by_tag``."""
         restored = 0
-        unacked = self.app.engine.unacked_key()
+        unacked = self.tracker.engine.unacked_key()
         left = [t for t, there in zip(tags, self._hexists(unacked, tags), strict=True) if there]
         if not left:
             return 0
@@ -454,7 +449,7 @@ class Redriver:
         """
         key = self.keys.held(self.holder)
         tags = [str(t) for t in self.redis.smembers(key)]
-        if tags and any(self._hexists(self.app.engine.unacked_key(), tags)):
+        if tags and any(self._hexists(self.tracker.engine.unacked_key(), tags)):
             self.redis.zadd(self.keys.holders(), {self.holder: now})
             return
         self.redis.delete(key)
@@ -500,9 +495,10 @@ class Redriver:
 
     def queues(self) -> list[str]:
         """The broker lists the tracker's due-tracked tasks wait in (their priority's)."""
-        from smsbat_tracker.worker import DEFAULT_QUEUE, TRACK_PRIORITY
-
-        return [kombu_queue_list(self.settings.queue or DEFAULT_QUEUE, TRACK_PRIORITY)]
+        route = self.app.amqp.router.route({}, TRACK_TASK)
+        queue = route.get("queue")
+        name = str(getattr(queue, "name", queue) or self.app.conf.task_default_queue)
+        return [kombu_queue_list(name, int(route.get("priority") or TRACK_PRIORITY))]
 
     def queue_age(self, now: float) -> float:
         """How long the oldest tracker task waiting in the broker has waited (0: none).
@@ -573,7 +569,7 @@ class Redriver:
 
         raws = dict(zip(ids, self.redis.hmget(sends, ids), strict=True))
         known = {i: json.loads(raw) for i, raw in raws.items() if raw}
-        engine = self.app.engine
+        engine = self.tracker.engine
         sigs = {i: signature(send["sig"], app=self.app) for i, send in known.items()}
         present = engine.in_broker(list(known), list(sigs.values())) if known else set()
         lost: list[str] = []
@@ -627,6 +623,7 @@ class Redriver:
                     "enqueued_at": started,
                 },
                 task_id=owner,
+                headers={PUBLISHED_AT: time.time()},
             )
             log.warning("redrive.message", message_id=rest, task_id=owner)
             return 1
@@ -645,7 +642,12 @@ class Redriver:
             )
             if taken != 1:
                 return 0
-            self.app.send_task(TICK_TASK, args=(campaign_id,), kwargs={"slot": slot, "run": run})
+            self.app.send_task(
+                TICK_TASK,
+                args=(campaign_id,),
+                kwargs={"slot": slot, "run": run},
+                headers={PUBLISHED_AT: time.time()},
+            )
             log.warning("redrive.campaign", campaign_id=campaign_id, slot=slot)
             return 1
         self.redis.zrem(due, member)  # not a member this version writes
@@ -691,14 +693,11 @@ class RedriveStep(bootsteps.StartStopStep):
         self._redriver: Redriver | None = None
 
     def start(self, parent: Any) -> None:
-        from smsbat_tracker.worker import TrackerApp
-
-        app = parent.app
-        if not isinstance(app, TrackerApp):
-            survive_broker_loss()
+        tracker = find_tracker(parent.app)
+        if tracker is None:  # not an app that runs the tracker: nothing to do
             return
         self._client = redis_client(
-            app.settings,
+            tracker.settings,
             decode_responses=True,
             # Short: the receipt hook runs on the consumer's thread.
             socket_timeout=2,
@@ -706,7 +705,7 @@ class RedriveStep(bootsteps.StartStopStep):
             health_check_interval=30,
         )
         survive_broker_loss(self._client)
-        redriver = self._redriver = Redriver(app, self._client)
+        redriver = self._redriver = Redriver(tracker, self._client)
         signals.task_received.connect(self._received, weak=False)
         self._stop.clear()
         self._thread = threading.Thread(

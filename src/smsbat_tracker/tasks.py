@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from celery import Task
+import redis
+import structlog
+from celery import Celery, Task, current_app, shared_task
 from celery.exceptions import Retry
 from celery.utils import uuid
+from kombu.exceptions import OperationalError
 
 from smsbat_tracker import metrics
 from smsbat_tracker.campaign import validate_campaign_id
@@ -46,9 +49,16 @@ from smsbat_tracker.decide import (
 from smsbat_tracker.errors import SmsbatError
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.models import MessageStatus, validate_message_id
+from smsbat_tracker.names import (
+    PUBLISHED_AT,
+    SETTLE_TASK,
+    TICK_TASK,
+    TRACK_CAMPAIGN_TASK,
+    TRACK_TASK,
+)
 from smsbat_tracker.ratelimit import pause_for
+from smsbat_tracker.tracker import Tracker, tracker_of
 from smsbat_tracker.tracking import Check, Engine, Session, Subscription, build_result
-from smsbat_tracker.worker import TrackerApp, app
 
 __all__ = [
     "campaign_tick",
@@ -80,7 +90,68 @@ def _as_signature_dict(name: str, value: Any) -> dict[str, Any] | None:
     raise TypeError(f"{name} must be a Celery signature (e.g. my_task.s(order_id)) or None")
 
 
-class TrackTask(AnyTask):
+class TrackerTask(AnyTask):
+    """Base of the tracker's tasks: acknowledged after they ran, results not stored.
+
+    A run binds its task and message to the log context (structlog's contextvars) for
+    its own lines; a retry's traceback is cut to this frame (see :meth:`__call__`).
+    """
+
+    acks_late = True
+    reject_on_worker_lost = True
+    track_started = True
+    # Outcomes travel by callbacks and chains, and Flower shows results from events;
+    # opt in per call with ignore_result=False.
+    ignore_result = True
+
+    @property
+    def tracker(self) -> Tracker:
+        """The tracker of the app this task is bound to (``init_app``)."""
+        return tracker_of(self.app)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with _task_context(self, args, kwargs):
+            try:
+                return super().__call__(*args, **kwargs)
+            except Retry as retry:
+                # A retry is how a check waits for the next one, and Celery copies the
+                # traceback of each (every frame's code positions, formatted): cut to this
+                # frame, that copy costs about 0.6 ms less per check.
+                raise retry.with_traceback(None) from None
+
+
+@contextlib.contextmanager
+def _task_context(task: AnyTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
+    context: dict[str, Any] = {"task_id": task.request.id, "task_name": task.name}
+    message_id = kwargs.get("message_id")
+    if message_id is None and args and isinstance(args[0], str):
+        message_id = args[0]
+    if message_id is not None:
+        context["message_id"] = message_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**context)
+    try:
+        yield
+    finally:
+        structlog.contextvars.clear_contextvars()
+
+
+def _stamp(options: dict[str, Any]) -> None:
+    """Stamp a due-indexed task's publish time: the re-driver tells a task waiting behind
+    a backlog from a lost one by it."""
+    options["headers"] = {**(options.get("headers") or {}), PUBLISHED_AT: time.time()}
+
+
+@contextlib.contextmanager
+def _broker_errors(what: str) -> Iterator[None]:
+    """Redis errors at enqueue as the error Celery users catch: kombu's OperationalError."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise OperationalError(f"{what}: Redis unavailable ({type(exc).__name__})") from exc
+
+
+class TrackTask(TrackerTask):
     """``track_message``'s enqueue: checks the arguments and registers the tracking.
 
     Bad input never reaches Redis. A new tracking's session and callbacks are stored
@@ -103,24 +174,26 @@ class TrackTask(AnyTask):
             _as_signature_dict(name, kwargs.get(name, args[i] if len(args) > i else None))
             for i, name in enumerate(_CALLBACK_ARGS, start=2)
         )
+        _stamp(options)
         if "enqueued_at" in kwargs:  # a retry, or a redelivery: registered already
             return super().apply_async(args, kwargs, *rest, **options)
 
-        tracker = cast(TrackerApp, self.app)
+        tracker = self.tracker
         engine = tracker.engine
         now = time.time()
         kwargs["enqueued_at"] = now  # the deadline counts from here; marks it registered
         task_id = options.setdefault("task_id", uuid())
         sub = Subscription(on_delivered=on_delivered, on_failed=on_failed, on_timeout=on_timeout)
         deadline_at = now + (deadline if deadline is not None else tracker.settings.deadline)
-        session, added, cached, ended = engine.register(
-            message_id,
-            sub,
-            owner=task_id,
-            started_at=now,
-            deadline_at=deadline_at,
-            first_at=min(now + tracker.settings.first_delay, deadline_at),
-        )
+        with _broker_errors("track_message"):
+            session, added, cached, ended = engine.register(
+                message_id,
+                sub,
+                owner=task_id,
+                started_at=now,
+                deadline_at=deadline_at,
+                first_at=min(now + tracker.settings.first_delay, deadline_at),
+            )
         if not sub.is_empty and not added:
             log.info("track.duplicate", message_id=message_id, subscription=sub.id)
         if "countdown" not in options and "eta" not in options:
@@ -133,7 +206,8 @@ class TrackTask(AnyTask):
         except BaseException:
             # Not published: undo the registration, or a later call would join a session
             # that nobody runs.
-            engine.abandon(message_id, owner=task_id, subscription=sub.id if added else None)
+            with contextlib.suppress(redis.RedisError):
+                engine.abandon(message_id, owner=task_id, subscription=sub.id if added else None)
             raise
         log.info(
             "track.enqueued",
@@ -144,15 +218,6 @@ class TrackTask(AnyTask):
             joined=session.owner != task_id,
         )
         return result
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().__call__(*args, **kwargs)
-        except Retry as retry:
-            # A retry is how a check waits for the next one, and Celery copies the traceback
-            # of each (every frame's code positions, formatted): cut to this frame, that
-            # copy costs about 0.6 ms less per check.
-            raise retry.with_traceback(None) from None
 
 
 class _ShownRetry(Retry):
@@ -193,7 +258,7 @@ def _reason(decision: Wait | AwaitPush) -> NextRun:
 
 
 def _engine(task: AnyTask) -> Engine:
-    return cast(TrackerApp, task.app).engine
+    return tracker_of(task.app).engine
 
 
 def _take_chain(task: AnyTask) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
@@ -212,7 +277,7 @@ def _take_chain(task: AnyTask) -> tuple[list[dict[str, Any]] | None, list[dict[s
     return chain, links
 
 
-@app.task(bind=True, base=TrackTask, name="smsbat_tracker.track_message", max_retries=None)
+@shared_task(bind=True, base=TrackTask, name=TRACK_TASK, max_retries=None)
 def track_message(
     self: AnyTask,
     message_id: str,
@@ -363,7 +428,7 @@ def _superseded(message_id: str, owner: str) -> dict[str, Any]:
     return {"message_id": message_id, "outcome": "superseded", "owner": owner}
 
 
-@app.task(bind=True, name="smsbat_tracker.settle_message", acks_late=True)
+@shared_task(bind=True, base=TrackerTask, name=SETTLE_TASK)
 def settle_message(self: AnyTask, message_id: str) -> dict[str, Any] | None:
     """Finish a tracked message from its cached final status (for code that stores pushes).
 
@@ -404,16 +469,17 @@ def settle_from_cache(engine: Engine, message_id: str, *, claimer: str) -> dict[
     return engine.settle(message_id, result, claimer=claimer).result
 
 
-def get_status(message_id: str) -> MessageStatus:
+def get_status(message_id: str, *, app: Celery | None = None) -> MessageStatus:
     """A message's status, read through the Redis cache (30 s while in flight).
 
-    Raises :class:`~smsbat_tracker.errors.InvalidMessageId` before any request for a bad
-    id, and the client's errors when the API fails.
+    ``app``: the Celery app whose tracker to use (default: the current app). Raises
+    :class:`~smsbat_tracker.errors.InvalidMessageId` before any request for a bad id, and
+    the client's errors when the API fails.
     """
-    return app.engine.get_status(message_id)
+    return tracker_of(app or current_app).engine.get_status(message_id)
 
 
-class CampaignTask(AnyTask):
+class CampaignTask(TrackerTask):
     """``track_campaign``'s enqueue: checks the arguments and registers the campaign.
 
     Bad ids never reach the broker. Every message's first check, and each tick chain's
@@ -434,22 +500,23 @@ class CampaignTask(AnyTask):
             _as_signature_dict(name, kwargs.get(name))
         if "enqueued_at" not in kwargs:
             kwargs["enqueued_at"] = time.time()
-            _register_campaign(
-                cast(TrackerApp, self.app),
-                campaign_id,
-                message_ids,
-                deadline=kwargs.get("deadline", args[2] if len(args) > 2 else None),
-                on_report=kwargs.get("on_report"),
-                on_delivered=kwargs.get("on_delivered"),
-                on_failed=kwargs.get("on_failed"),
-                on_timeout=kwargs.get("on_timeout"),
-                enqueued_at=kwargs["enqueued_at"],
-            )
+            with _broker_errors("track_campaign"):
+                _register_campaign(
+                    self.tracker,
+                    campaign_id,
+                    message_ids,
+                    deadline=kwargs.get("deadline", args[2] if len(args) > 2 else None),
+                    on_report=kwargs.get("on_report"),
+                    on_delivered=kwargs.get("on_delivered"),
+                    on_failed=kwargs.get("on_failed"),
+                    on_timeout=kwargs.get("on_timeout"),
+                    enqueued_at=kwargs["enqueued_at"],
+                )
         return super().apply_async(args, kwargs, *rest, **options)
 
 
 def _register_campaign(
-    tracker: TrackerApp,
+    tracker: Tracker,
     campaign_id: str,
     message_ids: Sequence[str],
     *,
@@ -474,7 +541,7 @@ def _register_campaign(
     )
 
 
-@app.task(bind=True, base=CampaignTask, name="smsbat_tracker.track_campaign")
+@shared_task(bind=True, base=CampaignTask, name=TRACK_CAMPAIGN_TASK)
 def track_campaign(
     self: AnyTask,
     campaign_id: str,
@@ -492,7 +559,7 @@ def track_campaign(
     passed; the per-message callbacks are optional. The report stays retrievable with
     :func:`get_campaign_report`. See :mod:`smsbat_tracker.campaign` for the design.
     """
-    tracker = cast(TrackerApp, self.app)
+    tracker = tracker_of(self.app)
     runner = tracker.campaigns
     enqueued_at = enqueued_at if enqueued_at is not None else time.time()
     # Registered at enqueue, unless sent by name, or cut short: then registered here.
@@ -523,7 +590,15 @@ def track_campaign(
     return {"campaign_id": campaign_id, "started": True, "total": total}
 
 
-@app.task(bind=True, name="smsbat_tracker.campaign_tick", ignore_result=True, max_retries=None)
+class TickTask(TrackerTask):
+    """``campaign_tick``: each publish (the first, and every retry) is stamped."""
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
+        _stamp(options)
+        return super().apply_async(args, kwargs, *rest, **options)
+
+
+@shared_task(bind=True, base=TickTask, name=TICK_TASK, max_retries=None)
 def campaign_tick(
     self: AnyTask, campaign_id: str, slot: int | None = None, run: str | None = None
 ) -> dict[str, Any]:
@@ -534,7 +609,7 @@ def campaign_tick(
     campaign exist, whatever its size. A chain's ``run`` is its fencing token: a tick
     whose chain was re-driven stops at once.
     """
-    runner = cast(TrackerApp, self.app).campaigns
+    runner = tracker_of(self.app).campaigns
     fenced = slot is not None and run is not None
     if fenced and not runner.holds(campaign_id, cast(int, slot), cast(str, run)):
         log.info("campaign.tick_superseded", campaign_id=campaign_id, slot=slot)
@@ -569,9 +644,12 @@ def campaign_tick(
     return {"claimed": claimed, "api_calls": calls, "recorded": recorded}
 
 
-def get_campaign_report(campaign_id: str) -> dict[str, Any] | None:
-    """The campaign's final report, or its report so far while it runs (None if unknown)."""
-    runner = app.campaigns
+def get_campaign_report(campaign_id: str, *, app: Celery | None = None) -> dict[str, Any] | None:
+    """The campaign's final report, or its report so far while it runs (None if unknown).
+
+    ``app``: the Celery app whose tracker to use (default: the current app).
+    """
+    runner = tracker_of(app or current_app).campaigns
     validate_campaign_id(campaign_id)
     return runner.stored_report(campaign_id) or (
         runner.report(campaign_id) if runner.meta(campaign_id) else None
