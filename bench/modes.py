@@ -252,7 +252,7 @@ def _callbacks_worker(
     """
     if ctx.shared_worker:
         return []
-    from smsbat_tracker.worker import DEFAULT_QUEUE
+    from smsbat_tracker.integration import DEFAULT_QUEUE
 
     proc = stack.enter_context(
         worker_process(

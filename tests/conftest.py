@@ -112,6 +112,7 @@ def tracker_app(
 
     sandbox.state.reset()
     app.reconfigure(settings)
+    app.set_current()  # the shared tasks (track_message, ...) resolve to it
     yield app
     app.close_engine()
 

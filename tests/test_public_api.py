@@ -22,6 +22,7 @@ EXPECTED_ALL = {
     "MalformedResponse",
     "MessageNotFound",
     "MessageStatus",
+    "NotInitialised",
     "OutgoingMessage",
     "PermanentError",
     "RateLimited",
@@ -33,12 +34,19 @@ EXPECTED_ALL = {
     "Settings",
     "SmsbatClient",
     "SmsbatError",
+    "Tracker",
     "TransientError",
     "__version__",
     "compute_backoff",
+    "get_campaign_report",
+    "get_status",
+    "init_app",
     "is_delivered",
     "is_final",
     "load_settings",
+    "track_campaign",
+    "track_message",
+    "tracker_of",
     "validate_message_id",
 }
 
@@ -53,6 +61,11 @@ MODULES = [
     "smsbat_tracker.log",
     "smsbat_tracker.models",
     "smsbat_tracker.ratelimit",
+    "smsbat_tracker.integration",
+    "smsbat_tracker.names",
+    "smsbat_tracker.tasks",
+    "smsbat_tracker.testing",
+    "smsbat_tracker.tracker",
 ]
 
 

@@ -38,11 +38,12 @@ from smsbat_tracker.connections import (
     redis_client,
 )
 from smsbat_tracker.demo import worker_process
+from smsbat_tracker.integration import DEFAULT_QUEUE
 from smsbat_tracker.keys import KOMBU_PRIORITY_STEPS, Keys, kombu_queue_list
 from smsbat_tracker.recipes import record_outcome
 from smsbat_tracker.sandbox import SandboxServer
 from smsbat_tracker.tasks import track_message
-from smsbat_tracker.worker import DEFAULT_QUEUE, celery_config
+from smsbat_tracker.worker import celery_config
 from tests.conftest import recorded, wait_for
 
 PASSWORD = "pw-sentinel-MARKER"

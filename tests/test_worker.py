@@ -17,11 +17,13 @@ from structlog.testing import capture_logs
 
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import ConfigError
+from smsbat_tracker.integration import DEFAULT_QUEUE, TrackerStep, tracker_routes
 from smsbat_tracker.log import configure_logging
+from smsbat_tracker.names import TRACK_PRIORITY, TRACKER_TASKS
 from smsbat_tracker.recipes import record_outcome
 from smsbat_tracker.sandbox import SandboxServer
 from smsbat_tracker.tasks import track_message
-from smsbat_tracker.worker import DEFAULT_QUEUE, TRACK_PRIORITY, TRACKER_TASKS, celery_config
+from smsbat_tracker.worker import celery_config
 from tests.conftest import recorded, wait_for
 
 
@@ -104,18 +106,36 @@ def test_a_starting_worker_builds_its_engine_before_the_first_task(
 
 
 def test_warm_up_skips_a_prefork_parent_and_runs_in_its_children(tracker_app: Any) -> None:
-    """worker_init warms only pools that run tasks in-process; worker_process_init warms a child."""
-    from smsbat_tracker.worker import _warm_child, _warm_worker
+    """The tracker's bootstep warms only pools that run tasks in-process; a prefork pool's
+    children warm themselves (worker_process_init)."""
+    from celery import signals
 
     tracker_app.close_engine()
-    _warm_worker(sender=SimpleNamespace(app=tracker_app, pool_cls="prefork"))
-    assert tracker_app._engine is None
-    tracker_app.set_current()
-    _warm_child(sender="child@host")
-    assert tracker_app._engine is not None
+    step = TrackerStep(SimpleNamespace(app=tracker_app, pool_cls="prefork"))
+    try:
+        step.start(SimpleNamespace(pool_cls="prefork"))
+        assert tracker_app.tracker._engine is None
+        signals.worker_process_init.send(sender=None)
+        assert tracker_app.tracker._engine is not None
+    finally:
+        signals.worker_process_init.disconnect(step._warm_child, dispatch_uid=step._warm_uid)
     tracker_app.close_engine()
-    _warm_worker(sender=SimpleNamespace(app=tracker_app, pool_cls="threads"))
-    assert tracker_app._engine is not None
+    TrackerStep(SimpleNamespace(app=tracker_app, pool_cls="threads")).start(
+        SimpleNamespace(pool_cls="threads")
+    )
+    assert tracker_app.tracker._engine is not None
+
+
+def test_a_worker_of_an_app_without_the_tracker_is_untouched() -> None:
+    """The bootstep does nothing on a worker whose app never called init_app."""
+    from celery import Celery
+
+    other = Celery("other", set_as_current=False)
+    step = TrackerStep(SimpleNamespace(app=other, pool_cls="threads"))
+    assert step.tracker is None
+    step.start(SimpleNamespace(pool_cls="threads"))
+    step.stop(SimpleNamespace())
+    other.close()
 
 
 def test_warm_up_with_redis_down_logs_and_lets_the_worker_start(
@@ -136,21 +156,34 @@ def test_warm_up_with_redis_down_logs_and_lets_the_worker_start(
 
 def test_tracker_tasks_keep_the_default_queue_unless_told(settings: Settings) -> None:
     """Without SMSBAT_QUEUE only the check priority is routed and no queue list is set."""
-    conf = celery_config(settings)
-    assert conf["task_routes"] == {
+    assert tracker_routes(settings) == {
         "smsbat_tracker.track_message": {"priority": TRACK_PRIORITY},
         "smsbat_tracker.campaign_tick": {"priority": TRACK_PRIORITY},
     }
-    assert conf["task_queues"] is None
+    from smsbat_tracker.worker import create_app
+
+    app = create_app(settings)
+    try:
+        assert app.conf.task_queues is None
+        assert app.conf.task_routes == (tracker_routes(settings),)
+    finally:
+        app.close()
 
 
 def test_smsbat_queue_routes_every_tracker_task(make_settings: Callable[..., Settings]) -> None:
     """SMSBAT_QUEUE routes the four tracker tasks; a worker without -Q consumes both queues."""
-    conf = celery_config(make_settings(queue="tracking"))
-    assert set(conf["task_routes"]) == set(TRACKER_TASKS)
-    assert {route["queue"] for route in conf["task_routes"].values()} == {"tracking"}
-    assert conf["task_routes"]["smsbat_tracker.track_message"]["priority"] == TRACK_PRIORITY
-    assert [q.name for q in conf["task_queues"]] == [DEFAULT_QUEUE, "tracking"]
+    from smsbat_tracker.worker import create_app
+
+    settings = make_settings(queue="tracking")
+    routes = tracker_routes(settings)
+    assert set(routes) == set(TRACKER_TASKS)
+    assert {route["queue"] for route in routes.values()} == {"tracking"}
+    assert routes["smsbat_tracker.track_message"]["priority"] == TRACK_PRIORITY
+    app = create_app(settings)
+    try:
+        assert [q.name for q in app.conf.task_queues] == [DEFAULT_QUEUE, "tracking"]
+    finally:
+        app.close()
 
 
 @pytest.mark.parametrize("bad", ["", "has space", "x" * 65, "semi;colon"])

@@ -26,6 +26,7 @@ from smsbat_tracker.errors import (
     InvalidMessageId,
     MalformedResponse,
     MessageNotFound,
+    NotInitialised,
     PermanentError,
     RateLimited,
     RequestTimeout,
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
         track_campaign,
         track_message,
     )
-    from smsbat_tracker.tracker import NotInitialised, Tracker
+    from smsbat_tracker.tracker import Tracker, tracker_of
 
 # Loaded on first use: importing Celery's side is for the processes that use it.
 _LAZY = {
@@ -61,8 +62,8 @@ _LAZY = {
     "track_campaign": "smsbat_tracker.tasks",
     "get_status": "smsbat_tracker.tasks",
     "get_campaign_report": "smsbat_tracker.tasks",
-    "NotInitialised": "smsbat_tracker.tracker",
     "Tracker": "smsbat_tracker.tracker",
+    "tracker_of": "smsbat_tracker.tracker",
 }
 
 
@@ -112,5 +113,6 @@ __all__ = [
     "load_settings",
     "track_campaign",
     "track_message",
+    "tracker_of",
     "validate_message_id",
 ]

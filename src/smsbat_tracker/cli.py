@@ -175,10 +175,17 @@ def campaign_give_up(settings: Settings, meta: dict[str, str]) -> float:
 def _check_config(args: argparse.Namespace) -> int:
     from smsbat_tracker.config import load_settings
 
-    settings = load_settings()
+    # Code that only enqueues needs no credentials; a worker does (--worker).
+    settings = load_settings(credentials=args.worker)
     # SecretStr fields render as '**********'; REDIS_URL is shown without its password.
     for name, value in settings.model_dump().items():
         print(f"{name} = {safe_redis_url(value) if name == 'redis_url' else value}")
+    if not settings.has_credentials:
+        print(
+            "note: no API credentials: enough to enqueue and to receive pushes; a worker "
+            "needs SMSBAT_API_KEY (or SMSBAT_USERNAME and SMSBAT_PASSWORD)",
+            file=sys.stderr,
+        )
     return _ping(settings) if args.ping else 0
 
 
@@ -196,6 +203,9 @@ def _ping(settings: Settings) -> int:
         failed = 1
     from smsbat_tracker.client import SmsbatClient
 
+    if not settings.has_credentials:
+        print("api: not asked (no credentials)")
+        return failed
     try:
         with SmsbatClient.from_settings(settings) as api:
             # An id nobody sent: a 404 means the API took the credentials.
@@ -232,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument(
         "--ping", action="store_true", help="also reach Redis and the API with the credentials"
+    )
+    check.add_argument(
+        "--worker",
+        action="store_true",
+        help="check what a worker needs too: API credentials (enqueuing needs none)",
     )
     campaign = sub.add_parser("campaign", help="track a campaign, or show its report")
     actions = campaign.add_subparsers(dest="action", required=True)

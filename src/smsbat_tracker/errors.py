@@ -18,6 +18,7 @@ __all__ = [
     "InvalidMessageId",
     "MalformedResponse",
     "MessageNotFound",
+    "NotInitialised",
     "PermanentError",
     "RateLimited",
     "RequestTimeout",
@@ -36,6 +37,11 @@ class ConfigError(SmsbatError, ValueError):
 
     The message names each offending environment variable, e.g. ``SMSBAT_BASE_URL``.
     """
+
+
+class NotInitialised(ConfigError):
+    """Raised when a tracker task is used through a Celery app that never called
+    ``smsbat_tracker.init_app(app)``; the message names the app."""
 
 
 class InvalidMessageId(SmsbatError, ValueError):

@@ -165,6 +165,7 @@ class TrackerStep(bootsteps.StartStopStep):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.tracker = find_tracker(getattr(parent, "app", None))
+        self._warm_uid = f"smsbat-warm-{id(self.tracker)}"
         tracker = self.tracker
         if tracker is None:
             return
@@ -178,7 +179,7 @@ class TrackerStep(bootsteps.StartStopStep):
         if _is_prefork(getattr(parent, "pool_cls", None)):
             # Each child warms its own connections; the parent runs no tasks.
             signals.worker_process_init.connect(
-                self._warm_child, weak=False, dispatch_uid=f"smsbat-warm-{id(tracker)}"
+                self._warm_child, weak=False, dispatch_uid=self._warm_uid
             )
 
     def _warm_child(self, **_: Any) -> None:

@@ -1,4 +1,8 @@
-"""Logging: structlog configured once for the worker, the CLI and the web app.
+"""Logging: structlog configured once for the package's own worker, CLI and web app.
+
+Nothing is configured at import: a host process (a user's worker or web server after
+``init_app``) keeps its own logging, and the package's lines reach it through the
+standard library (:class:`PoliteLogger`).
 
 JSON lines when stderr is not a terminal, a readable console otherwise. The standard
 library's loggers (Celery, httpx, uvicorn) go through the same processors, so every line,
@@ -20,6 +24,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 __all__ = [
     "REDACTED",
+    "PoliteLogger",
     "configure_logging",
     "get_logger",
     "redact",
@@ -194,6 +199,56 @@ def configure_logging(
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
-def get_logger(name: str = "smsbat_tracker") -> Any:
-    """A structlog logger; events carry the task and message bound in context."""
-    return structlog.get_logger(name)
+class PoliteLogger:
+    """The package's logger: where its lines go is the host process's choice.
+
+    Where structlog is configured (the package's own worker, CLI and receiver configure
+    it with :func:`configure_logging`; a host may too), events go through structlog. In a
+    host that never configured it (a user's Celery worker or web process after
+    ``init_app``), they go to the standard library's logger of the same name, as one
+    redacted line ``event key=value ...``, through the host's handlers and levels:
+    structlog's default would print them to stdout.
+    """
+
+    __slots__ = ("_std", "_structured")
+
+    def __init__(self, name: str) -> None:
+        self._structured = structlog.get_logger(name)
+        self._std = logging.getLogger(name)
+
+    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if structlog.is_configured():
+            self._structured.log(level, event, **fields)
+            return
+        std = self._std
+        if std.isEnabledFor(level):
+            exc_info = bool(fields.pop("exc_info", False))
+            values = redact(None, "", {**structlog.contextvars.get_contextvars(), **fields})
+            text = " ".join(f"{key}={value!r}" for key, value in values.items())
+            std.log(level, "%s %s", event, text, exc_info=exc_info)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        """Log ``event`` at DEBUG with ``fields``."""
+        self._emit(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        """Log ``event`` at INFO with ``fields``."""
+        self._emit(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        """Log ``event`` at WARNING with ``fields``."""
+        self._emit(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        """Log ``event`` at ERROR with ``fields``."""
+        self._emit(logging.ERROR, event, fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        """Log ``event`` at ERROR with ``fields`` and the exception being handled."""
+        self._emit(logging.ERROR, event, {**fields, "exc_info": True})
+
+
+def get_logger(name: str = "smsbat_tracker") -> PoliteLogger:
+    """The package's logger for ``name`` (see :class:`PoliteLogger`); events carry the
+    task and message bound in context."""
+    return PoliteLogger(name)

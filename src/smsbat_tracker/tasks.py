@@ -90,6 +90,33 @@ def _as_signature_dict(name: str, value: Any) -> dict[str, Any] | None:
     raise TypeError(f"{name} must be a Celery signature (e.g. my_task.s(order_id)) or None")
 
 
+def _check_known(app: Celery, name: str, sig: dict[str, Any] | None) -> None:
+    """Refuse a callback that this app's workers would discard as an unregistered task.
+
+    The tracker's worker sends the callback through the app that tracks; a task name that
+    app does not know, sent to a queue its workers consume, is dropped by them with an
+    error line, and the follow-up never runs. A callback routed elsewhere (its own
+    ``queue``, or a route of the app's) is for workers that know it: it passes.
+    """
+    if sig is None:
+        return
+    task = str(sig["task"])
+    options = sig.get("options") or {}
+    if options.get("queue") or options.get("exchange") or options.get("routing_key"):
+        return
+    if task in app.tasks:
+        return
+    queue = app.amqp.router.route({}, task).get("queue")
+    if str(getattr(queue, "name", queue)) != app.conf.task_default_queue:
+        return  # routed to another queue by the app's routes
+    where = f"Celery app {app.main!r}" if app.main else "the current Celery app"
+    raise ValueError(
+        f"{name}: task {task!r} is not registered on {where}, whose workers would discard it "
+        "as unregistered: import its module where the app is created (or autodiscover it), "
+        "or route it to the workers that know it (e.g. .set(queue=...))"
+    )
+
+
 class TrackerTask(AnyTask):
     """Base of the tracker's tasks: acknowledged after they ran, results not stored.
 
@@ -177,6 +204,8 @@ class TrackTask(TrackerTask):
         _stamp(options)
         if "enqueued_at" in kwargs:  # a retry, or a redelivery: registered already
             return super().apply_async(args, kwargs, *rest, **options)
+        for name, sig in zip(_CALLBACK_ARGS, (on_delivered, on_failed, on_timeout), strict=True):
+            _check_known(self.app, name, sig)
 
         tracker = self.tracker
         engine = tracker.engine
@@ -497,7 +526,9 @@ class CampaignTask(TrackerTask):
         for message_id in message_ids:
             validate_message_id(message_id)
         for name in ("on_report", *_CALLBACK_ARGS):
-            _as_signature_dict(name, kwargs.get(name))
+            sig = _as_signature_dict(name, kwargs.get(name))
+            if "enqueued_at" not in kwargs:
+                _check_known(self.app, name, sig)
         if "enqueued_at" not in kwargs:
             kwargs["enqueued_at"] = time.time()
             with _broker_errors("track_campaign"):

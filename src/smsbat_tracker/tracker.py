@@ -22,21 +22,17 @@ from smsbat_tracker.campaign import CampaignRunner
 from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import Settings
 from smsbat_tracker.connections import redis_client
-from smsbat_tracker.errors import ConfigError
+from smsbat_tracker.errors import NotInitialised
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.tracking import Engine
 
-__all__ = ["NotInitialised", "Tracker", "tracker_of"]
+__all__ = ["Tracker", "attach", "find_tracker", "tracker_of"]
 
 log = get_logger(__name__)
 
 # Where a Celery app carries its tracker (set by init_app).
 _ATTRIBUTE = "_smsbat_tracker"
-
-
-class NotInitialised(ConfigError):
-    """A tracker task was used through a Celery app that never called ``init_app``."""
 
 
 class Tracker:
