@@ -17,7 +17,8 @@ demo: install
 	$(BIN)/smsbat-tracker demo
 
 test: install
-	$(BIN)/pytest --cov --cov-branch --cov-report=term --cov-report=xml
+	$(BIN)/pytest --cov --cov-branch --cov-report=
+	$(BIN)/pytest examples/django_shop --cov --cov-branch --cov-append --cov-report=term --cov-report=xml
 
 test-fast: install
 	$(BIN)/pytest -m "not slow" -x

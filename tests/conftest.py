@@ -26,6 +26,9 @@ from smsbat_tracker.sandbox import SandboxServer
 
 T = TypeVar("T")
 
+# The test kit's fixtures (smsbat_api, smsbat_env, ...), as users get them.
+pytest_plugins = ["smsbat_tracker.testing.pytest_plugin"]
+
 # Fast schedules for tests; the 1 s minimum interval is the provider's and stays.
 FAST = {
     "first_delay": 0.2,

@@ -87,17 +87,32 @@ def test_redis_out_of_reach_is_one_line(
 def test_check_config_names_every_bad_variable_at_once(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A bad value, a bad combination and missing credentials: all in one line."""
+    """A bad value, a bad combination and, for a worker, missing credentials: all in one
+    line."""
     monkeypatch.chdir(tmp_path)
     for name in ("SMSBAT_API_KEY", "SMSBAT_USERNAME", "SMSBAT_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SMSBAT_DEADLINE", "soon")
     monkeypatch.setenv("SMSBAT_FIRST_DELAY", "30")
-    assert main(["check-config"]) == 2
+    assert main(["check-config", "--worker"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     for name in ("SMSBAT_DEADLINE:", "SMSBAT_FIRST_DELAY:", "SMSBAT_API_KEY:"):
         assert name in err
+
+
+def test_check_config_without_credentials_is_enough_to_enqueue(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Code that only enqueues needs no API key: check-config exits 0 and notes what a
+    worker would need; --worker refuses the same settings, naming the variable."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("SMSBAT_API_KEY", "SMSBAT_USERNAME", "SMSBAT_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["check-config"]) == 0
+    assert "a worker needs SMSBAT_API_KEY" in capsys.readouterr().err
+    assert main(["check-config", "--worker"]) == 2
+    assert "SMSBAT_API_KEY" in capsys.readouterr().err
 
 
 def test_a_sentinel_url_is_named_without_any_password() -> None:

@@ -1087,7 +1087,7 @@ def test_start_up_warms_the_celery_apps_engine(settings: Settings, tracker_app: 
     """With the Celery app's settings, start-up warms that app: engine and producer."""
     tracker_app.close_engine()
     with BackgroundServer(create_app(settings), lifespan="on"):
-        assert tracker_app._engine is not None
+        assert tracker_app.tracker._engine is not None
 
 
 def test_start_up_with_redis_down_still_serves(

@@ -100,7 +100,7 @@ def test_a_starting_worker_builds_its_engine_before_the_first_task(
     worker: Any, tracker_app: Any
 ) -> None:
     """The threads worker's engine exists as soon as it runs: the first tasks never pay for it."""
-    engine = tracker_app._engine
+    engine = tracker_app.tracker._engine
     assert engine is not None
     assert engine.redis.ping() is True
 

@@ -3,6 +3,21 @@
 Serve it with ``uvicorn smsbat_tracker.webhook:app`` or ``smsbat-tracker webhook
 --host 0.0.0.0 --port 8000``, and give the provider ``https://<host>/webhook?token=<secret>``.
 
+Or mount it in the project's own ASGI app, for the project's Celery app (the one that
+called :func:`smsbat_tracker.init_app`)::
+
+    webhook = create_app(celery_app=celery_app)
+    app.mount("/smsbat", webhook)  # Starlette, FastAPI: /smsbat/webhook?token=<secret>
+
+A mounted app's lifespan does not run: the receiver connects on its first request, or,
+to connect at start-up and close at shutdown, in the host's own lifespan::
+
+    async with webhook.state.receiver.lifespan():
+        yield
+
+Any ASGI app works as the host: Django's ``get_asgi_application()`` behind a Starlette
+``Router([Mount("/smsbat", webhook), Mount("/", django_app)])``.
+
 Routes:
 
 - ``POST /webhook``: one push, ``{"messageId", "deliverystatus", "timestamp", "cost"}``.
@@ -58,7 +73,9 @@ from smsbat_tracker.serving import Receive, Scope, Send
 from smsbat_tracker.tracking import Engine
 
 if TYPE_CHECKING:
-    from smsbat_tracker.worker import TrackerApp
+    from celery import Celery
+
+    from smsbat_tracker.tracker import Tracker
 
 __all__ = [
     "APPLY_THREADS",
@@ -334,18 +351,46 @@ class ApplyGate:
 class WebhookReceiver:
     """The webhook's state and request handlers; :func:`create_app` wires them to routes.
 
-    The engine is, in order of preference: the one given; the Celery app's per-process
-    engine when the Celery app carries these very settings (one set of connections per
-    process); otherwise one built here on first use and closed by :meth:`close`.
+    ``celery_app``: the Celery app whose tracker (:func:`smsbat_tracker.init_app`) the
+    receiver works for; its settings are the receiver's unless ``settings`` are given, and
+    the callbacks of a settle go out through it. Without one, the package's own app
+    (:mod:`smsbat_tracker.worker`) is used.
+
+    The engine is, in order of preference: the one given; the tracker's per-process engine
+    when the tracker carries these very settings (one set of connections per process);
+    otherwise one built here on first use and closed by :meth:`close`.
+
+    Connections are made by :meth:`warm`: at start-up when served with its lifespan (or
+    inside :meth:`lifespan`, which a host application can enter in its own), else before
+    the first push or health check.
     """
 
     def __init__(
         self,
-        settings: Settings,
+        settings: Settings | None = None,
         *,
+        celery_app: Celery | None = None,
         engine: Engine | None = None,
         settle: Callable[[str], None] | None = None,
     ) -> None:
+        self._celery: Celery | None = celery_app
+        self._tracker: Tracker | None = None
+        if celery_app is not None:
+            from smsbat_tracker.tracker import tracker_of
+
+            self._tracker = tracker_of(celery_app)  # NotInitialised without init_app
+        elif engine is None or settle is None:
+            # Imported here, not at module level: importing smsbat_tracker.worker builds the
+            # Celery app from the environment, which may raise ConfigError; at build time
+            # that is a clear start-up error, never one inside a request.
+            from smsbat_tracker.worker import app as package_app
+
+            self._celery = package_app
+            self._tracker = package_app.tracker
+        if settings is None:
+            if self._tracker is None:
+                raise TypeError("WebhookReceiver: give settings or a celery_app")
+            settings = self._tracker.settings
         self.settings = settings
         token = settings.webhook_token.get_secret_value() if settings.webhook_token else ""
         if not token and not settings.webhook_open:
@@ -356,14 +401,6 @@ class WebhookReceiver:
         register_secret(token)  # whatever logging is configured later redacts it too
         self._token: bytes | None = token.encode() if token else None
         self._engine = engine
-        self._celery: TrackerApp | None = None
-        if engine is None or settle is None:
-            # Imported here, not at module level: importing smsbat_tracker.worker builds the
-            # Celery app from the environment, which may raise ConfigError; at build time
-            # that is a clear start-up error, never one inside a request.
-            from smsbat_tracker.worker import app as celery_app
-
-            self._celery = celery_app
         if settle is None:
             import smsbat_tracker.tasks  # noqa: F401 - registers the tasks now, not later
 
@@ -371,6 +408,8 @@ class WebhookReceiver:
         self._settle = settle
         self._own_engine: Engine | None = None
         self._lock = threading.Lock()
+        self._warm_lock = threading.Lock()
+        self._warmed = False
         self._unavailable = _unavailable_errors()
         self.gate = ApplyGate(APPLY_THREADS)
 
@@ -379,14 +418,32 @@ class WebhookReceiver:
         """True when no token is set and every request is accepted (SMSBAT_WEBHOOK_OPEN)."""
         return self._token is None
 
+    @property
+    def celery_app(self) -> Celery | None:
+        """The Celery app whose tracker the receiver works for (None: given engine and
+        settle only)."""
+        return self._celery
+
+    @property
+    def warmed(self) -> bool:
+        """Whether :meth:`warm` has run since the receiver was built or last closed."""
+        return self._warmed
+
+    def _shared_tracker(self) -> Tracker | None:
+        """The tracker whose engine serves the receiver, when it carries these settings."""
+        tracker = self._tracker
+        # Looked up per call: Tracker.use (TrackerApp.reconfigure) replaces its settings.
+        if self._engine is None and tracker is not None and tracker.settings is self.settings:
+            return tracker
+        return None
+
     def engine(self) -> Engine:
         """The engine pushes are stored through (see the class docstring)."""
         if self._engine is not None:
             return self._engine
-        celery_app = self._celery
-        # Looked up per call: TrackerApp.reconfigure and forks replace its engine.
-        if celery_app is not None and celery_app.settings is self.settings:
-            return celery_app.engine
+        tracker = self._shared_tracker()
+        if tracker is not None:
+            return tracker.engine  # per process: rebuilt after a fork
         with self._lock:
             if self._own_engine is None:
                 self._own_engine = Engine(
@@ -394,12 +451,13 @@ class WebhookReceiver:
                     redis_client(self.settings, decode_responses=True),
                     # The receiver never calls the provider: no credentials needed.
                     None,
-                    app=celery_app,
+                    app=self._celery,
                 )
             return self._own_engine
 
     def _settle_here(self, message_id: str) -> None:
-        """End the message's tracking in this process: its callbacks go out at once."""
+        """End the message's tracking in this process: its callbacks go out at once,
+        through the engine's Celery app."""
         from smsbat_tracker.tasks import settle_from_cache
 
         settle_from_cache(self.engine(), message_id, claimer=f"webhook-{uuid.uuid4().hex}")
@@ -407,26 +465,58 @@ class WebhookReceiver:
     def warm(self) -> None:
         """Connect to Redis (and Celery's broker) before the first push; blocking.
 
-        See :meth:`smsbat_tracker.worker.TrackerApp.warm`: cold, the first pushes of a
-        burst waited up to 0.6 s behind it.
+        See :meth:`smsbat_tracker.tracker.Tracker.warm`: cold, the first pushes of a
+        burst waited up to 0.6 s behind it. An unreachable Redis is logged, not raised:
+        pushes answer 503 until it is back.
         """
-        celery_app = self._celery
-        if self._engine is None and celery_app is not None and celery_app.settings is self.settings:
-            celery_app.warm()
+        tracker = self._shared_tracker()
+        if tracker is not None:
+            tracker.warm()
+        else:
+            try:
+                self.engine().redis.ping()
+            except self._unavailable as exc:  # answered 503 per push until Redis is back
+                log.warning("webhook.warm_failed", error=type(exc).__name__)
+        self._warmed = True
+
+    async def ensure_warm(self) -> None:
+        """:meth:`warm` once, off the event loop, unless already done (mounted in another
+        application, the receiver's lifespan does not run: the first request warms it)."""
+        if self._warmed:
             return
-        try:
-            self.engine().redis.ping()
-        except self._unavailable as exc:  # answered 503 per push until Redis is back
-            log.warning("webhook.warm_failed", error=type(exc).__name__)
+        await run_in_threadpool(self._warm_once)
+
+    def _warm_once(self) -> None:
+        with self._warm_lock:  # a burst's first requests wait for one warm-up, not each
+            if not self._warmed:
+                self.warm()
 
     def close(self) -> None:
-        """Close the connections of an engine built here (never a given or shared one)."""
+        """Close the connections of an engine built here (never a given or shared one:
+        the tracker's are closed by :meth:`Tracker.close
+        <smsbat_tracker.tracker.Tracker.close>`). The receiver can serve on afterwards; it
+        connects again."""
         with self._lock:
             engine, self._own_engine = self._own_engine, None
+            self._warmed = False
         if engine is not None:
             if engine.api is not None:
                 engine.api.close()
             engine.redis.close()
+
+    @asynccontextmanager
+    async def lifespan(self, _app: object = None) -> AsyncIterator[None]:
+        """Warm before the body of the ``async with``, close after it.
+
+        For a host application that mounts the webhook (a mounted app's own lifespan never
+        runs): enter it in the host's lifespan, or pass it as one,
+        ``Router(routes, lifespan=receiver.lifespan)``.
+        """
+        await run_in_threadpool(self.warm)
+        try:
+            yield
+        finally:
+            self.close()
 
     # --- authentication and reading -------------------------------------------------
 
@@ -502,6 +592,7 @@ class WebhookReceiver:
                 field=rejected.field,
             )
             return rejected.response()
+        await self.ensure_warm()
         try:
             async with self.gate.slot(final=push.status.is_final):
                 stored = await anyio.to_thread.run_sync(self.apply, push)
@@ -529,6 +620,7 @@ class WebhookReceiver:
     async def healthz(self, _request: Request) -> Response:
         """``GET /healthz``."""
         try:
+            await self.ensure_warm()
             ok = await run_in_threadpool(self.ping)
         except Exception:  # any failure to reach Redis (or to build the engine) is "down"
             ok = False
@@ -541,39 +633,46 @@ class WebhookReceiver:
         body = metrics.exposition(metrics.scrape_registry())
         return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
 
-    async def openapi(self, _request: Request) -> Response:
-        """``GET /openapi.json``."""
-        return JSONResponse(openapi_document())
+    async def openapi(self, request: Request) -> Response:
+        """``GET /openapi.json``; mounted under a prefix, the document names it as its server."""
+        return JSONResponse(openapi_document(root_path=request.scope.get("root_path", "")))
 
 
 def create_app(
     settings: Settings | None = None,
     *,
+    celery_app: Celery | None = None,
     engine: Engine | None = None,
     settle: Callable[[str], None] | None = None,
 ) -> Starlette:
     """Build the webhook ASGI app; ``app.state.receiver`` is its :class:`WebhookReceiver`.
 
-    ``settings`` default to :func:`~smsbat_tracker.config.load_settings`. Raises
-    :class:`ConfigError` naming ``SMSBAT_WEBHOOK_TOKEN`` when no token is set and
-    ``SMSBAT_WEBHOOK_OPEN`` is not true. ``settle`` is called with the id of each newly
-    stored final status; by default it ends that message's tracking in this process
+    ``celery_app``: a Celery app that called :func:`smsbat_tracker.init_app` (the
+    project's own); the receiver uses its tracker's settings (unless ``settings`` are
+    given) and engine, and the callbacks go out through it. Without it, the package's own
+    app (:mod:`smsbat_tracker.worker`) is used and ``settings`` default to
+    :func:`~smsbat_tracker.config.load_settings`.
+
+    Raises :class:`ConfigError` naming ``SMSBAT_WEBHOOK_TOKEN`` when no token is set and
+    ``SMSBAT_WEBHOOK_OPEN`` is not true, and :class:`~smsbat_tracker.errors.NotInitialised`
+    for a ``celery_app`` without the tracker. ``settle`` is called with the id of each
+    newly stored final status; by default it ends that message's tracking in this process
     (:func:`smsbat_tracker.tasks.settle_from_cache`).
+
+    Its routes are relative: mounted at ``/smsbat`` (Starlette's or FastAPI's
+    ``app.mount("/smsbat", webhook)``) they answer at ``/smsbat/webhook``. A mounted app's
+    lifespan does not run: the receiver then connects on its first request, or in the
+    host's lifespan through ``webhook.state.receiver.lifespan()``.
     """
-    settings = settings if settings is not None else load_settings(credentials=False)
-    receiver = WebhookReceiver(settings, engine=engine, settle=settle)
+    if settings is None and celery_app is None:
+        settings = load_settings(credentials=False)
+    receiver = WebhookReceiver(settings, celery_app=celery_app, engine=engine, settle=settle)
     if receiver.open:
         log.warning(
             "webhook.open",
             detail="SMSBAT_WEBHOOK_OPEN is set and no SMSBAT_WEBHOOK_TOKEN: every push is "
             "accepted without authentication; use only for local tests",
         )
-
-    @asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        await run_in_threadpool(receiver.warm)
-        yield
-        receiver.close()
 
     application = Starlette(
         routes=[
@@ -582,7 +681,7 @@ def create_app(
             Route("/metrics", receiver.serve_metrics, methods=["GET"]),
             Route("/openapi.json", receiver.openapi, methods=["GET"]),
         ],
-        lifespan=lifespan,
+        lifespan=receiver.lifespan,
     )
     application.state.receiver = receiver
     return application
@@ -596,9 +695,11 @@ def _answer(description: str, model: type[BaseModel]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(root_path: str = "") -> dict[str, Any]:
     """The OpenAPI 3.1 document served at ``/openapi.json``, its schemas from the models
-    the receiver validates and answers with."""
+    the receiver validates and answers with; ``root_path``, the prefix the receiver is
+    mounted at, becomes its server URL."""
+    servers = {"servers": [{"url": root_path}]} if root_path else {}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -606,6 +707,7 @@ def openapi_document() -> dict[str, Any]:
             "version": "1",
             "description": "Receives SMSBAT delivery-status pushes.",
         },
+        **servers,
         "paths": {
             "/webhook": {
                 "post": {

@@ -1,0 +1,1 @@
+"""Orders: placing one sends its confirmation by SMS, tracked to delivery."""
