@@ -30,6 +30,7 @@ from kombu.exceptions import OperationalError
 
 import smsbat_tracker
 from smsbat_tracker.config import Settings
+from smsbat_tracker.demo import stop_process_group
 from smsbat_tracker.errors import ConfigError, NotInitialised
 from smsbat_tracker.keys import Keys
 from smsbat_tracker.names import TRACK_TASK
@@ -111,13 +112,7 @@ def _celery(tmp_path: Path, *args: str, log: str) -> Iterator[subprocess.Popen[b
     try:
         yield proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_process_group(proc)
 
 
 def _worker(tmp_path: Path, name: str) -> contextlib.AbstractContextManager[Any]:

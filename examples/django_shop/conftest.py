@@ -13,7 +13,6 @@ import contextlib
 import email
 import email.policy
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from smsbat_tracker.demo import stop_process_group
 from smsbat_tracker.testing import FakeSmsbat
 
 EXAMPLE_DIR = Path(__file__).resolve().parent
@@ -180,13 +180,7 @@ def shop_worker(
                 pytest.fail(f"the worker did not start:\n{worker.tail()}")
         yield worker
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
 
 
 @pytest.fixture
