@@ -14,11 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
+from urllib3 import exceptions as urllib3_errors
 
 from smsbat_tracker.client import (
     USER_AGENT,
     AsyncSmsbatClient,
     SmsbatClient,
+    _urllib3_error,
     parse_retry_after,
 )
 from smsbat_tracker.config import Settings
@@ -841,3 +843,43 @@ def test_get_statuses_refuses_a_bare_string() -> None:
 
     asyncio.run(main())
     assert seen == []
+
+
+@pytest.mark.parametrize(
+    ("exc", "error"),
+    [
+        (urllib3_errors.NewConnectionError(None, "refused"), ConnectionFailed),  # type: ignore[arg-type]
+        (urllib3_errors.EmptyPoolError(None, "busy"), ConnectionFailed),  # type: ignore[arg-type]
+        (urllib3_errors.ConnectTimeoutError("slow"), RequestTimeout),
+        (urllib3_errors.ReadTimeoutError(None, "/bat", "slow"), RequestTimeout),  # type: ignore[arg-type]
+        (urllib3_errors.ProtocolError("Connection broken: IncompleteRead"), MalformedResponse),
+        (urllib3_errors.SSLError("bad certificate"), ConnectionFailed),
+    ],
+)
+def test_urllib3_errors_map_to_the_same_families(
+    exc: urllib3_errors.HTTPError, error: type[SmsbatError]
+) -> None:
+    """The status GET's urllib3 errors fall in the families httpx's fall in: a refused
+    connection is no timeout though urllib3 derives it from one; only the class is named."""
+    mapped = _urllib3_error(exc)
+    assert type(mapped) is error
+    assert str(mapped).endswith(f"({type(exc).__name__})")
+
+
+def test_status_gets_take_urllib3_unless_a_transport_is_given(wire: SandboxServer) -> None:
+    """Without a transport, status GETs go through the lean urllib3 path (and still
+    authenticate and parse); with one, everything goes through httpx and that transport."""
+    message_id = delivered_message(wire)
+    with sandbox_client(wire) as client:
+        assert client._status is not None
+        assert client.get_status(message_id).deliverystatus == "delivered"
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, json={"messageId": message_id, "deliverystatus": "delivered"})
+
+    with SmsbatClient(BASE, api_key=KEY, transport=httpx.MockTransport(handler)) as client:
+        assert client._status is None
+        client.get_status(message_id)
+    assert seen == [f"/bat/message/{message_id}"]
