@@ -176,6 +176,26 @@ def test_init_app_takes_the_broker_and_keeps_the_apps_settings(redis_url: str) -
         app.close()
 
 
+def test_the_trackers_secrets_never_reach_its_log_lines(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After init_app, the API key is redacted from the package's lines wherever they go:
+    here a host that never configured structlog, through the standard library."""
+    from smsbat_tracker.log import get_logger
+
+    secret = "sk_live_init_app_MARKER"
+    app = Celery("secretive", broker=redis_url, set_as_current=False)
+    tracker = smsbat_tracker.init_app(app, api_key=secret)
+    try:
+        with caplog.at_level("INFO", logger="smsbat_tracker.probe"):
+            get_logger("smsbat_tracker.probe").info("probe", detail=f"calling with {secret}")
+    finally:
+        tracker.close()
+        app.close()
+    assert "probe" in caplog.text
+    assert secret not in caplog.text
+
+
 def test_importing_the_package_builds_no_app_and_touches_nothing() -> None:
     """Importing the package, its tasks and its test kit connects no signal receiver,
     patches no billiard or kombu class, configures no logging, and builds no app."""

@@ -23,7 +23,7 @@ from smsbat_tracker import tracebacks
 from smsbat_tracker.config import NO_CREDENTIALS, Settings, load_settings
 from smsbat_tracker.connections import is_sentinel_url
 from smsbat_tracker.errors import ConfigError
-from smsbat_tracker.log import get_logger
+from smsbat_tracker.log import get_logger, register_secret
 from smsbat_tracker.names import TICK_TASK, TRACK_PRIORITY, TRACK_TASK, TRACKER_TASKS
 from smsbat_tracker.redrive import RedriveStep
 from smsbat_tracker.tracker import Tracker, attach, find_tracker
@@ -67,6 +67,10 @@ def init_app(app: Celery, settings: Settings | None = None, **overrides: Any) ->
         settings = load_settings(credentials=False, **values)
     elif overrides:
         raise TypeError("init_app: give either settings or keyword overrides, not both")
+    # The package's own log lines never show these, in whatever logging the host has.
+    for secret in (settings.api_key, settings.password, settings.webhook_token):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
     tracker = Tracker(app, settings)
     attach(app, tracker)
     configure(app, settings)
