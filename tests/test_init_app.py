@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -284,14 +284,16 @@ def test_a_shop_app_tracks_with_its_own_worker_through_a_sigkill(
     and another started; the worker's log is the host's (no JSON lines of ours)."""
     from smsbat_tracker import track_message
 
-    delivered = [
-        sandbox.state.create_scripted([("processing", 0), ("delivered", 3.0 + 0.2 * i)])
-        for i in range(6)
-    ]
-    failed = [sandbox.state.create_scripted([("processing", 0), ("undeliverable", 3.5)])]
-    orders = {mid: f"order-{i}" for i, mid in enumerate(delivered + failed)}
     with _worker(tmp_path, "first") as first:
         wait_for(lambda: shop.app.control.ping(timeout=0.5), timeout=60)
+        # Scripted from now, once the worker is up: a message's timeline starts when it is
+        # made, and a slow start-up must not let any of them be final before the kill.
+        delivered = [
+            sandbox.state.create_scripted([("processing", 0), ("delivered", 3.0 + 0.2 * i)])
+            for i in range(6)
+        ]
+        failed = [sandbox.state.create_scripted([("processing", 0), ("undeliverable", 3.5)])]
+        orders = {mid: f"order-{i}" for i, mid in enumerate(delivered + failed)}
         for mid, order in orders.items():
             track_message.delay(
                 mid,
@@ -300,9 +302,9 @@ def test_a_shop_app_tracks_with_its_own_worker_through_a_sigkill(
                 on_failed=shop.mark_notified.s(order),
             )
         # Killed once every tracking has been checked at least once, before any is final.
-        stats: Callable[[], Any] = sandbox.state.stats
-        wait_for(lambda: stats()["status_requests"] >= len(orders), timeout=20)
+        wait_for(lambda: all(sandbox.state.truth(m)["polls"] >= 1 for m in orders), timeout=20)
         assert _notified(redis_client) == []
+        assert redis_client.zcard(Keys("smsbat").due()) == len(orders)  # all in flight
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
     with _worker(tmp_path, "second"):
