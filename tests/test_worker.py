@@ -234,3 +234,30 @@ def test_worker_refuses_to_start_without_credentials(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "SMSBAT_API_KEY: no credentials" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_package_worker_registers_no_recipe_task_unless_asked() -> None:
+    """A production worker of the package's app knows the tracker's four tasks and no demo
+    recipe; ``--include smsbat_tracker.recipes`` (what the demo does) adds them."""
+    probe = (
+        "import sys\n"
+        "from smsbat_tracker.worker import app\n"
+        "sys.argv[1:] and __import__(sys.argv[1])\n"
+        "app.loader.import_default_modules()\n"
+        "print(sorted(t for t in app.tasks if t.startswith('smsbat')))\n"
+    )
+    env = {**os.environ, "SMSBAT_API_KEY": "sandbox-key"}
+
+    def registered(*include: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *include],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=True,
+        )
+        return list(json.loads(done.stdout.strip().replace("'", '"')))
+
+    assert registered() == sorted(TRACKER_TASKS)
+    assert "smsbat_tracker.recipes.record_outcome" in registered("smsbat_tracker.recipes")
