@@ -71,9 +71,9 @@ def init_app(app: Celery, settings: Settings | None = None, **overrides: Any) ->
     for secret in (settings.api_key, settings.password, settings.webhook_token):
         if secret is not None:
             register_secret(secret.get_secret_value())
-    tracker = Tracker(app, settings)
-    attach(app, tracker)
     configure(app, settings)
+    tracker = Tracker(app, settings)
+    attach(app, tracker)  # last: an app that raised above carries no half-set tracker
     steps = app.steps["worker"]
     steps.add(TrackerStep)
     steps.add(RedriveStep)
