@@ -47,6 +47,7 @@ from smsbat_tracker.keys import Keys, kombu_queue_list
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.names import DUE_INDEXED, PUBLISHED_AT, TICK_TASK, TRACK_PRIORITY, TRACK_TASK
 from smsbat_tracker.tracker import Tracker, find_tracker, tracker_of
+from smsbat_tracker.tracking import routed_queue
 
 __all__ = ["HEARTBEAT", "SWEEP_LIMIT", "RedriveStep", "Redriver"]
 
@@ -495,9 +496,7 @@ class Redriver:
 
     def queues(self) -> list[str]:
         """The broker lists the tracker's due-tracked tasks wait in (their priority's)."""
-        route = self.app.amqp.router.route({}, TRACK_TASK)
-        queue = route.get("queue")
-        name = str(getattr(queue, "name", queue) or self.app.conf.task_default_queue)
+        name, route = routed_queue(self.app, TRACK_TASK)
         return [kombu_queue_list(name, int(route.get("priority") or TRACK_PRIORITY))]
 
     def queue_age(self, now: float) -> float:

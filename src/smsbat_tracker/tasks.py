@@ -58,7 +58,14 @@ from smsbat_tracker.names import (
 )
 from smsbat_tracker.ratelimit import pause_for
 from smsbat_tracker.tracker import Tracker, tracker_of
-from smsbat_tracker.tracking import Check, Engine, Session, Subscription, build_result
+from smsbat_tracker.tracking import (
+    Check,
+    Engine,
+    Session,
+    Subscription,
+    build_result,
+    routed_queue,
+)
 
 __all__ = [
     "campaign_tick",
@@ -106,8 +113,7 @@ def _check_known(app: Celery, name: str, sig: dict[str, Any] | None) -> None:
         return
     if task in app.tasks:
         return
-    queue = app.amqp.router.route({}, task).get("queue")
-    if str(getattr(queue, "name", queue)) != app.conf.task_default_queue:
+    if routed_queue(app, task)[0] != app.conf.task_default_queue:
         return  # routed to another queue by the app's routes
     where = f"Celery app {app.main!r}" if app.main else "the current Celery app"
     raise ValueError(

@@ -582,6 +582,18 @@ def build_result(
     return result
 
 
+def routed_queue(
+    app: Any, task: str, options: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The queue ``app`` sends ``task`` to with these options, and the route it takes."""
+    options = dict(options or {})
+    if isinstance(options.get("queue"), str):
+        return str(options["queue"]), options
+    route = dict(app.amqp.router.route(options, task))
+    queue = route.get("queue")
+    return str(getattr(queue, "name", queue) or app.conf.task_default_queue), route
+
+
 class Engine:
     """Sessions, checks and settlement for one process; thread-safe."""
 
@@ -1123,13 +1135,9 @@ class Engine:
 
     def _queue_of(self, sig: Signature[Any]) -> str:
         options = sig.options or {}
-        if isinstance(options.get("queue"), str):
-            return str(options["queue"])
-        if self.app is None:
+        if self.app is None and not isinstance(options.get("queue"), str):
             return "celery"
-        route = self.app.amqp.router.route(dict(options), str(sig.task))
-        queue = route.get("queue")
-        return str(getattr(queue, "name", queue) or self.app.conf.task_default_queue)
+        return routed_queue(self.app, str(sig.task), options)[0]
 
     def unacked_key(self) -> str:
         """Kombu's hash of fetched, unacknowledged messages on this app's broker."""
