@@ -47,9 +47,9 @@ import redis
 
 from bench.workload import free_port
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.demo import worker_process
-from smsbat_tracker.embedded import PersistentRedis
-from smsbat_tracker.sandbox import SandboxConfig, SandboxServer
+from smsbat_tracker.tools.demo import worker_process
+from smsbat_tracker.tools.embedded import PersistentRedis
+from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -131,8 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         # The app reads its settings at import: these, as the workers get them.
         os.environ.update(settings.to_env())
-        from smsbat_tracker.recipes import record_outcome
-        from smsbat_tracker.tasks import track_campaign, track_message
+        from smsbat_tracker.celery.tasks import track_campaign, track_message
+        from smsbat_tracker.tools.recipes import record_outcome
         from smsbat_tracker.worker import app
 
         app.reconfigure(settings)

@@ -36,7 +36,7 @@ from bench.metrics import Observation
 from bench.sampling import Sampler, proc_reading
 from bench.workload import SandboxProcess, create_messages, terminate, workload_config
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.demo import worker_process
+from smsbat_tracker.tools.demo import worker_process
 
 if TYPE_CHECKING:
     from smsbat_tracker.worker import TrackerApp
@@ -252,7 +252,7 @@ def _callbacks_worker(
     """
     if ctx.shared_worker:
         return []
-    from smsbat_tracker.integration import DEFAULT_QUEUE
+    from smsbat_tracker.celery.integration import DEFAULT_QUEUE
 
     proc = stack.enter_context(
         worker_process(
@@ -413,8 +413,8 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
     prefix = f"bench-{letter}-{uuid.uuid4().hex[:8]}"
     settings = _settings(ctx, sandbox.url, config.api_key, prefix, webhook_token=token)
     app = _use_settings(settings)
-    from smsbat_tracker.recipes import record_outcome, recorded_key
-    from smsbat_tracker.tasks import track_message
+    from smsbat_tracker.celery.tasks import track_message
+    from smsbat_tracker.tools.recipes import record_outcome, recorded_key
 
     _clean_redis(ctx)
     worker_log = ctx.log_dir / f"mode-{letter}-worker.log"
@@ -560,8 +560,8 @@ def run_campaign(ctx: BenchContext) -> ModeRun:
         extra["rate_limit"] = settings.rate_limit
         app = _use_settings(settings)
         stack.callback(app.close_engine)
-        from smsbat_tracker.recipes import record_outcome, recorded_key
-        from smsbat_tracker.tasks import track_campaign
+        from smsbat_tracker.celery.tasks import track_campaign
+        from smsbat_tracker.tools.recipes import record_outcome, recorded_key
 
         sampler = stack.enter_context(Sampler(redis_url=ctx.redis_url))
         worker_log = ctx.log_dir / "mode-d-worker.log"

@@ -1,9 +1,9 @@
 """``python -m bench --probe-throughput``: how many status checks/s the sandbox serves here.
 
-The sandbox runs in its own process (``python -m smsbat_tracker.sandbox``), as a remote API
+The sandbox runs in its own process (``python -m smsbat_tracker.tools.sandbox``), as a remote API
 would, and the project's own async clients hammer ``GET /bat/message/{id}`` from the bench
-process: :class:`~smsbat_tracker.aioclient.BatchStatusClient` (aiohttp) when aiohttp is
-installed, and :class:`~smsbat_tracker.client.AsyncSmsbatClient` (httpx). Each run is
+process: :class:`~smsbat_tracker.provider.aioclient.BatchStatusClient` (aiohttp) when aiohttp is
+installed, and :class:`~smsbat_tracker.provider.client.AsyncSmsbatClient` (httpx). Each run is
 bounded by a request count and a time cap. On a 2-core machine the client and the server
 each get about one core; the figure is a floor for what the campaign path could reach.
 """
@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 from bench.sampling import proc_reading
 from bench.workload import SandboxProcess, create_messages, workload_config
-from smsbat_tracker.client import AsyncSmsbatClient
 from smsbat_tracker.errors import SmsbatError
-from smsbat_tracker.models import MessageStatus
+from smsbat_tracker.provider.client import AsyncSmsbatClient
+from smsbat_tracker.provider.models import MessageStatus
 
 __all__ = ["TARGET_RPS", "probe_throughput"]
 
@@ -40,7 +40,7 @@ class _StatusClient(Protocol):
 
 def _make_client(kind: str, url: str, api_key: str, concurrency: int) -> _StatusClient:
     if kind == "aiohttp":
-        from smsbat_tracker.aioclient import BatchStatusClient
+        from smsbat_tracker.provider.aioclient import BatchStatusClient
 
         return BatchStatusClient(url, api_key=api_key, max_connections=concurrency)
     return AsyncSmsbatClient(url, api_key=api_key, max_connections=concurrency)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.workload import MEDIAN_FINAL, NEVER_FINAL_RATE, P95_FINAL
-from smsbat_tracker.backoff import MIN_INTERVAL, Schedule
+from smsbat_tracker.rules.schedule import MIN_INTERVAL, Schedule
 
 __all__ = [
     "Score",

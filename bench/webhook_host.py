@@ -2,7 +2,7 @@
 
 Run as ``python -m bench.webhook_host`` with the settings in the environment (the parent
 passes ``Settings.to_env()``). It serves :func:`smsbat_tracker.webhook.create_app` with
-:class:`smsbat_tracker.serving.BackgroundServer` on 127.0.0.1 and a free port, prints
+:class:`smsbat_tracker.tools.serving.BackgroundServer` on 127.0.0.1 and a free port, prints
 ``{"url": ...}`` on one line, and stops when its stdin closes or on SIGTERM.
 """
 
@@ -26,8 +26,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_term)
     # Importing the Celery app reads the settings from the environment the parent set.
     from smsbat_tracker.log import configure_logging
-    from smsbat_tracker.serving import BackgroundServer
-    from smsbat_tracker.webhook import create_app
+    from smsbat_tracker.tools.serving import BackgroundServer
+    from smsbat_tracker.webhook.receiver import create_app
     from smsbat_tracker.worker import app as celery_app
 
     # The Celery app's settings object: the receiver then shares its engine (one set of

@@ -23,8 +23,8 @@ from typing import Any, Self
 
 import httpx
 
-from smsbat_tracker.client import SmsbatClient
-from smsbat_tracker.sandbox import SandboxConfig
+from smsbat_tracker.provider.client import SmsbatClient
+from smsbat_tracker.tools.sandbox import SandboxConfig
 
 __all__ = [
     "BATCH",
@@ -108,7 +108,7 @@ def free_port() -> int:
 
 
 class SandboxProcess:
-    """``python -m smsbat_tracker.sandbox`` with ``config`` on 127.0.0.1, as a context manager.
+    """``python -m smsbat_tracker.tools.sandbox`` with ``config`` on 127.0.0.1, in a ``with``.
 
     ``.url``, ``.pid``, ``.api_key``; :meth:`truths` reads the ground truth of every message.
     """
@@ -132,7 +132,7 @@ class SandboxProcess:
         command = [
             sys.executable,
             "-m",
-            "smsbat_tracker.sandbox",
+            "smsbat_tracker.tools.sandbox",
             "--host",
             "127.0.0.1",
             "--port",

@@ -21,8 +21,8 @@ import pytest
 import redis
 
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.demo import redis_url_or_embedded
-from smsbat_tracker.sandbox import SandboxServer
+from smsbat_tracker.tools.demo import redis_url_or_embedded
+from smsbat_tracker.tools.sandbox import SandboxServer
 
 T = TypeVar("T")
 
@@ -66,7 +66,7 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[SandboxServer]:
     """The simulated SMSBAT API, in a thread."""
-    from smsbat_tracker.sandbox import SandboxConfig
+    from smsbat_tracker.tools.sandbox import SandboxConfig
 
     server = SandboxServer(SandboxConfig(seed=7))
     server.start()
@@ -125,9 +125,6 @@ def worker(tracker_app: Any) -> Iterator[Any]:
     """A real Celery worker (thread pool) consuming from the test Redis."""
     from celery.contrib.testing.worker import start_worker
 
-    import smsbat_tracker.recipes
-    import smsbat_tracker.tasks  # noqa: F401 - registers the tasks
-
     with start_worker(
         tracker_app,
         pool="threads",
@@ -142,13 +139,13 @@ def worker(tracker_app: Any) -> Iterator[Any]:
 def recorded(
     client: redis.Redis, label: str = "default", prefix: str = "smsbat"
 ) -> list[dict[str, Any]]:
-    """What :func:`smsbat_tracker.recipes.record_outcome` (and friends) recorded."""
+    """What :func:`smsbat_tracker.tools.recipes.record_outcome` (and friends) recorded."""
     return [json.loads(x) for x in client.lrange(f"{prefix}:recorded:{label}", 0, -1)]
 
 
 def kept(client: redis.Redis, message_id: str, prefix: str = "smsbat") -> tuple[set[str], set[str]]:
     """What a message keeps in Redis: its key kinds, and the subscriptions its outcome
-    records as served (see ``smsbat_tracker.tracking._FORGET_LUA``)."""
+    records as served (see ``smsbat_tracker.engine.tracking._FORGET_LUA``)."""
     kinds = {str(k).split(":")[1] for k in client.keys(f"{prefix}:*:{{{message_id}}}")}
     raw = client.get(f"{prefix}:outcome:{{{message_id}}}")
     served = set(filter(None, str(raw).partition("\n")[2].split(","))) if raw else set()

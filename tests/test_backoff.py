@@ -1,4 +1,4 @@
-"""Unit tests of smsbat_tracker.backoff: compute_backoff and Schedule.next_wait."""
+"""Unit tests of smsbat_tracker.rules.schedule: compute_backoff and Schedule.next_wait."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from smsbat_tracker.backoff import (
+from smsbat_tracker.config import load_settings
+from smsbat_tracker.rules.schedule import (
     DEFAULT_BACKOFF_FACTOR,
     DEFAULT_FIRST_DELAY,
     DEFAULT_MAX_DELAY,
@@ -17,7 +18,6 @@ from smsbat_tracker.backoff import (
     compute_backoff,
     retry_backoff,
 )
-from smsbat_tracker.config import load_settings
 
 
 def fixed(value: float) -> object:

@@ -1,4 +1,4 @@
-"""Tests of smsbat_tracker.cache.StatusCache against a real Redis server."""
+"""Tests of smsbat_tracker.store.cache.StatusCache against a real Redis server."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import redis
 
-from smsbat_tracker.cache import CachedStatus, HistoryEntry, StatusCache
 from smsbat_tracker.config import Settings
-from smsbat_tracker.keys import Keys
-from smsbat_tracker.models import MessageStatus
+from smsbat_tracker.provider.models import MessageStatus
+from smsbat_tracker.rules.seen import CachedStatus, HistoryEntry
+from smsbat_tracker.store.cache import StatusCache
+from smsbat_tracker.store.keys import Keys
 
 MID = "abc123def456"
 STATUS_KEY = f"smsbat:status:{{{MID}}}"

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import redis
 
+from smsbat_tracker.celery.tasks import get_campaign_report, get_status, track_campaign
+from smsbat_tracker.engine.tracking import Subscription
 from smsbat_tracker.errors import InvalidMessageId
-from smsbat_tracker.keys import Keys
-from smsbat_tracker.ratelimit import RateLimiter
-from smsbat_tracker.recipes import record_outcome
-from smsbat_tracker.sandbox import SandboxServer
-from smsbat_tracker.tasks import get_campaign_report, get_status, track_campaign
-from smsbat_tracker.tracking import Subscription
+from smsbat_tracker.store.keys import Keys
+from smsbat_tracker.store.ratelimit import RateLimiter
+from smsbat_tracker.tools.recipes import record_outcome
+from smsbat_tracker.tools.sandbox import SandboxServer
 from tests.conftest import recorded, wait_for
 
 MIX = [

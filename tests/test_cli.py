@@ -10,8 +10,8 @@ import pytest
 
 from smsbat_tracker.cli import main
 from smsbat_tracker.config import load_settings
-from smsbat_tracker.connections import safe_redis_url
-from smsbat_tracker.sandbox import SandboxServer
+from smsbat_tracker.redis_url import safe_redis_url
+from smsbat_tracker.tools.sandbox import SandboxServer
 
 
 def test_campaign_start_shows_progress_and_prints_the_report(

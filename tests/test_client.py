@@ -1,4 +1,4 @@
-"""Tests of smsbat_tracker.client: unit tests on httpx.MockTransport, wire tests on the sandbox."""
+"""Tests of smsbat_tracker.provider.client: units on httpx.MockTransport, wire on the sandbox."""
 
 from __future__ import annotations
 
@@ -16,13 +16,6 @@ import httpx
 import pytest
 from urllib3 import exceptions as urllib3_errors
 
-from smsbat_tracker.client import (
-    USER_AGENT,
-    AsyncSmsbatClient,
-    SmsbatClient,
-    _urllib3_error,
-    parse_retry_after,
-)
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import (
     AuthenticationError,
@@ -38,8 +31,15 @@ from smsbat_tracker.errors import (
     SmsbatError,
     TransientError,
 )
-from smsbat_tracker.models import MessageStatus, OutgoingMessage
-from smsbat_tracker.sandbox import SandboxServer
+from smsbat_tracker.provider.client import (
+    USER_AGENT,
+    AsyncSmsbatClient,
+    SmsbatClient,
+    _urllib3_error,
+    parse_retry_after,
+)
+from smsbat_tracker.provider.models import MessageStatus, OutgoingMessage
+from smsbat_tracker.tools.sandbox import SandboxServer
 
 BASE = "https://restapi.test"
 KEY = "sk_live_TESTKEY_0042"

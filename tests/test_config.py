@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from smsbat_tracker.backoff import Schedule
 from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.errors import ConfigError
+from smsbat_tracker.rules.schedule import Schedule
 
 SECRET_KEY = "sk_live_MARKER_c0ffee"
 SECRET_PASSWORD = "pw_MARKER_hunter2"

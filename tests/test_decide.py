@@ -1,4 +1,4 @@
-"""The tracking rules (smsbat_tracker.decide): one pure function, table-driven."""
+"""The tracking rules (smsbat_tracker.rules.decide): one pure function, table-driven."""
 
 from __future__ import annotations
 
@@ -8,9 +8,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smsbat_tracker.backoff import Schedule
-from smsbat_tracker.cache import CachedStatus
-from smsbat_tracker.decide import (
+from smsbat_tracker.errors import (
+    ConnectionFailed,
+    MalformedResponse,
+    MessageNotFound,
+    PermanentError,
+    RateLimited,
+    RequestTimeout,
+    ServerError,
+    SmsbatError,
+)
+from smsbat_tracker.provider.models import MessageStatus
+from smsbat_tracker.rules.decide import (
     NO_ANSWER,
     Ask,
     AwaitPush,
@@ -23,17 +32,8 @@ from smsbat_tracker.decide import (
     line_position,
     outcome_of,
 )
-from smsbat_tracker.errors import (
-    ConnectionFailed,
-    MalformedResponse,
-    MessageNotFound,
-    PermanentError,
-    RateLimited,
-    RequestTimeout,
-    ServerError,
-    SmsbatError,
-)
-from smsbat_tracker.models import MessageStatus
+from smsbat_tracker.rules.schedule import Schedule
+from smsbat_tracker.rules.seen import CachedStatus
 
 NOW = 1_000_000.0
 # No jitter: waits are exact. First check 5 s after the start, doubling to 10 s at most.

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from smsbat_tracker.demo import run_demo
+from smsbat_tracker.tools.demo import run_demo
 
 pytestmark = pytest.mark.slow
 

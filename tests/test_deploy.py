@@ -66,7 +66,7 @@ def test_web_service_serves_the_webhook_app(compose: dict[str, Any]) -> None:
     assert command[:2] == ["uvicorn", "smsbat_tracker.webhook:app"]
     assert "8000:8000" in compose["services"]["web"]["ports"]
 
-    from smsbat_tracker.webhook import LazyWebhookApp, app
+    from smsbat_tracker.webhook.receiver import LazyWebhookApp, app
 
     assert isinstance(app, LazyWebhookApp)  # an ASGI app that builds itself at start-up
 
@@ -74,10 +74,10 @@ def test_web_service_serves_the_webhook_app(compose: dict[str, Any]) -> None:
 def test_sandbox_service_runs_the_sandbox_module(compose: dict[str, Any]) -> None:
     """The optional sandbox service runs the module that exists and listens on all hosts."""
     command = _command(compose["services"]["sandbox"])
-    assert command[:3] == ["python", "-m", "smsbat_tracker.sandbox"]
+    assert command[:3] == ["python", "-m", "smsbat_tracker.tools.sandbox"]
     assert command[command.index("--host") + 1] == "0.0.0.0"
 
-    from smsbat_tracker.sandbox import main
+    from smsbat_tracker.tools.sandbox import main
 
     assert main(["--help"]) == 0  # the module runs and knows its options
 

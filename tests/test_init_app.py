@@ -29,12 +29,12 @@ from celery._state import get_current_app
 from kombu.exceptions import OperationalError
 
 import smsbat_tracker
+from smsbat_tracker.celery.names import TRACK_TASK
 from smsbat_tracker.config import Settings
-from smsbat_tracker.demo import stop_process_group
 from smsbat_tracker.errors import ConfigError, NotInitialised
-from smsbat_tracker.keys import Keys
-from smsbat_tracker.names import TRACK_TASK
-from smsbat_tracker.sandbox import SandboxServer
+from smsbat_tracker.store.keys import Keys
+from smsbat_tracker.tools.demo import stop_process_group
+from smsbat_tracker.tools.sandbox import SandboxServer
 from tests.conftest import kept, wait_for
 
 SHOP = textwrap.dedent(
@@ -144,7 +144,7 @@ def test_init_app_refuses_a_broker_that_is_not_redis() -> None:
         smsbat_tracker.init_app(app)
     assert "\n" not in str(info.value)
     assert "amqp" in str(info.value)
-    assert smsbat_tracker.init_app.__module__ == "smsbat_tracker.integration"
+    assert smsbat_tracker.init_app.__module__ == "smsbat_tracker.celery.integration"
     with pytest.raises(NotInitialised):
         smsbat_tracker.tracker_of(app)
     app.close()
@@ -212,7 +212,7 @@ def test_importing_the_package_builds_no_app_and_touches_nothing() -> None:
 
         before = (receivers(), list(logging.getLogger().handlers), einfo.Traceback.__init__,
                   kombu_redis.QoS.ack)
-        import smsbat_tracker, smsbat_tracker.tasks, smsbat_tracker.recipes
+        import smsbat_tracker, smsbat_tracker.celery.tasks, smsbat_tracker.tools.recipes
         from smsbat_tracker import track_message, track_campaign, init_app
         after = (receivers(), list(logging.getLogger().handlers), einfo.Traceback.__init__,
                  kombu_redis.QoS.ack)

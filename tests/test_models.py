@@ -1,4 +1,4 @@
-"""Unit tests of smsbat_tracker.models: the message-id rule, statuses and wire models."""
+"""Unit tests of smsbat_tracker.provider.models: the message-id rule, statuses and wire models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from smsbat_tracker.errors import InvalidMessageId, SmsbatError
-from smsbat_tracker.models import (
+from smsbat_tracker.provider.models import (
     FAILED_STATUSES,
     FINAL_STATUSES,
     MAX_MESSAGE_ID_LENGTH,

@@ -52,20 +52,20 @@ EXPECTED_ALL = {
 
 MODULES = [
     "smsbat_tracker",
-    "smsbat_tracker.backoff",
-    "smsbat_tracker.cache",
-    "smsbat_tracker.client",
+    "smsbat_tracker.rules.schedule",
+    "smsbat_tracker.store.cache",
+    "smsbat_tracker.provider.client",
     "smsbat_tracker.config",
     "smsbat_tracker.errors",
-    "smsbat_tracker.keys",
+    "smsbat_tracker.store.keys",
     "smsbat_tracker.log",
-    "smsbat_tracker.models",
-    "smsbat_tracker.ratelimit",
-    "smsbat_tracker.integration",
-    "smsbat_tracker.names",
-    "smsbat_tracker.tasks",
+    "smsbat_tracker.provider.models",
+    "smsbat_tracker.store.ratelimit",
+    "smsbat_tracker.celery.integration",
+    "smsbat_tracker.celery.names",
+    "smsbat_tracker.celery.tasks",
     "smsbat_tracker.testing",
-    "smsbat_tracker.tracker",
+    "smsbat_tracker.celery.tracker",
 ]
 
 

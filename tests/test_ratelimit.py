@@ -1,4 +1,4 @@
-"""Tests of smsbat_tracker.ratelimit.RateLimiter against a real Redis server."""
+"""Tests of smsbat_tracker.store.ratelimit.RateLimiter against a real Redis server."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from structlog.testing import capture_logs
 
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import RateLimited, ServerError
-from smsbat_tracker.keys import Keys
-from smsbat_tracker.ratelimit import (
+from smsbat_tracker.store.keys import Keys
+from smsbat_tracker.store.ratelimit import (
     DEFAULT_PAUSE,
     LINE_WINDOW,
     PAUSE_MAX,

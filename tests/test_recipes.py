@@ -7,15 +7,15 @@ from typing import Any
 
 import redis
 
-from smsbat_tracker.recipes import (
+from smsbat_tracker.celery.tasks import track_message
+from smsbat_tracker.tools.recipes import (
     mark_order_notified,
     record_outcome,
     schedule_retry,
     send_email_otp,
     send_message,
 )
-from smsbat_tracker.sandbox import SandboxServer
-from smsbat_tracker.tasks import track_message
+from smsbat_tracker.tools.sandbox import SandboxServer
 from tests.conftest import recorded, wait_for
 
 

@@ -12,14 +12,14 @@ import redis
 from celery.canvas import Signature
 from kombu.exceptions import OperationalError
 
+from smsbat_tracker.celery.redrive import LOCK_MS, PUBLISHED_AT, Redriver
+from smsbat_tracker.celery.tasks import track_message
 from smsbat_tracker.config import Settings
-from smsbat_tracker.decide import Finish
-from smsbat_tracker.keys import Keys
-from smsbat_tracker.recipes import record_outcome
-from smsbat_tracker.redrive import LOCK_MS, PUBLISHED_AT, Redriver
-from smsbat_tracker.sandbox import SandboxServer
-from smsbat_tracker.tasks import track_message
-from smsbat_tracker.tracking import Subscription, build_result
+from smsbat_tracker.engine.tracking import Subscription, build_result
+from smsbat_tracker.rules.decide import Finish
+from smsbat_tracker.store.keys import Keys
+from smsbat_tracker.tools.recipes import record_outcome
+from smsbat_tracker.tools.sandbox import SandboxServer
 from tests.conftest import kept, recorded
 
 TRACK_LIST = "celery\x06\x166"
@@ -427,7 +427,7 @@ def test_a_worker_survives_kombus_restore_on_a_torn_down_connection() -> None:
     """kombu's restore at channel close raising AttributeError no longer kills the worker."""
     from kombu.transport import redis as kombu_redis
 
-    from smsbat_tracker.redrive import survive_broker_loss
+    from smsbat_tracker.celery.redrive import survive_broker_loss
 
     survive_broker_loss()
     survive_broker_loss()  # idempotent
@@ -446,7 +446,7 @@ def test_a_task_finished_across_a_reconnect_is_acknowledged(
     """A task that ran while Redis went away is acknowledged after the reconnect, on the
     torn-down channel: kombu's AttributeError no longer stops the worker, and the ack is
     made on a live client, so the finished task is not given back to run again."""
-    from smsbat_tracker.redrive import survive_broker_loss
+    from smsbat_tracker.celery.redrive import survive_broker_loss
 
     survive_broker_loss(redis_client)
     for n in range(2):
@@ -473,7 +473,7 @@ def test_a_task_finished_while_redis_is_away_is_acknowledged_once_it_is_back(
     """A task that finishes while Redis is away (a Sentinel failover takes seconds) is
     acknowledged at the re-driver's first beat that reaches Redis, before anything is given
     back: it is not run again (seen as a callback run twice in the failover test)."""
-    from smsbat_tracker.redrive import survive_broker_loss
+    from smsbat_tracker.celery.redrive import survive_broker_loss
 
     survive_broker_loss(redis_client)
     tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 1},))
@@ -559,7 +559,7 @@ def test_a_follow_up_lost_before_any_worker_received_it_is_sent_again(
     """A callback popped from the queue by a worker killed before it noted it (kombu's
     BRPOP window) is sent again, with the same task id; one a worker received, or that
     the broker still holds, is not; after RESEND_LIMIT sends it is given up."""
-    from smsbat_tracker.redrive import RESEND_LIMIT
+    from smsbat_tracker.celery.redrive import RESEND_LIMIT
 
     engine = tracker_app.engine
     keys = Keys()

@@ -16,10 +16,10 @@ import pytest
 import redis
 import redis.connection
 
+from smsbat_tracker.celery.tasks import track_message
 from smsbat_tracker.config import Settings
-from smsbat_tracker.recipes import record_outcome
-from smsbat_tracker.sandbox import SandboxServer
-from smsbat_tracker.tasks import track_message
+from smsbat_tracker.tools.recipes import record_outcome
+from smsbat_tracker.tools.sandbox import SandboxServer
 from tests.conftest import recorded, wait_for
 
 

@@ -1,4 +1,4 @@
-"""Tests of the simulated SMSBAT API (smsbat_tracker.sandbox) over real HTTP."""
+"""Tests of the simulated SMSBAT API (smsbat_tracker.tools.sandbox) over real HTTP."""
 
 import asyncio
 import base64
@@ -15,14 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
-from smsbat_tracker.sandbox import (
+from smsbat_tracker.tools.sandbox import (
     SandboxConfig,
     SandboxServer,
     SandboxState,
     create_app,
     main,
 )
-from smsbat_tracker.serving import BackgroundServer
+from smsbat_tracker.tools.serving import BackgroundServer
 
 KEY = "test-key"
 USER = "tester"

@@ -13,7 +13,7 @@ from bench.schedule_sim import (
     score,
 )
 
-from smsbat_tracker.backoff import MIN_INTERVAL
+from smsbat_tracker.rules.schedule import MIN_INTERVAL
 
 
 def test_fixed_schedule_is_track_messages_own() -> None:

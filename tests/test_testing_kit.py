@@ -26,8 +26,8 @@ from smsbat_tracker.errors import (
     RateLimited,
     ServerError,
 )
-from smsbat_tracker.serving import BackgroundServer
 from smsbat_tracker.testing import DEFAULT_API_KEY, OUTCOMES, FakeSmsbat
+from smsbat_tracker.tools.serving import BackgroundServer
 from tests.conftest import wait_for
 
 pytest_plugins = ["pytester"]
@@ -115,7 +115,7 @@ def test_import_starts_nothing_and_does_not_import_pytest() -> None:
         "import logging, sys, threading\n"
         "import smsbat_tracker.testing\n"
         "assert 'pytest' not in sys.modules, 'pytest imported'\n"
-        "assert 'smsbat_tracker.sandbox' not in sys.modules, 'sandbox imported'\n"
+        "assert 'smsbat_tracker.tools.sandbox' not in sys.modules, 'sandbox imported'\n"
         "assert 'uvicorn' not in sys.modules, 'uvicorn imported'\n"
         "assert threading.active_count() == 1, threading.enumerate()\n"
         "assert logging.getLogger().handlers == [], 'logging configured'\n"
@@ -497,7 +497,7 @@ def test_plugin_costs_nothing_when_unused(pytester: pytest.Pytester) -> None:
 
         def test_nothing_started(request):
             assert request.config.pluginmanager.has_plugin(PLUGIN)
-            assert "smsbat_tracker.sandbox" not in sys.modules
+            assert "smsbat_tracker.tools.sandbox" not in sys.modules
             assert not [t for t in threading.enumerate() if t.name.startswith("uvicorn-")]
         """
     )

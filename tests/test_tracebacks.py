@@ -9,7 +9,7 @@ from typing import Any
 from billiard.einfo import ExceptionInfo
 from celery.app import trace
 
-from smsbat_tracker.tracebacks import Positions, lean_copies
+from smsbat_tracker.celery.tracebacks import Positions, lean_copies
 
 
 def _einfo() -> tuple[ExceptionInfo, list[str]]:

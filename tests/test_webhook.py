@@ -29,15 +29,15 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from smsbat_tracker.client import SmsbatClient
+from smsbat_tracker.celery.tasks import track_message
 from smsbat_tracker.config import Settings
+from smsbat_tracker.engine.tracking import Engine, iso
 from smsbat_tracker.errors import ConfigError
-from smsbat_tracker.recipes import record_outcome
-from smsbat_tracker.sandbox import SandboxConfig, SandboxServer
-from smsbat_tracker.serving import ASGIApp, BackgroundServer, Receive, Scope, Send
-from smsbat_tracker.tasks import track_message
-from smsbat_tracker.tracking import Engine, iso
-from smsbat_tracker.webhook import (
+from smsbat_tracker.provider.client import SmsbatClient
+from smsbat_tracker.tools.recipes import record_outcome
+from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
+from smsbat_tracker.tools.serving import ASGIApp, BackgroundServer, Receive, Scope, Send
+from smsbat_tracker.webhook.receiver import (
     APPLY_THREADS,
     MAX_BODY_BYTES,
     TOKEN_HEADER,
@@ -723,7 +723,7 @@ def test_a_failed_settle_gives_its_claim_back_to_the_providers_retry(
     from celery.canvas import Signature
     from kombu.exceptions import OperationalError
 
-    from smsbat_tracker.tasks import track_message
+    from smsbat_tracker.celery.tasks import track_message
 
     url, swappable = shared_server
     track_message.apply_async(

@@ -25,22 +25,23 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route, Router
 
-import smsbat_tracker.recipes
+import smsbat_tracker.tools.recipes
 from smsbat_tracker import init_app
+from smsbat_tracker.celery.names import TRACK_TASK
+from smsbat_tracker.celery.tasks import track_message
+from smsbat_tracker.celery.tracker import tracker_of
 from smsbat_tracker.config import Settings
+from smsbat_tracker.engine.tracking import iso
 from smsbat_tracker.errors import NotInitialised
-from smsbat_tracker.names import TRACK_TASK
-from smsbat_tracker.sandbox import SandboxServer
-from smsbat_tracker.serving import BackgroundServer, Receive, Scope, Send
-from smsbat_tracker.tasks import track_message
-from smsbat_tracker.tracker import tracker_of
-from smsbat_tracker.tracking import iso
-from smsbat_tracker.webhook import WebhookReceiver, create_app
+from smsbat_tracker.tools.sandbox import SandboxServer
+from smsbat_tracker.tools.serving import BackgroundServer, Receive, Scope, Send
+from smsbat_tracker.webhook.receiver import WebhookReceiver, create_app
 from tests.conftest import FAST, kept, recorded, wait_for
 
 TOKEN = "mount-token-123"
 PREFIX = "/smsbat"
-RECORD = smsbat_tracker.recipes.record_outcome.name
+RECORD_SIG = smsbat_tracker.tools.recipes.record_outcome
+RECORD = RECORD_SIG.name
 # The first check comes 1 s after the enqueue and the next one 3 s later: an outcome within
 # a few hundred milliseconds of a push can only come from the push.
 SLOW_CHECKS = {"first_delay": 1.0, "backoff_factor": 3.0, "max_delay": 3.0}
@@ -111,7 +112,7 @@ def test_a_push_to_the_mounted_webhook_ends_the_tracking(
     assert receiver.settings is tracker_app.settings
     events: list[str] = []
     mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 60)])
-    track_message.delay(mid, on_delivered=smsbat_tracker.recipes.record_outcome.s(label="mnt"))
+    track_message.delay(mid, on_delivered=RECORD_SIG.s(label="mnt"))
     with BackgroundServer(starlette_host(webhook, events), lifespan="on") as server:
         assert events == ["startup"]
         assert not receiver.warmed  # the mounted app's lifespan never ran
@@ -306,9 +307,9 @@ def test_a_receiver_for_a_project_app_never_builds_the_package_app(tmp_path: Pat
         from celery import Celery
 
         import smsbat_tracker
-        from smsbat_tracker.serving import BackgroundServer
-        from smsbat_tracker.tracker import tracker_of
-        from smsbat_tracker.webhook import create_app
+        from smsbat_tracker.tools.serving import BackgroundServer
+        from smsbat_tracker.celery.tracker import tracker_of
+        from smsbat_tracker.webhook.receiver import create_app
 
         app = Celery("shop", broker="redis://127.0.0.1:1/0")
         smsbat_tracker.init_app(app, webhook_token="t")
@@ -422,7 +423,7 @@ django_app = get_asgi_application()  # sets Django up before anything imports mo
 from starlette.routing import Mount, Router
 
 from site_celery import app as celery_app
-from smsbat_tracker.webhook import create_app
+from smsbat_tracker.webhook.receiver import create_app
 
 webhook = create_app(celery_app=celery_app)
 application = Router(
@@ -436,7 +437,7 @@ DJANGO_SERVE = """
 import sys
 
 from site_asgi import application
-from smsbat_tracker.serving import BackgroundServer
+from smsbat_tracker.tools.serving import BackgroundServer
 
 with BackgroundServer(application, lifespan="on") as server:
     print(server.url, flush=True)

@@ -15,14 +15,14 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
+from smsbat_tracker.celery.integration import DEFAULT_QUEUE, TrackerStep, tracker_routes
+from smsbat_tracker.celery.names import TRACK_PRIORITY, TRACKER_TASKS
+from smsbat_tracker.celery.tasks import track_message
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import ConfigError
-from smsbat_tracker.integration import DEFAULT_QUEUE, TrackerStep, tracker_routes
 from smsbat_tracker.log import configure_logging
-from smsbat_tracker.names import TRACK_PRIORITY, TRACKER_TASKS
-from smsbat_tracker.recipes import record_outcome
-from smsbat_tracker.sandbox import SandboxServer
-from smsbat_tracker.tasks import track_message
+from smsbat_tracker.tools.recipes import record_outcome
+from smsbat_tracker.tools.sandbox import SandboxServer
 from smsbat_tracker.worker import celery_config
 from tests.conftest import recorded, wait_for
 
@@ -238,7 +238,7 @@ def test_worker_refuses_to_start_without_credentials(tmp_path: Path) -> None:
 
 def test_the_package_worker_registers_no_recipe_task_unless_asked() -> None:
     """A production worker of the package's app knows the tracker's four tasks and no demo
-    recipe; ``--include smsbat_tracker.recipes`` (what the demo does) adds them."""
+    recipe; ``--include smsbat_tracker.tools.recipes`` (what the demo does) adds them."""
     probe = (
         "import sys\n"
         "from smsbat_tracker.worker import app\n"
@@ -260,4 +260,4 @@ def test_the_package_worker_registers_no_recipe_task_unless_asked() -> None:
         return list(json.loads(done.stdout.strip().replace("'", '"')))
 
     assert registered() == sorted(TRACKER_TASKS)
-    assert "smsbat_tracker.recipes.record_outcome" in registered("smsbat_tracker.recipes")
+    assert "smsbat_tracker.recipes.record_outcome" in registered("smsbat_tracker.tools.recipes")

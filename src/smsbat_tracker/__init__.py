@@ -13,10 +13,7 @@ patches nothing and connects no signal; the Celery names load on first use.
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
-from smsbat_tracker.backoff import Schedule, compute_backoff
-from smsbat_tracker.client import AsyncSmsbatClient, SmsbatClient
+from smsbat_tracker._version import __version__
 from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.errors import (
     AuthenticationError,
@@ -34,7 +31,8 @@ from smsbat_tracker.errors import (
     SmsbatError,
     TransientError,
 )
-from smsbat_tracker.models import (
+from smsbat_tracker.provider.client import AsyncSmsbatClient, SmsbatClient
+from smsbat_tracker.provider.models import (
     FINAL_STATUSES,
     MessageStatus,
     OutgoingMessage,
@@ -44,26 +42,27 @@ from smsbat_tracker.models import (
     is_final,
     validate_message_id,
 )
+from smsbat_tracker.rules.schedule import Schedule, compute_backoff
 
 if TYPE_CHECKING:
-    from smsbat_tracker.integration import init_app
-    from smsbat_tracker.tasks import (
+    from smsbat_tracker.celery.integration import init_app
+    from smsbat_tracker.celery.tasks import (
         get_campaign_report,
         get_status,
         track_campaign,
         track_message,
     )
-    from smsbat_tracker.tracker import Tracker, tracker_of
+    from smsbat_tracker.celery.tracker import Tracker, tracker_of
 
 # Loaded on first use: importing Celery's side is for the processes that use it.
 _LAZY = {
-    "init_app": "smsbat_tracker.integration",
-    "track_message": "smsbat_tracker.tasks",
-    "track_campaign": "smsbat_tracker.tasks",
-    "get_status": "smsbat_tracker.tasks",
-    "get_campaign_report": "smsbat_tracker.tasks",
-    "Tracker": "smsbat_tracker.tracker",
-    "tracker_of": "smsbat_tracker.tracker",
+    "init_app": "smsbat_tracker.celery.integration",
+    "track_message": "smsbat_tracker.celery.tasks",
+    "track_campaign": "smsbat_tracker.celery.tasks",
+    "get_status": "smsbat_tracker.celery.tasks",
+    "get_campaign_report": "smsbat_tracker.celery.tasks",
+    "Tracker": "smsbat_tracker.celery.tracker",
+    "tracker_of": "smsbat_tracker.celery.tracker",
 }
 
 

@@ -11,18 +11,20 @@ from typing import Any, TextIO
 import redis
 from kombu.exceptions import OperationalError
 
-from smsbat_tracker import __version__, redrive
+from smsbat_tracker._version import __version__
+from smsbat_tracker.celery import redrive
 from smsbat_tracker.config import Settings
-from smsbat_tracker.connections import redis_client, safe_redis_url
+from smsbat_tracker.engine.tracking import iso
 from smsbat_tracker.errors import AuthenticationError, ConfigError, MessageNotFound, SmsbatError
-from smsbat_tracker.models import validate_message_id
-from smsbat_tracker.tracking import iso
+from smsbat_tracker.provider.models import validate_message_id
+from smsbat_tracker.redis_url import safe_redis_url
+from smsbat_tracker.store.connections import redis_client
 
 __all__ = ["main"]
 
 
 def _status(args: argparse.Namespace) -> int:
-    from smsbat_tracker.tasks import get_status
+    from smsbat_tracker.celery.tasks import get_status
     from smsbat_tracker.worker import app
 
     status = get_status(args.message_id, app=app)  # through the cache: repeated calls are free
@@ -71,7 +73,7 @@ def print_report(
 
 
 def _campaign(args: argparse.Namespace) -> int:
-    from smsbat_tracker.tasks import get_campaign_report, track_campaign
+    from smsbat_tracker.celery.tasks import get_campaign_report, track_campaign
     from smsbat_tracker.worker import app
 
     if args.action == "report":
@@ -201,7 +203,7 @@ def _ping(settings: Settings) -> int:
     except redis.RedisError as exc:
         print(f"redis: cannot reach {where}: {type(exc).__name__}", file=sys.stderr)
         failed = 1
-    from smsbat_tracker.client import SmsbatClient
+    from smsbat_tracker.provider.client import SmsbatClient
 
     if not settings.has_credentials:
         print("api: not asked (no credentials)")
@@ -268,15 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "demo":
-            from smsbat_tracker.demo import main as demo_main
+            from smsbat_tracker.tools.demo import main as demo_main
 
             return demo_main(rest)
         if args.command == "sandbox":
-            from smsbat_tracker.sandbox import main as sandbox_main
+            from smsbat_tracker.tools.sandbox import main as sandbox_main
 
             return sandbox_main(rest)
         if args.command == "webhook":
-            from smsbat_tracker.webhook import main as webhook_main
+            from smsbat_tracker.webhook.receiver import main as webhook_main
 
             return webhook_main(rest)
         if rest:

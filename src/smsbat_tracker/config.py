@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from smsbat_tracker.connections import is_sentinel_url, parse_sentinel_url
 from smsbat_tracker.errors import ConfigError
+from smsbat_tracker.redis_url import is_sentinel_url, parse_sentinel_url
 
 __all__ = ["Settings", "load_settings"]
 

@@ -25,6 +25,7 @@ __all__ = [
     "ServerError",
     "SmsbatError",
     "TransientError",
+    "UnsupportedVersion",
 ]
 
 
@@ -37,6 +38,21 @@ class ConfigError(SmsbatError, ValueError):
 
     The message names each offending environment variable, e.g. ``SMSBAT_BASE_URL``.
     """
+
+
+class UnsupportedVersion(ConfigError):
+    """Raised at worker start when a patched library (Celery, kombu, billiard) is at a
+    version the tracker's patch of it was not made for; names the package, its version
+    and the range the patch knows."""
+
+    def __init__(self, package: str, version: str, supported: str) -> None:
+        super().__init__(
+            f"{package} {version} is not supported by smsbat-tracker's patch of it"
+            f" (known: {supported}); install a {package} in that range"
+        )
+        self.package = package
+        self.version = version
+        self.supported = supported
 
 
 class NotInitialised(ConfigError):

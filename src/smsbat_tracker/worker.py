@@ -12,7 +12,7 @@ countdown retries safe on Redis are set here, explicitly:
   task is held unacked, and one that outlived the timeout would run twice;
 - ``acks_late`` with ``reject_on_worker_lost``: a prefork child killed mid-task has its
   message requeued at once by its parent;
-- the re-driver (:mod:`smsbat_tracker.redrive`), a bootstep of every worker of an app
+- the re-driver (:mod:`smsbat_tracker.celery.redrive`), a bootstep of every worker of an app
   that runs the tracker (:func:`smsbat_tracker.init_app`, which this app calls too):
   what a whole worker held when it died, or what a Redis restart dropped, resumes
   within ``SMSBAT_REDRIVE_AFTER`` instead of the visibility timeout;
@@ -27,14 +27,14 @@ from typing import Any
 
 from celery import Celery, signals
 
-from smsbat_tracker.campaign import CampaignRunner
+from smsbat_tracker.celery.integration import configure, init_app
+from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.connections import is_sentinel_url
+from smsbat_tracker.engine.campaign import CampaignRunner
+from smsbat_tracker.engine.tracking import Engine
 from smsbat_tracker.errors import ConfigError
-from smsbat_tracker.integration import configure, init_app
 from smsbat_tracker.log import configure_logging
-from smsbat_tracker.tracker import Tracker
-from smsbat_tracker.tracking import Engine
+from smsbat_tracker.redis_url import is_sentinel_url
 
 __all__ = ["TrackerApp", "app", "create_app"]
 
@@ -64,7 +64,7 @@ class TrackerApp(Celery):
         return self.tracker.campaigns
 
     def warm(self) -> None:
-        """See :meth:`Tracker.warm <smsbat_tracker.tracker.Tracker.warm>`."""
+        """See :meth:`Tracker.warm <smsbat_tracker.celery.tracker.Tracker.warm>`."""
         self.tracker.warm()
 
     def reconfigure(self, settings: Settings) -> None:
@@ -82,7 +82,7 @@ class TrackerApp(Celery):
         self.amqp._producer_pool = None  # type: ignore[attr-defined]
 
     def serve_metrics(self) -> None:
-        """See :meth:`Tracker.serve_metrics <smsbat_tracker.tracker.Tracker.serve_metrics>`."""
+        """See :meth:`smsbat_tracker.celery.tracker.Tracker.serve_metrics`."""
         self.tracker.serve_metrics()
 
     def stop_metrics(self) -> None:
@@ -98,10 +98,10 @@ def create_app(settings: Settings | None = None) -> TrackerApp:
     """Build the package's Celery app for ``settings`` (default: from the environment).
 
     Its worker registers the tracker's tasks only; the demo's recipe tasks are loaded
-    when asked for (``--include smsbat_tracker.recipes``).
+    when asked for (``--include smsbat_tracker.tools.recipes``).
     """
     settings = settings or load_settings(credentials=False)
-    return TrackerApp(settings, "smsbat_tracker", include=["smsbat_tracker.tasks"])
+    return TrackerApp(settings, "smsbat_tracker", include=["smsbat_tracker.celery.tasks"])
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

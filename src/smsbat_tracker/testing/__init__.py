@@ -1,6 +1,6 @@
 """A fake SMSBAT API for your own tests: scripted outcomes, injected faults, webhook pushes.
 
-:class:`FakeSmsbat` runs the simulated API (:mod:`smsbat_tracker.sandbox`) on 127.0.0.1,
+:class:`FakeSmsbat` runs the simulated API (:mod:`smsbat_tracker.tools.sandbox`) on 127.0.0.1,
 on a free port, in a background thread. Point the code under test at it (:attr:`FakeSmsbat.env`
 holds ``SMSBAT_BASE_URL`` and ``SMSBAT_API_KEY``), then decide what every message does::
 
@@ -26,9 +26,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, get_args
 
 if TYPE_CHECKING:
-    from smsbat_tracker.client import SmsbatClient
     from smsbat_tracker.config import Settings
-    from smsbat_tracker.sandbox import SandboxConfig, SandboxServer
+    from smsbat_tracker.provider.client import SmsbatClient
+    from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
 
 __all__ = [
     "DEFAULT_API_KEY",
@@ -136,7 +136,7 @@ class FakeSmsbat:
         """Start serving (returns once connections are accepted); returns the fake."""
         if self._server is not None:
             raise RuntimeError("FakeSmsbat already started")
-        from smsbat_tracker.sandbox import SandboxServer
+        from smsbat_tracker.tools.sandbox import SandboxServer
 
         server = SandboxServer(self._config(), host=self._host, port=self._port)
         server.start()
@@ -202,9 +202,9 @@ class FakeSmsbat:
         return load_settings(**values)
 
     def client(self, **kwargs: Any) -> SmsbatClient:
-        """A :class:`~smsbat_tracker.client.SmsbatClient` for this fake (close it, or use
+        """A :class:`~smsbat_tracker.provider.client.SmsbatClient` for this fake (close it, or use
         it in a ``with``); ``kwargs`` go to the client (``read_timeout=``, ...)."""
-        from smsbat_tracker.client import SmsbatClient
+        from smsbat_tracker.provider.client import SmsbatClient
 
         return SmsbatClient(self.url, api_key=self.api_key, **kwargs)
 
@@ -382,7 +382,7 @@ class FakeSmsbat:
 
     def _config(self) -> SandboxConfig:
         """The sandbox configuration that makes every sent message end as scripted."""
-        from smsbat_tracker.sandbox import SandboxConfig
+        from smsbat_tracker.tools.sandbox import SandboxConfig
 
         after = max(self._send_after, _INSTANT)
         outcome = self._send_outcome

@@ -94,7 +94,8 @@ class Keys:
         """The due index: every in-flight tracking and tick chain, scored by next run time.
 
         Members are ``m:<message id>`` (a ``track_message`` session) and
-        ``c:<campaign id>:<slot>`` (a campaign's tick chain); see :mod:`smsbat_tracker.redrive`.
+        ``c:<campaign id>:<slot>`` (a campaign's tick chain); see
+        :mod:`smsbat_tracker.celery.redrive`.
         """
         return f"{self.prefix}:due"
 

@@ -1,9 +1,9 @@
 """The tracking engine: sessions, status checks, and the exactly-once final outcome.
 
-Celery tasks (:mod:`smsbat_tracker.tasks`) and the webhook call into :class:`Engine`; it
+Celery tasks (:mod:`smsbat_tracker.celery.tasks`) and the webhook call into :class:`Engine`; it
 holds no state of its own beyond connections, so one per process serves every task.
 
-Per message, Redis holds (see :mod:`smsbat_tracker.keys`):
+Per message, Redis holds (see :mod:`smsbat_tracker.store.keys`):
 
 - a *session* hash: the owner task id (the one poller) and the run it expects next (with
   the owner, the fencing token), start and deadline, counters;
@@ -13,7 +13,7 @@ Per message, Redis holds (see :mod:`smsbat_tracker.keys`):
   every subscription not yet dispatched. Only the caller that claims a subscription
   dispatches its callback, so a duplicate enqueue, a redelivered task or a webhook racing
   the poller never fires a callback twice;
-- an entry in the *due index* (see :mod:`smsbat_tracker.redrive`), written by the same
+- an entry in the *due index* (see :mod:`smsbat_tracker.celery.redrive`), written by the same
   scripts that record each check and each dispatch, so that a lost run is re-driven.
 
 Once the outcome is recorded and every subscription dispatched, the tracking is cut back to
@@ -35,16 +35,22 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import redis
 
 from smsbat_tracker import metrics
-from smsbat_tracker.backoff import Schedule
-from smsbat_tracker.cache import STORE_LUA, CachedStatus, StatusCache
-from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import NO_CREDENTIALS, Settings
-from smsbat_tracker.decide import OUTCOMES, Outcome, Progress, Rules, TryLater
 from smsbat_tracker.errors import ConfigError, RateLimited, RequestTimeout, SmsbatError
-from smsbat_tracker.keys import KOMBU_PRIORITY_STEPS, Keys, kombu_queue_list, kombu_unacked_key
 from smsbat_tracker.log import get_logger
-from smsbat_tracker.models import DELIVERED, IN_FLIGHT, MessageStatus, validate_message_id
-from smsbat_tracker.ratelimit import ADJUST_LUA, RESERVE_LUA, RateLimiter
+from smsbat_tracker.provider.client import SmsbatClient
+from smsbat_tracker.provider.models import DELIVERED, IN_FLIGHT, MessageStatus, validate_message_id
+from smsbat_tracker.rules.decide import OUTCOMES, Outcome, Progress, Rules, TryLater
+from smsbat_tracker.rules.schedule import Schedule
+from smsbat_tracker.rules.seen import CachedStatus
+from smsbat_tracker.store.cache import STORE_LUA, StatusCache
+from smsbat_tracker.store.keys import (
+    KOMBU_PRIORITY_STEPS,
+    Keys,
+    kombu_queue_list,
+    kombu_unacked_key,
+)
+from smsbat_tracker.store.ratelimit import ADJUST_LUA, RESERVE_LUA, RateLimiter
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -433,7 +439,7 @@ class Session:
 
     @property
     def progress(self) -> Progress:
-        """What the rules (:func:`~smsbat_tracker.decide.decide`) need of the session."""
+        """What the rules (:func:`~smsbat_tracker.rules.decide.decide`) need of the session."""
         return Progress(self.started_at, self.deadline_at, self.checks, self.pushed, self.failures)
 
 

@@ -31,7 +31,7 @@ The app also speaks the ASGI lifespan protocol (binding the loop for webhooks at
 closing the webhook client at shutdown), so any ASGI server can host :func:`create_app`;
 :class:`SandboxServer` and :func:`main` run uvicorn with lifespan off and do this themselves.
 
-Run it standalone with ``python -m smsbat_tracker.sandbox --port 8080``, or in-process::
+Run it standalone with ``python -m smsbat_tracker.tools.sandbox --port 8080``, or in-process::
 
     with SandboxServer(SandboxConfig(seed=1)) as server:
         message_id = server.state.create_scripted([("processing", 0), ("delivered", 0.5)])
@@ -62,7 +62,7 @@ from typing import Any
 
 import aiohttp
 
-from smsbat_tracker.serving import (
+from smsbat_tracker.tools.serving import (
     BackgroundServer,
     ReadyServer,
     Receive,
@@ -1296,7 +1296,7 @@ class SandboxServer(BackgroundServer):
 def _build_parser() -> argparse.ArgumentParser:
     defaults = SandboxConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m smsbat_tracker.sandbox",
+        prog="python -m smsbat_tracker.tools.sandbox",
         description=(
             "Simulated SMSBAT API (GET /bat/message/{id}, POST /bat/messagelist) with "
             "unauthenticated /sandbox/ admin endpoints: for local use only."

@@ -1,40 +1,24 @@
-"""Redis clients for the one ``REDIS_URL``: a server named directly, or a master through Sentinel.
+"""Redis URLs: kombu's ``sentinel://`` list form, parsed and checked, and URLs made safe to show.
 
 ``REDIS_URL`` is either a ``redis://``, ``rediss://`` or ``unix://`` URL, or kombu's
-Sentinel form, one ``sentinel://`` part per sentinel separated by ``;``::
-
-    sentinel://:password@10.0.0.1:26379/0;sentinel://:password@10.0.0.2:26379/0
-
-The sentinels watch the master named by ``SMSBAT_SENTINEL_MASTER``. The broker (kombu's
-``SentinelChannel``), the result backend (Celery's ``SentinelBackend``) and the clients
-built here (status cache, rate limit, re-driver, webhook, CLI) all ask the sentinels for
-the current master, and follow it to the replica they promote.
-
-As in kombu and Celery, the URL's user and password are the Redis master's, never sent to
-the sentinels, and the path is the database number. kombu moves on to the next part after a
-connection error and then reads that part's own password and database, so every part must
-carry the same ones (:func:`parse_sentinel_url` refuses anything else).
+Sentinel form, one ``sentinel://`` part per sentinel separated by ``;``. As in kombu and
+Celery, the URL's user and password are the Redis master's, never sent to the sentinels, and
+the path is the database number. kombu moves on to the next part after a connection error
+and then reads that part's own password and database, so every part must carry the same ones
+(:func:`parse_sentinel_url` refuses anything else).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Final
 from urllib.parse import unquote, urlsplit
-
-import redis
-from redis.sentinel import Sentinel
-
-if TYPE_CHECKING:
-    from smsbat_tracker.config import Settings
 
 __all__ = [
     "SENTINEL_SCHEME",
-    "SentinelRedis",
     "SentinelURL",
     "is_sentinel_url",
     "parse_sentinel_url",
-    "redis_client",
     "safe_redis_url",
 ]
 
@@ -108,50 +92,6 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         username=first[3],
         password=first[4],
     )
-
-
-class SentinelRedis(redis.Redis):
-    """A client of the master a set of sentinels names; :meth:`close` closes those too."""
-
-    sentinel_manager: Sentinel | None = None
-
-    def close(self) -> None:
-        """Close the master's connections and the ones to the sentinels."""
-        try:
-            super().close()
-        finally:
-            manager, self.sentinel_manager = self.sentinel_manager, None
-            for node in manager.sentinels if manager is not None else ():
-                node.close()
-
-
-def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
-    """A client of ``settings.redis_url``'s Redis (through its sentinels for ``sentinel://``).
-
-    ``kwargs`` are connection options (``decode_responses``, ``socket_timeout``, ...). The
-    sentinels get its ``socket_*`` options only, and no password, as kombu's do.
-    """
-    url = settings.redis_url
-    if not is_sentinel_url(url):
-        return redis.Redis.from_url(url, **kwargs)
-    target = parse_sentinel_url(url)
-    sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
-    # redis-py's sentinel module has no annotations.
-    manager = Sentinel(  # type: ignore[no-untyped-call]
-        list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **kwargs
-    )
-    client = cast(
-        SentinelRedis,
-        manager.master_for(  # type: ignore[no-untyped-call]
-            settings.sentinel_master,
-            redis_class=SentinelRedis,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-        ),
-    )
-    client.sentinel_manager = manager
-    return client
 
 
 def safe_redis_url(url: str) -> str:

@@ -21,7 +21,7 @@ The rules, in order:
    ``SMSBAT_NOT_FOUND_GRACE``; a permanent error ends it as ``error``.
 5. A failed request (a network error, a timeout, 5xx, 429, a malformed body) is not a
    check: it says nothing about the message. It is retried on its own short backoff
-   (:func:`~smsbat_tracker.backoff.retry_backoff`: each second, backing off only an API
+   (:func:`~smsbat_tracker.rules.schedule.retry_backoff`: each second, backing off only an API
    that keeps failing; never before a 429's Retry-After), and the schedule's next step is
    kept for the next answer. A request the
    rate limit or the per-message gate turned away was no check either, and waits its turn.
@@ -37,19 +37,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
-from smsbat_tracker.backoff import retry_backoff
 from smsbat_tracker.errors import (
     MessageNotFound,
     PermanentError,
     RateLimited,
     SmsbatError,
 )
-from smsbat_tracker.models import DELIVERED, FAILED_STATUSES, MessageStatus
+from smsbat_tracker.provider.models import DELIVERED, FAILED_STATUSES, MessageStatus
+from smsbat_tracker.rules.schedule import retry_backoff
 
 if TYPE_CHECKING:
-    from smsbat_tracker.backoff import Schedule
-    from smsbat_tracker.cache import CachedStatus
     from smsbat_tracker.config import Settings
+    from smsbat_tracker.rules.schedule import Schedule
+    from smsbat_tracker.rules.seen import CachedStatus
 
 __all__ = [
     "DEADLINE_FIRST",

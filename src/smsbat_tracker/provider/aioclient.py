@@ -2,7 +2,7 @@
 
 The campaign path checks thousands of messages a second; aiohttp's connection pool does
 that on one core where httpx's async pool does not. Answers are decoded by the same code
-as :class:`~smsbat_tracker.client.SmsbatClient`, so errors are the same classes.
+as :class:`~smsbat_tracker.provider.client.SmsbatClient`, so errors are the same classes.
 """
 
 from __future__ import annotations
@@ -13,13 +13,6 @@ from typing import Any, NoReturn, Self
 import aiohttp
 
 from smsbat_tracker import metrics
-from smsbat_tracker.client import (
-    auth_headers,
-    gather_statuses,
-    options_from_settings,
-    parse_status,
-    status_path,
-)
 from smsbat_tracker.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Settings
 from smsbat_tracker.errors import (
     ConnectionFailed,
@@ -27,7 +20,14 @@ from smsbat_tracker.errors import (
     RequestTimeout,
     SmsbatError,
 )
-from smsbat_tracker.models import MessageStatus
+from smsbat_tracker.provider.client import (
+    auth_headers,
+    gather_statuses,
+    options_from_settings,
+    parse_status,
+    status_path,
+)
+from smsbat_tracker.provider.models import MessageStatus
 
 __all__ = ["BatchStatusClient"]
 

@@ -24,7 +24,7 @@ Routes:
   Authenticated by the shared secret ``SMSBAT_WEBHOOK_TOKEN`` in the query parameter
   ``token`` (the provider only takes a URL) or the header ``X-Webhook-Token``; a wrong
   token in either place is refused, whatever the other holds. A valid push
-  goes through :meth:`StatusCache.store <smsbat_tracker.cache.StatusCache.store>` with the
+  goes through :meth:`StatusCache.store <smsbat_tracker.store.cache.StatusCache.store>` with the
   provider's timestamp, so a late, duplicate or out-of-order push never overwrites a newer
   or final status. A newly stored final status ends the tracking at once, in this process,
   through the same exactly-once settle as the poller: the callbacks are enqueued before the
@@ -62,20 +62,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from smsbat_tracker import metrics
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.connections import redis_client
+from smsbat_tracker.engine.tracking import Engine
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import configure_logging, get_logger, redact_text, register_secret
-from smsbat_tracker.models import MAX_MESSAGE_ID_LENGTH, MESSAGE_ID_PATTERN, MessageStatus
-from smsbat_tracker.serving import Receive, Scope, Send
-from smsbat_tracker.tracking import Engine
+from smsbat_tracker.provider.models import MAX_MESSAGE_ID_LENGTH, MESSAGE_ID_PATTERN, MessageStatus
+from smsbat_tracker.store.connections import redis_client
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from smsbat_tracker.tracker import Tracker
+    from smsbat_tracker.celery.tracker import Tracker
 
 __all__ = [
     "APPLY_THREADS",
@@ -376,7 +376,7 @@ class WebhookReceiver:
         self._celery: Celery | None = celery_app
         self._tracker: Tracker | None = None
         if celery_app is not None:
-            from smsbat_tracker.tracker import tracker_of
+            from smsbat_tracker.celery.tracker import tracker_of
 
             self._tracker = tracker_of(celery_app)  # NotInitialised without init_app
         elif engine is None or settle is None:
@@ -402,7 +402,7 @@ class WebhookReceiver:
         self._token: bytes | None = token.encode() if token else None
         self._engine = engine
         if settle is None:
-            import smsbat_tracker.tasks  # noqa: F401 - registers the tasks now, not later
+            import smsbat_tracker.celery.tasks  # noqa: F401 - registers the tasks now, not later
 
             settle = self._settle_here
         self._settle = settle
@@ -458,14 +458,14 @@ class WebhookReceiver:
     def _settle_here(self, message_id: str) -> None:
         """End the message's tracking in this process: its callbacks go out at once,
         through the engine's Celery app."""
-        from smsbat_tracker.tasks import settle_from_cache
+        from smsbat_tracker.celery.tasks import settle_from_cache
 
         settle_from_cache(self.engine(), message_id, claimer=f"webhook-{uuid.uuid4().hex}")
 
     def warm(self) -> None:
         """Connect to Redis (and Celery's broker) before the first push; blocking.
 
-        See :meth:`smsbat_tracker.tracker.Tracker.warm`: cold, the first pushes of a
+        See :meth:`smsbat_tracker.celery.tracker.Tracker.warm`: cold, the first pushes of a
         burst waited up to 0.6 s behind it. An unreachable Redis is logged, not raised:
         pushes answer 503 until it is back.
         """
@@ -494,7 +494,7 @@ class WebhookReceiver:
     def close(self) -> None:
         """Close the connections of an engine built here (never a given or shared one:
         the tracker's are closed by :meth:`Tracker.close
-        <smsbat_tracker.tracker.Tracker.close>`). The receiver can serve on afterwards; it
+        <smsbat_tracker.celery.tracker.Tracker.close>`). The receiver can serve on afterwards; it
         connects again."""
         with self._lock:
             engine, self._own_engine = self._own_engine, None
@@ -657,7 +657,7 @@ def create_app(
     ``SMSBAT_WEBHOOK_OPEN`` is not true, and :class:`~smsbat_tracker.errors.NotInitialised`
     for a ``celery_app`` without the tracker. ``settle`` is called with the id of each
     newly stored final status; by default it ends that message's tracking in this process
-    (:func:`smsbat_tracker.tasks.settle_from_cache`).
+    (:func:`smsbat_tracker.celery.tasks.settle_from_cache`).
 
     Its routes are relative: mounted at ``/smsbat`` (Starlette's or FastAPI's
     ``app.mount("/smsbat", webhook)``) they answer at ``/smsbat/webhook``. A mounted app's

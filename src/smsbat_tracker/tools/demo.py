@@ -22,13 +22,14 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.connections import redis_client, safe_redis_url
-from smsbat_tracker.embedded import EmbeddedRedis
 from smsbat_tracker.log import configure_logging
-from smsbat_tracker.sandbox import SandboxConfig, SandboxServer
-from smsbat_tracker.serving import BackgroundServer
+from smsbat_tracker.provider.client import SmsbatClient
+from smsbat_tracker.redis_url import safe_redis_url
+from smsbat_tracker.store.connections import redis_client
+from smsbat_tracker.tools.embedded import EmbeddedRedis
+from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
+from smsbat_tracker.tools.serving import BackgroundServer
 
 __all__ = ["main", "run_demo"]
 
@@ -73,7 +74,7 @@ def worker_process(
     env = {**os.environ, **settings.to_env()}
     only = ["--queues", ",".join(queues)] if queues else []
     # The demo's worker runs its recipe tasks too (a production worker does not).
-    only += ["--include", ",".join(("smsbat_tracker.recipes", *imports))]
+    only += ["--include", ",".join(("smsbat_tracker.tools.recipes", *imports))]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             [
@@ -130,7 +131,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 @contextlib.contextmanager
 def push_receiver(settings: Settings, sandbox: SandboxServer) -> Iterator[str]:
     """Serve the webhook and make the sandbox push every status change to it."""
-    from smsbat_tracker.webhook import create_app
+    from smsbat_tracker.webhook.receiver import create_app
 
     token = settings.webhook_token.get_secret_value() if settings.webhook_token else ""
     with BackgroundServer(create_app(settings)) as web:
@@ -175,8 +176,8 @@ def run_demo(
         from smsbat_tracker.worker import app
 
         app.reconfigure(settings)
-        from smsbat_tracker.recipes import record_outcome, recorded_key
-        from smsbat_tracker.tasks import track_message
+        from smsbat_tracker.celery.tasks import track_message
+        from smsbat_tracker.tools.recipes import record_outcome, recorded_key
 
         log_path = os.path.join(tempfile.gettempdir(), "smsbat-tracker-demo-worker.log")
         where = safe_redis_url(redis_url)  # never its password

@@ -34,8 +34,27 @@ from celery.utils import uuid
 from kombu.exceptions import OperationalError
 
 from smsbat_tracker import metrics
-from smsbat_tracker.campaign import validate_campaign_id
-from smsbat_tracker.decide import (
+from smsbat_tracker.celery.names import (
+    PUBLISHED_AT,
+    SETTLE_TASK,
+    TICK_TASK,
+    TRACK_CAMPAIGN_TASK,
+    TRACK_TASK,
+)
+from smsbat_tracker.celery.tracker import Tracker, tracker_of
+from smsbat_tracker.engine.campaign import validate_campaign_id
+from smsbat_tracker.engine.tracking import (
+    Check,
+    Engine,
+    Session,
+    Subscription,
+    build_result,
+    routed_queue,
+)
+from smsbat_tracker.errors import SmsbatError
+from smsbat_tracker.log import get_logger
+from smsbat_tracker.provider.models import MessageStatus, validate_message_id
+from smsbat_tracker.rules.decide import (
     Answer,
     Ask,
     AwaitPush,
@@ -46,26 +65,7 @@ from smsbat_tracker.decide import (
     decide,
     line_position,
 )
-from smsbat_tracker.errors import SmsbatError
-from smsbat_tracker.log import get_logger
-from smsbat_tracker.models import MessageStatus, validate_message_id
-from smsbat_tracker.names import (
-    PUBLISHED_AT,
-    SETTLE_TASK,
-    TICK_TASK,
-    TRACK_CAMPAIGN_TASK,
-    TRACK_TASK,
-)
-from smsbat_tracker.ratelimit import pause_for
-from smsbat_tracker.tracker import Tracker, tracker_of
-from smsbat_tracker.tracking import (
-    Check,
-    Engine,
-    Session,
-    Subscription,
-    build_result,
-    routed_queue,
-)
+from smsbat_tracker.store.ratelimit import pause_for
 
 __all__ = [
     "campaign_tick",
@@ -594,7 +594,7 @@ def track_campaign(
 
     ``on_report`` receives the report when every message is final or the deadline has
     passed; the per-message callbacks are optional. The report stays retrievable with
-    :func:`get_campaign_report`. See :mod:`smsbat_tracker.campaign` for the design.
+    :func:`get_campaign_report`. See :mod:`smsbat_tracker.engine.campaign` for the design.
     """
     tracker = tracker_of(self.app)
     runner = tracker.campaigns

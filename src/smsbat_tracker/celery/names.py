@@ -21,7 +21,7 @@ TRACK_CAMPAIGN_TASK: Final = "smsbat_tracker.track_campaign"
 TICK_TASK: Final = "smsbat_tracker.campaign_tick"
 # Every task of the tracker: routed to SMSBAT_QUEUE when it is set.
 TRACKER_TASKS: Final = (TRACK_TASK, SETTLE_TASK, TRACK_CAMPAIGN_TASK, TICK_TASK)
-# The tasks whose runs the due index covers (see smsbat_tracker.redrive).
+# The tasks whose runs the due index covers (see smsbat_tracker.celery.redrive).
 DUE_INDEXED: Final = frozenset({TRACK_TASK, TICK_TASK})
 # Priority of tracking checks and campaign ticks on the Redis transport, where 0 is served
 # first: settles and callbacks (no priority) go before a burst of new checks.

@@ -18,14 +18,14 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from smsbat_tracker import metrics
-from smsbat_tracker.campaign import CampaignRunner
-from smsbat_tracker.client import SmsbatClient
 from smsbat_tracker.config import Settings
-from smsbat_tracker.connections import redis_client
+from smsbat_tracker.engine.campaign import CampaignRunner
+from smsbat_tracker.engine.tracking import Engine
 from smsbat_tracker.errors import NotInitialised
-from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
-from smsbat_tracker.tracking import Engine
+from smsbat_tracker.provider.client import SmsbatClient
+from smsbat_tracker.store.connections import redis_client
+from smsbat_tracker.store.keys import Keys
 
 __all__ = ["Tracker", "attach", "find_tracker", "tracker_of"]
 

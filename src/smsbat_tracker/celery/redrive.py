@@ -1,7 +1,7 @@
 """The re-driver: in-flight trackings resume within seconds after a worker or Redis crash.
 
 Every in-flight tracking has an entry in one Redis sorted set, the *due index*
-(:meth:`~smsbat_tracker.keys.Keys.due`), scored by the time its next run is due: each
+(:meth:`~smsbat_tracker.store.keys.Keys.due`), scored by the time its next run is due: each
 ``track_message`` session (``m:<message id>``) and each campaign tick chain
 (``c:<campaign id>:<slot>``). The step that records a check writes the entry in the same
 Lua script, fenced by the tracking's token: the session's owner task id and the run it
@@ -42,12 +42,18 @@ import redis
 from celery import bootsteps, signals
 
 from smsbat_tracker import metrics
-from smsbat_tracker.connections import redis_client
-from smsbat_tracker.keys import Keys, kombu_queue_list
+from smsbat_tracker.celery.names import (
+    DUE_INDEXED,
+    PUBLISHED_AT,
+    TICK_TASK,
+    TRACK_PRIORITY,
+    TRACK_TASK,
+)
+from smsbat_tracker.celery.tracker import Tracker, find_tracker, tracker_of
+from smsbat_tracker.engine.tracking import routed_queue
 from smsbat_tracker.log import get_logger
-from smsbat_tracker.names import DUE_INDEXED, PUBLISHED_AT, TICK_TASK, TRACK_PRIORITY, TRACK_TASK
-from smsbat_tracker.tracker import Tracker, find_tracker, tracker_of
-from smsbat_tracker.tracking import routed_queue
+from smsbat_tracker.store.connections import redis_client
+from smsbat_tracker.store.keys import Keys, kombu_queue_list
 
 __all__ = ["HEARTBEAT", "SWEEP_LIMIT", "RedriveStep", "Redriver"]
 

@@ -22,7 +22,8 @@ import urllib3
 from pydantic import ValidationError
 from urllib3 import exceptions as urllib3_errors
 
-from smsbat_tracker import __version__, metrics
+from smsbat_tracker import metrics
+from smsbat_tracker._version import __version__
 from smsbat_tracker.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Settings
 from smsbat_tracker.errors import (
     AuthenticationError,
@@ -35,7 +36,12 @@ from smsbat_tracker.errors import (
     ServerError,
     SmsbatError,
 )
-from smsbat_tracker.models import MessageStatus, OutgoingMessage, SendResult, validate_message_id
+from smsbat_tracker.provider.models import (
+    MessageStatus,
+    OutgoingMessage,
+    SendResult,
+    validate_message_id,
+)
 
 __all__ = [
     "AsyncSmsbatClient",

@@ -5,7 +5,7 @@ callback does. They keep their effects in Redis (under the key prefix) so that t
 the tests and the benchmarks can see what happened; a real application replaces them with
 its own tasks (mark the order in its database, call its e-mail service): see the Django
 shop in ``examples/django_shop``. A worker registers them only when asked to
-(``--include smsbat_tracker.recipes``, or importing this module).
+(``--include smsbat_tracker.tools.recipes``, or importing this module).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery import Task, shared_task
 
-from smsbat_tracker.models import OutgoingMessage
-from smsbat_tracker.tracker import Tracker, tracker_of
+from smsbat_tracker.celery.tracker import Tracker, tracker_of
+from smsbat_tracker.provider.models import OutgoingMessage
 
 if TYPE_CHECKING:
     AnyTask = Task[Any, Any]

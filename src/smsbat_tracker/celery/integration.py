@@ -19,14 +19,14 @@ from typing import Any
 from celery import Celery, bootsteps, signals
 from kombu import Queue
 
-from smsbat_tracker import tracebacks
+from smsbat_tracker.celery import tracebacks
+from smsbat_tracker.celery.names import TICK_TASK, TRACK_PRIORITY, TRACK_TASK, TRACKER_TASKS
+from smsbat_tracker.celery.redrive import RedriveStep
+from smsbat_tracker.celery.tracker import Tracker, attach, find_tracker
 from smsbat_tracker.config import NO_CREDENTIALS, Settings, load_settings
-from smsbat_tracker.connections import is_sentinel_url
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import get_logger, register_secret
-from smsbat_tracker.names import TICK_TASK, TRACK_PRIORITY, TRACK_TASK, TRACKER_TASKS
-from smsbat_tracker.redrive import RedriveStep
-from smsbat_tracker.tracker import Tracker, attach, find_tracker
+from smsbat_tracker.redis_url import is_sentinel_url
 
 __all__ = ["DEFAULT_QUEUE", "TrackerStep", "init_app", "tracker_routes"]
 
@@ -39,7 +39,7 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "sentinel://", "unix://")
 
 
 def init_app(app: Celery, settings: Settings | None = None, **overrides: Any) -> Tracker:
-    """Run the tracker on ``app``; returns its :class:`~smsbat_tracker.tracker.Tracker`.
+    """Run the tracker on ``app``; returns its :class:`~smsbat_tracker.celery.tracker.Tracker`.
 
     Settings come from the environment (``SMSBAT_*``) with ``overrides`` (field names, e.g.
     ``deadline=300``) taking precedence, or are ``settings`` as given. The tracker keeps
@@ -78,7 +78,7 @@ def init_app(app: Celery, settings: Settings | None = None, **overrides: Any) ->
     steps.add(TrackerStep)
     steps.add(RedriveStep)
     # The shared tasks: every app takes them when it is finalized.
-    import smsbat_tracker.tasks  # noqa: F401
+    import smsbat_tracker.celery.tasks  # noqa: F401
 
     return tracker
 
@@ -103,7 +103,7 @@ def tracker_routes(settings: Settings) -> dict[str, dict[str, Any]]:
     """Celery routes of the tracker's tasks (a ``task_routes`` mapping)."""
     routes: dict[str, dict[str, Any]] = {name: {} for name in TRACKER_TASKS}
     # Checks, and campaign ticks, share one priority list: the re-driver reads its oldest
-    # task's age (see smsbat_tracker.redrive).
+    # task's age (see smsbat_tracker.celery.redrive).
     routes[TRACK_TASK]["priority"] = TRACK_PRIORITY
     routes[TICK_TASK]["priority"] = TRACK_PRIORITY
     if settings.queue:

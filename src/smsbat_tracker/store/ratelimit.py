@@ -13,14 +13,16 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from typing import Any, Final
 
 import redis
 
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import RateLimited
-from smsbat_tracker.keys import Keys
 from smsbat_tracker.log import get_logger
+from smsbat_tracker.store.keys import Keys
+from smsbat_tracker.store.scripts import Script, source
 
 __all__ = [
     "ADJUST_LUA",
@@ -31,7 +33,9 @@ __all__ = [
     "RESERVE_AHEAD",
     "RESERVE_LUA",
     "WAITER_GRACE",
+    "Pause",
     "RateLimiter",
+    "Reserve",
     "pause_for",
 ]
 
@@ -47,95 +51,32 @@ PAUSE_SPACING: Final = 4
 
 log = get_logger(__name__)
 
-# KEYS: bucket (theoretical arrival time, in microseconds), pause (when it ends, ms),
-# waiters (scored by when their request fell due, us), waiters' expected return (us).
-# ARGV: emission interval us, burst tolerance us, tokens wanted, how long the caller would
-# wait for them (us), the caller's name ('' for one-off callers), when its request fell
-# due (us; '' for now), how long a waiter may be late to ask again before it is forgotten
-# (us), how far ahead tokens are kept for the waiters in line (us).
-# Returns {1, wait}: the tokens are yours from ``wait`` us on; or {0, wait}: nothing was
-# booked, ask again then.
-# Fair: a caller is served only when the tokens of every waiter whose request fell due
-# earlier fit in the line's window too, so the oldest requests go first whoever asks
-# first (a task's retry and a campaign's batch alike), and a turned-away caller is told
-# when its turn comes instead of racing everyone again at the next free token. A caller
-# turned away by a pause takes its place in the line too: when the pause ends, the line
-# goes in order. The window
-# is wider than a caller's own wait, so that waiters who come back late (their worker was
-# busy) hold up the line only when more than the window's worth of them are late.
-RESERVE_LUA: Final = """
-local function reserve(K, A)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local paused = (tonumber(redis.call('GET', K[2])) or 0) * 1000 - now
-  local interval = tonumber(A[1])
-  local tolerance = tonumber(A[2])
-  local n = tonumber(A[3])
-  local ahead = tonumber(A[4])
-  local member = A[5]
-  local due = tonumber(A[6]) or now
-  local gone = redis.call('ZRANGEBYSCORE', K[4], '-inf', now, 'LIMIT', 0, 100)
-  if #gone > 0 then
-    redis.call('ZREM', K[3], unpack(gone))
-    redis.call('ZREM', K[4], unpack(gone))
-  end
-  if member ~= '' then
-    local first = tonumber(redis.call('ZSCORE', K[3], member))
-    if first and first < due then due = first end
-  end
-  local before = redis.call('ZCOUNT', K[3], '-inf', string.format('(%d', due))
-  local tat = tonumber(redis.call('GET', K[1]) or now)
-  if tat < now then tat = now end
-  local line = tat + interval * (before + n) - tolerance - interval - now
-  line = line - math.max(tonumber(A[8]), ahead)
-  local own = tat + interval * n - tolerance - interval - now - ahead
-  if line > 0 or own > 0 or paused > 0 then
-    local retry = math.ceil(math.max(line, own, paused))
-    if member ~= '' then
-      redis.call('ZADD', K[3], string.format('%d', due), member)
-      redis.call('ZADD', K[4], string.format('%d', now + retry + tonumber(A[7])), member)
-      redis.call('PEXPIRE', K[3], 60000)
-      redis.call('PEXPIRE', K[4], 60000)
-    end
-    return {0, retry}
-  end
-  local new_tat = tat + interval * n
-  local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
-  redis.call('SET', K[1], string.format('%d', new_tat), 'PX', ttl_ms)
-  if member ~= '' then
-    redis.call('ZREM', K[3], member)
-    redis.call('ZREM', K[4], member)
-  end
-  local wait = new_tat - tolerance - interval - now
-  if wait < 0 then wait = 0 end
-  return {1, math.ceil(wait)}
-end
-"""
-_RESERVE = RESERVE_LUA + "return reserve(KEYS, ARGV)\n"
+# The library functions reserve(K, A) (lua/lib/reserve.lua: what K and A hold, and why the
+# line is fair) and unreserve/pause (lua/lib/adjust.lua), for the scripts that book tokens
+# in the same round trip as other work (the engine's turn, a campaign's batch).
+RESERVE_LUA: Final = source("lib/reserve.lua")
+ADJUST_LUA: Final = source("lib/adjust.lua")
 
-# K: as reserve's.  ``unreserve(K, interval, n)`` gives back ``n`` tokens a caller booked
-# and did not use (``interval``: the emission interval, us). ``pause(K, ms)`` stops every
-# caller for ``ms`` (1), unless a pause began less than PAUSE_SPACING times its length ago
-# (0).
-ADJUST_LUA: Final = f"""
-local SPACING = {PAUSE_SPACING}
-local function unreserve(K, interval, n)
-  local ttl = redis.call('PTTL', K[1])
-  local tat = tonumber(redis.call('GET', K[1]))
-  if tat and ttl > 0 then
-    redis.call('SET', K[1], string.format('%d', tat - interval * n), 'PX', ttl)
-  end
-end
-local function pause(K, ms)
-  if ms <= 0 then return 0 end
-  local t = redis.call('TIME')
-  local ends = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ms
-  if redis.call('SET', K[2], string.format('%d', ends), 'PX', SPACING * ms, 'NX') then
-    return 1
-  end
-  return 0
-end
-"""
+
+class Reserve(Script):
+    """``ratelimit_reserve.lua``: book tokens; ``(booked, wait_us)``."""
+
+    file = "ratelimit_reserve.lua"
+
+    def __call__(self, keys: Sequence[str], args: list[Any]) -> tuple[bool, int]:
+        booked, wait_us = self.run(keys, args)
+        return bool(booked), int(wait_us)
+
+
+class Pause(Script):
+    """``ratelimit_pause.lua``: pause every caller; False when a pause began too recently."""
+
+    file = "ratelimit_pause.lua"
+
+    def __call__(self, bucket: str, pause_key: str, ms: int) -> bool:
+        return bool(self.run([bucket, pause_key], [ms]))
+
+
 # How long a turned-away caller may be late to ask again before its place is given up
 # (a task's retry waits behind others in its worker; a dead one never asks again).
 WAITER_GRACE: Final = 2.0
@@ -167,8 +108,8 @@ class RateLimiter:
             keys.rate_waiters_back(),
         )
         self._redis = client
-        self._reserve = client.register_script(_RESERVE)
-        self._pause = client.register_script(ADJUST_LUA + "return pause(KEYS, tonumber(ARGV[1]))")
+        self._reserve = Reserve(client)
+        self._pause = Pause(client)
         self._interval_us = 1_000_000 / self.rate if self.rate > 0 else 0.0
         # Allow a burst of a twentieth of a second's budget (at least one request).
         burst = max(1.0, self.rate / 20) if burst is None else burst
@@ -193,13 +134,13 @@ class RateLimiter:
 
     @property
     def keys(self) -> tuple[str, str, str, str]:
-        """The keys :data:`RESERVE_LUA`'s ``reserve(K, A)`` takes, in order."""
+        """The KEYS of ``ratelimit_reserve.lua`` (and ``reserve(K, A)``'s K), in order."""
         return self._keys
 
     def script_args(
         self, n: int, *, ahead: float, waiter: str = "", due_at: float | None = None
     ) -> list[Any]:
-        """The arguments :data:`RESERVE_LUA`'s ``reserve(K, A)`` takes, in order."""
+        """The ARGV of ``ratelimit_reserve.lua`` (and ``reserve(K, A)``'s A), in order."""
         return [
             repr(self._interval_us),
             repr(self._tolerance_us),
@@ -233,10 +174,9 @@ class RateLimiter:
         if n < 1:
             raise ValueError("n must be >= 1")
         booked, wait_us = self._reserve(
-            keys=list(self._keys),
-            args=self.script_args(n, ahead=ahead, waiter=waiter, due_at=due_at),
+            self._keys, self.script_args(n, ahead=ahead, waiter=waiter, due_at=due_at)
         )
-        return bool(booked), int(wait_us) / 1_000_000
+        return booked, wait_us / 1_000_000
 
     def acquire(self, n: int = 1) -> None:
         """Block until ``n`` calls are allowed."""
@@ -271,7 +211,7 @@ class RateLimiter:
         """Stop every caller for ``seconds`` (after a 429), unless a pause began less than
         :data:`PAUSE_SPACING` times its length ago."""
         ms = max(1, int(seconds * 1000))
-        if self._pause(keys=list(self._keys[:2]), args=[ms]):
+        if self._pause(self._keys[0], self._keys[1], ms):
             log.warning("ratelimit.pause", seconds=round(seconds, 3))
 
     @property

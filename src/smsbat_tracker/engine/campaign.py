@@ -14,7 +14,7 @@ records it dispatches that message's callback. The report is written once (SET N
 
 Durability: the campaign is registered (every message in its due set) when it is enqueued.
 Each tick chain ``slot`` carries a fencing token ``run`` and has an entry in the due index
-(:mod:`smsbat_tracker.redrive`): a chain lost with a killed worker or a Redis restart is
+(:mod:`smsbat_tracker.celery.redrive`): a chain lost with a killed worker or a Redis restart is
 re-driven, and the new chain first puts back the batch the lost one had claimed. A
 recorded outcome whose callback (or the report) was claimed but never confirmed is sent
 again by the next tick once the claim is as old as ``SMSBAT_REDRIVE_AFTER``; the chain
@@ -36,9 +36,12 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from smsbat_tracker import metrics
-from smsbat_tracker.aioclient import BatchStatusClient
-from smsbat_tracker.cache import STORE_LUA, CachedStatus
-from smsbat_tracker.decide import (
+from smsbat_tracker.engine.tracking import CHECK_WAIT, Engine, Subscription, build_result, iso
+from smsbat_tracker.errors import RequestTimeout, SmsbatError
+from smsbat_tracker.log import get_logger
+from smsbat_tracker.provider.aioclient import BatchStatusClient
+from smsbat_tracker.provider.models import MessageStatus, validate_message_id
+from smsbat_tracker.rules.decide import (
     Answer,
     Ask,
     AwaitPush,
@@ -51,12 +54,10 @@ from smsbat_tracker.decide import (
     decide,
     line_position,
 )
-from smsbat_tracker.errors import RequestTimeout, SmsbatError
-from smsbat_tracker.keys import Keys
-from smsbat_tracker.log import get_logger
-from smsbat_tracker.models import MessageStatus, validate_message_id
-from smsbat_tracker.ratelimit import ADJUST_LUA, RESERVE_LUA, pause_for
-from smsbat_tracker.tracking import CHECK_WAIT, Engine, Subscription, build_result, iso
+from smsbat_tracker.rules.seen import CachedStatus
+from smsbat_tracker.store.cache import STORE_LUA
+from smsbat_tracker.store.keys import Keys
+from smsbat_tracker.store.ratelimit import ADJUST_LUA, RESERVE_LUA, pause_for
 
 __all__ = ["CampaignRunner", "TickResult", "build_report", "validate_campaign_id"]
 

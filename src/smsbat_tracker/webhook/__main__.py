@@ -1,0 +1,7 @@
+"""``python -m smsbat_tracker.webhook``: serve the receiver."""
+
+import sys
+
+from smsbat_tracker.webhook.receiver import main
+
+sys.exit(main())
