@@ -47,9 +47,9 @@ import redis
 
 from bench.workload import free_port
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.tools.demo import worker_process
 from smsbat_tracker.tools.embedded import PersistentRedis
 from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
+from smsbat_tracker.tools.workers import worker_process
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         # The app reads its settings at import: these, as the workers get them.
         os.environ.update(settings.to_env())
-        from smsbat_tracker.celery.tasks import track_campaign, track_message
+        from smsbat_tracker.celery.campaigns import track_campaign
+        from smsbat_tracker.celery.track import track_message
         from smsbat_tracker.tools.recipes import record_outcome
         from smsbat_tracker.worker import app
 

@@ -182,7 +182,7 @@ def _main(argv: list[str] | None) -> int:
         f"logs in {log_dir}",
         file=sys.stderr,
     )
-    from smsbat_tracker.tools.demo import redis_url_or_embedded
+    from smsbat_tracker.tools.embedded import redis_url_or_embedded
 
     owned = not os.environ.get("REDIS_URL")  # read before a mode sets it for its worker
     started_at = now_iso()

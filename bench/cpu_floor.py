@@ -28,11 +28,11 @@ from celery import Task
 
 from bench.sampling import proc_reading
 from bench.workload import free_port, wait_until
-from smsbat_tracker.celery.tasks import track_message
+from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.config import load_settings
-from smsbat_tracker.tools.demo import worker_process
 from smsbat_tracker.tools.embedded import PersistentRedis
 from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
+from smsbat_tracker.tools.workers import worker_process
 from smsbat_tracker.worker import app
 
 RESULTS = Path(__file__).parent / "results"

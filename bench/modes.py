@@ -36,7 +36,7 @@ from bench.metrics import Observation
 from bench.sampling import Sampler, proc_reading
 from bench.workload import SandboxProcess, create_messages, terminate, workload_config
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.tools.demo import worker_process
+from smsbat_tracker.tools.workers import worker_process
 
 if TYPE_CHECKING:
     from smsbat_tracker.worker import TrackerApp
@@ -413,7 +413,7 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
     prefix = f"bench-{letter}-{uuid.uuid4().hex[:8]}"
     settings = _settings(ctx, sandbox.url, config.api_key, prefix, webhook_token=token)
     app = _use_settings(settings)
-    from smsbat_tracker.celery.tasks import track_message
+    from smsbat_tracker.celery.track import track_message
     from smsbat_tracker.tools.recipes import record_outcome, recorded_key
 
     _clean_redis(ctx)
@@ -560,7 +560,7 @@ def run_campaign(ctx: BenchContext) -> ModeRun:
         extra["rate_limit"] = settings.rate_limit
         app = _use_settings(settings)
         stack.callback(app.close_engine)
-        from smsbat_tracker.celery.tasks import track_campaign
+        from smsbat_tracker.celery.campaigns import track_campaign
         from smsbat_tracker.tools.recipes import record_outcome, recorded_key
 
         sampler = stack.enter_context(Sampler(redis_url=ctx.redis_url))

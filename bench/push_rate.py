@@ -19,7 +19,7 @@ from bench.workload import free_port
 from smsbat_tracker.config import load_settings
 from smsbat_tracker.tools.embedded import PersistentRedis
 from smsbat_tracker.tools.serving import BackgroundServer
-from smsbat_tracker.webhook.receiver import create_app
+from smsbat_tracker.webhook import create_app
 
 TOKEN = "bench-token"  # a throwaway token for a local receiver
 IN_FLIGHT = 16

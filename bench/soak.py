@@ -46,8 +46,9 @@ from bench.sampling import _rss, _stat, _tree
 from bench.workload import wait_until
 from smsbat_tracker.config import load_settings
 from smsbat_tracker.log import configure_logging
-from smsbat_tracker.tools.demo import redis_url_or_embedded, worker_process
+from smsbat_tracker.tools.embedded import redis_url_or_embedded
 from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
+from smsbat_tracker.tools.workers import worker_process
 
 RESULTS = Path(__file__).parent / "results"
 LABEL = "soak"
@@ -143,7 +144,7 @@ def soak(args: argparse.Namespace, url: str, sandbox: SandboxServer) -> dict[str
     rng = random.Random(args.seed)
     settings = load_settings(redis_url=url, base_url=sandbox.url, api_key=sandbox.config.api_key)
     os.environ.update(settings.to_env())
-    from smsbat_tracker.celery.tasks import track_message
+    from smsbat_tracker.celery.track import track_message
     from smsbat_tracker.tools.recipes import record_outcome
     from smsbat_tracker.worker import app
 

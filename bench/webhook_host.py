@@ -27,7 +27,7 @@ def main() -> int:
     # Importing the Celery app reads the settings from the environment the parent set.
     from smsbat_tracker.log import configure_logging
     from smsbat_tracker.tools.serving import BackgroundServer
-    from smsbat_tracker.webhook.receiver import create_app
+    from smsbat_tracker.webhook import create_app
     from smsbat_tracker.worker import app as celery_app
 
     # The Celery app's settings object: the receiver then shares its engine (one set of

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.tools.demo import redis_url_or_embedded
+from smsbat_tracker.tools.embedded import redis_url_or_embedded
 from smsbat_tracker.tools.sandbox import SandboxServer
 
 T = TypeVar("T")
@@ -145,7 +145,7 @@ def recorded(
 
 def kept(client: redis.Redis, message_id: str, prefix: str = "smsbat") -> tuple[set[str], set[str]]:
     """What a message keeps in Redis: its key kinds, and the subscriptions its outcome
-    records as served (see ``smsbat_tracker.engine.tracking._FORGET_LUA``)."""
+    records as served (see ``store/lua/lib/forget.lua``)."""
     kinds = {str(k).split(":")[1] for k in client.keys(f"{prefix}:*:{{{message_id}}}")}
     raw = client.get(f"{prefix}:outcome:{{{message_id}}}")
     served = set(filter(None, str(raw).partition("\n")[2].split(","))) if raw else set()

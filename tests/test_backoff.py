@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 from hypothesis import given
@@ -10,17 +11,24 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from smsbat_tracker.config import load_settings
+from smsbat_tracker.rules.decide import (
+    Rules,
+    campaign_first_check_at,
+    campaign_first_tick_at,
+    first_check_at,
+)
 from smsbat_tracker.rules.schedule import (
     DEFAULT_BACKOFF_FACTOR,
     DEFAULT_FIRST_DELAY,
     DEFAULT_MAX_DELAY,
+    Rng,
     Schedule,
     compute_backoff,
     retry_backoff,
 )
 
 
-def fixed(value: float) -> object:
+def fixed(value: float) -> Rng:
     """An rng that always returns ``value``."""
     return lambda: value
 
@@ -239,3 +247,83 @@ def test_retry_backoff_needs_a_failure() -> None:
     """It counts failures from 1: zero is a caller's mistake."""
     with pytest.raises(ValueError, match="failures"):
         retry_backoff(0)
+
+
+def test_next_wait_draws_its_jitter_from_the_rng_passed_in() -> None:
+    """A seeded ``random.Random`` makes next_wait exact (compute_backoff's value for the
+    same draw), and the global ``random`` is not drawn from."""
+    jittery = Schedule(first_delay=5.0, factor=2.0, max_delay=20.0, jitter=0.1)
+    before = random.getstate()
+    wait = jittery.next_wait(now=0.0, deadline_at=100.0, attempt=1, rng=random.Random(42).random)
+    assert random.getstate() == before
+    assert wait == compute_backoff(
+        1, first_delay=5.0, factor=2.0, max_delay=20.0, jitter=0.1, rng=random.Random(42).random
+    )
+    assert wait == pytest.approx(10.0 + 1.0 * (2 * 0.6394267984578837 - 1))
+
+
+# ------------------------------------------------------------------------ first checks
+
+T0 = 1_700_000_000.25
+# The defaults: the first check 5 s after the enqueue, spread by ±10 % in a campaign.
+DEFAULTS = Rules.from_settings(load_settings(api_key="k"), Schedule())
+
+
+def test_a_tracked_messages_first_check_comes_first_delay_after_the_enqueue() -> None:
+    """TrackTask.apply_async's first check: ``min(now + first_delay, deadline_at)`` (the
+    due score), a countdown of ``min(first_delay, deadline_at - now)``, at once when the
+    final status is known; no jitter."""
+    assert DEFAULTS.schedule.first_delay == 5.0
+    for deadline_at in (T0 + 3600.0, T0 + 5.0, T0 + 3.0, T0 + 0.5):
+        at = first_check_at(DEFAULTS, now=T0, deadline_at=deadline_at)
+        assert at == min(T0 + 5.0, deadline_at)
+        assert at - T0 == pytest.approx(min(5.0, deadline_at - T0), abs=1e-6)
+        assert first_check_at(DEFAULTS, now=T0, deadline_at=deadline_at, final=True) == T0
+
+
+def test_a_campaigns_first_checks_are_spread_as_before() -> None:
+    """register()'s first checks: ``min(start + first * (1 + jitter * (2 r - 1)), deadline)``
+    with r drawn from the rng passed in, so 4.5-5.5 s after the start with the defaults;
+    exact for a seeded ``random.Random`` (seed 7 draws 0.3238...: 4.8238 s)."""
+    first, jitter = 5.0, 0.1
+    ours, today = random.Random(7), random.Random(7)
+    deadline_at = T0 + 3600.0
+    before = random.getstate()
+    spread = [
+        campaign_first_check_at(DEFAULTS, started_at=T0, deadline_at=deadline_at, rng=ours.random)
+        for _ in range(1000)
+    ]
+    assert random.getstate() == before
+    assert spread == [
+        min(T0 + first * (1 + jitter * (2 * today.random() - 1)), deadline_at) for _ in range(1000)
+    ]
+    assert spread[0] == pytest.approx(T0 + 5.0 * (1 + 0.1 * (2 * 0.32383276483316237 - 1)))
+    assert all(T0 + 4.5 <= at <= T0 + 5.5 for at in spread)
+    assert max(spread) - min(spread) > 0.9  # spread over the whole range, not one burst
+
+
+def test_a_campaigns_first_check_never_passes_its_deadline() -> None:
+    """A deadline sooner than the first delay is the first check, whatever the draw."""
+    for draw in (0.0, 0.5, 0.999):
+        at = campaign_first_check_at(
+            DEFAULTS,
+            started_at=T0,
+            deadline_at=T0 + 2.0,
+            rng=fixed(draw),
+        )
+        assert at == T0 + 2.0
+
+
+def test_a_campaigns_first_tick_is_its_earliest_first_check() -> None:
+    """register()'s due score and track_campaign's countdown for the first tick:
+    ``start + first_delay * (1 - jitter)`` (4.5 s with the defaults), exactly the first
+    check of the lowest draw."""
+    tick = campaign_first_tick_at(DEFAULTS, started_at=T0)
+    assert tick == T0 + 5.0 * (1 - 0.1)
+    lowest = campaign_first_check_at(
+        DEFAULTS,
+        started_at=T0,
+        deadline_at=T0 + 3600.0,
+        rng=fixed(0.0),
+    )
+    assert tick == lowest

@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 import redis
 
-from smsbat_tracker.celery.tasks import get_campaign_report, get_status, track_campaign
-from smsbat_tracker.engine.tracking import Subscription
+from smsbat_tracker.celery.campaigns import get_campaign_report, track_campaign
+from smsbat_tracker.celery.track import get_status
+from smsbat_tracker.engine.session import Subscription
 from smsbat_tracker.errors import InvalidMessageId
+from smsbat_tracker.provider.models import MessageStatus
 from smsbat_tracker.store.keys import Keys
 from smsbat_tracker.store.ratelimit import RateLimiter
 from smsbat_tracker.tools.recipes import record_outcome
@@ -165,6 +167,40 @@ def test_batch_without_a_turn_at_the_rate_limit_goes_back_in_line(
     assert min(3.0, tracker_app.settings.max_delay) <= result.next_in <= 4.0
     assert dict(redis_client.zrange(due_key, 0, -1, withscores=True)) == before
     assert all(sandbox.state.truth(m)["polls"] == 0 for m in ids)
+
+
+def test_a_message_once_pushed_stays_pushed_when_its_cache_entry_expires(
+    tracker_app: Any, sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    """A campaign message that has had a push is trusted to be pushed for the rest of its
+    tracking, as track_message keeps it in its session: once the pushed status's cache
+    entry expires (30 s), the campaign still does not poll it before its deadline."""
+    runner = tracker_app.campaigns
+    mid = sandbox.state.create_scripted([("processing", 0)])
+    runner.register(
+        "pushed",
+        [mid],
+        deadline=60,
+        subscription=Subscription(),
+        on_report=None,
+        enqueued_at=time.time() - 5,
+    )
+    tracker_app.engine.cache.store(
+        mid, MessageStatus.model_validate({"deliverystatus": "processing"}), source="push"
+    )
+    slot, run = next(iter(runner.chains("pushed").items()))
+    due_key = Keys().campaign_due("pushed")
+    deadline_at = float(runner.meta("pushed")["deadline_at"])
+    first = runner.tick("pushed", slot, run)
+    assert (first.claimed, first.api_calls) == (1, 0)  # the push is trusted: no request
+    redis_client.delete(Keys().status(mid))  # the cache entry expires
+    redis_client.zadd(due_key, {mid: time.time()})  # and the message falls due again
+    again = runner.tick("pushed", slot, run)
+    assert (again.claimed, again.api_calls, again.recorded) == (1, 0, 0)
+    assert sandbox.state.truth(mid)["polls"] == 0
+    # Looked at again only at the deadline (or in push_wait steps), as a pushed message.
+    push_wait = tracker_app.engine.rules.push_wait
+    assert redis_client.zscore(due_key, mid) >= min(deadline_at, time.time() + push_wait) - 1
 
 
 def test_campaign_outcomes_are_right_while_the_api_fails(

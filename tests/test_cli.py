@@ -160,6 +160,12 @@ def test_webhook_usage_names_the_command_and_port_8000(
     assert "(default 8000)" in out
 
 
+def test_sandbox_usage_names_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`smsbat-tracker sandbox --help` shows the command it was run as, not the module."""
+    assert main(["sandbox", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: smsbat-tracker sandbox")
+
+
 def test_campaign_refuses_a_hostile_id_in_the_file(
     tracker_app: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

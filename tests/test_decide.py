@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from smsbat_tracker.config import load_settings
 from smsbat_tracker.errors import (
     ConnectionFailed,
     MalformedResponse,
@@ -28,11 +30,14 @@ from smsbat_tracker.rules.decide import (
     Rules,
     TryLater,
     Wait,
+    campaign_ends_at,
+    campaign_over,
     decide,
+    expire,
     line_position,
     outcome_of,
 )
-from smsbat_tracker.rules.schedule import Schedule
+from smsbat_tracker.rules.schedule import Schedule, compute_backoff
 from smsbat_tracker.rules.seen import CachedStatus
 
 NOW = 1_000_000.0
@@ -303,3 +308,146 @@ def test_a_check_at_its_deadline_goes_first_in_the_rate_limits_line() -> None:
     at = line_position(Progress(NOW - 60, NOW), due_at=NOW, now=NOW)
     earlier = line_position(Progress(NOW - 60, NOW - 5), due_at=NOW, now=NOW)
     assert earlier < at < NOW - 1000
+
+
+# ------------------------------------------------------------------ jitter from the caller
+
+JITTERY = Rules(
+    schedule=Schedule(first_delay=5.0, factor=2.0, max_delay=20.0, jitter=0.1, min_interval=1.0),
+    not_found_grace=30.0,
+    fresh_for=1.0,
+    trust_pushes=True,
+    push_wait=900.0,
+)
+
+
+def test_the_next_waits_jitter_comes_from_the_rng_passed_in() -> None:
+    """A seeded ``random.Random`` gives the exact wait compute_backoff gives with the same
+    draw (attempt 1: base 10 s, +0.28 s with seed 42); the global ``random`` is untouched."""
+    before = random.getstate()
+    decision = decide(
+        Progress(NOW - 20, NOW + 100, checks=0),
+        cached=None,
+        now=NOW,
+        rules=JITTERY,
+        answer=status("processing"),
+        rng=random.Random(42).random,
+    )
+    assert random.getstate() == before
+    expected = compute_backoff(
+        1, first_delay=5.0, factor=2.0, max_delay=20.0, jitter=0.1, rng=random.Random(42).random
+    )
+    assert decision == Wait(expected, status=status("processing"))
+    assert expected == pytest.approx(10.0 + 1.0 * (2 * 0.6394267984578837 - 1))
+
+
+def test_the_same_seed_gives_the_same_waits() -> None:
+    """Two runs with one seed decide the same waits; the draws stay within ±jitter."""
+    progress = [Progress(NOW - 20, NOW + 100, checks=n) for n in range(6)]
+
+    def waits(seed: int) -> list[float]:
+        rng = random.Random(seed).random
+        out = []
+        for p in progress:
+            decision = decide(
+                p, cached=None, now=NOW, rules=JITTERY, answer=status("processing"), rng=rng
+            )
+            assert isinstance(decision, Wait)
+            out.append(decision.seconds)
+        return out
+
+    assert waits(3) == waits(3)
+    for seconds, p in zip(waits(3), progress, strict=True):
+        base = min(20.0, 5.0 * 2.0 ** (p.checks + 1))
+        assert 0.9 * base - 1e-9 <= seconds <= min(20.0, 1.1 * base) + 1e-9
+
+
+# ------------------------------------------------------------------ the end of a campaign
+
+
+def _at_deadline_today(progress: Progress, cached_status: CachedStatus | None) -> Any:
+    """engine/campaign.py's ``_at_deadline`` as it was: ``now`` faked to the end of the
+    deadline's grace, then a TryLater(0) answer when the rules asked to ask."""
+    now = max(NOW, progress.deadline_at + RULES.deadline_grace)
+    decision = decide(progress, cached=cached_status, now=now, rules=RULES)
+    if isinstance(decision, Ask):
+        decision = decide(
+            progress, cached=cached_status, now=now, rules=RULES, answer=TryLater(0.0)
+        )
+    return decision
+
+
+@pytest.mark.parametrize(
+    ("cached_status", "expected"),
+    [
+        pytest.param(None, Finish("timeout", None, NO_ANSWER), id="nothing seen"),
+        pytest.param(
+            cached("processing"),
+            Finish("timeout", status("processing"), NO_ANSWER),
+            id="last seen in flight",
+        ),
+        pytest.param(
+            cached("processing", source="push"),
+            Finish("timeout", status("processing"), NO_ANSWER),
+            id="pushed, in flight",
+        ),
+        pytest.param(
+            cached("delivered", age=0.0), Finish("delivered", status("delivered")), id="final"
+        ),
+        pytest.param(
+            cached("undeliverable", source="push"),
+            Finish("undeliverable", status("undeliverable")),
+            id="pushed final",
+        ),
+    ],
+)
+def test_a_message_open_when_its_campaign_ends_expires_as_before(
+    cached_status: CachedStatus | None, expected: Finish
+) -> None:
+    """expire() ends a message as the faked-``now`` decide of ``_at_deadline`` did, before
+    and after the deadline: its cached final status, else a timeout saying no answer came."""
+    assert expire(cached_status) == expected
+    for deadline_at in (NOW + 50, NOW, NOW - 30):
+        assert _at_deadline_today(Progress(NOW - 120, deadline_at), cached_status) == expected
+
+
+def test_no_answer_at_the_end_of_the_grace_is_expire() -> None:
+    """decide's last rule (no answer by the end of the deadline's grace) is expire's end."""
+    progress = Progress(started_at=NOW - 130, deadline_at=NOW - 10, checks=9, failures=5)
+    for seen in (None, cached("processing")):
+        decision = decide(progress, cached=seen, now=NOW, rules=RULES, answer=ServerError(500))
+        assert decision == expire(seen)
+
+
+def test_a_campaign_is_over_when_nothing_is_left() -> None:
+    """No message left ends the campaign at once, even long before its deadline; some left
+    (or not counted yet) before the deadline's end does not."""
+    assert campaign_over(RULES, deadline_at=NOW + 500, now=NOW, left=0)
+    assert not campaign_over(RULES, deadline_at=NOW + 500, now=NOW, left=3)
+    assert not campaign_over(RULES, deadline_at=NOW + 500, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("after_deadline", "over"),
+    [(0.0, False), (10.0, False), (21.0, False), (21.001, True), (500.0, True)],
+)
+def test_a_campaign_is_over_a_grace_and_a_tick_after_its_deadline(
+    after_deadline: float, over: bool
+) -> None:
+    """Today's end in ``tick``: past deadline + deadline_grace + max_delay + min_interval
+    (10 + 10 + 1 s here), whatever is left; exactly at it, not yet."""
+    deadline_at = NOW - after_deadline
+    grace = RULES.deadline_grace + RULES.schedule.max_delay + RULES.schedule.min_interval
+    assert campaign_over(RULES, deadline_at=deadline_at, now=NOW, left=7) is over
+    assert campaign_over(RULES, deadline_at=deadline_at, now=NOW) is over
+    assert (deadline_at + grace < NOW) is over  # the condition tick() tests today
+    assert campaign_ends_at(RULES, deadline_at=deadline_at) == deadline_at + grace
+
+
+def test_a_campaigns_end_reads_the_settings_tick_read() -> None:
+    """With rules from the settings, the end is tick()'s ``settings.deadline_grace +
+    settings.max_delay + settings.min_interval`` after the deadline."""
+    settings = load_settings(api_key="k", deadline_grace=7.0, max_delay=12.0, min_interval=2.0)
+    rules = Rules.from_settings(settings, Schedule.from_settings(settings))
+    grace = settings.deadline_grace + settings.max_delay + settings.min_interval
+    assert campaign_ends_at(rules, deadline_at=NOW) == NOW + grace == NOW + 21.0

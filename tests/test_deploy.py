@@ -66,7 +66,7 @@ def test_web_service_serves_the_webhook_app(compose: dict[str, Any]) -> None:
     assert command[:2] == ["uvicorn", "smsbat_tracker.webhook:app"]
     assert "8000:8000" in compose["services"]["web"]["ports"]
 
-    from smsbat_tracker.webhook.receiver import LazyWebhookApp, app
+    from smsbat_tracker.webhook import LazyWebhookApp, app
 
     assert isinstance(app, LazyWebhookApp)  # an ASGI app that builds itself at start-up
 

@@ -2,7 +2,7 @@
 
 Flower runs as a subprocess (``celery -A smsbat_tracker.worker flower``) on the test Redis,
 with a login (``FLOWER_BASIC_AUTH``), beside a ``celery worker`` subprocess
-(:func:`smsbat_tracker.tools.demo.worker_process`). No task is sent before Flower has heard the
+(:func:`smsbat_tracker.tools.workers.worker_process`). No task is sent before Flower has heard the
 worker's heartbeat, so it sees every task event. The tests read Flower's HTTP API as an
 operator's tools would: ``/api/tasks`` (the task list) and ``/api/task/info/<id>``.
 
@@ -29,11 +29,12 @@ import pytest
 import redis
 from bench.workload import free_port
 
-from smsbat_tracker.celery.tasks import track_campaign, track_message
+from smsbat_tracker.celery.campaigns import track_campaign
+from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.config import Settings
-from smsbat_tracker.tools.demo import worker_process
 from smsbat_tracker.tools.recipes import record_outcome
 from smsbat_tracker.tools.sandbox import SandboxServer
+from smsbat_tracker.tools.workers import worker_process
 from tests.conftest import recorded, wait_for
 
 pytest.importorskip(

@@ -33,8 +33,8 @@ from smsbat_tracker.celery.names import TRACK_TASK
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import ConfigError, NotInitialised
 from smsbat_tracker.store.keys import Keys
-from smsbat_tracker.tools.demo import stop_process_group
 from smsbat_tracker.tools.sandbox import SandboxServer
+from smsbat_tracker.tools.workers import stop_process_group
 from tests.conftest import kept, wait_for
 
 SHOP = textwrap.dedent(
@@ -176,6 +176,26 @@ def test_init_app_takes_the_broker_and_keeps_the_apps_settings(redis_url: str) -
         app.close()
 
 
+def test_init_app_rebuilds_the_routing_an_app_already_built(redis_url: str) -> None:
+    """Celery builds an app's queues, default queue and router once, on first use, and
+    caches them (its AMQP's cached properties, which ``configure`` drops): an app that
+    routed a task before ``init_app`` still sends the tracker's tasks to SMSBAT_QUEUE."""
+    app = Celery("shop-used", broker=redis_url, set_as_current=False)
+    assert app.amqp.router.route({}, TRACK_TASK)["queue"].name == "celery"
+    assert app.amqp.default_queue.name == "celery"
+    assert {"queues", "default_queue", "router"} <= set(vars(app.amqp))  # cached upstream
+    tracker = smsbat_tracker.init_app(app, queue="tracking")
+    try:
+        route = app.amqp.router.route({}, TRACK_TASK)
+        assert route["queue"].name == "tracking"
+        assert route["priority"] == 6
+        assert list(app.amqp.queues) == ["celery", "tracking"]
+        assert app.amqp.default_queue.name == "celery"
+    finally:
+        tracker.close()
+        app.close()
+
+
 def test_the_trackers_secrets_never_reach_its_log_lines(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -212,7 +232,8 @@ def test_importing_the_package_builds_no_app_and_touches_nothing() -> None:
 
         before = (receivers(), list(logging.getLogger().handlers), einfo.Traceback.__init__,
                   kombu_redis.QoS.ack)
-        import smsbat_tracker, smsbat_tracker.celery.tasks, smsbat_tracker.tools.recipes
+        import smsbat_tracker, smsbat_tracker.tools.recipes
+        import smsbat_tracker.celery.campaigns, smsbat_tracker.celery.track
         from smsbat_tracker import track_message, track_campaign, init_app
         after = (receivers(), list(logging.getLogger().handlers), einfo.Traceback.__init__,
                  kombu_redis.QoS.ack)

@@ -21,15 +21,15 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from smsbat_tracker import metrics
-from smsbat_tracker.celery.tasks import track_message
+from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import ConnectionFailed, RateLimited, ServerError
 from smsbat_tracker.provider.client import SmsbatClient
-from smsbat_tracker.tools.demo import worker_process
 from smsbat_tracker.tools.recipes import record_outcome
 from smsbat_tracker.tools.sandbox import SandboxServer
 from smsbat_tracker.tools.serving import BackgroundServer
-from smsbat_tracker.webhook.receiver import create_app
+from smsbat_tracker.tools.workers import worker_process
+from smsbat_tracker.webhook import create_app
 from tests.conftest import recorded, wait_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"

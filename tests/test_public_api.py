@@ -63,7 +63,10 @@ MODULES = [
     "smsbat_tracker.store.ratelimit",
     "smsbat_tracker.celery.integration",
     "smsbat_tracker.celery.names",
-    "smsbat_tracker.celery.tasks",
+    "smsbat_tracker.celery.task_base",
+    "smsbat_tracker.celery.track",
+    "smsbat_tracker.celery.campaigns",
+    "smsbat_tracker.celery.compat.retry",
     "smsbat_tracker.testing",
     "smsbat_tracker.celery.tracker",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 
-from smsbat_tracker.celery.tasks import track_message
+from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.tools.recipes import (
     mark_order_notified,
     record_outcome,

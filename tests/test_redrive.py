@@ -12,12 +12,16 @@ import redis
 from celery.canvas import Signature
 from kombu.exceptions import OperationalError
 
-from smsbat_tracker.celery.redrive import LOCK_MS, PUBLISHED_AT, Redriver
-from smsbat_tracker.celery.tasks import track_message
+from smsbat_tracker.celery.compat import kombu_qos
+from smsbat_tracker.celery.names import PUBLISHED_AT
+from smsbat_tracker.celery.redrive import LOCK_MS, RESEND_LIMIT, SWEEP_LIMIT, Redriver
+from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, RELEASE_CHUNK
+from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.config import Settings
-from smsbat_tracker.engine.tracking import Subscription, build_result
+from smsbat_tracker.engine.session import Subscription, build_result
 from smsbat_tracker.rules.decide import Finish
 from smsbat_tracker.store.keys import Keys
+from smsbat_tracker.store.redrive_scripts import ReleaseBatch
 from smsbat_tracker.tools.recipes import record_outcome
 from smsbat_tracker.tools.sandbox import SandboxServer
 from tests.conftest import kept, recorded
@@ -88,7 +92,7 @@ def test_a_backlog_in_the_queue_holds_the_sweep_back(
     waiting = {"headers": {PUBLISHED_AT: time.time() - 30, "id": "x"}, "body": ""}
     redis_client.lpush(TRACK_LIST, json.dumps(waiting))
     redriver = Redriver(tracker_app, redis_client)
-    assert redriver.queue_age(time.time()) == pytest.approx(30, abs=1)
+    assert redriver.lost_runs.queue_age(time.time()) == pytest.approx(30, abs=1)
     assert redriver.sweep() == 0
     redis_client.delete(TRACK_LIST)  # the workers drained the backlog: it was lost
     assert redriver.sweep() == 1
@@ -121,7 +125,7 @@ def test_a_held_request_keeps_its_entry_alive(tracker_app: Any, redis_client: re
 
     redriver = Redriver(tracker_app, redis_client)
     held = [request("rd-held", "t-held", 0), request("rd-stale", "t-old", 0)]
-    assert redriver.refresh(held) == 1  # the stale copy's token does not match
+    assert redriver.refresher.refresh(held) == 1  # the stale copy's token does not match
     assert _score(redis_client, "m:rd-held") == pytest.approx(time.time(), abs=2)
     assert redriver.sweep() == 1  # only the tracking nobody holds
     assert tracker_app.engine.session("rd-held").owner == "t-held"
@@ -234,7 +238,9 @@ def test_a_lost_tick_chain_is_taken_over_with_its_batch(
     assert after != before
     assert after.endswith(":0")
     for mid in ("rd-c0", "rd-c1"):
-        assert redis_client.zscore(keys.campaign_due("rd-camp"), mid) <= time.time()
+        score = redis_client.zscore(keys.campaign_due("rd-camp"), mid)
+        assert score is not None
+        assert score <= time.time()
     [raw] = redis_client.lrange(TRACK_LIST, 0, -1)
     assert json.loads(raw)["headers"]["task"] == "smsbat_tracker.campaign_tick"
     assert not runner.holds("rd-camp", 0, before)  # the lost chain's ticks stop
@@ -268,19 +274,19 @@ def test_what_a_dead_worker_held_goes_back_to_the_queue(
     assert redis_client.llen("celery") == 0
     dead, alive = Redriver(tracker_app, redis_client), Redriver(tracker_app, redis_client)
     now = time.time()
-    dead.note_held([SimpleNamespace(message=held[0])], now - 30)  # stopped beating 30 s ago
-    alive.note_held([SimpleNamespace(message=held[1])], now)
-    assert alive.restore_dead(now) == 1
+    dead.held.note_held([SimpleNamespace(message=held[0])], now - 30)  # stopped beating 30 s ago
+    alive.held.note_held([SimpleNamespace(message=held[1])], now)
+    assert alive.dead.restore(now) == 1
     assert redis_client.llen("celery") == 1
     assert redis_client.hkeys("unacked") == [tags[1]]  # the live worker's task stays held
     assert redis_client.zrange(Keys().holders(), 0, -1) == [alive.holder]
     # A stop that could not give its task back (Redis away at close): left to the sweep.
-    alive.retire(now)
+    alive.held.retire(now)
     assert redis_client.zrange(Keys().holders(), 0, -1) == [alive.holder]
-    assert alive.restore_dead(now + 60) == 1
+    assert alive.dead.restore(now + 60) == 1
     assert redis_client.hlen("unacked") == 0
     # A stop that gave everything back leaves nothing.
-    alive.retire(now + 60)
+    alive.held.retire(now + 60)
     assert redis_client.zcard(Keys().holders()) == 0
     assert not redis_client.exists(Keys().held(alive.holder))
     connection.release()
@@ -388,14 +394,16 @@ def test_a_task_this_worker_dropped_goes_back_to_the_queue(
     redriver = Redriver(tracker_app, redis_client)
     now = time.time()
     assert (
-        redriver.note_held([SimpleNamespace(message=dropped), SimpleNamespace(message=done)], now)
+        redriver.held.note_held(
+            [SimpleNamespace(message=dropped), SimpleNamespace(message=done)], now
+        )
         == 0
     )
     done.ack()
-    assert redriver.note_held([], now + 1) == 0  # a beat later: an ack may be on its way
+    assert redriver.held.note_held([], now + 1) == 0  # a beat later: an ack may be on its way
     # Still noted as held meanwhile: were this worker to die now, its sweep finds it.
     assert str(dropped.delivery_tag) in redis_client.smembers(Keys().held(redriver.holder))
-    assert redriver.note_held([], now + 2) == 1  # only the unacked one
+    assert redriver.held.note_held([], now + 2) == 1  # only the unacked one
     assert redis_client.llen("celery") == 1
     assert redis_client.hlen("unacked") == 0
     assert redis_client.smembers(Keys().held(redriver.holder)) == set()
@@ -412,58 +420,14 @@ def test_a_task_dropped_in_an_outage_right_after_its_receipt_goes_back(
     connection = tracker_app.connection_for_write()
     dropped = connection.default_channel.basic_get("celery", no_ack=False)
     redriver = Redriver(tracker_app, redis_client)
-    redriver.note_received(SimpleNamespace(id="dropped-id", message=dropped))
+    redriver.held.note_received(SimpleNamespace(id="dropped-id", message=dropped))
     # The outage: every beat failed while the receipt grew old.
-    redriver._received[str(dropped.delivery_tag)] -= 10.0
+    redriver.held._received[str(dropped.delivery_tag)] -= 10.0
     now = time.time()
-    assert redriver.note_held([], now) == 0  # the first beat back: no longer held
-    assert redriver.note_held([], now + 1) == 1  # still unacked a beat later: given back
+    assert redriver.held.note_held([], now) == 0  # the first beat back: no longer held
+    assert redriver.held.note_held([], now + 1) == 1  # still unacked a beat later: given back
     assert redis_client.llen("celery") == 1
     assert redis_client.hlen("unacked") == 0
-    connection.release()
-
-
-def test_a_worker_survives_kombus_restore_on_a_torn_down_connection() -> None:
-    """kombu's restore at channel close raising AttributeError no longer kills the worker."""
-    from kombu.transport import redis as kombu_redis
-
-    from smsbat_tracker.celery.redrive import survive_broker_loss
-
-    survive_broker_loss()
-    survive_broker_loss()  # idempotent
-
-    def torn_down(client: Any) -> Any:
-        # What kombu's _connparams raises once the connection's client is gone.
-        raise AttributeError("'NoneType' object has no attribute 'hostname'")
-
-    qos = SimpleNamespace(_delivered={"t1": 1}, channel=SimpleNamespace(conn_or_acquire=torn_down))
-    kombu_redis.QoS.restore_unacked(qos)  # returns: the tasks stay unacked, the worker lives
-
-
-def test_a_task_finished_across_a_reconnect_is_acknowledged(
-    tracker_app: Any, redis_client: redis.Redis
-) -> None:
-    """A task that ran while Redis went away is acknowledged after the reconnect, on the
-    torn-down channel: kombu's AttributeError no longer stops the worker, and the ack is
-    made on a live client, so the finished task is not given back to run again."""
-    from smsbat_tracker.celery.redrive import survive_broker_loss
-
-    survive_broker_loss(redis_client)
-    for n in range(2):
-        tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": n},))
-    connection = tracker_app.connection_for_write()
-    channel = connection.default_channel
-    finished, requeued = (channel.basic_get("celery", no_ack=False) for _ in range(2))
-    assert redis_client.hlen("unacked") == 2
-    # What the consumer's close leaves: no connection, no pool.
-    live, pool = channel.connection, channel._pool
-    channel.connection = channel._pool = None
-    finished.ack()
-    requeued.reject(requeue=True)
-    channel.connection, channel._pool = live, pool
-    assert redis_client.hlen("unacked") == 0
-    assert redis_client.zcard("unacked_index") == 0
-    assert redis_client.llen("celery") == 1  # the rejected one, given back
     connection.release()
 
 
@@ -473,16 +437,14 @@ def test_a_task_finished_while_redis_is_away_is_acknowledged_once_it_is_back(
     """A task that finishes while Redis is away (a Sentinel failover takes seconds) is
     acknowledged at the re-driver's first beat that reaches Redis, before anything is given
     back: it is not run again (seen as a callback run twice in the failover test)."""
-    from smsbat_tracker.celery.redrive import survive_broker_loss
-
-    survive_broker_loss(redis_client)
+    kombu_qos.install(redis_client)
     tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 1},))
     connection = tracker_app.connection_for_write()
     channel = connection.default_channel
     finished = channel.basic_get("celery", no_ack=False)
     redriver = Redriver(tracker_app, redis_client)
     now = time.time()
-    redriver.note_held([SimpleNamespace(message=finished)], now)
+    redriver.held.note_held([SimpleNamespace(message=finished)], now)
 
     def away(*args: Any, **kwargs: Any) -> Any:
         raise redis.ConnectionError("Error 111 connecting to the old master")
@@ -491,9 +453,9 @@ def test_a_task_finished_while_redis_is_away_is_acknowledged_once_it_is_back(
     finished.ack()  # neither raised nor logged as "Couldn't ack"
     assert redis_client.hlen("unacked") == 1
     monkeypatch.undo()  # Redis is back
-    assert redriver.note_held([], now + 1) == 0
+    assert redriver.held.note_held([], now + 1) == 0
     assert redis_client.hlen("unacked") == 0
-    assert redriver.note_held([], now + 2) == 0
+    assert redriver.held.note_held([], now + 2) == 0
     assert redis_client.llen("celery") == 0
     connection.release()
 
@@ -559,8 +521,6 @@ def test_a_follow_up_lost_before_any_worker_received_it_is_sent_again(
     """A callback popped from the queue by a worker killed before it noted it (kombu's
     BRPOP window) is sent again, with the same task id; one a worker received, or that
     the broker still holds, is not; after RESEND_LIMIT sends it is given up."""
-    from smsbat_tracker.celery.redrive import RESEND_LIMIT
-
     engine = tracker_app.engine
     keys = Keys()
     now = time.time()
@@ -571,23 +531,23 @@ def test_a_follow_up_lost_before_any_worker_received_it_is_sent_again(
     assert set(redis_client.zrange(keys.unreceived(), 0, -1)) == {"lost-id", "kept-id"}
     redriver = Redriver(tracker_app, redis_client)
     # A worker received "kept-id"; "lost-id" was popped and never noted.
-    redriver.note_received(SimpleNamespace(id="kept-id", message=None))
+    redriver.held.note_received(SimpleNamespace(id="kept-id", message=None))
     redis_client.delete("celery")
     # Missing once may be a message being fetched; missing at the next sweep too, lost.
-    assert redriver.resend_lost(now + 1, now + 1) == 0
-    assert redriver.resend_lost(now + 2, now + 2) == 1
+    assert redriver.follow_ups.resend_lost(now + 1, now + 1) == 0
+    assert redriver.follow_ups.resend_lost(now + 2, now + 2) == 1
     [queued] = redis_client.lrange("celery", 0, -1)
     assert json.loads(queued)["headers"]["id"] == "lost-id"
     # Still queued: nothing more is sent.
-    assert redriver.resend_lost(now + 3, now + 3) == 0
+    assert redriver.follow_ups.resend_lost(now + 3, now + 3) == 0
     assert redis_client.llen("celery") == 1
     for n in range(RESEND_LIMIT - 1):
         redis_client.delete("celery")
-        assert redriver.resend_lost(now + 4 + 2 * n, now + 4 + 2 * n) == 0
-        assert redriver.resend_lost(now + 5 + 2 * n, now + 5 + 2 * n) == 1
+        assert redriver.follow_ups.resend_lost(now + 4 + 2 * n, now + 4 + 2 * n) == 0
+        assert redriver.follow_ups.resend_lost(now + 5 + 2 * n, now + 5 + 2 * n) == 1
     redis_client.delete("celery")
-    assert redriver.resend_lost(now + 20, now + 20) == 0
-    assert redriver.resend_lost(now + 21, now + 21) == 0
+    assert redriver.follow_ups.resend_lost(now + 20, now + 20) == 0
+    assert redriver.follow_ups.resend_lost(now + 21, now + 21) == 0
     assert redis_client.zcard(keys.unreceived()) == 0
     assert redis_client.hlen(keys.unreceived_sends()) == 0
 
@@ -602,3 +562,106 @@ def test_follow_ups_to_queues_no_tracker_worker_consumes_are_not_watched(
     engine.send_once([(record_outcome.s(label="x"), "own-id", {})], {"x": 1}, maybe_sent=False)
     assert redis_client.zcard(Keys().unreceived()) == 0
     assert redis_client.llen("celery") == 1
+
+
+def test_a_sweep_over_a_large_due_index_is_done_in_bounded_calls(
+    tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """5,000 trackings in the due index, 450 of them lost: no read of an index takes more
+    than SWEEP_LIMIT entries, each sweep re-drives at most that many, and a few sweeps
+    re-drive every lost tracking and nothing else."""
+    keys = Keys()
+    now = time.time()
+    lost = {f"big-{i}" for i in range(0, 5_000, 11)}  # 455 of them
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(5_000):
+        mid = f"big-{i}"
+        pipe.hset(
+            keys.session(mid),
+            mapping={"owner": "t-1", "run": 0, "started_at": now - 30, "deadline_at": now + 60},
+        )
+        pipe.zadd(keys.due(), {Keys.due_message(mid): now - 20 if mid in lost else now + 30})
+    pipe.execute()
+    reads: list[int | None] = []
+    read = redis_client.zrangebyscore
+
+    def bounded_read(name: str, low: Any, high: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(kwargs.get("num"))
+        return read(name, low, high, *args, **kwargs)
+
+    monkeypatch.setattr(redis_client, "zrangebyscore", bounded_read)
+    redriver = Redriver(tracker_app, redis_client)
+    sweeps = []
+    while redriven := redriver.sweep():
+        sweeps.append(redriven)
+    assert sweeps == [SWEEP_LIMIT, SWEEP_LIMIT, len(lost) - 2 * SWEEP_LIMIT]
+    assert reads
+    assert all(num is not None and num <= SWEEP_LIMIT for num in reads)
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(5_000):
+        pipe.hget(keys.session(f"big-{i}"), "owner")
+    owners = dict(zip((f"big-{i}" for i in range(5_000)), pipe.execute(), strict=True))
+    assert {m for m, owner in owners.items() if owner != "t-1"} == lost
+    assert redis_client.llen(TRACK_LIST) == len(lost)
+
+
+def test_a_lost_chains_large_batch_is_put_back_in_bounded_calls(
+    tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost tick had claimed more than RELEASE_CHUNK messages: they are all due again
+    before the new run is sent, RELEASE_CHUNK at most a call."""
+    keys = Keys()
+    now = time.time()
+    ids = [f"bb-{i}" for i in range(2 * RELEASE_CHUNK + 200)]
+    redis_client.hset(keys.campaign("big"), mapping={"tick:0": "old:3"})
+    redis_client.zadd(keys.campaign_due("big"), dict.fromkeys(ids, now + 60))
+    redis_client.sadd(keys.campaign_claimed("big", 0), *ids)
+    redis_client.zadd(keys.due(), {"c:big:0": now - 20})
+    calls: list[int] = []
+    release = ReleaseBatch.__call__
+
+    def counted(self: ReleaseBatch, campaign_due: str, claimed: str, at: float, limit: int) -> int:
+        calls.append(limit)
+        return release(self, campaign_due, claimed, at, limit)
+
+    monkeypatch.setattr(ReleaseBatch, "__call__", counted)
+    assert Redriver(tracker_app, redis_client).sweep() == 1
+    assert calls == [RELEASE_CHUNK] * 3
+    assert redis_client.zcount(keys.campaign_due("big"), "-inf", time.time()) == len(ids)
+    assert not redis_client.exists(keys.campaign_claimed("big", 0))
+    assert redis_client.hget(keys.campaign("big"), "tick:0") != "old:3"
+
+
+def test_a_worker_holding_thousands_of_tasks_beats_and_retires(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A held set larger than one command's worth is written in full, and forgotten at a
+    retire that finds none of it unacked."""
+    redriver = Redriver(tracker_app, redis_client)
+    requests = [
+        SimpleNamespace(id=f"id-{i}", message=SimpleNamespace(delivery_tag=f"tag-{i}"))
+        for i in range(3 * HELD_CHUNK + 7)
+    ]
+    assert redriver.held.note_held(requests, time.time()) == 0
+    key = Keys().held(redriver.holder)
+    assert redis_client.scard(key) == len(requests)
+    redriver.held.retire(time.time())
+    assert not redis_client.exists(key)
+    assert redis_client.zcard(Keys().holders()) == 0
+
+
+def test_unreadable_queues_are_logged_not_silently_unwatched(
+    tracker_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queues this worker consumes: read from the app; an app whose queue settings
+    cannot be read gives none, and says why (its follow-ups' receipts go unwatched)."""
+    from smsbat_tracker.celery.redrive import held
+
+    assert "celery" in held.consumed_queues(tracker_app)
+    logged: list[tuple[str, dict[str, Any]]] = []
+    recorder = SimpleNamespace(warning=lambda event, **kw: logged.append((event, kw)))
+    monkeypatch.setattr(held, "log", recorder)
+    assert held.consumed_queues(SimpleNamespace()) == []
+    [(event, fields)] = logged
+    assert event == "redrive.queues_unknown"
+    assert fields["error"].startswith("AttributeError")

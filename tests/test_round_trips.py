@@ -16,7 +16,7 @@ import pytest
 import redis
 import redis.connection
 
-from smsbat_tracker.celery.tasks import track_message
+from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.config import Settings
 from smsbat_tracker.tools.recipes import record_outcome
 from smsbat_tracker.tools.sandbox import SandboxServer
@@ -111,10 +111,10 @@ def test_a_check_costs_two_round_trips(
     polls = sandbox.state.truth(mid)["polls"]
 
     scripts = {
-        engine._before.sha: "BEFORE",
-        engine._after_script.sha: "AFTER",
-        engine._register.sha: "REGISTER",
-        engine._sent.sha: "SENT",
+        engine.checks.before.sha: "BEFORE",
+        engine.checks.after_check.sha: "AFTER",
+        engine.sessions.register_script.sha: "REGISTER",
+        engine.dispatcher.mark_sent.sha: "SENT",
     }
     # A new connection's handshake, and a connection's health check (a PING when it has been
     # idle for the client's health_check_interval), are not a check's.
@@ -128,5 +128,5 @@ def test_a_check_costs_two_round_trips(
     rest = [t for t in trips if t not in ("BEFORE", "AFTER", "HGETALL")]
     # The enqueue's registration; the callback marked sent after it is published (and
     # noted before, when a tracker worker consumes its queue); the callback itself.
-    dispatch = ["SENT"] + (["ZADD+HSET"] if engine._queues_seen[1] else [])
+    dispatch = ["SENT"] + (["ZADD+HSET"] if engine.dispatcher.queues_seen[1] else [])
     assert sorted(rest) == sorted(["REGISTER", "RPUSH", *dispatch]), trips

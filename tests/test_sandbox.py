@@ -7,6 +7,8 @@ import math
 import re
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -861,7 +863,29 @@ def test_create_scripted_validation() -> None:
 def test_main_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     """main(["--help"]) prints usage and returns 0."""
     assert main(["--help"]) == 0
-    assert "--push-url" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--push-url" in out
+    # Run as a module unless told otherwise: the usage line says how to run it again.
+    assert out.startswith("usage: python -m smsbat_tracker.tools.sandbox")
+
+
+def test_main_usage_names_the_given_program(capsys: pytest.CaptureFixture[str]) -> None:
+    """main(prog=...) puts that program in the usage line (the CLI passes its command)."""
+    assert main(["--help"], prog="smsbat-tracker sandbox") == 0
+    assert capsys.readouterr().out.startswith("usage: smsbat-tracker sandbox")
+
+
+def test_python_m_runs_the_package() -> None:
+    """``python -m smsbat_tracker.tools.sandbox --help`` works (the package's __main__)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "smsbat_tracker.tools.sandbox", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m smsbat_tracker.tools.sandbox")
 
 
 def test_main_rejects_bad_config(capsys: pytest.CaptureFixture[str]) -> None:

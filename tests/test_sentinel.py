@@ -29,15 +29,15 @@ from celery.backends.redis import SentinelBackend
 from kombu import Connection
 
 from smsbat_tracker.celery.integration import DEFAULT_QUEUE
-from smsbat_tracker.celery.tasks import track_message
+from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.cli import main
 from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.redis_url import SentinelURL, is_sentinel_url, parse_sentinel_url
 from smsbat_tracker.store.connections import SentinelRedis, redis_client
 from smsbat_tracker.store.keys import KOMBU_PRIORITY_STEPS, Keys, kombu_queue_list
-from smsbat_tracker.tools.demo import worker_process
 from smsbat_tracker.tools.recipes import record_outcome
 from smsbat_tracker.tools.sandbox import SandboxServer
+from smsbat_tracker.tools.workers import worker_process
 from smsbat_tracker.worker import celery_config
 from tests.conftest import recorded, wait_for
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from smsbat_tracker.celery.tasks import get_status, settle_message, track_message
+from smsbat_tracker.celery.track import get_status, settle_message, track_message
 from smsbat_tracker.errors import InvalidMessageId
 from smsbat_tracker.provider.models import MessageStatus
 from smsbat_tracker.rules.decide import NO_ANSWER
@@ -395,7 +395,7 @@ def test_a_retry_leaves_the_task_with_a_one_frame_traceback() -> None:
     from celery import Celery
     from celery.exceptions import Retry
 
-    from smsbat_tracker.celery.tasks import TrackTask
+    from smsbat_tracker.celery.track import TrackTask
 
     app = Celery("retry-traceback", set_as_current=False)
 

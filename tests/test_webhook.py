@@ -29,22 +29,19 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from smsbat_tracker.celery.tasks import track_message
+from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.config import Settings
-from smsbat_tracker.engine.tracking import Engine, iso
+from smsbat_tracker.engine.engine import Engine
+from smsbat_tracker.engine.session import iso
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.provider.client import SmsbatClient
 from smsbat_tracker.tools.recipes import record_outcome
 from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
 from smsbat_tracker.tools.serving import ASGIApp, BackgroundServer, Receive, Scope, Send
-from smsbat_tracker.webhook.receiver import (
-    APPLY_THREADS,
-    MAX_BODY_BYTES,
-    TOKEN_HEADER,
-    ApplyGate,
-    LazyWebhookApp,
-    create_app,
-)
+from smsbat_tracker.webhook import LazyWebhookApp, create_app
+from smsbat_tracker.webhook.auth import TOKEN_HEADER
+from smsbat_tracker.webhook.limiter import APPLY_THREADS, ApplySlots
+from smsbat_tracker.webhook.schema import MAX_BODY_BYTES
 from tests.conftest import kept, recorded, wait_for
 
 TOKEN = "tok-123-secret"
@@ -723,7 +720,7 @@ def test_a_failed_settle_gives_its_claim_back_to_the_providers_retry(
     from celery.canvas import Signature
     from kombu.exceptions import OperationalError
 
-    from smsbat_tracker.celery.tasks import track_message
+    from smsbat_tracker.celery.track import track_message
 
     url, swappable = shared_server
     track_message.apply_async(
@@ -1156,7 +1153,7 @@ def test_a_final_push_waiting_for_a_slot_goes_before_earlier_others(
         release[message_id].wait(10)
 
     application = create_app(settings, settle=slow_settle)
-    gate: ApplyGate = application.state.receiver.gate
+    slots: ApplySlots = application.state.receiver.apply_slots
     swappable.target = application
     try:
         with httpx.Client(timeout=15.0) as client, ThreadPoolExecutor(8) as pool:
@@ -1172,12 +1169,12 @@ def test_a_final_push_waiting_for_a_slot_goes_before_earlier_others(
             answers = [send(f"busy{i}", "delivered") for i in range(APPLY_THREADS)]
             wait_for(lambda: len(settling) == APPLY_THREADS)
             answers += [send("early1", "processing"), send("early2", "processing")]
-            wait_for(lambda: gate.waiting == (0, 2))
+            wait_for(lambda: slots.waiting == (0, 2))
             answers.append(send("late", "undeliverable"))
-            wait_for(lambda: gate.waiting == (1, 2))
+            wait_for(lambda: slots.waiting == (1, 2))
             release["busy0"].set()  # one slot comes free
             wait_for(lambda: "late" in settling)
-            assert gate.waiting == (0, 2)  # the earlier non-final pushes still wait
+            assert slots.waiting == (0, 2)  # the earlier non-final pushes still wait
             for event in list(release.values()):
                 event.set()
             codes = [answer.result().status_code for answer in answers]
@@ -1186,47 +1183,47 @@ def test_a_final_push_waiting_for_a_slot_goes_before_earlier_others(
             event.set()
         swappable.target = None
     assert codes == [200] * len(codes)
-    assert gate.waiting == (0, 0)
+    assert slots.waiting == (0, 0)
 
 
-def _run_gate(scenario: Callable[[ApplyGate, list[str]], Any]) -> list[str]:
+def _run_slots(scenario: Callable[[ApplySlots, list[str]], Any]) -> list[str]:
     entered: list[str] = []
-    anyio.run(scenario, ApplyGate(1), entered)
+    anyio.run(scenario, ApplySlots(1), entered)
     return entered
 
 
-async def _hold(gate: ApplyGate, entered: list[str], name: str, final: bool) -> None:
-    async with gate.slot(final=final):
+async def _hold(slots: ApplySlots, entered: list[str], name: str, final: bool) -> None:
+    async with slots.slot(final=final):
         entered.append(name)
         await anyio.sleep(0)
 
 
-def test_the_gate_serves_final_pushes_first_and_each_kind_in_order() -> None:
+def test_the_apply_slots_serve_final_pushes_first_and_each_kind_in_order() -> None:
     """Waiting finals take freed slots before waiting others; within a kind, first come first."""
 
-    async def scenario(gate: ApplyGate, entered: list[str]) -> None:
-        async with anyio.create_task_group() as tasks, gate.slot(final=False):
+    async def scenario(slots: ApplySlots, entered: list[str]) -> None:
+        async with anyio.create_task_group() as tasks, slots.slot(final=False):
             for name, final in [("o1", False), ("f1", True), ("o2", False), ("f2", True)]:
-                tasks.start_soon(_hold, gate, entered, name, final)
-            await wait_until(lambda: gate.waiting == (2, 2))
+                tasks.start_soon(_hold, slots, entered, name, final)
+            await wait_until(lambda: slots.waiting == (2, 2))
 
-    assert _run_gate(scenario) == ["f1", "f2", "o1", "o2"]
+    assert _run_slots(scenario) == ["f1", "f2", "o1", "o2"]
 
 
 def test_a_cancelled_waiter_leaves_the_queue_and_takes_no_slot() -> None:
     """A push cancelled while waiting (its client went away) is skipped; the slot still frees."""
 
-    async def scenario(gate: ApplyGate, entered: list[str]) -> None:
-        async with anyio.create_task_group() as tasks, gate.slot(final=False):
+    async def scenario(slots: ApplySlots, entered: list[str]) -> None:
+        async with anyio.create_task_group() as tasks, slots.slot(final=False):
             gone = anyio.CancelScope()
-            tasks.start_soon(_cancellable, gate, entered, gone)
-            await wait_until(lambda: gate.waiting == (1, 0))
+            tasks.start_soon(_cancellable, slots, entered, gone)
+            await wait_until(lambda: slots.waiting == (1, 0))
             gone.cancel()
-            await wait_until(lambda: gate.waiting == (0, 0))
-        async with gate.slot(final=False):  # the one slot is back
+            await wait_until(lambda: slots.waiting == (0, 0))
+        async with slots.slot(final=False):  # the one slot is back
             entered.append("after")
 
-    assert _run_gate(scenario) == ["after"]
+    assert _run_slots(scenario) == ["after"]
 
 
 def test_a_waiter_cancelled_after_being_handed_the_slot_passes_it_on() -> None:
@@ -1235,25 +1232,25 @@ def test_a_waiter_cancelled_after_being_handed_the_slot_passes_it_on() -> None:
     asyncio's own ``Task.cancel`` (anyio's scopes wait for the next checkpoint instead).
     """
 
-    async def scenario(gate: ApplyGate, entered: list[str]) -> None:
-        async with gate.slot(final=False):
-            handed = asyncio.create_task(_hold(gate, entered, "handed", True))
-            await wait_until(lambda: gate.waiting == (1, 0))
-            following = asyncio.create_task(_hold(gate, entered, "next", False))
-            await wait_until(lambda: gate.waiting == (1, 1))
+    async def scenario(slots: ApplySlots, entered: list[str]) -> None:
+        async with slots.slot(final=False):
+            handed = asyncio.create_task(_hold(slots, entered, "handed", True))
+            await wait_until(lambda: slots.waiting == (1, 0))
+            following = asyncio.create_task(_hold(slots, entered, "next", False))
+            await wait_until(lambda: slots.waiting == (1, 1))
         # The slot went to the final push, which is cancelled before it runs again.
         handed.cancel()
         await asyncio.gather(handed, following, return_exceptions=True)
         assert handed.cancelled()
-        async with gate.slot(final=True):  # and the slot came back in the end
+        async with slots.slot(final=True):  # and the slot came back in the end
             entered.append("after")
 
-    assert _run_gate(scenario) == ["next", "after"]
+    assert _run_slots(scenario) == ["next", "after"]
 
 
-async def _cancellable(gate: ApplyGate, entered: list[str], scope: anyio.CancelScope) -> None:
+async def _cancellable(slots: ApplySlots, entered: list[str], scope: anyio.CancelScope) -> None:
     with scope:
-        async with gate.slot(final=True):
+        async with slots.slot(final=True):
             entered.append("cancelled")  # never: the scope is cancelled before it gets in
 
 

@@ -28,14 +28,14 @@ from starlette.routing import Mount, Route, Router
 import smsbat_tracker.tools.recipes
 from smsbat_tracker import init_app
 from smsbat_tracker.celery.names import TRACK_TASK
-from smsbat_tracker.celery.tasks import track_message
+from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.celery.tracker import tracker_of
 from smsbat_tracker.config import Settings
-from smsbat_tracker.engine.tracking import iso
+from smsbat_tracker.engine.session import iso
 from smsbat_tracker.errors import NotInitialised
 from smsbat_tracker.tools.sandbox import SandboxServer
 from smsbat_tracker.tools.serving import BackgroundServer, Receive, Scope, Send
-from smsbat_tracker.webhook.receiver import WebhookReceiver, create_app
+from smsbat_tracker.webhook import WebhookReceiver, create_app
 from tests.conftest import FAST, kept, recorded, wait_for
 
 TOKEN = "mount-token-123"
@@ -309,7 +309,7 @@ def test_a_receiver_for_a_project_app_never_builds_the_package_app(tmp_path: Pat
         import smsbat_tracker
         from smsbat_tracker.tools.serving import BackgroundServer
         from smsbat_tracker.celery.tracker import tracker_of
-        from smsbat_tracker.webhook.receiver import create_app
+        from smsbat_tracker.webhook import create_app
 
         app = Celery("shop", broker="redis://127.0.0.1:1/0")
         smsbat_tracker.init_app(app, webhook_token="t")
@@ -423,7 +423,7 @@ django_app = get_asgi_application()  # sets Django up before anything imports mo
 from starlette.routing import Mount, Router
 
 from site_celery import app as celery_app
-from smsbat_tracker.webhook.receiver import create_app
+from smsbat_tracker.webhook import create_app
 
 webhook = create_app(celery_app=celery_app)
 application = Router(

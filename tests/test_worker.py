@@ -17,9 +17,9 @@ from structlog.testing import capture_logs
 
 from smsbat_tracker.celery.integration import DEFAULT_QUEUE, TrackerStep, tracker_routes
 from smsbat_tracker.celery.names import TRACK_PRIORITY, TRACKER_TASKS
-from smsbat_tracker.celery.tasks import track_message
+from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.config import Settings
-from smsbat_tracker.errors import ConfigError
+from smsbat_tracker.errors import ConfigError, UnsupportedVersion
 from smsbat_tracker.log import configure_logging
 from smsbat_tracker.tools.recipes import record_outcome
 from smsbat_tracker.tools.sandbox import SandboxServer
@@ -136,6 +136,43 @@ def test_a_worker_of_an_app_without_the_tracker_is_untouched() -> None:
     step.start(SimpleNamespace(pool_cls="threads"))
     step.stop(SimpleNamespace())
     other.close()
+
+
+def test_a_worker_on_an_unknown_celery_stops_at_start(
+    tracker_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tracker's bootstep checks the Celery its Retry patch was made for: on another
+    version the worker stops at start (UnsupportedVersion), not at the first retry."""
+    from smsbat_tracker.celery import compat
+    from smsbat_tracker.celery.compat import retry
+
+    monkeypatch.setattr(compat.metadata, "version", lambda package: "5.8.0")
+    retry.install.cache_clear()
+    try:
+        with pytest.raises(UnsupportedVersion, match=r"celery 5\.8\.0"):
+            TrackerStep(SimpleNamespace(app=tracker_app, pool_cls="threads"))
+    finally:
+        retry.install.cache_clear()
+
+
+def test_reconfigure_moves_celerys_connection_pools_to_the_new_broker(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """``TrackerApp.reconfigure`` drops the connection and producer pools Celery built for
+    the old broker (its private ``_pool`` and ``amqp._producer_pool``, which Celery's own
+    after-fork resets the same way): the next publish goes to the new REDIS_URL."""
+    from smsbat_tracker.worker import create_app
+
+    app = create_app(make_settings(redis_url="redis://127.0.0.1:1/0"))
+    try:
+        assert app.pool.connection.as_uri().endswith("127.0.0.1:1/0")
+        assert app.amqp.producer_pool.connections.connection.as_uri().endswith("127.0.0.1:1/0")
+        app.reconfigure(make_settings(redis_url="redis://127.0.0.1:2/0"))
+        assert app.pool.connection.as_uri().endswith("127.0.0.1:2/0")
+        assert app.amqp.producer_pool.connections.connection.as_uri().endswith("127.0.0.1:2/0")
+    finally:
+        app.close_engine()
+        app.close()
 
 
 def test_warm_up_with_redis_down_logs_and_lets_the_worker_start(

@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 import redis
 
+from smsbat_tracker.celery.campaigns import get_campaign_report, track_campaign
 from smsbat_tracker.celery.redrive import HEARTBEAT
-from smsbat_tracker.celery.tasks import get_campaign_report, track_campaign, track_message
+from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.config import Settings
-from smsbat_tracker.tools.demo import worker_process
 from smsbat_tracker.tools.embedded import PersistentRedis
 from smsbat_tracker.tools.recipes import record_outcome
 from smsbat_tracker.tools.sandbox import SandboxServer
+from smsbat_tracker.tools.workers import worker_process
 from tests.conftest import recorded, wait_for
 
 pytestmark = pytest.mark.slow

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import pytest
 
 from smsbat_tracker.testing import FakeSmsbat
-from smsbat_tracker.tools.demo import stop_process_group
+from smsbat_tracker.tools.workers import stop_process_group
 
 EXAMPLE_DIR = Path(__file__).resolve().parent
 
@@ -60,7 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
     import redis
     from django.core.management import call_command
 
-    from smsbat_tracker.tools.demo import redis_url_or_embedded
+    from smsbat_tracker.tools.embedded import redis_url_or_embedded
 
     stack = config.stash[_STACK] = contextlib.ExitStack()
     redis_url = stack.enter_context(redis_url_or_embedded())

@@ -45,22 +45,18 @@ from smsbat_tracker.provider.models import (
 from smsbat_tracker.rules.schedule import Schedule, compute_backoff
 
 if TYPE_CHECKING:
+    from smsbat_tracker.celery.campaigns import get_campaign_report, track_campaign
     from smsbat_tracker.celery.integration import init_app
-    from smsbat_tracker.celery.tasks import (
-        get_campaign_report,
-        get_status,
-        track_campaign,
-        track_message,
-    )
+    from smsbat_tracker.celery.track import get_status, track_message
     from smsbat_tracker.celery.tracker import Tracker, tracker_of
 
 # Loaded on first use: importing Celery's side is for the processes that use it.
 _LAZY = {
     "init_app": "smsbat_tracker.celery.integration",
-    "track_message": "smsbat_tracker.celery.tasks",
-    "track_campaign": "smsbat_tracker.celery.tasks",
-    "get_status": "smsbat_tracker.celery.tasks",
-    "get_campaign_report": "smsbat_tracker.celery.tasks",
+    "track_message": "smsbat_tracker.celery.track",
+    "track_campaign": "smsbat_tracker.celery.campaigns",
+    "get_status": "smsbat_tracker.celery.track",
+    "get_campaign_report": "smsbat_tracker.celery.campaigns",
     "Tracker": "smsbat_tracker.celery.tracker",
     "tracker_of": "smsbat_tracker.celery.tracker",
 }

@@ -6,25 +6,27 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import redis
 from kombu.exceptions import OperationalError
 
 from smsbat_tracker._version import __version__
-from smsbat_tracker.celery import redrive
-from smsbat_tracker.config import Settings
-from smsbat_tracker.engine.tracking import iso
 from smsbat_tracker.errors import AuthenticationError, ConfigError, MessageNotFound, SmsbatError
 from smsbat_tracker.provider.models import validate_message_id
 from smsbat_tracker.redis_url import safe_redis_url
-from smsbat_tracker.store.connections import redis_client
+
+# The Celery face, the engine and the store load in the commands that use them: `sandbox`,
+# `demo` and `--help` start without them.
+if TYPE_CHECKING:
+    from smsbat_tracker.config import Settings
 
 __all__ = ["main"]
 
 
 def _status(args: argparse.Namespace) -> int:
-    from smsbat_tracker.celery.tasks import get_status
+    from smsbat_tracker.celery.track import get_status
+    from smsbat_tracker.engine.session import iso
     from smsbat_tracker.worker import app
 
     status = get_status(args.message_id, app=app)  # through the cache: repeated calls are free
@@ -73,7 +75,7 @@ def print_report(
 
 
 def _campaign(args: argparse.Namespace) -> int:
-    from smsbat_tracker.celery.tasks import get_campaign_report, track_campaign
+    from smsbat_tracker.celery.campaigns import get_campaign_report, track_campaign
     from smsbat_tracker.worker import app
 
     if args.action == "report":
@@ -162,6 +164,8 @@ _WAIT_SLACK = 15.0
 
 def campaign_give_up(settings: Settings, meta: dict[str, str]) -> float:
     """When ``campaign start`` stops waiting: the deadline plus the re-drive bound."""
+    from smsbat_tracker.celery import redrive
+
     deadline_at = float(meta.get("deadline_at") or time.time() + settings.deadline)
     return (
         deadline_at
@@ -193,6 +197,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _ping(settings: Settings) -> int:
     """Reach Redis and the API with these settings: one line each; 1 when either fails."""
+    from smsbat_tracker.store.connections import redis_client
+
     failed = 0
     where = safe_redis_url(settings.redis_url)
     try:
@@ -276,9 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sandbox":
             from smsbat_tracker.tools.sandbox import main as sandbox_main
 
-            return sandbox_main(rest)
+            return sandbox_main(rest, prog="smsbat-tracker sandbox")
         if args.command == "webhook":
-            from smsbat_tracker.webhook.receiver import main as webhook_main
+            from smsbat_tracker.webhook.serve import main as webhook_main
 
             return webhook_main(rest)
         if rest:

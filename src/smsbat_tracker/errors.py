@@ -41,9 +41,9 @@ class ConfigError(SmsbatError, ValueError):
 
 
 class UnsupportedVersion(ConfigError):
-    """Raised at worker start when a patched library (Celery, kombu, billiard) is at a
-    version the tracker's patch of it was not made for; names the package, its version
-    and the range the patch knows."""
+    """Raised when a patched library (Celery, kombu, billiard) is at a version the tracker's
+    patch of it was not made for: at worker start, or before a tracker task's first retry
+    outside a worker. Names the package, its version and the range the patch knows."""
 
     def __init__(self, package: str, version: str, supported: str) -> None:
         super().__init__(

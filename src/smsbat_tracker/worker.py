@@ -31,7 +31,7 @@ from smsbat_tracker.celery.integration import configure, init_app
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.engine.campaign import CampaignRunner
-from smsbat_tracker.engine.tracking import Engine
+from smsbat_tracker.engine.engine import Engine
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import configure_logging
 from smsbat_tracker.redis_url import is_sentinel_url
@@ -101,7 +101,11 @@ def create_app(settings: Settings | None = None) -> TrackerApp:
     when asked for (``--include smsbat_tracker.tools.recipes``).
     """
     settings = settings or load_settings(credentials=False)
-    return TrackerApp(settings, "smsbat_tracker", include=["smsbat_tracker.celery.tasks"])
+    return TrackerApp(
+        settings,
+        "smsbat_tracker",
+        include=["smsbat_tracker.celery.track", "smsbat_tracker.celery.campaigns"],
+    )
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

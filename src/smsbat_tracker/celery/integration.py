@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery, bootsteps, signals
 from kombu import Queue
 
-from smsbat_tracker.celery import tracebacks
+from smsbat_tracker.celery.compat import billiard_tracebacks, retry
 from smsbat_tracker.celery.names import TICK_TASK, TRACK_PRIORITY, TRACK_TASK, TRACKER_TASKS
 from smsbat_tracker.celery.redrive import RedriveStep
 from smsbat_tracker.celery.tracker import Tracker, attach, find_tracker
@@ -78,7 +78,8 @@ def init_app(app: Celery, settings: Settings | None = None, **overrides: Any) ->
     steps.add(TrackerStep)
     steps.add(RedriveStep)
     # The shared tasks: every app takes them when it is finalized.
-    import smsbat_tracker.celery.tasks  # noqa: F401
+    import smsbat_tracker.celery.campaigns
+    import smsbat_tracker.celery.track  # noqa: F401
 
     return tracker
 
@@ -176,8 +177,10 @@ class TrackerStep(bootsteps.StartStopStep):
         if not tracker.settings.has_credentials:
             # A worker calls the API; enqueuing and the webhook receiver need no credentials.
             raise SystemExit(f"smsbat-tracker: invalid settings: {NO_CREDENTIALS}")
+        # A Celery the retry patch was not made for stops the worker here, not at a retry.
+        retry.install()
         # Each retry's traceback copy keeps one code position per frame, not ~190 KB of them.
-        tracebacks.lean_copies()
+        billiard_tracebacks.install()
         if tracker.settings.metrics_port:
             tracker.serve_metrics()  # before the pool forks: its children count into it
         if _is_prefork(getattr(parent, "pool_cls", None)):

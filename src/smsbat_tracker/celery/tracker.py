@@ -20,7 +20,7 @@ from kombu.exceptions import OperationalError
 from smsbat_tracker import metrics
 from smsbat_tracker.config import Settings
 from smsbat_tracker.engine.campaign import CampaignRunner
-from smsbat_tracker.engine.tracking import Engine
+from smsbat_tracker.engine.engine import Engine
 from smsbat_tracker.errors import NotInitialised
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.provider.client import SmsbatClient

@@ -1,39 +1,65 @@
-"""The tracking rules, in one pure function: what to do next with a tracked message.
+"""Every tracking rule, in pure functions: when a message is checked, and what follows.
 
-``track_message``, campaign ticks and the webhook receiver all ask :func:`decide`; no other
-code holds a rule. It does no I/O: it takes what is known of the tracking
-(:class:`Progress`), the cached status, this check's answer (a status, an error, or
-nothing yet) and the time, and returns one of
+``track_message``, campaign ticks and the webhook receiver ask these functions; no other
+code holds a rule. None does I/O, reads a clock or draws from the global ``random``: the
+time (``now``) and the jitter's source (``rng``, a draw in [0, 1) such as a
+``random.Random``'s ``random``) come in as arguments.
 
-- :class:`Ask`: ask the API now (then call again with its answer);
-- :class:`Finish`: the outcome is known (a final status, an error, or the deadline);
-- :class:`Wait`: check again in so many seconds;
-- :class:`AwaitPush`: the provider pushes this message's changes; look again only at the
-  deadline (or in steps far below the visibility timeout).
+- :func:`first_check_at`: when a tracked message is first checked;
+- :func:`campaign_first_check_at`, :func:`campaign_first_tick_at`: when a campaign's
+  messages are first checked, and when its tick chains first run;
+- :func:`decide`: what to do next with one message, at each check (a tracked message's or
+  a campaign's alike). It takes what is known of the tracking (:class:`Progress`), the
+  cached status, this check's answer (a status, an error, or nothing yet) and the time,
+  and returns one of
+
+  - :class:`Ask`: ask the API now (then call again with its answer);
+  - :class:`Finish`: the outcome is known (a final status, an error, or the deadline);
+  - :class:`Wait`: check again in so many seconds;
+  - :class:`AwaitPush`: the provider pushes this message's changes; look again only at
+    the deadline (or in steps far below the visibility timeout);
+- :func:`line_position`: where a check stands in the rate limit's line;
+- :func:`campaign_over`, :func:`campaign_ends_at`: whether, and when, a campaign is over;
+- :func:`expire`: what a message still open when its campaign is over ends as.
 
 The rules, in order:
 
-1. A final status in the cache ends the tracking (a push, another tracker, an earlier run).
-2. A message whose changes the provider pushes is not polled until the deadline
+1. A tracked message is first checked ``SMSBAT_FIRST_DELAY`` after it is enqueued, never
+   after its deadline; at once when its final status is known already (a push came
+   first).
+2. A campaign's messages are first checked ``SMSBAT_FIRST_DELAY`` after the enqueue,
+   spread by up to ``±SMSBAT_JITTER`` of it so that a large send does not poll in one
+   burst, never after the deadline. Its tick chains first run when the earliest of them
+   can fall due, ``SMSBAT_FIRST_DELAY * (1 - SMSBAT_JITTER)`` after the enqueue.
+3. A final status in the cache ends the tracking (a push, another tracker, an earlier run).
+4. A message whose changes the provider pushes (a push was seen for it, or its cached
+   status came by push: a campaign's messages too) is not polled until the deadline
    (``SMSBAT_TRUST_PUSHES``).
-3. A status someone cached less than ``SMSBAT_FRESH_FOR`` ago is as good as asking.
-4. Otherwise ask. A final answer ends it; a message the API does not know yet is given
+5. A status someone cached less than ``SMSBAT_FRESH_FOR`` ago is as good as asking.
+6. Otherwise ask. A final answer ends it; a message the API does not know yet is given
    ``SMSBAT_NOT_FOUND_GRACE``; a permanent error ends it as ``error``.
-5. A failed request (a network error, a timeout, 5xx, 429, a malformed body) is not a
+7. A failed request (a network error, a timeout, 5xx, 429, a malformed body) is not a
    check: it says nothing about the message. It is retried on its own short backoff
    (:func:`~smsbat_tracker.rules.schedule.retry_backoff`: each second, backing off only an API
    that keeps failing; never before a 429's Retry-After), and the schedule's next step is
-   kept for the next answer. A request the
-   rate limit or the per-message gate turned away was no check either, and waits its turn.
-6. The check at the deadline is the last: its answer, if not final, makes the outcome
+   kept for the next answer. A request the rate limit or the per-message gate turned
+   away was no check either, and waits its turn.
+8. The check at the deadline is the last: its answer, if not final, makes the outcome
    ``timeout``. It must get an answer: while it fails or gets no turn it is retried for up
    to ``SMSBAT_DEADLINE_GRACE``; a tracking that got no answer by then ends as
-   ``timeout`` with the error :data:`NO_ANSWER`. Before the deadline, the next check
-   follows the backoff schedule, its last wait landing on the deadline.
+   :func:`expire` says (``timeout`` with the error :data:`NO_ANSWER`). Before the
+   deadline, the next check follows the backoff schedule (its jitter drawn from ``rng``),
+   its last wait landing on the deadline.
+9. A campaign is over when none of its messages is left, or once its deadline check's
+   grace and one more tick have passed: ``SMSBAT_DEADLINE_GRACE + SMSBAT_MAX_DELAY +
+   SMSBAT_MIN_INTERVAL`` after the deadline.
+10. A message still open when its campaign is over has had its grace: it ends as its
+    cached final status says, else as ``timeout`` with the error :data:`NO_ANSWER`.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -48,7 +74,7 @@ from smsbat_tracker.rules.schedule import retry_backoff
 
 if TYPE_CHECKING:
     from smsbat_tracker.config import Settings
-    from smsbat_tracker.rules.schedule import Schedule
+    from smsbat_tracker.rules.schedule import Rng, Schedule
     from smsbat_tracker.rules.seen import CachedStatus
 
 __all__ = [
@@ -66,7 +92,13 @@ __all__ = [
     "Rules",
     "TryLater",
     "Wait",
+    "campaign_ends_at",
+    "campaign_first_check_at",
+    "campaign_first_tick_at",
+    "campaign_over",
     "decide",
+    "expire",
+    "first_check_at",
     "line_position",
     "outcome_of",
 ]
@@ -189,8 +221,11 @@ def decide(
     now: float,
     rules: Rules,
     answer: Answer | None = None,
+    # Deprecated default: the global ``random``; goes once every caller passes its own.
+    rng: Rng = random.random,
 ) -> Decision:
-    """What to do next; ``answer`` is this check's (None before asking). See the module."""
+    """What to do next; ``answer`` is this check's (None before asking), ``rng`` the
+    source of the next wait's jitter. See the module (rules 3-8)."""
     at_deadline = now >= progress.deadline_at - DEADLINE_SLACK
     last = cached.status if cached is not None else None
     if answer is None:
@@ -213,7 +248,7 @@ def decide(
         if at_deadline:
             left = progress.deadline_at + rules.deadline_grace - now
             if left <= DEADLINE_SLACK:
-                return Finish("timeout", last, NO_ANSWER)
+                return expire(cached)
             return Wait(min(wait, left), counted=False, status=last, failed=failed)
         left = max(progress.deadline_at - now, 0.0)
         return Wait(min(wait, left), counted=False, status=last, failed=failed)
@@ -233,6 +268,7 @@ def decide(
         deadline_at=progress.deadline_at,
         attempt=progress.checks + 1,
         last_check_at=now,
+        rng=rng,
     )
     if following is None:  # the deadline check has happened
         return Finish("timeout", last)
@@ -246,3 +282,52 @@ def line_position(progress: Progress, *, due_at: float, now: float) -> float:
     if now >= progress.deadline_at - DEADLINE_SLACK:
         return progress.deadline_at - DEADLINE_FIRST
     return due_at
+
+
+def expire(cached: CachedStatus | None) -> Finish:
+    """How a tracking ends that has no time left to ask (rule 10, and rule 8 at the end of
+    the grace): as its cached final status says, else ``timeout`` with :data:`NO_ANSWER`
+    and the last status seen."""
+    if cached is not None and cached.is_final:
+        return Finish(outcome_of(cached.status), cached.status)
+    return Finish("timeout", cached.status if cached is not None else None, NO_ANSWER)
+
+
+def first_check_at(rules: Rules, *, now: float, deadline_at: float, final: bool = False) -> float:
+    """When a tracked message enqueued at ``now`` is first checked (rule 1): ``now`` when
+    its ``final`` status is known already, else ``SMSBAT_FIRST_DELAY`` later, never after
+    ``deadline_at``. The first run's countdown is this minus ``now``."""
+    if final:
+        return now
+    return min(now + rules.schedule.first_delay, deadline_at)
+
+
+def campaign_first_check_at(
+    rules: Rules, *, started_at: float, deadline_at: float, rng: Rng
+) -> float:
+    """When a campaign message is first checked (rule 2): ``SMSBAT_FIRST_DELAY`` after the
+    campaign's start, spread by up to ``±SMSBAT_JITTER`` of it (one draw of ``rng``),
+    never after ``deadline_at``."""
+    first, jitter = rules.schedule.first_delay, rules.schedule.jitter
+    return min(started_at + first * (1 + jitter * (2 * rng() - 1)), deadline_at)
+
+
+def campaign_first_tick_at(rules: Rules, *, started_at: float) -> float:
+    """When a campaign's tick chains first run (rule 2): when the earliest first check can
+    fall due, ``SMSBAT_FIRST_DELAY * (1 - SMSBAT_JITTER)`` after the campaign's start."""
+    return started_at + rules.schedule.first_delay * (1 - rules.schedule.jitter)
+
+
+def campaign_ends_at(rules: Rules, *, deadline_at: float) -> float:
+    """When a campaign that still has messages open is over (rule 9): its deadline check's
+    grace and one more tick (a wait of at most ``SMSBAT_MAX_DELAY``, then the gate's
+    interval) after ``deadline_at``."""
+    grace = rules.deadline_grace + rules.schedule.max_delay + rules.schedule.min_interval
+    return deadline_at + grace
+
+
+def campaign_over(rules: Rules, *, deadline_at: float, now: float, left: int | None = None) -> bool:
+    """Whether a campaign is over (rule 9): none of its messages is ``left`` (None: not
+    counted yet), or ``now`` is past :func:`campaign_ends_at`. The messages still open then
+    end as :func:`expire` says."""
+    return left == 0 or now > campaign_ends_at(rules, deadline_at=deadline_at)

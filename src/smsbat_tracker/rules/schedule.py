@@ -18,6 +18,7 @@ __all__ = [
     "RETRY_BACKOFF_AFTER",
     "RETRY_MAX",
     "RETRY_WAIT",
+    "Rng",
     "Schedule",
     "compute_backoff",
     "retry_backoff",
@@ -44,6 +45,10 @@ RETRY_WAIT: Final = 1.0
 RETRY_BACKOFF_AFTER: Final = 16
 RETRY_MAX: Final = 10.0
 
+# Where jitter comes from: a draw in [0, 1), e.g. the ``random`` method of a
+# ``random.Random`` the caller owns (seeded in tests), never the global ``random``.
+Rng = Callable[[], float]
+
 
 def compute_backoff(
     attempt: int,
@@ -52,7 +57,9 @@ def compute_backoff(
     factor: float = DEFAULT_BACKOFF_FACTOR,
     max_delay: float = DEFAULT_MAX_DELAY,
     jitter: float = DEFAULT_JITTER,
-    rng: Callable[[], float] = random.random,
+    # A public helper (the package root exports it): its default stays for callers outside
+    # the tracker; the tracker's own code always passes its ``rng``.
+    rng: Rng = random.random,
 ) -> float:
     """Seconds to wait before check number ``attempt`` (0 is the first check).
 
@@ -108,8 +115,10 @@ class Schedule:
             min_interval=settings.min_interval,
         )
 
-    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        """The backoff before check number ``attempt``."""
+    # Deprecated default: the global ``random``; the callers pass their own ``rng`` and
+    # the default goes (with next_wait's) once they all do.
+    def delay(self, attempt: int, rng: Rng = random.random) -> float:
+        """The backoff before check number ``attempt``, its jitter drawn from ``rng``."""
         return compute_backoff(
             attempt,
             first_delay=self.first_delay,
@@ -127,13 +136,13 @@ class Schedule:
         attempt: int,
         last_check_at: float | None = None,
         retry_after: float | None = None,
-        rng: Callable[[], float] = random.random,
+        rng: Rng = random.random,  # deprecated default, as delay's
     ) -> float | None:
         """Seconds until the next check, or ``None`` once the deadline has come.
 
         The backoff is stretched to honour ``retry_after`` and the minimum interval since
         ``last_check_at``, and cut so that the last wait lands exactly on the deadline,
-        where the final check happens.
+        where the final check happens. The jitter is drawn from ``rng``.
         """
         remaining = deadline_at - now
         if remaining <= 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Final
+from typing import Any
 
 import redis
 
@@ -17,13 +17,9 @@ from smsbat_tracker.config import Settings
 from smsbat_tracker.provider.models import MessageStatus, is_final
 from smsbat_tracker.rules.seen import CachedStatus, HistoryEntry, Source
 from smsbat_tracker.store.keys import Keys
-from smsbat_tracker.store.scripts import Script, source
+from smsbat_tracker.store.scripts import Script
 
-__all__ = ["STORE_LUA", "StatusCache", "StoreStatus"]
-
-# The library function store(K, A) (lua/lib/status.lua), for the scripts that store a status
-# in the same round trip as other work (the engine's after-check script, a campaign batch).
-STORE_LUA: Final = source("lib/status.lua")
+__all__ = ["StatusCache", "StoreStatus"]
 
 
 class StoreStatus(Script):
@@ -100,7 +96,8 @@ class StatusCache:
         observed_at: float | None = None,
         ts: float | None = None,
     ) -> list[Any]:
-        """The ARGV of ``cache_store.lua`` (and ``store(K, A)``'s A), in order."""
+        """The ARGV of ``cache_store.lua`` (and ``store(K, A)``'s A, lua/lib/status.lua, which
+        the scripts that store a status with other work include), in order."""
         observed = time.time() if observed_at is None else observed_at
         return [
             json.dumps(status.to_json_dict(), separators=(",", ":")),

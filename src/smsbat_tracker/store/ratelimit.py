@@ -22,16 +22,14 @@ from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import RateLimited
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.keys import Keys
-from smsbat_tracker.store.scripts import Script, source
+from smsbat_tracker.store.scripts import Script
 
 __all__ = [
-    "ADJUST_LUA",
     "DEFAULT_PAUSE",
     "LINE_WINDOW",
     "PAUSE_MAX",
     "PAUSE_SPACING",
     "RESERVE_AHEAD",
-    "RESERVE_LUA",
     "WAITER_GRACE",
     "Pause",
     "RateLimiter",
@@ -51,11 +49,9 @@ PAUSE_SPACING: Final = 4
 
 log = get_logger(__name__)
 
-# The library functions reserve(K, A) (lua/lib/reserve.lua: what K and A hold, and why the
-# line is fair) and unreserve/pause (lua/lib/adjust.lua), for the scripts that book tokens
-# in the same round trip as other work (the engine's turn, a campaign's batch).
-RESERVE_LUA: Final = source("lib/reserve.lua")
-ADJUST_LUA: Final = source("lib/adjust.lua")
+# The scripts that book tokens in the same round trip as other work (a tracking's turn, a
+# campaign's batch) include lua/lib/reserve.lua (reserve(K, A): what K and A hold, and why
+# the line is fair) and lua/lib/adjust.lua (unreserve, pause) themselves.
 
 
 class Reserve(Script):

@@ -60,6 +60,11 @@ class Script:
     def __init__(self, client: redis.Redis) -> None:
         self._script: RedisScript = client.register_script(source(self.file))
 
+    @property
+    def sha(self) -> str:
+        """The script's SHA1, as EVALSHA names it on the wire."""
+        return str(self._script.sha)
+
     def run(
         self,
         keys: Sequence[str],

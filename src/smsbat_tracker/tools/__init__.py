@@ -1,1 +1,1 @@
-"""The tools, apart from the product: the sandbox API, the demo, an embedded Redis."""
+"""The tools, apart from the product: the sandbox API, the demo, a local Redis, a worker process."""

@@ -13,13 +13,11 @@ import dataclasses
 import json
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from smsbat_tracker.config import Settings, load_settings
@@ -27,9 +25,10 @@ from smsbat_tracker.log import configure_logging
 from smsbat_tracker.provider.client import SmsbatClient
 from smsbat_tracker.redis_url import safe_redis_url
 from smsbat_tracker.store.connections import redis_client
-from smsbat_tracker.tools.embedded import EmbeddedRedis
+from smsbat_tracker.tools.embedded import redis_url_or_embedded
 from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
 from smsbat_tracker.tools.serving import BackgroundServer
+from smsbat_tracker.tools.workers import worker_process
 
 __all__ = ["main", "run_demo"]
 
@@ -45,81 +44,6 @@ DEMO_RECIPIENTS = [
 ]
 
 
-@contextlib.contextmanager
-def redis_url_or_embedded() -> Iterator[str]:
-    """``REDIS_URL`` when set, else a private server for the duration."""
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url
-        return
-    with EmbeddedRedis() as server:
-        yield server.url
-
-
-@contextlib.contextmanager
-def worker_process(
-    settings: Settings,
-    *,
-    concurrency: int = 8,
-    pool: str = "threads",
-    queues: Sequence[str] = (),
-    log_path: str = os.devnull,
-    imports: Sequence[str] = (),
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A real ``celery worker`` subprocess using ``settings``; stopped on exit.
-
-    ``queues``: the ``-Q`` list; empty, every queue the settings name. ``imports``: more
-    task modules for the worker to load (``--include``), beside the demo's recipes.
-    """
-    env = {**os.environ, **settings.to_env()}
-    only = ["--queues", ",".join(queues)] if queues else []
-    # The demo's worker runs its recipe tasks too (a production worker does not).
-    only += ["--include", ",".join(("smsbat_tracker.tools.recipes", *imports))]
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "smsbat_tracker.worker",
-                "worker",
-                "--pool",
-                pool,
-                "--concurrency",
-                str(concurrency),
-                "--loglevel",
-                "INFO",
-                "--hostname",
-                f"demo-{uuid.uuid4().hex[:6]}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                *only,
-            ],
-            env=env,
-            stdout=log_file,
-            stderr=log_file,
-            start_new_session=True,
-        )
-    try:
-        yield proc
-    finally:
-        stop_process_group(proc)
-
-
-def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM a process started in a session of its own, with its children; SIGKILL them
-    if it has not exited within ``timeout`` s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
@@ -131,7 +55,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 @contextlib.contextmanager
 def push_receiver(settings: Settings, sandbox: SandboxServer) -> Iterator[str]:
     """Serve the webhook and make the sandbox push every status change to it."""
-    from smsbat_tracker.webhook.receiver import create_app
+    from smsbat_tracker.webhook import create_app
 
     token = settings.webhook_token.get_secret_value() if settings.webhook_token else ""
     with BackgroundServer(create_app(settings)) as web:
@@ -176,7 +100,7 @@ def run_demo(
         from smsbat_tracker.worker import app
 
         app.reconfigure(settings)
-        from smsbat_tracker.celery.tasks import track_message
+        from smsbat_tracker.celery.track import track_message
         from smsbat_tracker.tools.recipes import record_outcome, recorded_key
 
         log_path = os.path.join(tempfile.gettempdir(), "smsbat-tracker-demo-worker.log")

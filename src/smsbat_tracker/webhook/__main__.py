@@ -2,6 +2,6 @@
 
 import sys
 
-from smsbat_tracker.webhook.receiver import main
+from smsbat_tracker.webhook.serve import main
 
 sys.exit(main())

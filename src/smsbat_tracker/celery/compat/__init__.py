@@ -1,8 +1,9 @@
 """Every patch of Celery, kombu and billiard internals, in one place, installed by the
 worker's bootstep (never at import), each checked against the versions it was made for.
 
-Each patch module names the upstream versions it knows (``SUPPORTED``) and checks the one
-running with :func:`require` before it touches anything: on a version it does not know the
+Each patch module names the upstream package and the versions it was made for
+(``PACKAGE``, ``LOWEST``, ``BELOW``), and its ``install()`` checks the one running with
+:func:`require` before it touches anything: on a version it does not know the
 worker stops at start with :class:`~smsbat_tracker.errors.UnsupportedVersion`, rather than
 run with a patch that no longer fits. Each has a test that fails when upstream changes
 what it relies on (tests/test_compat*.py).

@@ -1,0 +1,57 @@
+"""The re-driver's pace, and the most work one Redis call of it may do.
+
+No call the re-driver makes grows with a backlog (the due index, a dead worker's held
+tasks, a claimed batch): each takes at most one of these bounds' worth, and Python loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Final, TypeVar
+
+__all__ = [
+    "HEARTBEAT",
+    "HELD_CHUNK",
+    "LOCK_MS",
+    "OUTAGE_GRACE",
+    "REFRESH_CHUNK",
+    "RELEASE_CHUNK",
+    "RESEND_LIMIT",
+    "SWEEP_LIMIT",
+    "chunked",
+]
+
+# How often each worker refreshes what it holds, and sweeps when it has the lock.
+HEARTBEAT: Final = 1.0
+# Trackings re-driven in one sweep at most (and dead workers, follow-ups, and a dead
+# worker's tasks looked at): a mass loss resumes over a few seconds instead of flooding
+# the queue, and no read of the due index grows with it.
+SWEEP_LIMIT: Final = 200
+# After an outage a worker beats this long before it sweeps: every live worker has beaten
+# again by then (each beats once a second).
+OUTAGE_GRACE: Final = 2 * HEARTBEAT
+# A follow-up lost before any worker received it is sent again at most this often.
+RESEND_LIMIT: Final = 3
+# The sweep lock outlives a sweep, and expires soon after its holder dies.
+LOCK_MS: Final = 5_000
+# Held tracker tasks whose due entries one refresh script call looks at.
+REFRESH_CHUNK: Final = 100
+# Delivery tags one command of the heartbeat writes or reads (a worker may hold thousands
+# of countdowns).
+HELD_CHUNK: Final = 500
+# Claimed messages of a taken-over tick chain one call puts back in its campaign's due set.
+RELEASE_CHUNK: Final = 500
+
+T = TypeVar("T")
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of at most ``size``."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,88 @@
+"""Sending again the follow-up tasks lost between the broker queue and a worker.
+
+Kombu's Redis transport pops a message (``BRPOP``) before the worker records it as
+unacknowledged, so a worker killed with the reply unread loses it. A follow-up (a
+callback, a report) the tracker sent to a queue tracker workers consume stays in the
+``unreceived`` index until one of them receives it (:meth:`.held.HeldRegistry.note_received`);
+one gone from the broker unreceived is sent again with the same task id.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from smsbat_tracker.celery.redrive.bounds import RESEND_LIMIT, SWEEP_LIMIT
+from smsbat_tracker.celery.tracker import Tracker
+from smsbat_tracker.log import get_logger
+from smsbat_tracker.store.keys import Keys
+
+__all__ = ["FollowUps"]
+
+log = get_logger(__name__)
+
+
+class FollowUps:
+    """Resends the follow-ups no tracker worker received, :data:`SWEEP_LIMIT` a sweep."""
+
+    def __init__(self, tracker: Tracker, client: redis.Redis) -> None:
+        self.tracker = tracker
+        self.redis = client
+        self.keys = Keys(tracker.settings.key_prefix)
+
+    def resend_lost(self, cutoff: float, now: float) -> int:
+        """Send again the follow-up tasks sent before ``cutoff`` that no tracker worker has
+        received and the broker no longer holds; returns how many.
+
+        One still queued or held is left alone; one gone from the broker unreceived at two
+        sweeps in a row (a message being fetched is in neither place for an instant) was
+        lost, and is sent again with the same task id, at most :data:`RESEND_LIMIT` times
+        (a worker that does not run the re-driver may have taken it: it then runs again).
+        """
+        index, sends = self.keys.unreceived(), self.keys.unreceived_sends()
+        ids = [
+            str(i)
+            for i in self.redis.zrangebyscore(index, "-inf", repr(cutoff), start=0, num=SWEEP_LIMIT)
+        ]
+        if not ids:
+            return 0
+        from celery import signature
+
+        app = self.tracker.app
+        raws = dict(zip(ids, self.redis.hmget(sends, ids), strict=True))
+        known: dict[str, dict[str, Any]] = {i: json.loads(raw) for i, raw in raws.items() if raw}
+        engine = self.tracker.engine
+        sigs = {i: signature(send["sig"], app=app) for i, send in known.items()}
+        present = engine.in_broker(list(known), list(sigs.values())) if known else set()
+        lost: list[str] = []
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            send = known.get(task_id)
+            if send is None or (task_id not in present and send["n"] >= RESEND_LIMIT):
+                pipe.zrem(index, task_id)
+                pipe.hdel(sends, task_id)
+                continue
+            again_at = now
+            if task_id in present:
+                send.pop("missing", None)
+            elif send.pop("missing", None):  # missing at the last sweep too: lost
+                send["n"] += 1
+                lost.append(task_id)
+            else:
+                # A message between the queue and a worker's unacked hash (popped, not yet
+                # noted) is in neither for an instant: look again at the next sweep.
+                send["missing"] = now
+                again_at = 0.0
+            pipe.hset(sends, task_id, json.dumps(send, default=str))
+            pipe.zadd(index, {task_id: again_at})
+        # Noted before it is sent: a worker may receive it at once.
+        pipe.execute()
+        for task_id in lost:
+            send = known[task_id]
+            sigs[task_id].apply_async((send["result"],), task_id=task_id, **(send["options"] or {}))
+        resent = len(lost)
+        if resent:
+            log.warning("redrive.resent", tasks=resent)
+        return resent

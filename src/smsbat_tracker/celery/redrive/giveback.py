@@ -1,0 +1,55 @@
+"""Giving back to the queue, with kombu's own restore, tasks that nobody holds any more.
+
+A broker delivery tag still in kombu's ``unacked`` hash was neither acknowledged nor given
+back. When the worker that fetched it is dead, or dropped it with a lost connection, the
+task is put back on its queue by kombu's ``restore_by_tag`` (atomic under WATCH), so a
+task that had been acknowledged meanwhile is never run again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, chunked
+from smsbat_tracker.celery.tracker import Tracker
+from smsbat_tracker.log import get_logger
+
+__all__ = ["GiveBack"]
+
+log = get_logger(__name__)
+
+
+class GiveBack:
+    """Restores still-unacknowledged delivery tags to their queues."""
+
+    def __init__(self, tracker: Tracker, client: redis.Redis) -> None:
+        self.tracker = tracker
+        self.redis = client
+
+    def still_unacked(self, tags: Iterable[str]) -> list[str]:
+        """The ``tags`` still in kombu's ``unacked`` hash, in order."""
+        unacked = self.tracker.engine.unacked_key()
+        left: list[str] = []
+        for chunk in chunked(tags, HELD_CHUNK):
+            pipe = self.redis.pipeline(transaction=False)
+            for tag in chunk:
+                pipe.hexists(unacked, tag)
+            left += [tag for tag, there in zip(chunk, pipe.execute(), strict=True) if there]
+        return left
+
+    def restore(self, tags: Iterable[str], event: str, **fields: Any) -> int:
+        """Give back the ``tags`` still unacked; how many were (logged as ``event``)."""
+        left = self.still_unacked(tags)
+        if not left:
+            return 0
+        restored = 0
+        with self.tracker.app.connection_for_write() as connection:
+            qos: Any = getattr(connection.default_channel, "qos")  # noqa: B009 - kombu's Redis QoS
+            for tag in left:
+                qos.restore_by_tag(tag, leftmost=True)
+                restored += 1
+        log.warning(event, tasks=restored, **fields)
+        return restored

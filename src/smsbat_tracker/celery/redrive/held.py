@@ -1,0 +1,184 @@
+"""This worker's heartbeat and the broker delivery tags of what it holds, in Redis.
+
+Each second a worker notes in its *held set* (``Keys.held(holder)``) the delivery tags of
+every task it holds (countdowns, callbacks, anything), and beats in ``Keys.holders()``.
+When it stops beating, the others give back what it held (:mod:`.dead`). A task it held
+and no longer holds, still unacked a beat later, was dropped by the consumer (a lost
+connection drops the countdowns it held): it gives that back itself. A task received
+between two beats is noted at once (:meth:`HeldRegistry.note_received`), and a follow-up
+task the tracker sent is marked received (see :mod:`.follow_ups`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any
+
+import redis
+from celery.exceptions import ImproperlyConfigured
+
+from smsbat_tracker.celery.compat.kombu_qos import make_deferred_acks
+from smsbat_tracker.celery.redrive.bounds import HEARTBEAT, HELD_CHUNK, chunked
+from smsbat_tracker.celery.redrive.giveback import GiveBack
+from smsbat_tracker.celery.tracker import Tracker
+from smsbat_tracker.log import get_logger
+from smsbat_tracker.store.keys import Keys
+
+__all__ = [
+    "HeldRegistry",
+    "consumed_queues",
+    "held_requests",
+    "request_tag",
+    "running_requests",
+]
+
+log = get_logger(__name__)
+
+
+def held_requests() -> tuple[list[Any], list[Any]]:
+    """This process's requests: (reserved or active, scheduled), copied at one moment.
+
+    Reserved requests are due and wait for the pool; scheduled ones are the countdowns it
+    holds until they are due (kept apart by Celery >= 5.7).
+    """
+    from celery.worker import state
+
+    while True:
+        try:
+            due = list(state.reserved_requests) + list(state.active_requests)
+            scheduled = list(getattr(state, "scheduled_requests", ()))
+        except RuntimeError:  # a set changed while being copied: copy again
+            continue
+        return due, scheduled
+
+
+def running_requests() -> list[Any]:
+    """This process's requests that a pool process runs now."""
+    from celery.worker import state
+
+    while True:
+        with contextlib.suppress(RuntimeError):  # changed while being copied: copy again
+            return list(state.active_requests)
+
+
+def request_tag(request: Any) -> str | None:
+    """The broker delivery tag of a request (its entry in kombu's unacked hash)."""
+    tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+    return None if tag is None else str(tag)
+
+
+def consumed_queues(app: Any) -> list[str]:
+    """The queues this worker consumes (``-Q``, else every queue the app knows).
+
+    Empty (logged) when the app's queue configuration cannot be read: the receipts of
+    follow-ups sent to this worker's queues are then not watched (see :mod:`.follow_ups`).
+    """
+    try:
+        queues = app.amqp.queues
+        return sorted(str(q) for q in (queues.consume_from or queues))
+    except (AttributeError, KeyError, TypeError, ValueError, ImproperlyConfigured) as exc:
+        log.warning("redrive.queues_unknown", error=f"{type(exc).__name__}: {exc}"[:200])
+        return []
+
+
+class HeldRegistry:
+    """One worker's held set and heartbeat."""
+
+    def __init__(self, tracker: Tracker, client: redis.Redis, holder: str) -> None:
+        self.tracker = tracker
+        self.redis = client
+        self.holder = holder
+        self.keys = Keys(tracker.settings.key_prefix)
+        self.giveback = GiveBack(tracker, client)
+        self._lock = threading.Lock()
+        self._noted: set[str] = set()  # the tags the held set has, as far as we know
+        self._received: dict[str, float] = {}  # tags noted at receipt -> when
+        self._gone: set[str] = set()  # tags no longer held at the last beat
+        self._queues = consumed_queues(tracker.app)
+
+    def note_received(self, request: Any) -> None:
+        """Note at once a task this worker just fetched (Celery's ``task_received``).
+
+        The heartbeat notes everything held each second; this closes that second for a
+        task fetched just before its worker dies.
+        """
+        tag = request_tag(request)
+        pipe = self.redis.pipeline(transaction=False)
+        if tag is not None:
+            with self._lock:
+                self._received[tag] = time.monotonic()
+            pipe.sadd(self.keys.held(self.holder), tag)
+        task_id = getattr(request, "id", None)
+        if task_id:
+            self._note_receipts(pipe, [str(task_id)])
+        if len(pipe):
+            pipe.execute()
+
+    def _note_receipts(self, pipe: Any, task_ids: list[str]) -> None:
+        """A follow-up task the tracker sent has reached a worker (see :mod:`.follow_ups`)."""
+        pipe.zrem(self.keys.unreceived(), *task_ids)
+        pipe.hdel(self.keys.unreceived_sends(), *task_ids)
+
+    def note_held(self, requests: list[Any], now: float) -> int:
+        """Record this worker's heartbeat and the delivery tags of what it holds.
+
+        A task it held and no longer holds was acknowledged, unless the consumer dropped
+        it (a lost connection drops the countdowns it held): one still unacked a beat
+        later (Celery forgets a finished task a moment before it acknowledges it) is given
+        back to the queue. Returns how many were.
+        """
+        # Acknowledged while Redis was away: acknowledged now, before anything is given back.
+        make_deferred_acks(self.redis)
+        ids = {
+            tag: str(getattr(r, "id", "")) for r in requests if (tag := request_tag(r)) is not None
+        }
+        held = set(ids)
+        recent = time.monotonic() - 2 * HEARTBEAT
+        with self._lock:
+            # A tag noted at receipt after ``requests`` was read is still held. An older one
+            # is noted from now on even if no beat reaches Redis (an outage): the consumer
+            # may have dropped it with the connection, and it must be looked for when back.
+            self._noted |= {t for t, at in self._received.items() if at <= recent}
+            self._received = {t: at for t, at in self._received.items() if at > recent}
+            keep = held | set(self._received)
+            gone = self._noted - keep
+        key = self.keys.held(self.holder)
+        # Not a transaction: a worker holding thousands of countdowns writes them in bounded
+        # commands. The beat comes last, so a sweep that sees it finds the held set written.
+        pipe = self.redis.pipeline(transaction=False)
+        for chunk in chunked(held, HELD_CHUNK):
+            pipe.sadd(key, *chunk)
+        new = [ids[t] for t in held - self._noted if ids[t]]
+        for receipts in chunked(new, HELD_CHUNK):  # noted at receipt, unless Redis was away
+            self._note_receipts(pipe, receipts)
+        if self._queues:
+            pipe.hset(self.keys.worker_queues(), mapping=dict.fromkeys(self._queues, repr(now)))
+        # Outlives the holder long enough for a sweep to read it after its death.
+        pipe.pexpire(key, int(max(60.0, 10 * self.tracker.settings.redrive_after) * 1000))
+        pipe.zadd(self.keys.holders(), {self.holder: now})
+        pipe.execute()
+        # A tag leaves the held set only once it is acknowledged or given back: should this
+        # worker die in between, the sweep of the dead still finds it.
+        suspects = self._gone - keep
+        restored = self.giveback.restore(suspects, "redrive.restored_dropped") if suspects else 0
+        for chunk in chunked(suspects, HELD_CHUNK):
+            self.redis.srem(key, *chunk)
+        with self._lock:
+            self._gone, self._noted = gone, keep
+        return restored
+
+    def retire(self, now: float) -> None:
+        """A stop: this worker's last beat. Celery gives back what it held when it closes
+        its channel, and the held set is forgotten as soon as nothing in it is unacked. A
+        stop that could not give everything back (Redis away, an unrecoverable error)
+        leaves it to the other workers' sweep, like a dead worker's, a re-drive bound on.
+        """
+        key = self.keys.held(self.holder)
+        for chunk in chunked(self.redis.sscan_iter(key, count=HELD_CHUNK), HELD_CHUNK):
+            if self.giveback.still_unacked(str(tag) for tag in chunk):
+                self.redis.zadd(self.keys.holders(), {self.holder: now})
+                return
+        self.redis.unlink(key)  # freed in the background, however many tags it had
+        self.redis.zrem(self.keys.holders(), self.holder)

@@ -1,0 +1,119 @@
+"""The worker bootstep that runs the re-driver, so that there is nothing more to run.
+
+On the workers of an app that called ``init_app``, :class:`RedriveStep` installs the kombu
+QoS patch (:mod:`smsbat_tracker.celery.compat.kombu_qos`), notes each task the worker
+receives, and runs :class:`~.redriver.Redriver` on a thread every second until the
+worker stops; then it keeps the running tasks' entries alive until they are done, and
+retires.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import bootsteps, signals
+
+from smsbat_tracker.celery.compat import kombu_qos
+from smsbat_tracker.celery.names import DUE_INDEXED
+from smsbat_tracker.celery.redrive.bounds import HEARTBEAT
+from smsbat_tracker.celery.redrive.held import held_requests, running_requests
+from smsbat_tracker.celery.redrive.redriver import Redriver
+from smsbat_tracker.celery.tracker import find_tracker
+from smsbat_tracker.log import get_logger
+from smsbat_tracker.store.connections import redis_client
+
+__all__ = ["RedriveStep"]
+
+log = get_logger(__name__)
+
+
+def _detail(exc: BaseException) -> dict[str, str]:
+    return {"error": type(exc).__name__, "detail": str(exc)[:200]}
+
+
+class RedriveStep(bootsteps.StartStopStep):
+    """Worker bootstep: runs this worker's :class:`Redriver` on a thread every second."""
+
+    label = "smsbat re-driver"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: redis.Redis | None = None
+        self._redriver: Redriver | None = None
+
+    def start(self, parent: Any) -> None:
+        tracker = find_tracker(parent.app)
+        if tracker is None:  # not an app that runs the tracker: nothing to do
+            return
+        self._client = redis_client(
+            tracker.settings,
+            decode_responses=True,
+            # Short: the receipt hook runs on the consumer's thread.
+            socket_timeout=2,
+            socket_connect_timeout=1,
+            health_check_interval=30,
+        )
+        kombu_qos.install(self._client)
+        redriver = self._redriver = Redriver(tracker, self._client)
+        signals.task_received.connect(self._received, weak=False)
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._loop,
+            args=(redriver, self._client),
+            name="smsbat-redriver",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        redriver = self._redriver
+        # A tracker run needs no note: the due index re-drives it if it is lost (and a
+        # check then costs its two round trips only). Callbacks and the rest do.
+        if redriver is None or request is None or getattr(request, "name", None) in DUE_INDEXED:
+            return
+        try:
+            redriver.held.note_received(request)
+        except redis.RedisError as exc:  # away: the heartbeat notes it later
+            log.debug("redrive.receipt_not_noted", **_detail(exc))
+
+    def _loop(self, redriver: Redriver, client: redis.Redis) -> None:
+        failing = False
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                redriver.run_once()
+                failing = False
+            except Exception as exc:  # Redis away: keep beating; the next one may work
+                # Logged once per outage; the beats after it fail the same way.
+                (log.debug if failing else log.warning)("redrive.failed", **_detail(exc))
+                failing = True
+        # Stopping. The steps stop before the pool has drained (a warm shutdown waits for
+        # the running tasks): keep their entries alive until they are done, then retire.
+        # Dying meanwhile is a dead worker's case: the others give back what it held.
+        while running := running_requests():
+            due, scheduled = held_requests()
+            try:
+                redriver.held.note_held(due + scheduled, time.time())
+                redriver.refresher.refresh(running)
+            except redis.RedisError as exc:
+                log.debug("redrive.stopping_beat_failed", **_detail(exc))
+            time.sleep(HEARTBEAT / 5)
+        try:
+            redriver.held.retire(time.time())
+        except redis.RedisError as exc:  # left to the others' sweep, as a dead worker's
+            log.warning("redrive.retire_failed", **_detail(exc))
+        client.close()
+
+    def stop(self, parent: Any) -> None:
+        signals.task_received.disconnect(self._received)
+        self._stop.set()
+        self._thread = None  # it retires on its own once the running tasks are done
+        self._redriver = None
+        self._client = None
+
+    # A cold shutdown terminates the steps instead of stopping them.
+    terminate = shutdown = stop

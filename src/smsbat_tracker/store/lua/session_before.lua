@@ -1,0 +1,49 @@
+-- The first of a check's two round trips (Checks.start): everything a run needs before it
+-- decides. The session (opened here when the task was sent by name), the recorded outcome
+-- and the cached status; and, for the run the session expects while nothing is recorded,
+-- a turn to ask the API (take_turn, lib/turn.lua), in the rate limit's line, taken ahead of
+-- the decision. A run that does not ask gives it back in its second round trip.
+-- Returns {the session's fields, the outcome's result JSON or '', the cached status or '',
+-- the turn: {TURN_NONE, 0} when none was taken for it, else take_turn's reply}.
+local session = KEYS[1]            -- the tracking's session
+local outcome_key = KEYS[2]        -- the recorded outcome
+local status = KEYS[3]             -- the cached status
+local due = KEYS[4]                -- the due index
+local gate = KEYS[5]               -- the message's gate
+local bucket = KEYS[6]             -- the rate limit's keys (RateLimiter.keys)
+local pause_key = KEYS[7]
+local waiters = KEYS[8]
+local waiters_back = KEYS[9]
+local owner = ARGV[1]              -- the run's task id
+local started_at = ARGV[2]         -- the session to open when there is none
+local deadline_at = ARGV[3]
+local session_ttl_ms = ARGV[4]
+local due_score = ARGV[5]
+local due_member = ARGV[6]         -- the session's member of the due index
+local run = ARGV[7]                -- the run's number (Celery's retries)
+local gate_ms = ARGV[8]            -- the minimum interval between two checks
+local limit_on = ARGV[9] == '1'    -- the rate limit is on
+local interval_us = ARGV[10]       -- the rate limit's arguments (RateLimiter.script_args)
+local tolerance_us = ARGV[11]
+local tokens = ARGV[12]
+local ahead_us = ARGV[13]
+local waiter = ARGV[14]
+local due_us = ARGV[15]
+local grace_us = ARGV[16]
+local window_us = ARGV[17]
+--! include lib/session.lua
+--! include lib/turn.lua
+local TURN_NONE = 3
+local fields = open_session(session, due, owner, started_at, deadline_at, session_ttl_ms,
+                            due_score, due_member)
+-- The result alone: what follows its first line is bookkeeping (lib/forget.lua).
+local outcome = string.match(redis.call('GET', outcome_key) or '', '^[^\n]*')
+local cached = redis.call('GET', status) or ''
+local turn = {TURN_NONE, 0}
+local expected = (not fields[SESSION_RUN]) or tonumber(fields[SESSION_RUN]) == tonumber(run)
+if outcome == '' and fields[SESSION_OWNER] == owner and expected then
+  turn = take_turn(gate, gate_ms, limit_on, {bucket, pause_key, waiters, waiters_back}, {
+    interval_us, tolerance_us, tokens, ahead_us, waiter, due_us, grace_us, window_us,
+  })
+end
+return {fields, outcome, cached, turn}

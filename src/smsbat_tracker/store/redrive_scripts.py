@@ -1,0 +1,119 @@
+"""The re-driver's Lua scripts, typed: each call lays out KEYS and ARGV in one place.
+
+The re-driver (:mod:`smsbat_tracker.celery.redrive`) keeps in-flight trackings alive in the
+*due index* and takes lost ones over; these wrappers are the only Python that knows the
+scripts' argument order (``lua/redrive_*.lua``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from smsbat_tracker.store.scripts import Script
+
+__all__ = [
+    "HeldEntry",
+    "RefreshHeld",
+    "ReleaseBatch",
+    "SessionTake",
+    "Take",
+    "TakeChain",
+    "TakeSession",
+    "Unlock",
+    "Unlocked",
+]
+
+
+class Take(enum.IntEnum):
+    """What taking a tracking over found (``redrive_take_*.lua``)."""
+
+    TAKEN = 1  # taken over: publish its fresh run
+    MOVED = 0  # no longer overdue: not lost after all
+    GONE = -1  # the tracking is gone: its entry was dropped
+
+
+class Unlocked(enum.IntEnum):
+    """What releasing the sweep lock found (``redrive_unlock.lua``)."""
+
+    RELEASED = 1
+    NOT_HELD = 0  # expired, or held by another worker
+
+
+class HeldEntry(NamedTuple):
+    """One held tracker task's due entry and the token it carries."""
+
+    member: str  # its due index member (``m:<message id>`` or ``c:<campaign id>:<slot>``)
+    hash_key: str  # its tracking's hash: the session, or the campaign's
+    field: str  # the field that holds the token: ``owner`` or ``tick:<slot>``
+    token: str  # the token the task carries: its task id, or the chain's run
+    run: str  # the session run it carries ('' for a chain)
+
+
+class SessionTake(NamedTuple):
+    """A session take-over: the result, and the session's start and deadline if taken."""
+
+    result: Take
+    started_at: float = 0.0
+    deadline_at: float = 0.0
+
+
+class RefreshHeld(Script):
+    """``redrive_refresh.lua``: mark alive the overdue entries of held tasks whose token
+    still matches; how many were."""
+
+    file = "redrive_refresh.lua"
+
+    def __call__(self, due: str, now: float, entries: Sequence[HeldEntry]) -> int:
+        if not entries:
+            return 0
+        keys = [due, *(entry.hash_key for entry in entries)]
+        args: list[Any] = [repr(now), len(entries)]
+        for entry in entries:
+            args += [entry.member, entry.field, entry.token, entry.run]
+        return int(self.run(keys, args))
+
+
+class TakeSession(Script):
+    """``redrive_take_session.lua``: take a lost session over with a new owner."""
+
+    file = "redrive_take_session.lua"
+
+    def __call__(
+        self, due: str, session: str, member: str, cutoff: float, owner: str, now: float
+    ) -> SessionTake:
+        taken = self.run([due, session], [member, repr(cutoff), owner, repr(now)])
+        if isinstance(taken, list):
+            return SessionTake(Take(int(taken[0])), float(taken[1]), float(taken[2]))
+        return SessionTake(Take(int(taken)))
+
+
+class TakeChain(Script):
+    """``redrive_take_chain.lua``: take a lost tick chain over with a new run."""
+
+    file = "redrive_take_chain.lua"
+
+    def __call__(
+        self, due: str, meta: str, member: str, cutoff: float, field: str, run: str, now: float
+    ) -> Take:
+        return Take(int(self.run([due, meta], [member, repr(cutoff), field, run, repr(now)])))
+
+
+class ReleaseBatch(Script):
+    """``redrive_release_batch.lua``: put back at most ``limit`` claimed messages, due
+    now; how many are left."""
+
+    file = "redrive_release_batch.lua"
+
+    def __call__(self, campaign_due: str, claimed: str, now: float, limit: int) -> int:
+        return int(self.run([campaign_due, claimed], [repr(now), limit]))
+
+
+class Unlock(Script):
+    """``redrive_unlock.lua``: release the sweep lock if ``holder`` still holds it."""
+
+    file = "redrive_unlock.lua"
+
+    def __call__(self, lock: str, holder: str) -> Unlocked:
+        return Unlocked(int(self.run([lock], [holder])))

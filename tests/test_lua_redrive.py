@@ -1,0 +1,143 @@
+"""The re-driver's Lua scripts (store/lua/redrive_*.lua), each run through its typed wrapper
+(store/redrive_scripts.py) on the test Redis: what each returns and what Redis holds after."""
+
+from __future__ import annotations
+
+from uuid import uuid4
+
+import pytest
+import redis
+
+from smsbat_tracker.store.keys import Keys
+from smsbat_tracker.store.redrive_scripts import (
+    HeldEntry,
+    RefreshHeld,
+    ReleaseBatch,
+    SessionTake,
+    Take,
+    TakeChain,
+    TakeSession,
+    Unlock,
+    Unlocked,
+)
+
+NOW = 1_000_000.0
+
+
+@pytest.fixture
+def keys() -> Keys:
+    """Keys under a prefix of this test's own."""
+    return Keys(f"t{uuid4().hex[:8]}")
+
+
+def _session_entry(keys: Keys, message_id: str, owner: str, run: int) -> HeldEntry:
+    return HeldEntry(
+        Keys.due_message(message_id), keys.session(message_id), "owner", owner, str(run)
+    )
+
+
+def test_refresh_marks_alive_only_overdue_entries_whose_token_matches(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """Held sessions and chains with their token are rescored now; stale tokens, runs and
+    entries not yet due keep their score."""
+    due = keys.due()
+    for m, owner, run in (("a", "t-a", 2), ("b", "t-b", 0), ("c", "t-c", 1), ("d", "t-d", 0)):
+        redis_client.hset(keys.session(m), mapping={"owner": owner, "run": run})
+    redis_client.hset(keys.campaign("camp"), "tick:1", "run-1")
+    redis_client.zadd(
+        due,
+        {"m:a": NOW - 30, "m:b": NOW - 30, "m:c": NOW - 30, "m:d": NOW + 30, "c:camp:1": NOW - 30},
+    )
+    entries = [
+        _session_entry(keys, "a", "t-a", 2),  # held, overdue: refreshed
+        _session_entry(keys, "b", "t-old", 0),  # a stale copy: another owner now
+        _session_entry(keys, "c", "t-c", 0),  # the owner's stale run
+        _session_entry(keys, "d", "t-d", 0),  # not overdue
+        HeldEntry(Keys.due_tick("camp", 1), keys.campaign("camp"), "tick:1", "run-1", ""),
+    ]
+    assert RefreshHeld(redis_client)(due, NOW, entries) == 2
+    assert redis_client.zscore(due, "m:a") == NOW
+    assert redis_client.zscore(due, "c:camp:1") == NOW
+    assert redis_client.zscore(due, "m:b") == NOW - 30
+    assert redis_client.zscore(due, "m:c") == NOW - 30
+    assert redis_client.zscore(due, "m:d") == NOW + 30
+    assert RefreshHeld(redis_client)(due, NOW, []) == 0
+
+
+def test_take_session_gives_a_lost_session_a_new_owner_once(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """An overdue session gets the new owner and run 0, counts a re-drive, and is due now;
+    taken again it has moved; a session gone drops its entry."""
+    due, session = keys.due(), keys.session("m1")
+    redis_client.hset(
+        session, mapping={"owner": "t-1", "run": 3, "started_at": 10, "deadline_at": 70}
+    )
+    redis_client.zadd(due, {"m:m1": NOW - 30, "m:gone": NOW - 30})
+    take = TakeSession(redis_client)
+    taken = take(due, session, "m:m1", NOW - 10, "t-new", NOW)
+    assert taken == SessionTake(Take.TAKEN, 10.0, 70.0)
+    assert redis_client.hgetall(session) == {
+        "owner": "t-new",
+        "run": "0",
+        "started_at": "10",
+        "deadline_at": "70",
+        "redriven": "1",
+    }
+    assert redis_client.zscore(due, "m:m1") == NOW
+    assert take(due, session, "m:m1", NOW - 10, "t-other", NOW) == SessionTake(Take.MOVED)
+    assert redis_client.hget(session, "owner") == "t-new"
+    assert take(due, keys.session("gone"), "m:gone", NOW - 10, "t-x", NOW).result == Take.GONE
+    assert redis_client.zscore(due, "m:gone") is None
+    assert not redis_client.exists(keys.session("gone"))
+
+
+def test_take_chain_gives_a_lost_chain_a_new_run_once(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """An overdue chain gets the new run, counts a re-drive, and is due now; taken again it
+    has moved; a campaign gone drops its entry."""
+    due, meta = keys.due(), keys.campaign("camp")
+    redis_client.hset(meta, mapping={"tick:0": "old:3", "total": 4})
+    redis_client.zadd(due, {"c:camp:0": NOW - 30, "c:gone:0": NOW - 30})
+    take = TakeChain(redis_client)
+    assert take(due, meta, "c:camp:0", NOW - 10, "tick:0", "new:0", NOW) == Take.TAKEN
+    assert redis_client.hgetall(meta) == {"tick:0": "new:0", "total": "4", "redriven": "1"}
+    assert redis_client.zscore(due, "c:camp:0") == NOW
+    assert take(due, meta, "c:camp:0", NOW - 10, "tick:0", "other:0", NOW) == Take.MOVED
+    assert redis_client.hget(meta, "tick:0") == "new:0"
+    gone = keys.campaign("gone")
+    assert take(due, gone, "c:gone:0", NOW - 10, "tick:0", "x:0", NOW) == Take.GONE
+    assert redis_client.zscore(due, "c:gone:0") is None
+
+
+def test_release_batch_puts_back_a_bounded_part_a_call(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """At most ``limit`` claimed messages a call are due now again (only those still in
+    the due set); the count left goes down to 0 and the claimed set is gone."""
+    campaign_due, claimed = keys.campaign_due("camp"), keys.campaign_claimed("camp", 0)
+    ids = [f"m{i}" for i in range(5)]
+    redis_client.zadd(campaign_due, dict.fromkeys(ids[:4], NOW + 60))  # m4 finished meanwhile
+    redis_client.sadd(claimed, *ids)
+    release = ReleaseBatch(redis_client)
+    assert release(campaign_due, claimed, NOW, 2) == 3
+    assert release(campaign_due, claimed, NOW, 2) == 1
+    assert release(campaign_due, claimed, NOW, 2) == 0
+    assert not redis_client.exists(claimed)
+    assert redis_client.zrange(campaign_due, 0, -1, withscores=True) == [(m, NOW) for m in ids[:4]]
+    assert release(campaign_due, claimed, NOW, 2) == 0  # nothing claimed: nothing to do
+
+
+def test_unlock_releases_only_the_holders_lock(redis_client: redis.Redis, keys: Keys) -> None:
+    """The sweep lock goes only when this holder still holds it."""
+    lock = keys.redrive_lock()
+    unlock = Unlock(redis_client)
+    redis_client.set(lock, "someone-else")
+    assert unlock(lock, "me") == Unlocked.NOT_HELD
+    assert redis_client.get(lock) == "someone-else"
+    redis_client.set(lock, "me")
+    assert unlock(lock, "me") == Unlocked.RELEASED
+    assert not redis_client.exists(lock)
+    assert unlock(lock, "me") == Unlocked.NOT_HELD
