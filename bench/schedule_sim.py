@@ -59,7 +59,9 @@ def fixed_schedule(schedule: Schedule | None = None, deadline: float = 120.0) ->
     schedule = schedule or Schedule(jitter=0.0)
     times = [min(schedule.first_delay, deadline)]
     while True:
-        wait = schedule.next_wait(now=times[-1], deadline_at=deadline, attempt=len(times))
+        wait = schedule.next_wait(
+            now=times[-1], deadline_at=deadline, attempt=len(times), rng=lambda: 0.5
+        )
         if wait is None:
             return times
         times.append(times[-1] + wait)

@@ -103,42 +103,45 @@ def test_huge_attempt_does_not_overflow(attempt: int) -> None:
 
 # ---------------------------------------------------------------- Schedule.next_wait
 
+# The jitter's midpoint: no spread, so waits read exactly.
+MID = lambda: 0.5  # noqa: E731
+
 PLAIN = Schedule(first_delay=5.0, factor=2.0, max_delay=20.0, jitter=0.0, min_interval=1.0)
 
 
 @pytest.mark.parametrize("now", [100.0, 100.5, 1e9])
 def test_next_wait_is_none_at_or_after_deadline(now: float) -> None:
     """No wait is given once the deadline has come."""
-    assert PLAIN.next_wait(now=now, deadline_at=100.0, attempt=0) is None
+    assert PLAIN.next_wait(now=now, deadline_at=100.0, attempt=0, rng=MID) is None
 
 
 def test_next_wait_is_the_backoff_when_far_from_deadline() -> None:
     """Far from the deadline, the wait is the backoff of the attempt."""
-    assert PLAIN.next_wait(now=0.0, deadline_at=1000.0, attempt=1) == 10.0
+    assert PLAIN.next_wait(now=0.0, deadline_at=1000.0, attempt=1, rng=MID) == 10.0
 
 
 def test_last_wait_lands_exactly_on_deadline() -> None:
     """A backoff past the deadline is cut so that now + wait == deadline_at."""
     now, deadline_at = 1_700_000_000.25, 1_700_000_003.0
-    wait = PLAIN.next_wait(now=now, deadline_at=deadline_at, attempt=3)
+    wait = PLAIN.next_wait(now=now, deadline_at=deadline_at, attempt=3, rng=MID)
     assert wait is not None
     assert now + wait == pytest.approx(deadline_at, abs=1e-6)
 
 
 def test_retry_after_stretches_but_never_shortens() -> None:
     """A Retry-After longer than the backoff wins; a shorter one leaves the backoff."""
-    assert PLAIN.next_wait(now=0.0, deadline_at=100.0, attempt=0, retry_after=12.0) == 12.0
-    assert PLAIN.next_wait(now=0.0, deadline_at=100.0, attempt=0, retry_after=2.0) == 5.0
+    assert PLAIN.next_wait(now=0.0, deadline_at=100.0, attempt=0, retry_after=12.0, rng=MID) == 12.0
+    assert PLAIN.next_wait(now=0.0, deadline_at=100.0, attempt=0, retry_after=2.0, rng=MID) == 5.0
     # ... and is cut at the deadline too.
-    assert PLAIN.next_wait(now=0.0, deadline_at=8.0, attempt=0, retry_after=30.0) == 8.0
+    assert PLAIN.next_wait(now=0.0, deadline_at=8.0, attempt=0, retry_after=30.0, rng=MID) == 8.0
 
 
 def test_min_interval_floor_since_last_check() -> None:
     """The wait reaches at least min_interval after the last check, no more than needed."""
     quick = Schedule(first_delay=0.2, factor=1.0, max_delay=1.0, jitter=0.0, min_interval=1.0)
-    wait = quick.next_wait(now=10.0, deadline_at=100.0, attempt=0, last_check_at=9.7)
+    wait = quick.next_wait(now=10.0, deadline_at=100.0, attempt=0, last_check_at=9.7, rng=MID)
     assert wait == pytest.approx(0.7)
-    long_ago = quick.next_wait(now=10.0, deadline_at=100.0, attempt=0, last_check_at=2.0)
+    long_ago = quick.next_wait(now=10.0, deadline_at=100.0, attempt=0, last_check_at=2.0, rng=MID)
     assert long_ago == pytest.approx(0.2)
 
 
@@ -146,7 +149,7 @@ def test_defaults_respect_the_provider_minimum_interval() -> None:
     """Without a min_interval of its own, even a schedule of 0.1 s waits a second after a
     check: the provider's one-second minimum interval per message."""
     eager = Schedule(first_delay=0.1, factor=1.0, max_delay=0.1, jitter=0.0)
-    wait = eager.next_wait(now=10.0, deadline_at=100.0, attempt=3, last_check_at=10.0)
+    wait = eager.next_wait(now=10.0, deadline_at=100.0, attempt=3, last_check_at=10.0, rng=MID)
     assert wait == pytest.approx(1.0)
 
 

@@ -42,6 +42,9 @@ from smsbat_tracker.rules.seen import CachedStatus
 
 NOW = 1_000_000.0
 # No jitter: waits are exact. First check 5 s after the start, doubling to 10 s at most.
+# The jitter's midpoint: no spread, so waits read exactly.
+MID = lambda: 0.5  # noqa: E731
+
 RULES = Rules(
     schedule=Schedule(first_delay=5.0, factor=2.0, max_delay=10.0, jitter=0.0, min_interval=1.0),
     not_found_grace=30.0,
@@ -219,23 +222,27 @@ def test_decide(
     progress: Progress, cached_status: CachedStatus | None, answer: Any, expected: Any
 ) -> None:
     """Each rule of the module docstring, as a row."""
-    assert decide(progress, cached=cached_status, now=NOW, rules=RULES, answer=answer) == expected
+    assert (
+        decide(progress, cached=cached_status, now=NOW, rules=RULES, rng=MID, answer=answer)
+        == expected
+    )
 
 
 def test_pushes_untrusted_are_polled() -> None:
     """With SMSBAT_TRUST_PUSHES off a pushed message is polled like any other."""
     rules = Rules(RULES.schedule, 30.0, 1.0, False, 900.0)
     assert (
-        decide(RUNNING, cached=cached("processing", source="push"), now=NOW, rules=rules) == Ask()
+        decide(RUNNING, cached=cached("processing", source="push"), now=NOW, rules=rules, rng=MID)
+        == Ask()
     )
 
 
 def test_the_last_wait_lands_on_the_deadline() -> None:
     """Three seconds before the deadline the next check is the deadline check."""
     progress = Progress(started_at=NOW - 50, deadline_at=NOW + 3, checks=5)
-    assert decide(progress, cached=None, now=NOW, rules=RULES, answer=status("processing")) == Wait(
-        3.0, status=status("processing")
-    )
+    assert decide(
+        progress, cached=None, now=NOW, rules=RULES, answer=status("processing"), rng=MID
+    ) == Wait(3.0, status=status("processing"))
 
 
 @given(
@@ -251,7 +258,7 @@ def test_an_answer_always_ends_or_waits_within_the_deadline(
     """Any status answer: a final one finishes with its outcome; otherwise the wait never
     passes the deadline, and at the deadline the outcome is timeout."""
     progress = Progress(started_at=NOW - 10, deadline_at=NOW + left, checks=checks)
-    decision = decide(progress, cached=None, now=NOW, rules=RULES, answer=status(value))
+    decision = decide(progress, cached=None, now=NOW, rules=RULES, rng=MID, answer=status(value))
     if status(value).is_final:
         assert decision == Finish(outcome_of(status(value)), status(value))
     elif isinstance(decision, Wait):
@@ -289,7 +296,7 @@ def test_a_failed_request_is_never_a_check(
     the deadline's grace; only there does the tracking end, as a timeout that says no
     answer came."""
     progress = Progress(NOW - 10, NOW + left, checks=checks, failures=failures)
-    decision = decide(progress, cached=None, now=NOW, rules=RULES, answer=failure)
+    decision = decide(progress, cached=None, now=NOW, rules=RULES, rng=MID, answer=failure)
     if left + RULES.deadline_grace <= 0.05:
         assert decision == Finish("timeout", None, NO_ANSWER)
         return
@@ -369,10 +376,10 @@ def _at_deadline_today(progress: Progress, cached_status: CachedStatus | None) -
     """engine/campaign.py's ``_at_deadline`` as it was: ``now`` faked to the end of the
     deadline's grace, then a TryLater(0) answer when the rules asked to ask."""
     now = max(NOW, progress.deadline_at + RULES.deadline_grace)
-    decision = decide(progress, cached=cached_status, now=now, rules=RULES)
+    decision = decide(progress, cached=cached_status, now=now, rules=RULES, rng=MID)
     if isinstance(decision, Ask):
         decision = decide(
-            progress, cached=cached_status, now=now, rules=RULES, answer=TryLater(0.0)
+            progress, cached=cached_status, now=now, rules=RULES, answer=TryLater(0.0), rng=MID
         )
     return decision
 
@@ -415,7 +422,9 @@ def test_no_answer_at_the_end_of_the_grace_is_expire() -> None:
     """decide's last rule (no answer by the end of the deadline's grace) is expire's end."""
     progress = Progress(started_at=NOW - 130, deadline_at=NOW - 10, checks=9, failures=5)
     for seen in (None, cached("processing")):
-        decision = decide(progress, cached=seen, now=NOW, rules=RULES, answer=ServerError(500))
+        decision = decide(
+            progress, cached=seen, now=NOW, rules=RULES, rng=MID, answer=ServerError(500)
+        )
         assert decision == expire(seen)
 
 

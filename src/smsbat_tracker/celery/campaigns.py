@@ -38,6 +38,7 @@ from smsbat_tracker.engine.campaign import validate_campaign_id
 from smsbat_tracker.engine.session import Subscription
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.provider.models import validate_message_id
+from smsbat_tracker.rules.decide import campaign_first_tick_at
 
 __all__ = ["campaign_tick", "get_campaign_report", "track_campaign"]
 
@@ -152,7 +153,7 @@ def track_campaign(
     total = len(set(message_ids))
     metrics.get().campaigns_started.inc()
     metrics.get().campaign_messages.inc(total)
-    first = enqueued_at + runner.settings.first_delay * (1 - runner.settings.jitter)
+    first = campaign_first_tick_at(runner.engine.rules, started_at=enqueued_at)
     for slot, run in runner.chains(campaign_id, meta).items():
         if run.endswith(":0"):  # a chain not started yet (a redelivery finds them started)
             campaign_tick.apply_async(

@@ -29,7 +29,6 @@ import redis
 from celery import Celery, current_app, shared_task
 from celery.utils import uuid
 
-from smsbat_tracker import metrics
 from smsbat_tracker.celery.names import SETTLE_TASK, TRACK_TASK
 from smsbat_tracker.celery.task_base import (
     CALLBACK_ARGS,
@@ -44,24 +43,11 @@ from smsbat_tracker.celery.task_base import (
     stamp,
 )
 from smsbat_tracker.celery.tracker import tracker_of
-from smsbat_tracker.engine.check import Check
-from smsbat_tracker.engine.engine import Engine
-from smsbat_tracker.engine.session import Session, Subscription, build_result
-from smsbat_tracker.errors import SmsbatError
+from smsbat_tracker.engine.run import RunRequest, run_check, settle_from_cache
+from smsbat_tracker.engine.session import Subscription
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.provider.models import MessageStatus, validate_message_id
-from smsbat_tracker.rules.decide import (
-    Answer,
-    Ask,
-    AwaitPush,
-    Finish,
-    Progress,
-    TryLater,
-    Wait,
-    decide,
-    line_position,
-)
-from smsbat_tracker.store.ratelimit import pause_for
+from smsbat_tracker.rules.decide import first_check_at
 
 __all__ = ["get_status", "settle_from_cache", "settle_message", "track_message"]
 
@@ -111,15 +97,16 @@ class TrackTask(TrackerTask):
                 owner=task_id,
                 started_at=now,
                 deadline_at=deadline_at,
-                first_at=min(now + tracker.settings.first_delay, deadline_at),
+                first_at=first_check_at(engine.rules, now=now, deadline_at=deadline_at),
             )
         if not sub.is_empty and not added:
             log.info("track.duplicate", message_id=message_id, subscription=sub.id)
         if "countdown" not in options and "eta" not in options:
             final = ended or (cached is not None and cached.is_final)
-            options["countdown"] = (
-                0.0 if final else min(tracker.settings.first_delay, session.deadline_at - now)
+            first_at = first_check_at(
+                engine.rules, now=now, deadline_at=session.deadline_at, final=final
             )
+            options["countdown"] = max(0.0, first_at - now)
         try:
             result = super().apply_async(args, kwargs, *rest, **options)
         except BaseException:
@@ -137,19 +124,6 @@ class TrackTask(TrackerTask):
             joined=session.owner != task_id,
         )
         return result
-
-
-def _reason(decision: Wait | AwaitPush) -> NextRun:
-    """A retry's reason, from the decision that schedules it."""
-    wait = f"{decision.seconds:.1f} s"
-    if isinstance(decision, AwaitPush):
-        return NextRun(f"awaiting the provider's push; next look in {wait}")
-    if decision.failed:
-        return NextRun(f"the request failed; retry in {wait}")
-    if not decision.counted:
-        return NextRun(f"no turn to ask the API yet; next try in {wait}")
-    status = decision.status.deliverystatus if decision.status else "no status yet"
-    return NextRun(f"{status}; next check in {wait}")
 
 
 def _take_chain(task: AnyTask) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
@@ -178,16 +152,18 @@ def track_message(
     on_timeout: dict[str, Any] | None = None,
     enqueued_at: float | None = None,
 ) -> dict[str, Any]:
-    """Track one message to its final state or the deadline; see the module docstring."""
+    """Track one message to its final state or the deadline; see the module docstring.
+
+    The check itself is :func:`~smsbat_tracker.engine.run.run_check`; the task adds what
+    only Celery knows (the request's chain and links, its ETA, its retry number) and turns
+    the run's outcome into a return value or its next run.
+    """
     validate_message_id(message_id)
     engine = engine_of(self)
-    settings = engine.settings
     now = time.time()
     task_id = str(self.request.id)
     run = int(self.request.retries or 0)
-    first_run = not run
-
-    if first_run:
+    if not run:
         # The enqueue registered the callbacks, unless the task was sent by name
         # (send_task) or run eagerly: then they are registered here. A chain or link is
         # only known here, in the request.
@@ -203,104 +179,21 @@ def track_message(
         if not sub.is_empty and not engine.subscribe(message_id, sub):
             log.info("track.duplicate", message_id=message_id, subscription=sub.id)
     started = enqueued_at if enqueued_at is not None else now
-    deadline_at = started + (deadline if deadline is not None else settings.deadline)
-    # Round trip one: the session, the outcome, the cache, and a turn to ask the API.
-    start = engine.start(
-        message_id,
-        owner=task_id,
-        run=run,
-        started_at=started,
-        deadline_at=deadline_at,
-        due_at=line_position(
-            Progress(started, deadline_at), due_at=_due_at(self.request.eta, now), now=now
+    outcome = run_check(
+        engine,
+        RunRequest(
+            message_id,
+            owner=task_id,
+            run=run,
+            started_at=started,
+            deadline_at=started + (deadline if deadline is not None else engine.settings.deadline),
+            due_at=_due_at(self.request.eta, now),
+            now=now,
         ),
     )
-    session, cached = start.session, start.cached
-    if first_run and session.owner == task_id:
-        metrics.get().started.inc()
-    if start.recorded is not None:
-        # Finished already (webhook, an earlier run, another session): claim what is ours.
-        return engine.settle(message_id, None, claimer=task_id).result or start.recorded
-    if start.turn is None:  # not the run the session expects
-        if first_run and session.owner != task_id:
-            log.info("track.joined", message_id=message_id, owner=session.owner)
-            return {"message_id": message_id, "outcome": "joined", "owner": session.owner}
-        return _superseded(message_id, session.owner)
-
-    progress = session.progress
-    decision = decide(progress, cached=cached, now=now, rules=engine.rules)
-    answer: Answer | None = None
-    if isinstance(decision, Ask):
-        try:
-            answer = engine.ask(message_id, start.turn)
-        except (TryLater, SmsbatError) as exc:
-            answer = exc
-            if isinstance(exc, SmsbatError):
-                log.warning("track.api_error", message_id=message_id, error=str(exc))
-        decision = decide(
-            progress, cached=cached, now=time.time(), rules=engine.rules, answer=answer
-        )
-    assert not isinstance(decision, Ask)  # an answer is never followed by another ask
-    asked = answer is not None and not isinstance(answer, TryLater)
-    # Round trip two writes what this run learned, with its next step.
-    check = Check(
-        answer=answer if isinstance(answer, MessageStatus) else None,
-        asked=asked,
-        unused_turn=start.turn.taken and answer is None,
-        pushed=isinstance(decision, AwaitPush) and not session.pushed,
-        pause=pause_for(answer),
-    )
-    if isinstance(decision, AwaitPush):
-        # The provider pushes this message's changes; the webhook will end tracking.
-        log.info("track.awaiting_push", message_id=message_id, next_in=round(decision.seconds, 3))
-        return _next_run(self, session, run, decision, check)
-    status = decision.status
-    if isinstance(decision, Wait) and decision.failed:
-        log.info("track.retry", message_id=message_id, next_in=round(decision.seconds, 3))
-    elif asked or (isinstance(decision, Wait) and decision.counted):
-        log.info(
-            "track.check",
-            message_id=message_id,
-            deliverystatus=status.deliverystatus if status else None,
-            source="api" if asked else "cache",
-            attempt=session.checks + 1,
-            next_in=round(decision.seconds, 3) if isinstance(decision, Wait) else None,
-        )
-    if isinstance(decision, Finish):
-        if isinstance(answer, MessageStatus):
-            source: str | None = "poll"
-        else:
-            source = cached.source if cached is not None and status is cached.status else None
-        result = build_result(
-            message_id,
-            decision.outcome,
-            status=status,
-            source=source,
-            started_at=session.started_at,
-            polls=session.polls + (1 if asked else 0),
-            error=decision.error,
-        )
-        return engine.settle(message_id, result, claimer=task_id, check=check).result
-    return _next_run(self, session, run, decision, check)
-
-
-def _next_run(
-    task: AnyTask, session: Session, run: int, decision: Wait | AwaitPush, check: Check
-) -> dict[str, Any]:
-    """Schedule the next run as ``decision`` says; fenced: a superseded run stops instead."""
-    message_id = session.message_id
-    wait = decision.seconds
-    if not engine_of(task).reschedule(
-        message_id,
-        owner=str(task.request.id),
-        run=run,
-        next_at=time.time() + wait,
-        counted=isinstance(decision, Wait) and decision.counted,
-        failed=isinstance(decision, Wait) and decision.failed,
-        check=check,
-    ):
-        return _superseded(message_id, session.owner)
-    raise rerun(task, countdown=wait, exc=_reason(decision))
+    if outcome.wait is None:
+        return outcome.result or {}
+    raise rerun(self, countdown=outcome.wait, exc=NextRun(outcome.reason))
 
 
 def _due_at(eta: Any, now: float) -> float:
@@ -313,12 +206,6 @@ def _due_at(eta: Any, now: float) -> float:
     return now
 
 
-def _superseded(message_id: str, owner: str) -> dict[str, Any]:
-    """A run whose tracking was taken over (re-driven) or that is a stale copy: it stops."""
-    log.info("track.superseded", message_id=message_id, owner=owner)
-    return {"message_id": message_id, "outcome": "superseded", "owner": owner}
-
-
 @shared_task(bind=True, base=TrackerTask, name=SETTLE_TASK)
 def settle_message(self: AnyTask, message_id: str) -> dict[str, Any] | None:
     """Finish a tracked message from its cached final status (for code that stores pushes).
@@ -328,36 +215,6 @@ def settle_message(self: AnyTask, message_id: str) -> dict[str, Any] | None:
     """
     validate_message_id(message_id)
     return settle_from_cache(engine_of(self), message_id, claimer=str(self.request.id))
-
-
-def settle_from_cache(engine: Engine, message_id: str, *, claimer: str) -> dict[str, Any] | None:
-    """End a tracked message whose cached status is final; None when there is nothing to end.
-
-    The webhook receiver calls this in its own process, one queue hop sooner than
-    ``settle_message``; both go through the engine's exactly-once settle.
-    """
-    cached = engine.cache.get(message_id)
-    session = engine.session(message_id)
-    if session is None and cached is not None and cached.is_final:
-        # A push after the tracking ended (a duplicate): the settle finds the outcome and
-        # cuts what the message keeps back to it (the push's cache entry included).
-        engine.settle(message_id, None, claimer=claimer)
-        return None
-    if cached is None or not cached.is_final or session is None:
-        return None
-    progress = session.progress
-    decision = decide(progress, cached=cached, now=time.time(), rules=engine.rules)
-    if not isinstance(decision, Finish):
-        return None
-    result = build_result(
-        message_id,
-        decision.outcome,
-        status=decision.status,
-        source=cached.source,
-        started_at=session.started_at,
-        polls=session.polls,
-    )
-    return engine.settle(message_id, result, claimer=claimer).result
 
 
 def get_status(message_id: str, *, app: Celery | None = None) -> MessageStatus:

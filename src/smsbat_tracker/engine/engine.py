@@ -14,6 +14,7 @@ and each dispatch, so that a lost run is re-driven.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,9 @@ class Engine:
         self.cache = StatusCache(redis_client, settings, self.keys)
         self.schedule = Schedule.from_settings(settings)
         self.rules = Rules.from_settings(settings, self.schedule)
+        # The jitter's draws. The OS's randomness: a generator seeded before a prefork
+        # worker forks would draw the same jitter in every child.
+        self.rng = random.SystemRandom()
         self.limiter = RateLimiter(redis_client, settings, self.keys)
         self.sessions = Sessions(settings, redis_client, self.keys)
         self.checks = Checks(

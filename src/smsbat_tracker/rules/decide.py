@@ -59,7 +59,6 @@ The rules, in order:
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -221,8 +220,7 @@ def decide(
     now: float,
     rules: Rules,
     answer: Answer | None = None,
-    # Deprecated default: the global ``random``; goes once every caller passes its own.
-    rng: Rng = random.random,
+    rng: Rng,
 ) -> Decision:
     """What to do next; ``answer`` is this check's (None before asking), ``rng`` the
     source of the next wait's jitter. See the module (rules 3-8)."""

@@ -115,9 +115,7 @@ class Schedule:
             min_interval=settings.min_interval,
         )
 
-    # Deprecated default: the global ``random``; the callers pass their own ``rng`` and
-    # the default goes (with next_wait's) once they all do.
-    def delay(self, attempt: int, rng: Rng = random.random) -> float:
+    def delay(self, attempt: int, rng: Rng) -> float:
         """The backoff before check number ``attempt``, its jitter drawn from ``rng``."""
         return compute_backoff(
             attempt,
@@ -136,7 +134,7 @@ class Schedule:
         attempt: int,
         last_check_at: float | None = None,
         retry_after: float | None = None,
-        rng: Rng = random.random,  # deprecated default, as delay's
+        rng: Rng,
     ) -> float | None:
         """Seconds until the next check, or ``None`` once the deadline has come.
 

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from smsbat_tracker import metrics
 from smsbat_tracker.config import Settings
 from smsbat_tracker.engine.engine import Engine
+from smsbat_tracker.engine.run import settle_from_cache
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.connections import redis_client
 from smsbat_tracker.webhook.auth import carries_token, webhook_token
@@ -153,8 +154,6 @@ class WebhookReceiver:
     def _settle_here(self, message_id: str) -> None:
         """End the message's tracking in this process: its callbacks go out at once,
         through the engine's Celery app."""
-        from smsbat_tracker.celery.track import settle_from_cache
-
         settle_from_cache(self.engine(), message_id, claimer=f"webhook-{uuid.uuid4().hex}")
 
     def warm(self) -> None:

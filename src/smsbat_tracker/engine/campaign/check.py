@@ -68,11 +68,14 @@ class BatchCheck:
         """
         engine, settings = self.engine, self.settings
         limiter = engine.limiter
+        rng = engine.rng.random
         now = time.time()
         decisions: dict[str, Decision] = {}
         to_call: list[str] = []
         for m in due:
-            decision = decide(progress[m], cached=cached.get(m), now=now, rules=engine.rules)
+            decision = decide(
+                progress[m], cached=cached.get(m), now=now, rules=engine.rules, rng=rng
+            )
             if isinstance(decision, Ask):
                 to_call.append(m)
             else:
@@ -117,6 +120,11 @@ class BatchCheck:
         now = time.time()
         for m, answer in answers.items():
             decisions[m] = decide(
-                progress[m], cached=cached.get(m), now=now, rules=engine.rules, answer=answer
+                progress[m],
+                cached=cached.get(m),
+                now=now,
+                rules=engine.rules,
+                answer=answer,
+                rng=engine.rng.random,
             )
         return len(gated), turn, decisions, answers

@@ -16,8 +16,7 @@ from smsbat_tracker.engine.campaign.registry import Registry
 from smsbat_tracker.engine.campaign.report import build_report
 from smsbat_tracker.engine.engine import Engine
 from smsbat_tracker.log import get_logger
-from smsbat_tracker.rules.decide import Ask, Decision, Progress, TryLater, decide
-from smsbat_tracker.rules.seen import CachedStatus
+from smsbat_tracker.rules.decide import Decision, expire
 from smsbat_tracker.store.campaign_scripts import ClaimReport, ClaimReportCode
 from smsbat_tracker.store.keys import Keys
 
@@ -53,9 +52,8 @@ class Finisher:
             if not left:
                 break
             cached = read_cached(self.engine, left)
-            self._recorder.record(
-                campaign_id, meta, self._at_deadline(meta, left, cached), started_at
-            )
+            expired: dict[str, Decision] = {m: expire(cached.get(m)) for m in left}
+            self._recorder.record(campaign_id, meta, expired, started_at)
             self.redis.zrem(due_key, *left)  # recorded earlier by another tick: drop anyway
         self.redis.hset(self.keys.campaign(campaign_id), "state", "finished")
         meta = self._registry.meta(campaign_id)
@@ -131,22 +129,4 @@ class Finisher:
         for key, value in meta.items():
             if key.startswith("n:"):
                 out[key[2:]] = int(value)
-        return out
-
-    def _at_deadline(
-        self, meta: dict[str, str], ids: list[str], cached: dict[str, CachedStatus]
-    ) -> dict[str, Decision]:
-        """What the rules make of messages left unfinished when the campaign ends: decided
-        as at the end of the deadline check's grace, with no time left to ask."""
-        rules, deadline_at = self.engine.rules, float(meta["deadline_at"])
-        now = max(time.time(), deadline_at + rules.deadline_grace)
-        out: dict[str, Decision] = {}
-        for m in ids:
-            progress = Progress(float(meta["started_at"]), deadline_at)
-            decision = decide(progress, cached=cached.get(m), now=now, rules=rules)
-            if isinstance(decision, Ask):
-                decision = decide(
-                    progress, cached=cached.get(m), now=now, rules=rules, answer=TryLater(0.0)
-                )
-            out[m] = decision
         return out

@@ -4,7 +4,6 @@ their runs (the fencing tokens the ticks and the re-driver go by)."""
 from __future__ import annotations
 
 import json
-import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from smsbat_tracker.engine.session import Subscription
 from smsbat_tracker.errors import SmsbatError
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.provider.models import validate_message_id
+from smsbat_tracker.rules.decide import campaign_first_check_at, campaign_first_tick_at
 from smsbat_tracker.store.campaign_scripts import TickNext, TickNextCode
 from smsbat_tracker.store.keys import Keys
 
@@ -37,6 +37,7 @@ class Registry:
     """Campaigns as Redis holds them: registered once, their chains moved on fenced."""
 
     def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self.settings = engine.settings
         self.keys = engine.keys
         self.redis = engine.redis
@@ -85,18 +86,19 @@ class Registry:
             )
             self.redis.pexpire(meta_key, ttl_ms)
         due = self.keys.campaign_due(campaign_id)
-        first = self.settings.first_delay
-        jitter = self.settings.jitter
+        rules, rng = self.engine.rules, self.engine.rng.random
         for start in range(0, len(ids), ZADD_CHUNK):
             chunk = ids[start : start + ZADD_CHUNK]
             # Spread the first checks so a large send does not poll in one burst.
             scores = {
-                m: min(enqueued_at + first * (1 + jitter * (2 * random.random() - 1)), deadline_at)
+                m: campaign_first_check_at(
+                    rules, started_at=enqueued_at, deadline_at=deadline_at, rng=rng
+                )
                 for m in chunk
             }
             self.redis.zadd(due, scores, nx=True)  # nx: a finished registration is resumable
         self.redis.pexpire(due, ttl_ms)
-        first_tick = enqueued_at + first * (1 - jitter)
+        first_tick = campaign_first_tick_at(rules, started_at=enqueued_at)
         pipe = self.redis.pipeline()
         for slot in range(self.settings.campaign_ticks):
             pipe.hset(meta_key, f"tick:{slot}", f"{uuid.uuid4().hex[:12]}:0")

@@ -17,7 +17,7 @@ from smsbat_tracker.engine.campaign.record import Recorder
 from smsbat_tracker.engine.campaign.registry import Registry
 from smsbat_tracker.engine.engine import Engine
 from smsbat_tracker.engine.session import Subscription
-from smsbat_tracker.rules.decide import Answer, AwaitPush, Decision, Progress
+from smsbat_tracker.rules.decide import Answer, AwaitPush, Decision, Progress, campaign_over
 from smsbat_tracker.store.campaign_scripts import Claim
 
 __all__ = ["CLAIM_SECONDS", "LEASE_SECONDS", "CampaignRunner", "TickResult"]
@@ -131,8 +131,7 @@ class CampaignRunner:
         started_at = float(meta["started_at"])
         deadline_at = float(meta["deadline_at"])
         # Past the deadline check's grace and one more tick: what is left is decided now.
-        grace = self.settings.deadline_grace + self.settings.max_delay + self.settings.min_interval
-        if now > deadline_at + grace:
+        if campaign_over(self.engine.rules, deadline_at=deadline_at, now=now):
             self.finish(campaign_id, meta)
             return TickResult(0, 0, 0, True, None)
 
@@ -187,7 +186,7 @@ class CampaignRunner:
         recorded, left, first = self._record(
             campaign_id, meta, decisions, started_at, answers=answers, chain=chain, pushed=pushed
         )
-        if not left:
+        if campaign_over(self.engine.rules, deadline_at=deadline_at, now=now, left=left):
             self.finish(campaign_id, meta)
             return TickResult(len(due), api_calls, recorded, True, None)
         next_in = max(0.0, first - time.time()) if first is not None else 0.0
