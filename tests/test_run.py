@@ -1,0 +1,96 @@
+"""engine.run.run_check: one run of a tracking, with no Celery app, on the test Redis and
+the sandbox API (the task around it only adds what Celery knows)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from smsbat_tracker.config import Settings
+from smsbat_tracker.engine.engine import Engine
+from smsbat_tracker.engine.run import RunRequest, run_check
+from smsbat_tracker.engine.session import Subscription
+from smsbat_tracker.provider.client import SmsbatClient
+from smsbat_tracker.store.connections import redis_client
+from smsbat_tracker.tools.sandbox import SandboxServer
+
+
+@pytest.fixture
+def engine(make_settings: Callable[..., Settings]) -> Iterator[Engine]:
+    """An engine with no Celery app, on its own key prefix."""
+    settings = make_settings(key_prefix=f"run{uuid.uuid4().hex[:8]}")
+    client: redis.Redis = redis_client(settings, decode_responses=True)
+    api = SmsbatClient.from_settings(settings)
+    yield Engine(settings, client, api, app=None)
+    api.close()
+    client.close()
+
+
+def _request(engine: Engine, message_id: str, owner: str, run: int = 0, **times: Any) -> RunRequest:
+    now = time.time()
+    started_at = times.get("started_at", now)
+    return RunRequest(
+        message_id,
+        owner=owner,
+        run=run,
+        started_at=started_at,
+        deadline_at=started_at + engine.settings.deadline,
+        due_at=now,
+        now=now,
+    )
+
+
+def _register(engine: Engine, message_id: str, owner: str) -> None:
+    now = time.time()
+    engine.register(
+        message_id,
+        Subscription(),
+        owner=owner,
+        started_at=now,
+        deadline_at=now + engine.settings.deadline,
+        first_at=now,
+    )
+
+
+def test_a_final_status_ends_the_run_with_its_result(
+    engine: Engine, sandbox: SandboxServer
+) -> None:
+    """A run that finds the message delivered returns the result; no app is needed."""
+    mid = sandbox.state.create_scripted([("delivered", 0)])
+    _register(engine, mid, "owner-1")
+    outcome = run_check(engine, _request(engine, mid, "owner-1"))
+    assert outcome.wait is None
+    assert outcome.result is not None
+    assert outcome.result["outcome"] == "delivered"
+    assert outcome.result["source"] == "poll"
+    assert engine.outcome(mid) is not None
+
+
+def test_an_in_flight_status_asks_for_a_next_run_with_its_reason(
+    engine: Engine, sandbox: SandboxServer
+) -> None:
+    """A message still processing gives a wait and the reason Flower shows."""
+    mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 600)])
+    _register(engine, mid, "owner-2")
+    outcome = run_check(engine, _request(engine, mid, "owner-2"))
+    assert outcome.result is None
+    assert outcome.wait is not None
+    assert outcome.wait > 0
+    assert outcome.reason.startswith("processing; next check in")
+
+
+def test_a_second_first_run_joins_and_a_stale_run_is_superseded(
+    engine: Engine, sandbox: SandboxServer
+) -> None:
+    """The session's owner runs; another first run joins it; a stale retry stops."""
+    mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 600)])
+    _register(engine, mid, "owner-3")
+    joined = run_check(engine, _request(engine, mid, "someone-else"))
+    assert joined.result == {"message_id": mid, "outcome": "joined", "owner": "owner-3"}
+    stale = run_check(engine, _request(engine, mid, "someone-else", run=4))
+    assert stale.result == {"message_id": mid, "outcome": "superseded", "owner": "owner-3"}
