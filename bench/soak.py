@@ -144,11 +144,13 @@ def soak(args: argparse.Namespace, url: str, sandbox: SandboxServer) -> dict[str
     rng = random.Random(args.seed)
     settings = load_settings(redis_url=url, base_url=sandbox.url, api_key=sandbox.config.api_key)
     os.environ.update(settings.to_env())
-    from smsbat_tracker.celery.track import track_message
+    from smsbat_tracker.celery.names import TRACK_TASK
     from smsbat_tracker.tools.recipes import record_outcome
     from smsbat_tracker.worker import app
 
     app.reconfigure(settings)
+    # The app's own task: the sender thread's current app is Celery's default, not this one.
+    track_message = app.tasks[TRACK_TASK]
     client = redis.Redis.from_url(url, decode_responses=True)
     client.flushdb()
     expected: dict[str, str] = {}
