@@ -442,7 +442,8 @@ def test_in_broker_finds_ids_in_the_queues_and_the_unacked_hash(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
     """Ids carried by a queued message (any priority list) or an unacknowledged one are
-    found; others are not. A slice stops at its budget and says where to go on."""
+    found (the latter with its delivery tag); others are not. A slice stops at its budget
+    and says where to go on."""
     queue = f"{keys.prefix}-q"
     high = kombu_queue_list(queue, 3)
     unacked = f"{keys.prefix}-unacked"
@@ -461,6 +462,7 @@ def test_in_broker_finds_ids_in_the_queues_and_the_unacked_hash(
     )
     assert whole.done
     assert whole.found == {"in-queue", "in-high", "held"}
+    assert whole.unacked == {"held": "tag-1"}  # fetched: its delivery tag, to give it back
     part = scan(
         unacked=unacked,
         queues=[queue, high],

@@ -665,3 +665,37 @@ def test_unreadable_queues_are_logged_not_silently_unwatched(
     [(event, fields)] = logged
     assert event == "redrive.queues_unknown"
     assert fields["error"].startswith("AttributeError")
+
+
+def test_a_follow_up_a_killed_worker_fetched_but_never_noted_goes_back(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A callback kombu moved to its unacked hash for a worker killed before it noted it is
+    in no held set, and would wait for kombu's visibility timeout (an hour): once fetched
+    longer ago than SMSBAT_REDRIVE_AFTER it goes back to its queue. One fetched just now,
+    or one a live worker holds, stays."""
+    engine = tracker_app.engine
+    keys = Keys()
+    now = time.time()
+    redis_client.hset(keys.worker_queues(), "celery", repr(now))  # a tracker worker's queue
+    engine._queues_seen = (0.0, set())
+    sig = record_outcome.s(label="orphan")
+    engine.send_once([(sig, "orphan-id", {}), (sig, "held-id", {})], {"x": 1}, maybe_sent=False)
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    fetched = {}
+    for _ in range(2):
+        message = channel.basic_get("celery", no_ack=False)
+        fetched[message.headers["id"]] = message
+    assert redis_client.llen("celery") == 0
+    redriver, alive = Redriver(tracker_app, redis_client), Redriver(tracker_app, redis_client)
+    # Just fetched: the fetcher may be noting it now.
+    assert redriver.follow_ups.resend_lost(now + 1, now + 1) == 0
+    assert redis_client.hlen("unacked") == 2
+    later = now + tracker_app.settings.redrive_after + 1
+    alive.held.note_held([SimpleNamespace(message=fetched["held-id"])], later)
+    assert redriver.follow_ups.resend_lost(later, later) == 0  # given back, not sent again
+    assert redis_client.hkeys("unacked") == [str(fetched["held-id"].delivery_tag)]
+    [queued] = redis_client.lrange("celery", 0, -1)
+    assert json.loads(queued)["headers"]["id"] == "orphan-id"
+    connection.release()

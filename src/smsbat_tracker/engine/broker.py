@@ -57,7 +57,14 @@ class Broker:
         return kombu_unacked_key(self.app.conf.broker_transport_options if self.app else None)
 
     def in_broker(self, task_ids: Sequence[str], sigs: Sequence[Signature[Any]]) -> set[str]:
-        """Which of ``task_ids`` the broker holds: in their queues, or unacknowledged.
+        """Which of ``task_ids`` the broker holds: in their queues, or unacknowledged."""
+        return set(self.locate(task_ids, sigs))
+
+    def locate(
+        self, task_ids: Sequence[str], sigs: Sequence[Signature[Any]]
+    ) -> dict[str, str | None]:
+        """Where the broker holds each of ``task_ids`` it holds: None for one in its queue,
+        its delivery tag for one a worker fetched and has not acknowledged.
 
         Read in slices of :data:`SCAN_BUDGET` entries, one round trip each, until every id
         is found or all is read. Each slice is atomic; a message that moves between the
@@ -68,6 +75,7 @@ class Broker:
         ]
         wanted = list(dict.fromkeys(task_ids))
         found: set[str] = set()
+        fetched: dict[str, str] = {}
         at, cursor = int(ScanPlace.FIRST), "0"
         while wanted:
             piece = self._in_broker(
@@ -79,8 +87,9 @@ class Broker:
                 task_ids=wanted,
             )
             found |= piece.found
+            fetched.update(piece.unacked)
             if piece.done:
                 break
             wanted = [i for i in wanted if i not in found]
             at, cursor = piece.at, piece.cursor
-        return found
+        return {task_id: fetched.get(task_id) for task_id in found}

@@ -31,6 +31,11 @@ def kombu_unacked_key(transport_options: Mapping[str, Any] | None) -> str:
     return str((transport_options or {}).get("unacked_key", "unacked"))
 
 
+def kombu_unacked_index_key(transport_options: Mapping[str, Any] | None) -> str:
+    """The sorted set of when each unacknowledged message was fetched (delivery tag -> time)."""
+    return str((transport_options or {}).get("unacked_index_key", "unacked_index"))
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Builds key names under ``prefix`` (``SMSBAT_KEY_PREFIX``)."""

@@ -8,8 +8,8 @@ turn, cutting a finished tracking back to its outcome) is in ``lua/lib/``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from smsbat_tracker.store.scripts import Script
@@ -393,6 +393,8 @@ class BrokerSlice:
     found: frozenset[str]
     at: int  # ScanPlace.DONE, or the place to go on at
     cursor: str  # the offset, or the HSCAN cursor, in that place
+    # The ids found in kombu's unacked hash: id -> delivery tag (fetched by a worker).
+    unacked: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -417,7 +419,8 @@ class InBroker(Script):
     ) -> BrokerSlice:
         """``unacked``: kombu's hash; ``queues``: the queue lists; ``budget``: the most
         entries read; ``at``/``cursor``: where to go on (ScanPlace.FIRST and '0' to start)."""
-        next_at, next_cursor, found = self.run(
+        next_at, next_cursor, found, tags = self.run(
             [unacked, *queues], [budget, int(at), cursor, len(queues), len(task_ids), *task_ids]
         )
-        return BrokerSlice(frozenset(map(str, found)), int(next_at), str(next_cursor))
+        held = {str(tags[i]): str(tags[i + 1]) for i in range(0, len(tags), 2)}
+        return BrokerSlice(frozenset(map(str, found)), int(next_at), str(next_cursor), held)

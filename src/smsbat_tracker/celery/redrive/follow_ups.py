@@ -5,6 +5,14 @@ unacknowledged, so a worker killed with the reply unread loses it. A follow-up (
 callback, a report) the tracker sent to a queue tracker workers consume stays in the
 ``unreceived`` index until one of them receives it (:meth:`.held.HeldRegistry.note_received`);
 one gone from the broker unreceived is sent again with the same task id.
+
+A worker killed after kombu moved the message to its ``unacked`` hash, but before the
+worker noted it, leaves it there, in no worker's held set: nobody would give it back
+before kombu's visibility timeout (an hour by default), and the callback would be late by
+that much. One fetched more than ``SMSBAT_REDRIVE_AFTER`` ago that no live worker holds is
+given back to its queue (:class:`.giveback.GiveBack`); a tracker worker notes what it
+fetches at once, so only a fetcher that died (or a foreign worker on the same queue,
+which the README advises against) leaves one there that long.
 """
 
 from __future__ import annotations
@@ -15,9 +23,10 @@ from typing import Any
 import redis
 
 from smsbat_tracker.celery.redrive.bounds import RESEND_LIMIT, SWEEP_LIMIT
+from smsbat_tracker.celery.redrive.giveback import GiveBack
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.log import get_logger
-from smsbat_tracker.store.keys import Keys
+from smsbat_tracker.store.keys import Keys, kombu_unacked_index_key
 
 __all__ = ["FollowUps"]
 
@@ -31,6 +40,7 @@ class FollowUps:
         self.tracker = tracker
         self.redis = client
         self.keys = Keys(tracker.settings.key_prefix)
+        self.giveback = GiveBack(tracker, client)
 
     def resend_lost(self, cutoff: float, now: float) -> int:
         """Send again the follow-up tasks sent before ``cutoff`` that no tracker worker has
@@ -55,7 +65,10 @@ class FollowUps:
         known: dict[str, dict[str, Any]] = {i: json.loads(raw) for i, raw in raws.items() if raw}
         engine = self.tracker.engine
         sigs = {i: signature(send["sig"], app=app) for i, send in known.items()}
-        present = engine.in_broker(list(known), list(sigs.values())) if known else set()
+        present = engine.broker.locate(list(known), list(sigs.values())) if known else {}
+        fetched = {i: tag for i, tag in present.items() if tag is not None}
+        if fetched:
+            self.give_back_orphans(fetched, now)
         lost: list[str] = []
         pipe = self.redis.pipeline(transaction=False)
         for task_id in ids:
@@ -86,3 +99,29 @@ class FollowUps:
         if resent:
             log.warning("redrive.resent", tasks=resent)
         return resent
+
+    def give_back_orphans(self, fetched: dict[str, str], now: float) -> int:
+        """Give back the follow-ups (task id -> delivery tag) a worker fetched more than
+        ``SMSBAT_REDRIVE_AFTER`` ago and no live worker holds; how many were."""
+        settings = self.tracker.settings
+        options = self.tracker.app.conf.broker_transport_options
+        index = kombu_unacked_index_key(options)
+        tags = list(fetched.values())
+        pipe = self.redis.pipeline(transaction=False)
+        for tag in tags:
+            pipe.zscore(index, tag)
+        since = dict(zip(tags, pipe.execute(), strict=True))
+        old = [t for t in tags if since[t] is not None and since[t] < now - settings.redrive_after]
+        if not old:
+            return 0
+        alive = self.redis.zrangebyscore(
+            self.keys.holders(), repr(now - settings.redrive_after), "+inf"
+        )
+        held: set[str] = set()
+        for holder in map(str, alive):
+            marks = self.redis.smismember(self.keys.held(holder), old)
+            held |= {t for t, mark in zip(old, marks, strict=True) if mark}
+        orphans = [t for t in old if t not in held]
+        if not orphans:
+            return 0
+        return self.giveback.restore(orphans, "redrive.orphans_restored")

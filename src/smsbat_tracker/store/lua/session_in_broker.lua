@@ -7,7 +7,7 @@
 -- an entry is never skipped. The lists go first: a message fetched meanwhile moves from
 -- them to the hash, read last.
 -- Returns {the place to go on at (DONE: finished, or every id found), the offset or HSCAN
--- cursor in it, the ids found}.
+-- cursor in it, the ids found, and for those found in the hash: id, delivery tag, ...}.
 local unacked = KEYS[1]            -- kombu's hash of fetched, unacknowledged messages
 local FIRST_QUEUE = 2              -- KEYS[FIRST_QUEUE ..]: the queue_count queue lists
 local budget = tonumber(ARGV[1])   -- the most entries read in this call
@@ -19,7 +19,7 @@ local FIRST_ID = 6                 -- ARGV[FIRST_ID .. FIRST_ID + id_count - 1]:
 local DONE = 0
 local UNACKED_AT = queue_count + 1
 
-local want, left, found = {}, 0, {}
+local want, left, found, tags = {}, 0, {}, {}
 for i = FIRST_ID, FIRST_ID + id_count - 1 do
   if not want[ARGV[i]] then
     want[ARGV[i]] = true
@@ -27,7 +27,8 @@ for i = FIRST_ID, FIRST_ID + id_count - 1 do
   end
 end
 
--- Looks for the ids still wanted in entries[first], entries[first + step], ...
+-- Looks for the ids still wanted in entries[first], entries[first + step], ...; in the
+-- hash (step 2) the entry before each message is its delivery tag.
 local function look(entries, first, step)
   for i = first, #entries, step do
     for id in pairs(want) do
@@ -35,6 +36,10 @@ local function look(entries, first, step)
         found[#found + 1] = id
         want[id] = nil
         left = left - 1
+        if step == 2 then
+          tags[#tags + 1] = id
+          tags[#tags + 1] = entries[i - 1]
+        end
       end
     end
   end
@@ -60,5 +65,5 @@ while left > 0 and budget > 0 and at <= UNACKED_AT do
     if cursor == '0' then at = at + 1 end
   end
 end
-if left == 0 or at > UNACKED_AT then return {DONE, '0', found} end
-return {at, cursor, found}
+if left == 0 or at > UNACKED_AT then return {DONE, '0', found, tags} end
+return {at, cursor, found, tags}
