@@ -112,8 +112,10 @@ class TrackTask(TrackerTask):
         except BaseException:
             # Not published: undo the registration, or a later call would join a session
             # that nobody runs.
-            with contextlib.suppress(redis.RedisError):
+            try:
                 engine.abandon(message_id, owner=task_id, subscription=sub.id if added else None)
+            except redis.RedisError as exc:  # the due index re-drives the session nobody runs
+                log.warning("track.abandon_failed", message_id=message_id, error=str(exc))
             raise
         log.info(
             "track.enqueued",

@@ -10,7 +10,6 @@ holds it. A follow-up to a queue tracker workers consume is noted until one rece
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -169,9 +168,11 @@ class Dispatcher:
         except BaseException:
             unsent = [task_id for _, task_id, _ in todo[done:]]
             if noted and unsent:
-                with contextlib.suppress(redis.RedisError):
+                try:
                     self._redis.zrem(self._keys.unreceived(), *unsent)
                     self._redis.hdel(self._keys.unreceived_sends(), *unsent)
+                except redis.RedisError as exc:  # the sweep finds them unsent and sends them
+                    log.warning("dispatch.unnote_failed", tasks=len(unsent), error=str(exc))
             raise
 
     def _watched_queues(self, now: float) -> set[str]:

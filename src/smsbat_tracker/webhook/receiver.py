@@ -284,7 +284,8 @@ class WebhookReceiver:
         try:
             await self.ensure_warm()
             ok = await run_in_threadpool(self.ping)
-        except Exception:  # any failure to reach Redis (or to build the engine) is "down"
+        except Exception as exc:  # any failure to reach Redis (or to build the engine) is "down"
+            log.warning("webhook.unhealthy", error=type(exc).__name__, detail=str(exc))
             ok = False
         if ok:
             return JSONResponse({"status": "ok"})
