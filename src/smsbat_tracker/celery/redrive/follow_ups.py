@@ -117,10 +117,11 @@ class FollowUps:
         alive = self.redis.zrangebyscore(
             self.keys.holders(), repr(now - settings.redrive_after), "+inf"
         )
-        held: set[str] = set()
-        for holder in map(str, alive):
-            marks = self.redis.smismember(self.keys.held(holder), old)
-            held |= {t for t, mark in zip(old, marks, strict=True) if mark}
+        pipe = self.redis.pipeline(transaction=False)
+        pairs = [(holder, tag) for holder in map(str, alive) for tag in old]
+        for holder, tag in pairs:
+            pipe.sismember(self.keys.held(holder), tag)  # SMISMEMBER needs Redis 6.2
+        held = {tag for (_, tag), mark in zip(pairs, pipe.execute(), strict=True) if mark}
         orphans = [t for t in old if t not in held]
         if not orphans:
             return 0
