@@ -373,7 +373,7 @@ def test_the_same_seed_gives_the_same_waits() -> None:
 
 
 def _at_deadline_today(progress: Progress, cached_status: CachedStatus | None) -> Any:
-    """engine/campaign.py's ``_at_deadline`` as it was: ``now`` faked to the end of the
+    """The campaign's former ``_at_deadline``, as it was: ``now`` faked to the end of the
     deadline's grace, then a TryLater(0) answer when the rules asked to ask."""
     now = max(NOW, progress.deadline_at + RULES.deadline_grace)
     decision = decide(progress, cached=cached_status, now=now, rules=RULES, rng=MID)

@@ -1,6 +1,7 @@
 """The tracking engine: the one object the faces hold, composed of a tracking's parts.
 
-Celery tasks (:mod:`smsbat_tracker.celery.tasks`), the re-driver, campaigns and the webhook
+The Celery tasks (:mod:`smsbat_tracker.celery.track` and ``campaigns``, through
+:func:`~smsbat_tracker.engine.run.run_check`), the re-driver, campaigns and the webhook
 call into :class:`Engine`; it holds no state of its own beyond connections, so one per
 process serves every task. Its parts, one concept each: :class:`Sessions` (register, read,
 undo), :class:`Checks` (a check's two round trips, one-off reads), :class:`Settler`
