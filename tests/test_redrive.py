@@ -15,7 +15,7 @@ from kombu.exceptions import OperationalError
 from smsbat_tracker.celery.compat import kombu_qos
 from smsbat_tracker.celery.names import PUBLISHED_AT
 from smsbat_tracker.celery.redrive import LOCK_MS, RESEND_LIMIT, SWEEP_LIMIT, Redriver
-from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, RELEASE_CHUNK
+from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, ORPHAN_AFTER, RELEASE_CHUNK
 from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.config import Settings
 from smsbat_tracker.engine.session import Subscription, build_result
@@ -672,8 +672,8 @@ def test_a_follow_up_a_killed_worker_fetched_but_never_noted_goes_back(
 ) -> None:
     """A callback kombu moved to its unacked hash for a worker killed before it noted it is
     in no held set, and would wait for kombu's visibility timeout (an hour): once fetched
-    longer ago than SMSBAT_REDRIVE_AFTER it goes back to its queue. One fetched just now,
-    or one a live worker holds, stays."""
+    longer ago than ORPHAN_AFTER it goes back to its queue. One fetched more recently (its
+    worker may be reconnecting after a failover), or one a live worker holds, stays."""
     engine = tracker_app.engine
     keys = Keys()
     now = time.time()
@@ -692,7 +692,11 @@ def test_a_follow_up_a_killed_worker_fetched_but_never_noted_goes_back(
     # Just fetched: the fetcher may be noting it now.
     assert redriver.follow_ups.resend_lost(now + 1, now + 1) == 0
     assert redis_client.hlen("unacked") == 2
-    later = now + tracker_app.settings.redrive_after + 1
+    recently = now + ORPHAN_AFTER - 1
+    alive.held.note_held([SimpleNamespace(message=fetched["held-id"])], recently)
+    assert redriver.follow_ups.resend_lost(recently, recently) == 0
+    assert redis_client.hlen("unacked") == 2
+    later = now + ORPHAN_AFTER + 1
     alive.held.note_held([SimpleNamespace(message=fetched["held-id"])], later)
     assert redriver.follow_ups.resend_lost(later, later) == 0  # given back, not sent again
     assert redis_client.hkeys("unacked") == [str(fetched["held-id"].delivery_tag)]

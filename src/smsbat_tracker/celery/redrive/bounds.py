@@ -13,6 +13,7 @@ __all__ = [
     "HEARTBEAT",
     "HELD_CHUNK",
     "LOCK_MS",
+    "ORPHAN_AFTER",
     "OUTAGE_GRACE",
     "REFRESH_CHUNK",
     "RELEASE_CHUNK",
@@ -32,6 +33,10 @@ SWEEP_LIMIT: Final = 200
 OUTAGE_GRACE: Final = 2 * HEARTBEAT
 # A follow-up lost before any worker received it is sent again at most this often.
 RESEND_LIMIT: Final = 3
+# A follow-up fetched this long ago, unacknowledged, that no live worker holds is given
+# back (follow_ups.py): longer than any reconnection after a failover or a Redis restart,
+# since a live worker names everything it holds again at its first beat after one.
+ORPHAN_AFTER: Final = 30.0
 # The sweep lock outlives a sweep, and expires soon after its holder dies.
 LOCK_MS: Final = 5_000
 # Held tracker tasks whose due entries one refresh script call looks at.

@@ -9,10 +9,11 @@ one gone from the broker unreceived is sent again with the same task id.
 A worker killed after kombu moved the message to its ``unacked`` hash, but before the
 worker noted it, leaves it there, in no worker's held set: nobody would give it back
 before kombu's visibility timeout (an hour by default), and the callback would be late by
-that much. One fetched more than ``SMSBAT_REDRIVE_AFTER`` ago that no live worker holds is
-given back to its queue (:class:`.giveback.GiveBack`); a tracker worker notes what it
-fetches at once, so only a fetcher that died (or a foreign worker on the same queue,
-which the README advises against) leaves one there that long.
+that much. One fetched more than :data:`.bounds.ORPHAN_AFTER` ago that no live worker
+holds is given back to its queue (:class:`.giveback.GiveBack`). A tracker worker notes
+what it fetches at once, and names it again at every beat, also at its first one after a
+failover that lost the note: only a fetcher that died (or a foreign worker on the same
+queue, which the README advises against) leaves one unnamed that long.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import redis
 
-from smsbat_tracker.celery.redrive.bounds import RESEND_LIMIT, SWEEP_LIMIT
+from smsbat_tracker.celery.redrive.bounds import ORPHAN_AFTER, RESEND_LIMIT, SWEEP_LIMIT
 from smsbat_tracker.celery.redrive.giveback import GiveBack
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.log import get_logger
@@ -102,7 +103,7 @@ class FollowUps:
 
     def give_back_orphans(self, fetched: dict[str, str], now: float) -> int:
         """Give back the follow-ups (task id -> delivery tag) a worker fetched more than
-        ``SMSBAT_REDRIVE_AFTER`` ago and no live worker holds; how many were."""
+        :data:`.bounds.ORPHAN_AFTER` ago and no live worker holds; how many were."""
         settings = self.tracker.settings
         options = self.tracker.app.conf.broker_transport_options
         index = kombu_unacked_index_key(options)
@@ -111,7 +112,8 @@ class FollowUps:
         for tag in tags:
             pipe.zscore(index, tag)
         since = dict(zip(tags, pipe.execute(), strict=True))
-        old = [t for t in tags if since[t] is not None and since[t] < now - settings.redrive_after]
+        bound = now - max(ORPHAN_AFTER, settings.redrive_after)
+        old = [t for t in tags if since[t] is not None and since[t] < bound]
         if not old:
             return 0
         alive = self.redis.zrangebyscore(
