@@ -312,7 +312,9 @@ def test_campaign_callbacks_a_dead_tick_left_are_sent_once_each(
     monkeypatch.setattr(Signature, "apply_async", publish)
     meta = runner.meta("rd-unsent")
     with pytest.raises(SystemExit):
-        runner._record("rd-unsent", meta, dict.fromkeys(ids, Finish("delivered")), time.time())
+        runner._recorder.record(
+            "rd-unsent", meta, dict.fromkeys(ids, Finish("delivered")), time.time()
+        )
     unsent = Keys().campaign_unsent("rd-unsent")
     assert sorted(redis_client.hkeys(unsent)) == ["rd-u1", "rd-u2"]
     assert runner.resend_unsent("rd-unsent", meta) == 0  # not stale yet: its tick may live
@@ -473,7 +475,7 @@ def test_a_callback_sent_again_after_a_crash_keeps_its_task_id(
         published.append(kwargs["task_id"])
 
     monkeypatch.setattr(Signature, "apply_async", publish)
-    mark = engine._sent
+    mark = engine.dispatcher.mark_sent
     calls = []
 
     def mark_fails_once(*args: Any, **kwargs: Any) -> Any:
@@ -482,7 +484,7 @@ def test_a_callback_sent_again_after_a_crash_keeps_its_task_id(
             raise redis.ConnectionError("Redis went away after the send")
         return mark(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_sent", mark_fails_once)
+    monkeypatch.setattr(engine.dispatcher, "mark_sent", mark_fails_once)
     result = build_result("rd-same", "delivered")
     with pytest.raises(redis.ConnectionError):
         engine.settle("rd-same", result, claimer="first")
@@ -525,7 +527,7 @@ def test_a_follow_up_lost_before_any_worker_received_it_is_sent_again(
     keys = Keys()
     now = time.time()
     redis_client.hset(keys.worker_queues(), "celery", repr(now))  # a tracker worker's queue
-    engine._queues_seen = (0.0, set())
+    engine.dispatcher.queues_seen = (0.0, set())
     sig = record_outcome.s(label="lost")
     engine.send_once([(sig, "lost-id", {}), (sig, "kept-id", {})], {"x": 1}, maybe_sent=False)
     assert set(redis_client.zrange(keys.unreceived(), 0, -1)) == {"lost-id", "kept-id"}
@@ -558,7 +560,7 @@ def test_follow_ups_to_queues_no_tracker_worker_consumes_are_not_watched(
     """Only a queue a tracker worker consumes confirms receipts: a callback routed
     elsewhere is sent once and not watched (it would look lost forever)."""
     engine = tracker_app.engine
-    engine._queues_seen = (0.0, set())
+    engine.dispatcher.queues_seen = (0.0, set())
     engine.send_once([(record_outcome.s(label="x"), "own-id", {})], {"x": 1}, maybe_sent=False)
     assert redis_client.zcard(Keys().unreceived()) == 0
     assert redis_client.llen("celery") == 1
@@ -678,7 +680,7 @@ def test_a_follow_up_a_killed_worker_fetched_but_never_noted_goes_back(
     keys = Keys()
     now = time.time()
     redis_client.hset(keys.worker_queues(), "celery", repr(now))  # a tracker worker's queue
-    engine._queues_seen = (0.0, set())
+    engine.dispatcher.queues_seen = (0.0, set())
     sig = record_outcome.s(label="orphan")
     engine.send_once([(sig, "orphan-id", {}), (sig, "held-id", {})], {"x": 1}, maybe_sent=False)
     connection = tracker_app.connection_for_write()

@@ -36,7 +36,6 @@ from smsbat_tracker.rules.seen import CachedStatus
 from smsbat_tracker.store.cache import StatusCache
 from smsbat_tracker.store.keys import Keys
 from smsbat_tracker.store.ratelimit import RateLimiter
-from smsbat_tracker.store.session_scripts import MarkSent
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -224,21 +223,3 @@ class Engine:
     def unacked_key(self) -> str:
         """Kombu's hash of fetched, unacknowledged messages on this app's broker."""
         return self.broker.unacked_key()
-
-    # The dispatcher's script and queue cache, under the names tests reach them by.
-
-    @property
-    def _sent(self) -> MarkSent:
-        return self.dispatcher.mark_sent
-
-    @_sent.setter
-    def _sent(self, script: MarkSent) -> None:
-        self.dispatcher.mark_sent = script
-
-    @property
-    def _queues_seen(self) -> tuple[float, set[str]]:
-        return self.dispatcher.queues_seen
-
-    @_queues_seen.setter
-    def _queues_seen(self, seen: tuple[float, set[str]]) -> None:
-        self.dispatcher.queues_seen = seen

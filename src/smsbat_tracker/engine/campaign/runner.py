@@ -17,7 +17,7 @@ from smsbat_tracker.engine.campaign.record import Recorder
 from smsbat_tracker.engine.campaign.registry import Registry
 from smsbat_tracker.engine.engine import Engine
 from smsbat_tracker.engine.session import Subscription
-from smsbat_tracker.rules.decide import Answer, AwaitPush, Decision, Progress, campaign_over
+from smsbat_tracker.rules.decide import AwaitPush, Progress, campaign_over
 from smsbat_tracker.store.campaign_scripts import Claim
 
 __all__ = ["CLAIM_SECONDS", "LEASE_SECONDS", "CampaignRunner", "TickResult"]
@@ -183,7 +183,7 @@ class CampaignRunner:
             if isinstance(decision, AwaitPush) and not progress[m].pushed
         ]
         # Round trip two: cache, count, re-score, record.
-        recorded, left, first = self._record(
+        recorded, left, first = self._recorder.record(
             campaign_id, meta, decisions, started_at, answers=answers, chain=chain, pushed=pushed
         )
         if campaign_over(self.engine.rules, deadline_at=deadline_at, now=now, left=left):
@@ -194,22 +194,6 @@ class CampaignRunner:
             next_in = max(next_in, turn)
         return TickResult(
             len(due), api_calls, recorded, False, min(next_in, self.settings.max_delay)
-        )
-
-    def _record(
-        self,
-        campaign_id: str,
-        meta: dict[str, str],
-        decisions: dict[str, Decision],
-        started_at: float,
-        *,
-        answers: dict[str, Answer] | None = None,
-        chain: tuple[int, str] | None = None,
-        pushed: Sequence[str] = (),
-    ) -> tuple[int, int, float | None]:
-        """Apply a batch's decisions in one round trip (:meth:`Recorder.record`)."""
-        return self._recorder.record(
-            campaign_id, meta, decisions, started_at, answers=answers, chain=chain, pushed=pushed
         )
 
     def resend_unsent(self, campaign_id: str, meta: dict[str, str]) -> int:
