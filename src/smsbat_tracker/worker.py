@@ -35,6 +35,7 @@ from smsbat_tracker.engine.engine import Engine
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import configure_logging
 from smsbat_tracker.redis_url import is_sentinel_url
+from smsbat_tracker.store.connections import SOCKET_TIMEOUT, socket_options
 
 __all__ = ["TrackerApp", "app", "create_app"]
 
@@ -124,12 +125,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": settings.unacked_restore_interval,
             "unacked_restore_throttle": 1,
+            **socket_options(),
             **sentinel,
         },
         "result_backend_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
             **sentinel,
         },
+        # Celery's default waits 120 s on a Redis that stopped answering.
+        "redis_socket_timeout": SOCKET_TIMEOUT,
+        "redis_socket_connect_timeout": SOCKET_TIMEOUT,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "result_serializer": "json",

@@ -27,6 +27,7 @@ from smsbat_tracker.config import NO_CREDENTIALS, Settings, load_settings
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import get_logger, register_secret
 from smsbat_tracker.redis_url import is_sentinel_url
+from smsbat_tracker.store.connections import socket_options
 
 __all__ = ["DEFAULT_QUEUE", "TrackerStep", "init_app", "tracker_routes"]
 
@@ -126,6 +127,8 @@ def configure(app: Celery, settings: Settings) -> None:
     transport.setdefault("visibility_timeout", settings.visibility_timeout)
     transport.setdefault("unacked_restore_interval", settings.unacked_restore_interval)
     transport.setdefault("unacked_restore_throttle", 1)
+    for option, value in socket_options().items():  # a frozen Redis holds no call for good
+        transport.setdefault(option, value)
     if is_sentinel_url(settings.redis_url):
         transport.setdefault("master_name", settings.sentinel_master)
     conf.broker_transport_options = transport

@@ -28,12 +28,23 @@ if TYPE_CHECKING:
     from celery import Celery
     from celery.canvas import Signature
 
-__all__ = ["QUEUES_CACHE", "Dispatcher"]
+__all__ = ["FOLLOW_UP_HEADER", "QUEUES_CACHE", "Dispatcher", "follow_up_options"]
 
 # How long a process trusts its copy of which queues tracker workers consume.
 QUEUES_CACHE: Final = 5.0
 
 log = get_logger(__name__)
+
+# The header of a follow-up whose receipt is watched: its acknowledgement notes the
+# receipt too, on the broker's own connection (smsbat_tracker.celery.redrive.follow_ups).
+FOLLOW_UP_HEADER: Final = "smsbat_follow_up"
+
+
+def follow_up_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` with the follow-up header added to its message headers."""
+    options = dict(options or {})
+    options["headers"] = {**dict(options.get("headers") or {}), FOLLOW_UP_HEADER: "1"}
+    return options
 
 
 class Dispatcher:
@@ -149,10 +160,12 @@ class Dispatcher:
         # between loses it. A follow-up to a queue tracker workers consume is noted before
         # it is sent (a worker may receive it at once) and kept until one receives it.
         noted = [
-            (sig, task_id, options)
+            (sig, task_id, follow_up_options(options))
             for sig, task_id, options in todo
             if watched and self._broker.queue_of(sig) in watched
         ]
+        marked = {task_id: options for _, task_id, options in noted}
+        todo = [(sig, task_id, marked.get(task_id, options)) for sig, task_id, options in todo]
         if noted:
             pipe = self._redis.pipeline(transaction=False)
             for sig, task_id, options in noted:

@@ -18,7 +18,7 @@ carry the same ones (:func:`parse_sentinel_url` refuses anything else).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import redis
 from redis.sentinel import Sentinel
@@ -28,7 +28,18 @@ from smsbat_tracker.redis_url import is_sentinel_url, parse_sentinel_url
 if TYPE_CHECKING:
     from smsbat_tracker.config import Settings
 
-__all__ = ["SentinelRedis", "redis_client"]
+__all__ = ["SOCKET_TIMEOUT", "SentinelRedis", "redis_client", "socket_options"]
+
+# A Redis that stops answering (frozen, or a network that drops packets rather than
+# resets) holds a call at most this long, rather than for good: every script and command
+# the tracker sends takes milliseconds, and none of them blocks.
+SOCKET_TIMEOUT: Final = 5.0
+
+
+def socket_options() -> dict[str, float]:
+    """The socket timeouts every client of the tracker gets unless told otherwise (the
+    broker's transport options and the result backend's too: see celery.integration)."""
+    return {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": SOCKET_TIMEOUT}
 
 
 class SentinelRedis(redis.Redis):
@@ -49,9 +60,11 @@ class SentinelRedis(redis.Redis):
 def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
     """A client of ``settings.redis_url``'s Redis (through its sentinels for ``sentinel://``).
 
-    ``kwargs`` are connection options (``decode_responses``, ``socket_timeout``, ...). The
-    sentinels get its ``socket_*`` options only, and no password, as kombu's do.
+    ``kwargs`` are connection options (``decode_responses``, ``socket_timeout``, ...), over
+    :func:`socket_options`. The sentinels get its ``socket_*`` options only, and no
+    password, as kombu's do.
     """
+    kwargs = {**socket_options(), **kwargs}
     url = settings.redis_url
     if not is_sentinel_url(url):
         return redis.Redis.from_url(url, **kwargs)

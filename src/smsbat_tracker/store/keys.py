@@ -122,6 +122,14 @@ class Keys:
         """Set: the broker delivery tags a worker held at its last heartbeat."""
         return f"{self.prefix}:held:{holder}"
 
+    def superseded(self) -> str:
+        """Sorted set: delivery tags given back to the queue under a new tag -> when.
+
+        The copy a frozen worker still holds under the old tag was superseded: it must not
+        run when that worker wakes up (see smsbat_tracker.celery.redrive.fence).
+        """
+        return f"{self.prefix}:superseded"
+
     def dispatch_id(self, *parts: str) -> str:
         """The task id of one follow-up task (a callback, a link, a chain step, a report).
 

@@ -16,6 +16,10 @@ once Redis is back). An acknowledgement on a torn-down channel is made on the re
 live client instead (the same two deletions kombu makes); one Redis is away for is
 deferred, and made by :func:`make_deferred_acks` at the re-driver's first beat that
 reaches Redis, before it gives anything back. Every error the patch absorbs is logged.
+
+An acknowledgement can also run a hook first (``before_ack``), on the channel's own
+client, so that what it writes reaches the same Redis as the acknowledgement, before it:
+after a Sentinel failover, a Redis that has the acknowledgement has the hook's write too.
 """
 
 from __future__ import annotations
@@ -53,11 +57,16 @@ _DEFERRED_LOCK = threading.Lock()
 # kombu's virtual QoS.ack: forgets a delivery in this process (no Redis call).
 Forget = Callable[[Any, Any], None]
 
+# Called before an acknowledgement with the channel's client and the task's headers.
+BeforeAck = Callable[[Any, dict[str, Any]], None]
+_BEFORE_ACK: dict[str, BeforeAck] = {}
 
-def install(client: redis.Redis | None = None) -> None:
-    """Patch kombu's Redis ``QoS`` (once; a later call only sets ``client``).
 
-    ``client`` is the live client acknowledgements on a torn-down channel are made with.
+def install(client: redis.Redis | None = None, before_ack: BeforeAck | None = None) -> None:
+    """Patch kombu's Redis ``QoS`` (once; a later call only sets ``client`` and the hook).
+
+    ``client`` is the live client acknowledgements on a torn-down channel are made with;
+    ``before_ack(channel_client, headers)`` runs before each acknowledgement.
     Raises :class:`~smsbat_tracker.errors.UnsupportedVersion` (patching nothing) on a
     kombu outside ``LOWEST``..``BELOW``.
     """
@@ -67,6 +76,8 @@ def install(client: redis.Redis | None = None) -> None:
 
     if client is not None:
         _ACK_CLIENT["client"] = client
+    if before_ack is not None:
+        _BEFORE_ACK["hook"] = before_ack
     qos = kombu_redis.QoS
     if getattr(qos.restore_unacked, _MARK, False):
         return
@@ -85,6 +96,7 @@ def install(client: redis.Redis | None = None) -> None:
 
     @functools.wraps(original_ack)
     def ack(self: Any, delivery_tag: Any) -> None:
+        _run_before_ack(self, delivery_tag)
         try:
             original_ack(self, delivery_tag)
         except AttributeError as exc:
@@ -127,6 +139,19 @@ def installed() -> bool:
     from kombu.transport import redis as kombu_redis
 
     return bool(getattr(kombu_redis.QoS.restore_unacked, _MARK, False))
+
+
+def _run_before_ack(qos: Any, delivery_tag: Any) -> None:
+    """The ``before_ack`` hook, on the channel's client; its errors are logged (the
+    acknowledgement then meets the same fault, and is handled as above)."""
+    hook = _BEFORE_ACK.get("hook")
+    message = qos._delivered.get(delivery_tag) if hook is not None else None
+    if hook is None or message is None:
+        return
+    try:
+        hook(qos.channel.client, dict(getattr(message, "headers", None) or {}))
+    except (redis.RedisError, AttributeError) as exc:
+        log.debug("redrive.before_ack_failed", tag=str(delivery_tag), error=str(exc)[:200])
 
 
 def _ack_on_live_client(qos: Any, delivery_tag: Any, forget: Forget) -> None:

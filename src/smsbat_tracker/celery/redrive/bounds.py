@@ -18,6 +18,7 @@ __all__ = [
     "REFRESH_CHUNK",
     "RELEASE_CHUNK",
     "RESEND_LIMIT",
+    "SUPERSEDED_FOR",
     "SWEEP_LIMIT",
     "chunked",
 ]
@@ -37,6 +38,9 @@ RESEND_LIMIT: Final = 3
 # back (follow_ups.py): longer than any reconnection after a failover or a Redis restart,
 # since a live worker names everything it holds again at its first beat after one.
 ORPHAN_AFTER: Final = 30.0
+# A delivery given back under a new tag is remembered this long (Keys.superseded): a
+# worker frozen longer than this, holding the old copy, would run it when it wakes up.
+SUPERSEDED_FOR: Final = 86_400.0
 # The sweep lock outlives a sweep, and expires soon after its holder dies.
 LOCK_MS: Final = 5_000
 # Held tracker tasks whose due entries one refresh script call looks at.

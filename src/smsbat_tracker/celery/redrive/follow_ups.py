@@ -14,6 +14,12 @@ holds is given back to its queue (:class:`.giveback.GiveBack`). A tracker worker
 what it fetches at once, and names it again at every beat, also at its first one after a
 failover that lost the note: only a fetcher that died (or a foreign worker on the same
 queue, which the README advises against) leaves one unnamed that long.
+
+The receipt is noted once more when the follow-up is acknowledged, on the broker's own
+connection, just before the acknowledgement (:func:`note_receipt_on_ack`, a hook of
+:mod:`smsbat_tracker.celery.compat.kombu_qos`): after a Sentinel failover, a new master
+that has the acknowledgement has that note too, so a follow-up that ran is never sent
+again because the note made at receipt was lost with the old master.
 """
 
 from __future__ import annotations
@@ -23,15 +29,33 @@ from typing import Any
 
 import redis
 
+from smsbat_tracker.celery.compat.kombu_qos import BeforeAck
 from smsbat_tracker.celery.redrive.bounds import ORPHAN_AFTER, RESEND_LIMIT, SWEEP_LIMIT
 from smsbat_tracker.celery.redrive.giveback import GiveBack
 from smsbat_tracker.celery.tracker import Tracker
+from smsbat_tracker.engine.dispatch import FOLLOW_UP_HEADER
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.keys import Keys, kombu_unacked_index_key
 
-__all__ = ["FollowUps"]
+__all__ = ["FollowUps", "note_receipt_on_ack"]
 
 log = get_logger(__name__)
+
+
+def note_receipt_on_ack(keys: Keys) -> BeforeAck:
+    """The hook that notes a follow-up received as it is acknowledged (see above)."""
+    index, sends = keys.unreceived(), keys.unreceived_sends()
+
+    def before_ack(client: Any, headers: dict[str, Any]) -> None:
+        task_id = headers.get("id")
+        if not headers.get(FOLLOW_UP_HEADER) or not task_id:
+            return
+        pipe = client.pipeline(transaction=False)
+        pipe.zrem(index, str(task_id))
+        pipe.hdel(sends, str(task_id))
+        pipe.execute()
+
+    return before_ack
 
 
 class FollowUps:

@@ -2,20 +2,26 @@
 
 A broker delivery tag still in kombu's ``unacked`` hash was neither acknowledged nor given
 back. When the worker that fetched it is dead, or dropped it with a lost connection, the
-task is put back on its queue by kombu's ``restore_by_tag`` (atomic under WATCH), so a
-task that had been acknowledged meanwhile is never run again.
+task is put back on its queue as kombu's ``restore_by_tag`` does (atomic under WATCH), so
+a task that had been acknowledged meanwhile is never run again, but under a new delivery
+tag, the old one noted as superseded (``compat.kombu_restore.restore_retagged``): a
+worker that was only frozen, and wakes up holding its copy, does not run it too
+(:mod:`.fence`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import redis
 
+from smsbat_tracker.celery.compat.kombu_restore import require_kombu, restore_retagged
 from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, chunked
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.log import get_logger
+from smsbat_tracker.store.keys import Keys
 
 __all__ = ["GiveBack"]
 
@@ -28,6 +34,7 @@ class GiveBack:
     def __init__(self, tracker: Tracker, client: redis.Redis) -> None:
         self.tracker = tracker
         self.redis = client
+        self.superseded_key = Keys(tracker.settings.key_prefix).superseded()
 
     def still_unacked(self, tags: Iterable[str]) -> list[str]:
         """The ``tags`` still in kombu's ``unacked`` hash, in order."""
@@ -45,11 +52,14 @@ class GiveBack:
         left = self.still_unacked(tags)
         if not left:
             return 0
+        require_kombu()
         restored = 0
+        now = time.time()
         with self.tracker.app.connection_for_write() as connection:
-            qos: Any = getattr(connection.default_channel, "qos")  # noqa: B009 - kombu's Redis QoS
+            channel: Any = connection.default_channel  # kombu's Redis channel
             for tag in left:
-                qos.restore_by_tag(tag, leftmost=True)
-                restored += 1
-        log.warning(event, tasks=restored, **fields)
+                if restore_retagged(channel, tag, self.superseded_key, now) is not None:
+                    restored += 1
+        if restored:
+            log.warning(event, tasks=restored, **fields)
         return restored

@@ -16,11 +16,13 @@ from typing import Any
 import redis
 
 from smsbat_tracker import metrics
+from smsbat_tracker.celery.names import TRACK_TASK
 from smsbat_tracker.celery.redrive.alive import Refresher
-from smsbat_tracker.celery.redrive.bounds import LOCK_MS, OUTAGE_GRACE
+from smsbat_tracker.celery.redrive.bounds import LOCK_MS, OUTAGE_GRACE, SUPERSEDED_FOR
 from smsbat_tracker.celery.redrive.dead import DeadWorkers
+from smsbat_tracker.celery.redrive.fence import Fence
 from smsbat_tracker.celery.redrive.follow_ups import FollowUps
-from smsbat_tracker.celery.redrive.held import HeldRegistry, held_requests
+from smsbat_tracker.celery.redrive.held import HeldRegistry, held_requests, request_tag
 from smsbat_tracker.celery.redrive.lost_runs import LostRuns
 from smsbat_tracker.celery.tracker import Tracker, tracker_of
 from smsbat_tracker.store.keys import Keys
@@ -33,7 +35,8 @@ class Redriver:
     """One worker's refresher and sweeper; :meth:`run_once` is one heartbeat.
 
     Its parts, each usable on its own: :attr:`held` (the held set and heartbeat),
-    :attr:`refresher`, :attr:`dead`, :attr:`follow_ups` and :attr:`lost_runs`.
+    :attr:`refresher`, :attr:`fence`, :attr:`dead`, :attr:`follow_ups` and
+    :attr:`lost_runs`.
     """
 
     def __init__(self, tracker: Tracker | Any, client: redis.Redis) -> None:
@@ -52,6 +55,7 @@ class Redriver:
         self.dead = DeadWorkers(self.tracker, client)
         self.follow_ups = FollowUps(self.tracker, client)
         self.lost_runs = LostRuns(self.app, client, self.keys)
+        self.fence = Fence(client, self.keys, self.settings.redrive_after)
         self._unlock = Unlock(client)
 
     def run_once(self) -> None:
@@ -61,11 +65,20 @@ class Redriver:
         outage this worker saw, or within :data:`OUTAGE_GRACE` of a Redis restart, it waits
         until every live worker has beaten again.
         """
+        started = self.fence.beat_started()
         now = time.time()
         due, scheduled = held_requests()
         try:
             self.held.note_held(due + scheduled, now)
             self.refresher.refresh(due)
+            self.fence.beat_confirmed(
+                started,
+                (
+                    tag
+                    for r in due + scheduled
+                    if getattr(r, "name", None) != TRACK_TASK and (tag := request_tag(r))
+                ),
+            )
         except redis.RedisError:
             self.beating_since = None
             raise
@@ -89,6 +102,7 @@ class Redriver:
             now = time.time() if now is None else now
             counts = metrics.get().redrives
             counts.labels("restored").inc(self.dead.restore(now))
+            self.redis.zremrangebyscore(self.keys.superseded(), "-inf", repr(now - SUPERSEDED_FOR))
             cutoff = now - self.settings.redrive_after - self.lost_runs.queue_age(now)
             counts.labels("follow_up").inc(self.follow_ups.resend_lost(cutoff, now))
             count = self.lost_runs.sweep(cutoff, now)

@@ -1,7 +1,8 @@
 """The worker bootstep that runs the re-driver, so that there is nothing more to run.
 
 On the workers of an app that called ``init_app``, :class:`RedriveStep` installs the kombu
-QoS patch (:mod:`smsbat_tracker.celery.compat.kombu_qos`), notes each task the worker
+QoS patch (:mod:`smsbat_tracker.celery.compat.kombu_qos`) and the fence of woken workers
+(:mod:`smsbat_tracker.celery.compat.celery_request`), notes each task the worker
 receives, and runs :class:`~.redriver.Redriver` on a thread every second until the
 worker stops; then it keeps the running tasks' entries alive until they are done, and
 retires.
@@ -16,14 +17,16 @@ from typing import Any
 import redis
 from celery import bootsteps, signals
 
-from smsbat_tracker.celery.compat import kombu_qos
+from smsbat_tracker.celery.compat import celery_request, kombu_qos
 from smsbat_tracker.celery.names import DUE_INDEXED
 from smsbat_tracker.celery.redrive.bounds import HEARTBEAT
+from smsbat_tracker.celery.redrive.follow_ups import note_receipt_on_ack
 from smsbat_tracker.celery.redrive.held import held_requests, running_requests
 from smsbat_tracker.celery.redrive.redriver import Redriver
 from smsbat_tracker.celery.tracker import find_tracker
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.connections import redis_client
+from smsbat_tracker.store.keys import Keys
 
 __all__ = ["RedriveStep"]
 
@@ -58,8 +61,12 @@ class RedriveStep(bootsteps.StartStopStep):
             socket_connect_timeout=1,
             health_check_interval=30,
         )
-        kombu_qos.install(self._client)
+        kombu_qos.install(
+            self._client,
+            before_ack=note_receipt_on_ack(Keys(tracker.settings.key_prefix)),
+        )
         redriver = self._redriver = Redriver(tracker, self._client)
+        celery_request.install(redriver.fence.superseded)
         signals.task_received.connect(self._received, weak=False)
         self._stop.clear()
         self._thread = threading.Thread(
@@ -110,6 +117,7 @@ class RedriveStep(bootsteps.StartStopStep):
 
     def stop(self, parent: Any) -> None:
         signals.task_received.disconnect(self._received)
+        celery_request.uninstall()
         self._stop.set()
         self._thread = None  # it retires on its own once the running tasks are done
         self._redriver = None

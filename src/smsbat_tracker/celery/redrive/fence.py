@@ -1,0 +1,121 @@
+"""A worker that wakes up from a freeze does not run what was handed to another.
+
+A frozen worker (SIGSTOP, a stopped container, a VM without CPU, a long pause) stops
+beating; after ``SMSBAT_REDRIVE_AFTER`` the others give back what it held, each task under
+a new delivery tag, the old tag noted in ``Keys.superseded()``
+(:mod:`.giveback`). When the frozen worker wakes up it still holds its copies under the
+old tags. Celery asks ``Request.revoked()`` before it runs a task, and the patch in
+:mod:`smsbat_tracker.celery.compat.celery_request` asks :meth:`Fence.superseded`:
+
+- while this worker's beats are recent (the last one confirmed began less than
+  ``SMSBAT_REDRIVE_AFTER`` minus :data:`MARGIN` ago), nothing can have been given back
+  from under it: no Redis call;
+- after a gap, the first beat that reaches Redis looks up every tag the worker holds,
+  and keeps those superseded in memory before it counts as recent;
+- until then, a task about to run is looked up on its own (one ``ZSCORE``).
+
+A tracking's own runs are fenced by its session (a superseded run stops at its first
+Redis call), and cost nothing here. A task already running when the worker froze runs to
+its end: nothing can stop it, and the README says so.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any, Final
+
+import redis
+
+from smsbat_tracker.celery.names import TRACK_TASK
+from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, chunked
+from smsbat_tracker.log import get_logger
+from smsbat_tracker.store.keys import Keys
+
+__all__ = ["MARGIN", "Fence"]
+
+log = get_logger(__name__)
+
+# Below SMSBAT_REDRIVE_AFTER by this much a beat still counts as recent: room for the
+# other workers' clocks and for the beat's own round trip.
+MARGIN: Final = 1.0
+# After a lookup failed (Redis away), tasks run without one for this long: the others
+# cannot give anything back without Redis either, and a lookup must not hold up the
+# consumer each time.
+LOOKUP_PAUSE: Final = 5.0
+
+
+class Fence:
+    """This worker's record of which of its copies were superseded."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, redrive_after: float) -> None:
+        self.redis = client
+        self.key = keys.superseded()
+        self.recent = max(0.5, redrive_after - MARGIN)
+        self._lock = threading.Lock()
+        self._superseded: set[str] = set()
+        # The start of the last beat that counts (both clocks): a fresh worker holds
+        # nothing anyone could have given back.
+        self._beat = (time.monotonic(), time.time())
+        self._paused_until = 0.0
+
+    def _since(self, mark: tuple[float, float]) -> float:
+        """Seconds since ``mark``: the monotonic clock stops in a suspend, the wall
+        clock may be set back; the larger of the two."""
+        return max(time.monotonic() - mark[0], time.time() - mark[1])
+
+    def is_recent(self) -> bool:
+        """Whether nothing this worker holds can have been given back by now."""
+        return self._since(self._beat) < self.recent
+
+    def beat_started(self) -> tuple[float, float]:
+        """The mark of a beat starting now (before it reads what the worker holds)."""
+        return (time.monotonic(), time.time())
+
+    def beat_confirmed(self, started: tuple[float, float], tags: Iterable[str]) -> int:
+        """A beat that began at ``started`` reached Redis, holding ``tags`` (tracker runs
+        aside). After a gap, looks them all up first. Returns how many are superseded.
+
+        Raises :class:`redis.RedisError` (the beat then does not count).
+        """
+        held = set(tags)
+        gap = started[0] - self._beat[0] >= self.recent or started[1] - self._beat[1] >= (
+            self.recent
+        )
+        found: set[str] = set()
+        if gap and held:
+            for chunk in chunked(sorted(held), HELD_CHUNK):
+                pipe = self.redis.pipeline(transaction=False)
+                for tag in chunk:
+                    pipe.zscore(self.key, tag)
+                found |= {t for t, s in zip(chunk, pipe.execute(), strict=True) if s is not None}
+        with self._lock:
+            self._superseded = (self._superseded & held) | found
+            self._beat = started
+        if found:
+            log.warning("redrive.superseded_held", tasks=len(found))
+        return len(found)
+
+    def superseded(self, request: Any) -> bool:
+        """Whether ``request``'s copy was given back from under this worker (Celery asks
+        before it runs the task; see the module's docstring)."""
+        if getattr(request, "name", None) == TRACK_TASK:
+            return False
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        if tag is None:
+            return False
+        tag = str(tag)
+        with self._lock:
+            if tag in self._superseded:
+                return True
+        if self.is_recent() or time.monotonic() < self._paused_until:
+            return False
+        try:
+            return self.redis.zscore(self.key, tag) is not None
+        except redis.RedisError as exc:
+            self._paused_until = time.monotonic() + LOOKUP_PAUSE
+            log.warning(
+                "redrive.fence_unreachable", error=type(exc).__name__, detail=str(exc)[:200]
+            )
+            return False
