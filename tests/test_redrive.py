@@ -705,3 +705,38 @@ def test_a_follow_up_a_killed_worker_fetched_but_never_noted_goes_back(
     [queued] = redis_client.lrange("celery", 0, -1)
     assert json.loads(queued)["headers"]["id"] == "orphan-id"
     connection.release()
+
+
+def test_a_follow_up_acknowledged_without_its_receipt_note_is_not_sent_again(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """The note made at receipt can be lost (a Sentinel failover: written to the old
+    master). The acknowledgement notes the receipt again on the broker's own connection,
+    just before it: a follow-up acknowledged is never sent again by the sweep."""
+    from smsbat_tracker.celery.redrive.follow_ups import note_receipt_on_ack
+    from smsbat_tracker.engine.dispatch import FOLLOW_UP_HEADER
+
+    engine = tracker_app.engine
+    keys = Keys()
+    now = time.time()
+    redis_client.hset(keys.worker_queues(), "celery", repr(now))
+    engine.dispatcher.queues_seen = (0.0, set())
+    engine.send_once(
+        [(record_outcome.s(label="acked"), "acked-id", {})], {"x": 1}, maybe_sent=False
+    )
+    kombu_qos.install(redis_client, before_ack=note_receipt_on_ack(keys))
+    connection = tracker_app.connection_for_write()
+    try:
+        message = connection.default_channel.basic_get("celery", no_ack=False)
+        assert message.headers[FOLLOW_UP_HEADER] == "1"
+        assert redis_client.zscore(keys.unreceived(), "acked-id") is not None  # never noted
+        message.ack()
+        assert redis_client.zscore(keys.unreceived(), "acked-id") is None
+        assert not redis_client.hexists(keys.unreceived_sends(), "acked-id")
+        redriver = Redriver(tracker_app, redis_client)
+        for later in (now + 30, now + 60):
+            assert redriver.follow_ups.resend_lost(later, later) == 0
+        assert redis_client.llen("celery") == 0
+    finally:
+        kombu_qos._BEFORE_ACK.clear()
+        connection.release()
