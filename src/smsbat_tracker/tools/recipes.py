@@ -11,6 +11,7 @@ shop in ``examples/django_shop``. A worker registers them only when asked to
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,15 @@ def recorded_key(tracker: Tracker | Any, label: str = "default") -> str:
 
 def _record(task: AnyTask, label: str, entry: dict[str, Any]) -> None:
     tracker = tracker_of(task.app)
-    entry = {**entry, "recorded_at": time.time(), "task": task.name, "task_id": task.request.id}
+    entry = {
+        **entry,
+        "recorded_at": time.time(),
+        "task": task.name,
+        "task_id": task.request.id,
+        # Which worker ran it (a prefork child's parent is the worker): the benchmarks
+        # tell a run twice by a woken worker from one whose worker died before its ack.
+        "pids": [os.getpid(), os.getppid()],
+    }
     # A callback should ride out a short outage of what it writes to (here Redis itself,
     # restarting): try again for a while rather than fail the one run it gets.
     give_up = time.monotonic() + _OUTAGE_PATIENCE
