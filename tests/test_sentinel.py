@@ -9,21 +9,19 @@ naming the missing binary, when those are not installed (``.ci/run`` installs th
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import secrets
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from bench.sentinel_cluster import DOWN_AFTER_MS, SentinelCluster
 from celery import Celery
 from celery.backends.redis import SentinelBackend
 from kombu import Connection
@@ -47,10 +45,6 @@ THREE = (
     f"sentinel://:{PASSWORD}@10.0.0.2:26380/2;"
     f"sentinel://:{PASSWORD}@10.0.0.3:26381/2"
 )
-
-# The sentinels' timing in the failover test: the README quotes the resume time with these.
-DOWN_AFTER_MS = 1000
-FAILOVER_TIMEOUT_MS = 10_000
 
 
 # --- the URL and the clients (no server) ----------------------------------------------------
@@ -198,137 +192,6 @@ def test_the_engine_of_a_sentinel_app_uses_the_sentinel_client(
 
 
 # --- a real master, replica and three sentinels ---------------------------------------------
-
-
-def _free_port() -> int:
-    from bench.workload import free_port
-
-    return free_port()
-
-
-@dataclass
-class SentinelCluster:
-    """One master, one replica and three sentinels on loopback, with a password."""
-
-    root: Path
-    password: str
-    master_name: str = "mymaster"
-    master_port: int = field(default_factory=_free_port)
-    replica_port: int = field(default_factory=_free_port)
-    sentinel_ports: list[int] = field(default_factory=lambda: [_free_port() for _ in range(3)])
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        """REDIS_URL: every sentinel, the master's password and database 0 on each."""
-        return ";".join(
-            f"sentinel://:{self.password}@127.0.0.1:{port}/0" for port in self.sentinel_ports
-        )
-
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        with open(self.root / f"{name}.log", "ab") as log:
-            self.procs[name] = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.root
-            )
-
-    def _server(self, name: str, port: int, *extra: str) -> None:
-        data = self.root / name
-        data.mkdir()
-        self._spawn(
-            name,
-            [
-                str(shutil.which("redis-server")),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(data),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory-policy",
-                "noeviction",
-                "--requirepass",
-                self.password,
-                "--masterauth",
-                self.password,
-                *extra,
-            ],
-        )
-
-    def start(self) -> None:
-        """Start everything; return once the sentinels agree on the master and its replica."""
-        self._server("master", self.master_port)
-        self._server(
-            "replica", self.replica_port, "--replicaof", "127.0.0.1", str(self.master_port)
-        )
-        with self.client(self.replica_port) as replica:
-            wait_for(
-                lambda: replica.info("replication").get("master_link_status") == "up", timeout=30
-            )
-        for n, port in enumerate(self.sentinel_ports):
-            conf = self.root / f"sentinel-{n}.conf"
-            conf.write_text(
-                f"port {port}\n"
-                "bind 127.0.0.1\n"
-                f'dir "{self.root}"\n'
-                f"sentinel monitor {self.master_name} 127.0.0.1 {self.master_port} 2\n"
-                f"sentinel auth-pass {self.master_name} {self.password}\n"
-                f"sentinel down-after-milliseconds {self.master_name} {DOWN_AFTER_MS}\n"
-                f"sentinel failover-timeout {self.master_name} {FAILOVER_TIMEOUT_MS}\n"
-                f"sentinel parallel-syncs {self.master_name} 1\n"
-            )
-            self._spawn(f"sentinel-{n}", [str(shutil.which("redis-sentinel")), str(conf)])
-        for port in self.sentinel_ports:
-            with self.client(port, auth=False) as sentinel:
-                wait_for(lambda s=sentinel: self._sees_everyone(s), timeout=45, interval=0.1)
-
-    def _sees_everyone(self, sentinel: redis.Redis) -> bool:
-        try:
-            state = sentinel.sentinel_master(self.master_name)
-        except redis.RedisError:
-            return False
-        return bool(state["num-slaves"] >= 1 and state["num-other-sentinels"] >= 2)
-
-    def client(self, port: int, *, auth: bool = True) -> redis.Redis:
-        """A direct client of one server (a sentinel: ``auth=False``, it has no password)."""
-        return redis.Redis(
-            port=port,
-            password=self.password if auth else None,
-            decode_responses=True,
-            socket_timeout=2,
-        )
-
-    def master_port_now(self) -> int | None:
-        """The master's port as the first sentinel that answers names it."""
-        for port in self.sentinel_ports:
-            with (
-                self.client(port, auth=False) as sentinel,
-                contextlib.suppress(redis.RedisError),
-            ):
-                address = sentinel.sentinel_get_master_addr_by_name(self.master_name)
-                return int(address[1]) if address else None
-        return None
-
-    def kill_master(self) -> None:
-        """SIGKILL the master: a real failure, with commands in flight."""
-        proc = self.procs["master"]
-        proc.kill()
-        proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        """Stop every process that still runs."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture
