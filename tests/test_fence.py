@@ -56,12 +56,16 @@ def test_a_task_given_back_goes_under_a_new_tag_and_the_old_one_is_superseded(
     channel = connection.default_channel
     frozen = channel.basic_get("celery", no_ack=False)
     old = str(frozen.delivery_tag)
+    tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 2},))
     dead = Redriver(tracker_app, redis_client)
     now = time.time()
     dead.held.note_held([SimpleNamespace(message=frozen)], now - 30)
     assert Redriver(tracker_app, redis_client).dead.restore(now) == 1
-    [queued] = redis_client.lrange("celery", 0, -1)
-    new = json.loads(queued)["properties"]["delivery_tag"]
+    # At the end consumed next (kombu pops from the right): it is the older of the two.
+    assert redis_client.llen("celery") == 2
+    restored = json.loads(redis_client.lindex("celery", -1))
+    assert restored["headers"]["id"] == frozen.headers["id"]
+    new = restored["properties"]["delivery_tag"]
     assert new != old
     assert redis_client.zscore(Keys().superseded(), old) == pytest.approx(now, abs=5)
     assert redis_client.hlen("unacked") == 0
@@ -74,6 +78,7 @@ def test_a_task_given_back_goes_under_a_new_tag_and_the_old_one_is_superseded(
     assert redis_client.hkeys("unacked") == [new]
     again.ack()
     assert redis_client.hlen("unacked") == 0
+    assert redis_client.llen("celery") == 1
     other.release()
     connection.release()
 

@@ -39,8 +39,8 @@ def require_kombu() -> None:
 def restore_retagged(
     channel: Any, tag: str, superseded_key: str, now: float, *, client: Any = None
 ) -> str | None:
-    """Give the message fetched under ``tag`` back to the head of its queue with a new
-    delivery tag, and note ``tag`` in ``superseded_key`` (scored ``now``), atomically.
+    """Give the message fetched under ``tag`` back to the head of its queue (the end
+    consumed next) with a new delivery tag, and note ``tag`` in ``superseded_key`` (scored ``now``), atomically.
 
     Returns the new tag, or None when ``tag`` was no longer unacknowledged (acknowledged
     or given back meanwhile: nothing is written).
@@ -61,7 +61,9 @@ def restore_retagged(
             payload, exchange, routing_key = loads(bytes_to_str(raw))
             payload["properties"]["delivery_tag"] = new_tag
             pipe.zadd(superseded_key, {tag: now})
-            channel._do_restore_message(payload, exchange, routing_key, pipe, True)
+            # At the consuming end (kombu pops from the right): it was published before
+            # everything queued now, and is the most overdue.
+            channel._do_restore_message(payload, exchange, routing_key, pipe, False)
             restored.append(new_tag)
 
     with channel.conn_or_acquire(client) as conn:
