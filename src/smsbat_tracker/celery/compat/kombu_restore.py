@@ -40,7 +40,8 @@ def restore_retagged(
     channel: Any, tag: str, superseded_key: str, now: float, *, client: Any = None
 ) -> str | None:
     """Give the message fetched under ``tag`` back to the head of its queue (the end
-    consumed next) with a new delivery tag, and note ``tag`` in ``superseded_key`` (scored ``now``), atomically.
+    consumed next) with a new delivery tag, and note ``tag`` in ``superseded_key``
+    (scored ``now``), atomically.
 
     Returns the new tag, or None when ``tag`` was no longer unacknowledged (acknowledged
     or given back meanwhile: nothing is written).
