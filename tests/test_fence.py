@@ -218,6 +218,10 @@ def test_kombu_keeps_what_the_retagged_give_back_relies_on() -> None:
     # A fetched message takes its delivery tag from its properties.
     message = inspect.getsource(virtual.Message.__init__)
     assert "delivery_tag=properties['delivery_tag']" in message
+    # The acknowledgement hook runs on the client kombu's own ack uses, not on the event
+    # loop's (a BRPOP may be in flight on that one).
+    assert "conn_or_acquire" in inspect.getsource(kombu_redis.QoS.pipe_or_acquire)
+    assert "_delivered" in inspect.getsource(virtual.QoS.__init__)
     params = inspect.signature(getattr(kombu_redis.Channel, "_do_restore_message")).parameters  # noqa: B009
     assert list(params) == ["self", "payload", "exchange", "routing_key", "pipe", "leftmost"]
 

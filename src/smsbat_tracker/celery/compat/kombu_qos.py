@@ -149,7 +149,10 @@ def _run_before_ack(qos: Any, delivery_tag: Any) -> None:
     if hook is None or message is None:
         return
     try:
-        hook(qos.channel.client, dict(getattr(message, "headers", None) or {}))
+        # The client kombu's own acknowledgement uses (the channel's synchronous pool):
+        # ``channel.client`` is the event loop's, with a BRPOP in flight.
+        with qos.channel.conn_or_acquire() as client:
+            hook(client, dict(getattr(message, "headers", None) or {}))
     except (redis.RedisError, AttributeError) as exc:
         log.debug("redrive.before_ack_failed", tag=str(delivery_tag), error=str(exc)[:200])
 
