@@ -34,6 +34,7 @@ from smsbat_tracker.celery.names import TRACK_TASK
 from smsbat_tracker.celery.redrive import Redriver
 from smsbat_tracker.celery.redrive.fence import LOOKUP_PAUSE, MARGIN, Fence
 from smsbat_tracker.config import Settings
+from smsbat_tracker.engine.dispatch import FOLLOW_UP_HEADER
 from smsbat_tracker.errors import UnsupportedVersion
 from smsbat_tracker.store.keys import Keys
 from smsbat_tracker.tools.recipes import record_outcome
@@ -41,8 +42,11 @@ from smsbat_tracker.tools.workers import worker_process
 from tests.conftest import recorded, wait_for
 
 
-def _request(tag: str, name: str = "smsbat_tracker.recipes.record_outcome") -> Any:
-    return SimpleNamespace(name=name, id=f"id-{tag}", message=SimpleNamespace(delivery_tag=tag))
+def _request(
+    tag: str, name: str = "smsbat_tracker.recipes.record_outcome", headers: Any = None
+) -> Any:
+    message = SimpleNamespace(delivery_tag=tag, headers=headers or {})
+    return SimpleNamespace(name=name, id=f"id-{tag}", message=message)
 
 
 def test_a_task_given_back_goes_under_a_new_tag_and_the_old_one_is_superseded(
@@ -302,3 +306,51 @@ def test_a_frozen_redis_holds_no_call_past_the_socket_timeout(
         finally:
             os.kill(server.pid, signal.SIGCONT)
         assert wait_for(client.ping, timeout=10)
+
+
+def test_a_follow_up_that_ran_is_skipped_when_a_copy_comes_back(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A follow-up the tracker sent that ran and was acknowledged is marked (Keys.ran):
+    a copy that comes back (a failover whose new master never saw it popped) is skipped,
+    beats recent or not. Another follow-up, or a task the tracker did not send, is not
+    looked up for it."""
+    keys = Keys()
+    fence = Fence(redis_client, keys, settings.redrive_after)
+    follow_up = {FOLLOW_UP_HEADER: "1"}
+    redis_client.set(keys.ran("id-copy"), "1", ex=60)
+    assert fence.is_recent()
+    assert fence.superseded(_request("copy", headers=follow_up))
+    assert not fence.superseded(_request("other", headers=follow_up))
+    redis_client.set(keys.ran("id-plain"), "1", ex=60)
+    assert not fence.superseded(_request("plain"))
+
+
+def test_an_acknowledgement_made_late_marks_the_follow_up_too(
+    redis_client: redis.Redis,
+) -> None:
+    """An acknowledgement Redis was away for is made at the next beat, with what the hook
+    adds (the receipt note and the mark that it ran), in the same pipeline."""
+    from smsbat_tracker.celery.compat import kombu_qos
+    from smsbat_tracker.celery.redrive.follow_ups import note_receipt_on_ack
+
+    keys = Keys()
+    redis_client.zadd(keys.unreceived(), {"late-id": 1.0})
+    redis_client.hset("unacked", "tag-late", "x")
+    message = SimpleNamespace(headers={"id": "late-id", FOLLOW_UP_HEADER: "1"})
+    qos = SimpleNamespace(
+        _delivered={"tag-late": message},
+        unacked_index_key="unacked_index",
+        unacked_key="unacked",
+    )
+    forgotten: list[str] = []
+    kombu_qos.install(redis_client, before_ack=note_receipt_on_ack(keys))
+    try:
+        kombu_qos._defer_ack(qos, "tag-late", lambda q, t: forgotten.append(t), OSError("away"))
+        assert forgotten == ["tag-late"]
+        assert kombu_qos.make_deferred_acks(redis_client) == 1
+    finally:
+        kombu_qos._BEFORE_ACK.clear()
+    assert not redis_client.hexists("unacked", "tag-late")
+    assert redis_client.zscore(keys.unreceived(), "late-id") is None
+    assert redis_client.exists(keys.ran("late-id"))

@@ -130,6 +130,11 @@ class Keys:
         """
         return f"{self.prefix}:superseded"
 
+    def ran(self, task_id: str) -> str:
+        """String: a follow-up task that ran and was acknowledged (kept briefly: a copy of
+        it a failover or a give-back brings back is then skipped)."""
+        return f"{self.prefix}:ran:{task_id}"
+
     def dispatch_id(self, *parts: str) -> str:
         """The task id of one follow-up task (a callback, a link, a chain step, a report).
 

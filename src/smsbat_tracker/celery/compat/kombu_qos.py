@@ -17,9 +17,11 @@ live client instead (the same two deletions kombu makes); one Redis is away for 
 deferred, and made by :func:`make_deferred_acks` at the re-driver's first beat that
 reaches Redis, before it gives anything back. Every error the patch absorbs is logged.
 
-An acknowledgement can also run a hook first (``before_ack``), on the channel's own
-client, so that what it writes reaches the same Redis as the acknowledgement, before it:
-after a Sentinel failover, a Redis that has the acknowledgement has the hook's write too.
+An acknowledgement can also run a hook first (``before_ack``): it adds commands to a
+pipeline sent just before the acknowledgement, on the same Redis (the channel's own
+client; the live client, or the deferred acknowledgements' pipeline, when the ack is
+made there): after a Sentinel failover, a Redis that has the acknowledgement has the
+hook's writes too.
 """
 
 from __future__ import annotations
@@ -50,14 +52,15 @@ _MARK: Final = "_smsbat_guarded"
 _ACK_CLIENT: dict[str, redis.Redis] = {}
 
 # Acknowledgements Redis was away for: delivery tag -> (kombu's unacked index, unacked
-# hash). Made at the re-driver's next beat that reaches Redis; never given back meanwhile.
-_DEFERRED_ACKS: dict[str, tuple[str, str]] = {}
+# hash, the message's headers). Made at the re-driver's next beat that reaches Redis;
+# never given back meanwhile.
+_DEFERRED_ACKS: dict[str, tuple[str, str, dict[str, Any]]] = {}
 _DEFERRED_LOCK = threading.Lock()
 
 # kombu's virtual QoS.ack: forgets a delivery in this process (no Redis call).
 Forget = Callable[[Any, Any], None]
 
-# Called before an acknowledgement with the channel's client and the task's headers.
+# Adds commands to the pipeline sent before an acknowledgement, given the task's headers.
 BeforeAck = Callable[[Any, dict[str, Any]], None]
 _BEFORE_ACK: dict[str, BeforeAck] = {}
 
@@ -66,7 +69,7 @@ def install(client: redis.Redis | None = None, before_ack: BeforeAck | None = No
     """Patch kombu's Redis ``QoS`` (once; a later call only sets ``client`` and the hook).
 
     ``client`` is the live client acknowledgements on a torn-down channel are made with;
-    ``before_ack(channel_client, headers)`` runs before each acknowledgement.
+    ``before_ack(pipeline, headers)`` adds to the pipeline sent before each one.
     Raises :class:`~smsbat_tracker.errors.UnsupportedVersion` (patching nothing) on a
     kombu outside ``LOWEST``..``BELOW``.
     """
@@ -141,18 +144,33 @@ def installed() -> bool:
     return bool(getattr(kombu_redis.QoS.restore_unacked, _MARK, False))
 
 
-def _run_before_ack(qos: Any, delivery_tag: Any) -> None:
-    """The ``before_ack`` hook, on the channel's client; its errors are logged (the
-    acknowledgement then meets the same fault, and is handled as above)."""
+def _headers(qos: Any, delivery_tag: Any) -> dict[str, Any]:
+    """The headers of the message held under ``delivery_tag`` (empty: none held)."""
+    message = qos._delivered.get(delivery_tag)
+    return dict(getattr(message, "headers", None) or {})
+
+
+def _add_before_ack(pipe: Any, headers: dict[str, Any]) -> None:
     hook = _BEFORE_ACK.get("hook")
-    message = qos._delivered.get(delivery_tag) if hook is not None else None
-    if hook is None or message is None:
+    if hook is not None and headers:
+        hook(pipe, headers)
+
+
+def _run_before_ack(qos: Any, delivery_tag: Any) -> None:
+    """The ``before_ack`` hook's pipeline, on the channel's client; its errors are logged
+    (the acknowledgement then meets the same fault, and is deferred with the hook's part)."""
+    if _BEFORE_ACK.get("hook") is None:
+        return
+    headers = _headers(qos, delivery_tag)
+    if not headers:
         return
     try:
         # The client kombu's own acknowledgement uses (the channel's synchronous pool):
         # ``channel.client`` is the event loop's, with a BRPOP in flight.
         with qos.channel.conn_or_acquire() as client:
-            hook(client, dict(getattr(message, "headers", None) or {}))
+            pipe = client.pipeline(transaction=False)
+            _add_before_ack(pipe, headers)
+            pipe.execute()
     except (redis.RedisError, AttributeError) as exc:
         log.debug("redrive.before_ack_failed", tag=str(delivery_tag), error=str(exc)[:200])
 
@@ -164,6 +182,7 @@ def _ack_on_live_client(qos: Any, delivery_tag: Any, forget: Forget) -> None:
         if client is None:
             raise redis.ConnectionError("no live client to acknowledge with")
         pipe = client.pipeline()
+        _add_before_ack(pipe, _headers(qos, delivery_tag))
         pipe.zrem(qos.unacked_index_key, delivery_tag)
         pipe.hdel(qos.unacked_key, delivery_tag)
         pipe.execute()
@@ -194,8 +213,9 @@ def _leave_unacked(qos: Any, delivery_tag: Any, forget: Forget, exc: BaseExcepti
 
 
 def _defer_ack(qos: Any, delivery_tag: Any, forget: Forget, exc: BaseException) -> None:
+    headers = _headers(qos, delivery_tag)
     with _DEFERRED_LOCK:
-        _DEFERRED_ACKS[str(delivery_tag)] = (qos.unacked_index_key, qos.unacked_key)
+        _DEFERRED_ACKS[str(delivery_tag)] = (qos.unacked_index_key, qos.unacked_key, headers)
     log.warning("redrive.ack_deferred", tag=str(delivery_tag), error=str(exc)[:200])
     forget(qos, delivery_tag)  # nor given back when the channel closes
 
@@ -208,7 +228,8 @@ def make_deferred_acks(client: redis.Redis) -> int:
     if not deferred:
         return 0
     pipe = client.pipeline()
-    for tag, (index, unacked) in deferred.items():
+    for tag, (index, unacked, headers) in deferred.items():
+        _add_before_ack(pipe, headers)
         pipe.zrem(index, tag)
         pipe.hdel(unacked, tag)
     pipe.execute()

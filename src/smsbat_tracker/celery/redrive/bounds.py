@@ -15,6 +15,7 @@ __all__ = [
     "LOCK_MS",
     "ORPHAN_AFTER",
     "OUTAGE_GRACE",
+    "RAN_FOR",
     "REFRESH_CHUNK",
     "RELEASE_CHUNK",
     "RESEND_LIMIT",
@@ -41,6 +42,10 @@ ORPHAN_AFTER: Final = 30.0
 # A delivery given back under a new tag is remembered this long (Keys.superseded): a
 # worker frozen longer than this, holding the old copy, would run it when it wakes up.
 SUPERSEDED_FOR: Final = 86_400.0
+# A follow-up that ran is remembered this long (Keys.ran): longer than a failover, a
+# give-back of an orphan (ORPHAN_AFTER) or a backlog that a copy brought back by either
+# could wait behind; short enough to cost little memory (one small key a follow-up).
+RAN_FOR: Final = 600.0
 # The sweep lock outlives a sweep, and expires soon after its holder dies.
 LOCK_MS: Final = 5_000
 # Held tracker tasks whose due entries one refresh script call looks at.

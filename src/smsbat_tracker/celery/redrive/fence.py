@@ -14,22 +14,27 @@ old tags. Celery asks ``Request.revoked()`` before it runs a task, and the patch
   and keeps those superseded in memory before it counts as recent;
 - until then, a task about to run is looked up on its own (one ``ZSCORE``).
 
-A tracking's own runs are fenced by its session (a superseded run stops at its first
-Redis call), and cost nothing here. A task already running when the worker froze runs to
-its end: nothing can stop it, and the README says so.
+A follow-up the tracker sent (a callback, a report) is also skipped when it already ran:
+its acknowledgement marked it (``Keys.ran``, see :mod:`.follow_ups`), and a copy that a
+failover brought back (the new master never saw it popped) or a give-back returned finds
+the mark. That costs one ``EXISTS`` per follow-up. A tracking's own runs are fenced by
+its session (a superseded run stops at its first Redis call), and cost nothing here. A
+task already running when the worker froze runs to its end: nothing can stop it, and the
+README says so.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import redis
 
 from smsbat_tracker.celery.names import TRACK_TASK
 from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, chunked
+from smsbat_tracker.engine.dispatch import FOLLOW_UP_HEADER
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.keys import Keys
 
@@ -51,6 +56,7 @@ class Fence:
 
     def __init__(self, client: redis.Redis, keys: Keys, redrive_after: float) -> None:
         self.redis = client
+        self.keys = keys
         self.key = keys.superseded()
         self.recent = max(0.5, redrive_after - MARGIN)
         self._lock = threading.Lock()
@@ -98,21 +104,37 @@ class Fence:
         return len(found)
 
     def superseded(self, request: Any) -> bool:
-        """Whether ``request``'s copy was given back from under this worker (Celery asks
-        before it runs the task; see the module's docstring)."""
+        """Whether ``request``'s copy was given back from under this worker, or is a
+        follow-up that already ran (Celery asks before it runs the task; see the module's
+        docstring)."""
         if getattr(request, "name", None) == TRACK_TASK:
             return False
-        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        message = getattr(request, "message", None)
+        tag = getattr(message, "delivery_tag", None)
         if tag is None:
             return False
+        headers = getattr(message, "headers", None) or {}
+        if headers.get(FOLLOW_UP_HEADER) and self._ran(str(getattr(request, "id", ""))):
+            return True
         tag = str(tag)
         with self._lock:
             if tag in self._superseded:
                 return True
-        if self.is_recent() or time.monotonic() < self._paused_until:
+        if self.is_recent():
+            return False
+        return self._ask(lambda: self.redis.zscore(self.key, tag) is not None)
+
+    def _ran(self, task_id: str) -> bool:
+        """Whether the follow-up ``task_id`` ran and was acknowledged (a copy a failover
+        or a give-back brought back; see :mod:`.follow_ups`)."""
+        return bool(task_id) and self._ask(lambda: bool(self.redis.exists(self.keys.ran(task_id))))
+
+    def _ask(self, lookup: Callable[[], bool]) -> bool:
+        """``lookup()``, or False while Redis is away (see :data:`LOOKUP_PAUSE`)."""
+        if time.monotonic() < self._paused_until:
             return False
         try:
-            return self.redis.zscore(self.key, tag) is not None
+            return lookup()
         except redis.RedisError as exc:
             self._paused_until = time.monotonic() + LOOKUP_PAUSE
             log.warning(

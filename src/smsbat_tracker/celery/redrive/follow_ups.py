@@ -17,9 +17,11 @@ queue, which the README advises against) leaves one unnamed that long.
 
 The receipt is noted once more when the follow-up is acknowledged, on the broker's own
 connection, just before the acknowledgement (:func:`note_receipt_on_ack`, a hook of
-:mod:`smsbat_tracker.celery.compat.kombu_qos`): after a Sentinel failover, a new master
-that has the acknowledgement has that note too, so a follow-up that ran is never sent
-again because the note made at receipt was lost with the old master.
+:mod:`smsbat_tracker.celery.compat.kombu_qos`), with a mark that it ran: after a Sentinel
+failover, a new master that has the acknowledgement has that note too, so a follow-up
+that ran is never sent again because the note made at receipt was lost with the old
+master; and a copy the new master still has queued (its pop was not replicated) is
+skipped by the worker that fetches it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from typing import Any
 import redis
 
 from smsbat_tracker.celery.compat.kombu_qos import BeforeAck
-from smsbat_tracker.celery.redrive.bounds import ORPHAN_AFTER, RESEND_LIMIT, SWEEP_LIMIT
+from smsbat_tracker.celery.redrive.bounds import (
+    ORPHAN_AFTER,
+    RAN_FOR,
+    RESEND_LIMIT,
+    SWEEP_LIMIT,
+)
 from smsbat_tracker.celery.redrive.giveback import GiveBack
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.engine.dispatch import FOLLOW_UP_HEADER
@@ -43,17 +50,18 @@ log = get_logger(__name__)
 
 
 def note_receipt_on_ack(keys: Keys) -> BeforeAck:
-    """The hook that notes a follow-up received as it is acknowledged (see above)."""
+    """The hook that notes a follow-up received, and ran, as it is acknowledged (see
+    above): a copy that comes back (a failover that lost the pop from the queue, a
+    give-back) is skipped by the fence (:mod:`.fence`) for :data:`.bounds.RAN_FOR`."""
     index, sends = keys.unreceived(), keys.unreceived_sends()
 
-    def before_ack(client: Any, headers: dict[str, Any]) -> None:
+    def before_ack(pipe: Any, headers: dict[str, Any]) -> None:
         task_id = headers.get("id")
         if not headers.get(FOLLOW_UP_HEADER) or not task_id:
             return
-        pipe = client.pipeline(transaction=False)
         pipe.zrem(index, str(task_id))
         pipe.hdel(sends, str(task_id))
-        pipe.execute()
+        pipe.set(keys.ran(str(task_id)), "1", ex=int(RAN_FOR))
 
     return before_ack
 
