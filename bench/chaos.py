@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -136,8 +137,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logging.disable(logging.INFO)  # this process's own enqueue lines; the workers log theirs
     rng = random.Random(args.seed)
     RESULTS.mkdir(exist_ok=True)
-    logs = RESULTS / "chaos-logs"
-    logs.mkdir(exist_ok=True)
+    # Each run's worker logs beside its figures (``--out x.json``: ``x-logs/``).
+    logs = args.out.parent / f"{args.out.stem}-logs"
+    logs.mkdir(parents=True, exist_ok=True)
     for old in logs.glob("*.log"):
         old.unlink()
     events: list[dict[str, Any]] = []
@@ -295,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             workers.close()
             sandbox.stop()
     summary = _analyse(truth, entries, reports, events, settings.deadline, redriven, args, t_zero)
-    summary.update(_reruns(entries, killed))
+    summary.update(_reruns(entries, killed, t_zero))
     summary["calls_per_message"] = {k: round(v, 2) for k, v in calls.items()}
     if doc_loop is not None:
         summary["doc_loop"] = doc_loop
@@ -327,30 +329,50 @@ def _plan(args: argparse.Namespace) -> list[tuple[float, str, list[int]]]:
     return sorted(plan, key=lambda step: step[0])
 
 
-def _reruns(entries: list[dict[str, Any]], killed: list[tuple[float, int]]) -> dict[str, Any]:
+def _reruns(
+    entries: list[dict[str, Any]], killed: list[tuple[float, int]], t0: float = 0.0
+) -> dict[str, Any]:
     """Callbacks run more than once under one task id, by cause.
 
-    A run whose worker was SIGKILLed within 3 s after it is Celery's at-least-once (the
-    worker died between running it and acknowledging it); any other is a copy run twice,
-    for example by a worker woken from a freeze.
+    A run whose worker was SIGKILLed after it and before the next run is Celery's
+    at-least-once (the worker died between running it and acknowledging it: within
+    moments, or later when Redis was away for the acknowledgement); any other is a copy
+    run twice, for example by a worker woken from a freeze. Each rerun is listed with its
+    runs (seconds from the send, worker pids) and the kills between them.
     """
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for entry in entries:
         runs[entry["task_id"]].append(entry)
     killed_before_ack = 0
     run_twice: list[str] = []
+    details: list[dict[str, Any]] = []
     for task_id, es in runs.items():
         es.sort(key=lambda e: e["recorded_at"])
-        for first in es[:-1]:
+        for first, second in itertools.pairwise(es):
             ran_in = set(first.get("pids") or ())
-            if any(pid in ran_in and 0 <= at - first["recorded_at"] <= 3.0 for at, pid in killed):
+            kills = [
+                round(at - t0, 2)
+                for at, pid in killed
+                if pid in ran_in and first["recorded_at"] <= at <= second["recorded_at"]
+            ]
+            if kills:
                 killed_before_ack += 1
             else:
                 run_twice.append(task_id)
+            details.append(
+                {
+                    "task_id": task_id,
+                    "runs": [
+                        (round(e["recorded_at"] - t0, 2), e.get("pids")) for e in (first, second)
+                    ],
+                    "worker_killed_at": kills,
+                }
+            )
     return {
         "reruns_killed_before_ack": killed_before_ack,
         "run_twice": len(run_twice),
         "run_twice_ids": run_twice[:20],
+        "reruns": details[:20],
     }
 
 
@@ -490,7 +512,7 @@ def _analyse(
             }
         )
     lateness.sort()
-    (RESULTS / "chaos-rows.json").write_text(json.dumps(rows))
+    (args.out.parent / f"{args.out.stem}-rows.json").write_text(json.dumps(rows))
 
     def q(p: float) -> float | None:
         if not lateness:

@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logging.disable(logging.INFO)
     rng = random.Random(args.seed)
     RESULTS.mkdir(exist_ok=True)
-    logs = RESULTS / "failover-logs"
-    logs.mkdir(exist_ok=True)
+    logs = args.out.parent / f"{args.out.stem}-logs"
+    logs.mkdir(parents=True, exist_ok=True)
     for old in logs.glob("*.log"):
         old.unlink()
     events: list[dict[str, Any]] = []
