@@ -334,15 +334,22 @@ def _reruns(
 ) -> dict[str, Any]:
     """Callbacks run more than once under one task id, by cause.
 
-    A run whose worker was SIGKILLed after it and before the next run is Celery's
+    A record written twice by one run (the same ``run`` id: the write was retried after a
+    lost connection) is one run. A run whose worker was SIGKILLed after it and before the
+    next run is Celery's
     at-least-once (the worker died between running it and acknowledging it: within
     moments, or later when Redis was away for the acknowledgement); any other is a copy
     run twice, for example by a worker woken from a freeze. Each rerun is listed with its
     runs (seconds from the send, worker pids) and the kills between them.
     """
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    seen: set[tuple[str, str]] = set()
     for entry in entries:
-        runs[entry["task_id"]].append(entry)
+        # One run's record written twice (a retried write whose first landed) is one run.
+        run = (entry["task_id"], entry.get("run") or str(id(entry)))
+        if run not in seen:
+            seen.add(run)
+            runs[entry["task_id"]].append(entry)
     killed_before_ack = 0
     run_twice: list[str] = []
     details: list[dict[str, Any]] = []

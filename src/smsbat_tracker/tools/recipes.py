@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -51,6 +52,9 @@ def _record(task: AnyTask, label: str, entry: dict[str, Any]) -> None:
         # Which worker ran it (a prefork child's parent is the worker): the benchmarks
         # tell a run twice by a woken worker from one whose worker died before its ack.
         "pids": [os.getpid(), os.getppid()],
+        # This run: the write below is retried after a lost connection, and may land
+        # twice (Redis ran the first, then died before replying); one run, not two.
+        "run": uuid.uuid4().hex,
     }
     # A callback should ride out a short outage of what it writes to (here Redis itself,
     # restarting): try again for a while rather than fail the one run it gets.
