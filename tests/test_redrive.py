@@ -433,6 +433,31 @@ def test_a_task_dropped_in_an_outage_right_after_its_receipt_goes_back(
     connection.release()
 
 
+def test_a_task_received_in_an_outage_is_named_for_the_others_at_the_first_beat_back(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A task received while Redis was away (its note at receipt failed) and dropped with
+    the connection is named in the held set at the first beat back, before this worker gives
+    it back: should the worker die in between, the others' sweep gives it back within
+    SMSBAT_REDRIVE_AFTER, not the orphan sweep ORPHAN_AFTER later (a Redis restart, then a
+    worker SIGKILL 4 s later: a callback 33 s late in a crash run)."""
+    tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 1},))
+    connection = tracker_app.connection_for_write()
+    dropped = connection.default_channel.basic_get("celery", no_ack=False)
+    tag = str(dropped.delivery_tag)
+    dying = Redriver(tracker_app, redis_client)
+    dying.held._received[tag] = time.monotonic() - 10.0  # noted locally; Redis was away
+    assert not redis_client.exists(Keys().held(dying.holder))
+    now = time.time()
+    assert dying.held.note_held([], now) == 0  # the first beat back; then SIGKILL
+    assert redis_client.sismember(Keys().held(dying.holder), tag)
+    sweeper = Redriver(tracker_app, redis_client)
+    assert sweeper.dead.restore(now + 10) == 1
+    assert redis_client.llen("celery") == 1
+    assert redis_client.hlen("unacked") == 0
+    connection.release()
+
+
 def test_a_task_finished_while_redis_is_away_is_acknowledged_once_it_is_back(
     tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

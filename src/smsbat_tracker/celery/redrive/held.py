@@ -147,8 +147,11 @@ class HeldRegistry:
         key = self.keys.held(self.holder)
         # Not a transaction: a worker holding thousands of countdowns writes them in bounded
         # commands. The beat comes last, so a sweep that sees it finds the held set written.
+        # Named too: what was received while Redis was away (its note at receipt failed)
+        # and what this beat will give back, so that the others find them should this
+        # worker die first (else only the orphan sweep would, ORPHAN_AFTER later).
         pipe = self.redis.pipeline(transaction=False)
-        for chunk in chunked(held, HELD_CHUNK):
+        for chunk in chunked(keep | gone, HELD_CHUNK):
             pipe.sadd(key, *chunk)
         new = [ids[t] for t in held - self._noted if ids[t]]
         for receipts in chunked(new, HELD_CHUNK):  # noted at receipt, unless Redis was away
