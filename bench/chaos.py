@@ -125,6 +125,15 @@ class Workers:
                     sent.append(proc.pid)
         return sent
 
+    def start_all(self, app: Any, timeout: float = 60.0) -> None:
+        """Start every worker; return once each answers a ping."""
+        for i in range(len(self.procs)):
+            self.start(i)
+        give_up = time.monotonic() + timeout
+        while len(app.control.ping(timeout=0.5)) < len(self.procs):
+            if time.monotonic() > give_up:
+                raise RuntimeError("workers did not start")
+
     def pids(self) -> list[int]:
         with self.lock:
             return [p.pid for p in self.procs if p is not None]
@@ -168,13 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client = redis.Redis.from_url(server.url, decode_responses=True)
         workers = Workers(settings, logs, concurrency=args.concurrency)
         try:
-            for i in range(len(workers.procs)):
-                workers.start(i)
-            # Let both workers come up before the first send.
-            deadline_up = time.monotonic() + 60
-            while len(app.control.ping(timeout=0.5)) < len(workers.procs):
-                if time.monotonic() > deadline_up:
-                    raise RuntimeError("workers did not start")
+            workers.start_all(app)  # both up before the first send
             t0 = time.time()
             truth: dict[str, dict[str, Any]] = {}
             track_ids: list[str] = []

@@ -78,12 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             recorded = f"{settings.key_prefix}:recorded:failover"
             workers = Workers(settings, logs, concurrency=args.concurrency)
             try:
-                for i in range(len(workers.procs)):
-                    workers.start(i)
-                deadline_up = time.monotonic() + 60
-                while len(app.control.ping(timeout=0.5)) < len(workers.procs):
-                    if time.monotonic() > deadline_up:
-                        raise RuntimeError("workers did not start")
+                workers.start_all(app)
                 t0 = time.time()
                 done = 0
                 for round_ in range(args.failovers):

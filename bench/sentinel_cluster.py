@@ -9,33 +9,16 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import redis
 
-from bench.workload import free_port
-
-T = TypeVar("T")
+from bench.workload import free_port, wait_for
 
 # The sentinels' timing: the README quotes the resume time with these.
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 10_000
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    give_up = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > give_up:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 def _free_port() -> int:
@@ -162,31 +145,7 @@ class SentinelCluster:
         assert new_port is not None
         assert new_port != old_port
         name = f"server-{old_port}-{len(self.procs)}"
-        data = self.root / name
-        data.mkdir()
-        self._spawn(
-            name,
-            [
-                str(shutil.which("redis-server")),
-                "--port",
-                str(old_port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(data),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--requirepass",
-                self.password,
-                "--masterauth",
-                self.password,
-                "--replicaof",
-                "127.0.0.1",
-                str(new_port),
-            ],
-        )
+        self._server(name, old_port, "--replicaof", "127.0.0.1", str(new_port))
         self.procs["master"], self.procs["replica"] = self.procs["replica"], self.procs[name]
         self.master_port, self.replica_port = new_port, old_port
         with self.client(old_port) as replica:

@@ -17,14 +17,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 
 from smsbat_tracker.provider.client import SmsbatClient
 from smsbat_tracker.tools.sandbox import SandboxConfig
+
+T = TypeVar("T")
 
 __all__ = [
     "BATCH",
@@ -98,6 +101,18 @@ def wait_until(predicate: Any, timeout: float, failure: str) -> None:
         if time.monotonic() > give_up:
             raise SystemExit(failure)
         time.sleep(0.2)
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    give_up = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > give_up:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
 
 
 def free_port() -> int:

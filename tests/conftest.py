@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 # The Celery app reads its settings at import: give it valid ones before any import.
 os.environ.setdefault("SMSBAT_API_KEY", "sandbox-key")
@@ -19,12 +18,11 @@ os.environ.pop("SMSBAT_PASSWORD", None)
 
 import pytest
 import redis
+from bench.workload import wait_for  # noqa: F401 - the tests import it from here
 
 from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.tools.embedded import redis_url_or_embedded
 from smsbat_tracker.tools.sandbox import SandboxServer
-
-T = TypeVar("T")
 
 # The test kit's fixtures (smsbat_api, smsbat_env, ...), as users get them.
 pytest_plugins = ["smsbat_tracker.testing.pytest_plugin"]
@@ -42,18 +40,6 @@ FAST = {
     "read_timeout": 2.0,
     "rate_limit": 0.0,
 }
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    give_up = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > give_up:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")
