@@ -10,9 +10,11 @@ import redis
 
 from smsbat_tracker.store.keys import Keys
 from smsbat_tracker.store.redrive_scripts import (
+    ClaimResend,
     HeldEntry,
     RefreshHeld,
     ReleaseBatch,
+    Resend,
     SessionTake,
     Take,
     TakeChain,
@@ -141,3 +143,29 @@ def test_unlock_releases_only_the_holders_lock(redis_client: redis.Redis, keys: 
     assert unlock(lock, "me") == Unlocked.RELEASED
     assert not redis_client.exists(lock)
     assert unlock(lock, "me") == Unlocked.NOT_HELD
+
+
+def test_a_resend_is_claimed_only_on_the_entry_the_sweep_read(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """The sweep sends a lost follow-up again only if its entry is still the one it read:
+    a tracking run that sent it meanwhile wrote a fresh one, and wins."""
+    claim = ClaimResend(redis_client)
+    sends, index = keys.unreceived_sends(), keys.unreceived()
+    redis_client.hset(sends, "f-1", '{"n": 0, "missing": 1}')
+    assert (
+        claim(sends, index, "f-1", read='{"n": 0, "missing": 1}', entry='{"n": 1}', now=NOW)
+        == Resend.CLAIMED
+    )
+    assert redis_client.hget(sends, "f-1") == '{"n": 1}'
+    assert redis_client.zscore(index, "f-1") == NOW
+    # Sent meanwhile by a tracking run: its entry changed.
+    assert (
+        claim(sends, index, "f-1", read='{"n": 0, "missing": 1}', entry='{"n": 2}', now=NOW)
+        == Resend.CHANGED
+    )
+    assert redis_client.hget(sends, "f-1") == '{"n": 1}'
+    # Received meanwhile: its entry is gone.
+    redis_client.hdel(sends, "f-1")
+    assert claim(sends, index, "f-1", read='{"n": 1}', entry='{"n": 2}', now=NOW) == Resend.CHANGED
+    assert not redis_client.hexists(sends, "f-1")

@@ -579,6 +579,37 @@ def test_a_follow_up_lost_before_any_worker_received_it_is_sent_again(
     assert redis_client.hlen(keys.unreceived_sends()) == 0
 
 
+def test_a_follow_up_a_tracking_run_sent_during_the_sweep_is_not_sent_twice(
+    tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two senders of one lost callback: the sweep (missing at two sweeps) and the
+    re-driven tracking run (its claimer died before marking it sent). The run sends it
+    while the sweep is deciding: the sweep finds its entry changed and leaves it. One copy
+    is queued (a crash run once showed both, received 3 ms apart)."""
+    engine = tracker_app.engine
+    keys = Keys()
+    now = time.time()
+    redis_client.hset(keys.worker_queues(), "celery", repr(now))
+    engine.dispatcher.queues_seen = (0.0, set())
+    sig = record_outcome.s(label="race")
+    engine.send_once([(sig, "race-id", {})], {"x": 1}, maybe_sent=False)
+    redis_client.delete("celery")  # popped by a worker killed before it noted it
+    redriver = Redriver(tracker_app, redis_client)
+    assert redriver.follow_ups.resend_lost(now + 1, now + 1) == 0  # missing once
+    locate = engine.broker.locate
+
+    def run_sends_it_meanwhile(task_ids: Any, sigs: Any) -> dict[str, str | None]:
+        found = locate(task_ids, sigs)  # the sweep looks: gone
+        monkeypatch.setattr(engine.broker, "locate", locate)
+        engine.send_once([(sig, "race-id", {})], {"x": 1}, maybe_sent=True)  # the run sends
+        return found
+
+    monkeypatch.setattr(engine.broker, "locate", run_sends_it_meanwhile)
+    assert redriver.follow_ups.resend_lost(now + 2, now + 2) == 0
+    [queued] = redis_client.lrange("celery", 0, -1)
+    assert json.loads(queued)["headers"]["id"] == "race-id"
+
+
 def test_follow_ups_to_queues_no_tracker_worker_consumes_are_not_watched(
     tracker_app: Any, redis_client: redis.Redis
 ) -> None:

@@ -14,9 +14,11 @@ from typing import Any, NamedTuple
 from smsbat_tracker.store.scripts import Script
 
 __all__ = [
+    "ClaimResend",
     "HeldEntry",
     "RefreshHeld",
     "ReleaseBatch",
+    "Resend",
     "SessionTake",
     "Take",
     "TakeChain",
@@ -39,6 +41,13 @@ class Unlocked(enum.IntEnum):
 
     RELEASED = 1
     NOT_HELD = 0  # expired, or held by another worker
+
+
+class Resend(enum.IntEnum):
+    """What claiming a follow-up's sending again found (``redrive_resend.lua``)."""
+
+    CLAIMED = 1
+    CHANGED = 0  # its entry changed since the sweep read it: sent meanwhile, or received
 
 
 class HeldEntry(NamedTuple):
@@ -117,3 +126,15 @@ class Unlock(Script):
 
     def __call__(self, lock: str, holder: str) -> Unlocked:
         return Unlocked(int(self.run([lock], [holder])))
+
+
+class ClaimResend(Script):
+    """``redrive_resend.lua``: claim the sending again of a lost follow-up, if its entry is
+    still the one read."""
+
+    file = "redrive_resend.lua"
+
+    def __call__(
+        self, sends: str, index: str, task_id: str, *, read: str, entry: str, now: float
+    ) -> Resend:
+        return Resend(int(self.run([sends, index], [task_id, read, entry, repr(now)])))

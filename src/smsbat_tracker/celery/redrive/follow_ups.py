@@ -43,6 +43,7 @@ from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.engine.dispatch import FOLLOW_UP_HEADER
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.keys import Keys, kombu_unacked_index_key
+from smsbat_tracker.store.redrive_scripts import ClaimResend, Resend
 
 __all__ = ["FollowUps", "note_receipt_on_ack"]
 
@@ -74,6 +75,7 @@ class FollowUps:
         self.redis = client
         self.keys = Keys(tracker.settings.key_prefix)
         self.giveback = GiveBack(tracker, client)
+        self._claim = ClaimResend(client)
 
     def resend_lost(self, cutoff: float, now: float) -> int:
         """Send again the follow-up tasks sent before ``cutoff`` that no tracker worker has
@@ -116,6 +118,7 @@ class FollowUps:
             elif send.pop("missing", None):  # missing at the last sweep too: lost
                 send["n"] += 1
                 lost.append(task_id)
+                continue  # claimed below, unless it was sent meanwhile
             else:
                 # A message between the queue and a worker's unacked hash (popped, not yet
                 # noted) is in neither for an instant: look again at the next sweep.
@@ -123,12 +126,26 @@ class FollowUps:
                 again_at = 0.0
             pipe.hset(sends, task_id, json.dumps(send, default=str))
             pipe.zadd(index, {task_id: again_at})
-        # Noted before it is sent: a worker may receive it at once.
         pipe.execute()
+        resent = 0
         for task_id in lost:
             send = known[task_id]
+            # Noted before it is sent (a worker may receive it at once), and only if no
+            # tracking run sent it since this sweep read it: two senders that each found it
+            # gone would send it twice, under one task id.
+            claimed = self._claim(
+                sends,
+                index,
+                task_id,
+                read=str(raws[task_id]),
+                entry=json.dumps(send, default=str),
+                now=now,
+            )
+            if claimed is not Resend.CLAIMED:
+                log.info("redrive.resend_skipped", task_id=task_id)
+                continue
             sigs[task_id].apply_async((send["result"],), task_id=task_id, **(send["options"] or {}))
-        resent = len(lost)
+            resent += 1
         if resent:
             log.warning("redrive.resent", tasks=resent)
         return resent
