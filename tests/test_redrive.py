@@ -798,3 +798,21 @@ def test_a_follow_up_acknowledged_without_its_receipt_note_is_not_sent_again(
     finally:
         kombu_qos._BEFORE_ACK.clear()
         connection.release()
+
+
+def test_the_follow_up_header_keeps_the_headers_a_callback_carries(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """The header that marks a watched follow-up is added to the callback's own message
+    headers, not put in their place."""
+    from smsbat_tracker.engine.dispatch import FOLLOW_UP_HEADER
+
+    engine = tracker_app.engine
+    redis_client.hset(Keys().worker_queues(), "celery", repr(time.time()))
+    engine.dispatcher.queues_seen = (0.0, set())
+    sig = record_outcome.s(label="hdr").set(headers={"tenant": "acme"})
+    engine.send_once([(sig, "hdr-id", {})], {"x": 1}, maybe_sent=False)
+    [queued] = redis_client.lrange("celery", 0, -1)
+    headers = json.loads(queued)["headers"]
+    assert headers["tenant"] == "acme"
+    assert headers[FOLLOW_UP_HEADER] == "1"

@@ -40,10 +40,15 @@ log = get_logger(__name__)
 FOLLOW_UP_HEADER: Final = "smsbat_follow_up"
 
 
-def follow_up_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``options`` with the follow-up header added to its message headers."""
+def follow_up_options(
+    options: Mapping[str, Any] | None, sig: Signature[Any] | None = None
+) -> dict[str, Any]:
+    """``options`` with the follow-up header added to its message headers, keeping the
+    headers ``sig`` carries (Celery's ``apply_async`` would replace them with ours)."""
     options = dict(options or {})
-    options["headers"] = {**dict(options.get("headers") or {}), FOLLOW_UP_HEADER: "1"}
+    own = dict((sig.options if sig is not None else {}).get("headers") or {})
+    given = dict(options.get("headers") or {})
+    options["headers"] = {**own, **given, FOLLOW_UP_HEADER: "1"}
     return options
 
 
@@ -160,7 +165,7 @@ class Dispatcher:
         # between loses it. A follow-up to a queue tracker workers consume is noted before
         # it is sent (a worker may receive it at once) and kept until one receives it.
         noted = [
-            (sig, task_id, follow_up_options(options))
+            (sig, task_id, follow_up_options(options, sig))
             for sig, task_id, options in todo
             if watched and self._broker.queue_of(sig) in watched
         ]
