@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from importlib import metadata
 from types import SimpleNamespace
@@ -52,6 +53,8 @@ def held(tracker_app: Any, redis_client: redis.Redis) -> Iterator[tuple[Any, lis
         (kombu_redis.QoS, "reject", ["self", "delivery_tag", "requeue"]),
         (kombu_redis.QoS, "restore_unacked", ["self", "client"]),
         (kombu_redis.QoS, "restore_by_tag", ["self", "tag", "client", "leftmost"]),
+        (kombu_redis.QoS, "pipe_or_acquire", ["self", "pipe", "client"]),
+        (kombu_redis.QoS, "_remove_from_indices", ["self", "delivery_tag", "pipe"]),
         (virtual.QoS, "ack", ["self", "delivery_tag"]),
     ],
 )
@@ -189,3 +192,74 @@ def test_a_task_finished_across_a_reconnect_is_acknowledged(
     assert redis_client.zcard("unacked_index") == 0
     assert redis_client.llen("celery") == 1  # the rejected one, given back
     connection.release()
+
+
+def _mark_hook(pipe: Any, headers: dict[str, Any]) -> None:
+    pipe.set(f"acked:{headers['id']}", 1)
+
+
+def test_an_ack_with_a_hook_makes_kombus_deletions_and_the_hooks_writes_together(
+    held: tuple[Any, list[Any]], redis_client: redis.Redis
+) -> None:
+    """With a hook, an acknowledgement sends the hook's writes in kombu's own ack
+    transaction (a replica that has the ack has the writes too): the same deletions as
+    kombu's ack, the hook's key, and the delivery forgotten in this process."""
+    channel, (first, second) = held
+    saved = dict(kombu_qos._BEFORE_ACK)
+    kombu_qos._BEFORE_ACK["hook"] = _mark_hook
+    try:
+        before = _state(redis_client)
+        kombu_qos._ack_with_hook(
+            channel.qos,
+            first.delivery_tag,
+            kombu_qos._headers(channel.qos, first.delivery_tag),
+            inspect.unwrap(kombu_redis.QoS.ack),
+            virtual.QoS.ack,
+        )
+    finally:
+        kombu_qos._BEFORE_ACK.clear()
+        kombu_qos._BEFORE_ACK.update(saved)
+    after = _state(redis_client)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == {"unacked", "unacked_index", f"acked:{first.headers['id']}"}
+    assert list(after["unacked"]) == [second.delivery_tag]
+    assert first.delivery_tag in channel.qos._dirty
+
+
+def test_acks_made_just_before_an_outage_are_made_again_after_it(
+    held: tuple[Any, list[Any]], redis_client: redis.Redis
+) -> None:
+    """A promoted replica may lack the last writes of the master that died: the acks made
+    since a moment are made again, hook included, where they were lost; those forgotten
+    (before a beat that reached Redis) are not."""
+    channel, (first, second) = held
+    kombu_qos.forget_acks_before(float("inf"))
+    saved = dict(kombu_qos._BEFORE_ACK)
+    kombu_qos._BEFORE_ACK["hook"] = _mark_hook
+    try:
+        lost = _state(redis_client)  # what the new master has: neither ack
+        moment = time.monotonic()
+        for message in (first, second):
+            kombu_qos._ack_with_hook(
+                channel.qos,
+                message.delivery_tag,
+                kombu_qos._headers(channel.qos, message.delivery_tag),
+                inspect.unwrap(kombu_redis.QoS.ack),
+                virtual.QoS.ack,
+            )
+        acked = _state(redis_client)
+        redis_client.flushdb()
+        for key, value in lost.items():  # the failover: the acks are gone
+            if key == "unacked":
+                redis_client.hset(key, mapping=value)
+            elif key == "unacked_index":
+                redis_client.zadd(key, dict(value))
+            elif isinstance(value, list):
+                redis_client.rpush(key, *value)
+        assert kombu_qos.replay_acks_since(redis_client, moment) == 2
+        assert _state(redis_client) == acked
+        kombu_qos.forget_acks_before(float("inf"))
+        assert kombu_qos.replay_acks_since(redis_client, moment) == 0
+    finally:
+        kombu_qos._BEFORE_ACK.clear()
+        kombu_qos._BEFORE_ACK.update(saved)

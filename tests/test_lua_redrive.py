@@ -71,22 +71,31 @@ def test_take_session_gives_a_lost_session_a_new_owner_once(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
     """An overdue session gets the new owner and run 0, counts a re-drive, and is due now;
-    taken again it has moved; a session gone drops its entry."""
+    the take says when the lost run fell due (its place in the rate limit's line), or None
+    for a session that does not say; taken again it has moved; a session gone drops its
+    entry."""
     due, session = keys.due(), keys.session("m1")
     redis_client.hset(
-        session, mapping={"owner": "t-1", "run": 3, "started_at": 10, "deadline_at": 70}
+        session,
+        mapping={"owner": "t-1", "run": 3, "started_at": 10, "deadline_at": 70, "due": 42.5},
     )
-    redis_client.zadd(due, {"m:m1": NOW - 30, "m:gone": NOW - 30})
+    redis_client.hset(
+        keys.session("old"), mapping={"owner": "t-2", "run": 1, "started_at": 5, "deadline_at": 9}
+    )
+    redis_client.zadd(due, {"m:m1": NOW - 30, "m:gone": NOW - 30, "m:old": NOW - 30})
     take = TakeSession(redis_client)
     taken = take(due, session, "m:m1", NOW - 10, "t-new", NOW)
-    assert taken == SessionTake(Take.TAKEN, 10.0, 70.0)
+    assert taken == SessionTake(Take.TAKEN, 10.0, 70.0, 42.5)
     assert redis_client.hgetall(session) == {
         "owner": "t-new",
         "run": "0",
         "started_at": "10",
         "deadline_at": "70",
+        "due": "42.5",
         "redriven": "1",
     }
+    old = take(due, keys.session("old"), "m:old", NOW - 10, "t-new2", NOW)
+    assert old == SessionTake(Take.TAKEN, 5.0, 9.0, None)
     assert redis_client.zscore(due, "m:m1") == NOW
     assert take(due, session, "m:m1", NOW - 10, "t-other", NOW) == SessionTake(Take.MOVED)
     assert redis_client.hget(session, "owner") == "t-new"

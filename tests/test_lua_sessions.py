@@ -122,6 +122,7 @@ def test_register_opens_the_session_once_and_adds_the_subscription(
     assert 0 < redis_client.pttl(keys.session(MID)) <= 60_000
     assert 0 < redis_client.pttl(keys.subs(MID)) <= 90_000
     assert redis_client.zrange(keys.due(), 0, -1, withscores=True) == [("m:m1", 150.0)]
+    assert float(redis_client.hget(keys.session(MID), "due") or 0) == 150.0
 
     redis_client.set(keys.status(MID), "cached")
     redis_client.set(keys.outcome(MID), "{}")
@@ -259,7 +260,8 @@ def test_after_check_writes_the_check_and_reschedules_the_expected_run(
     redis_client: redis.Redis, keys: Keys, settings: Settings
 ) -> None:
     """The answer is cached, the poll counted, pushes and an unknown status (once) noted, a
-    failure counted and an answer clearing it; the run moves on and is due at next_at. A
+    failure counted and an answer clearing it; the run moves on and is due at next_at (in the
+    due index and the session). A
     run the session no longer expects is SUPERSEDED and schedules nothing."""
     register(redis_client, keys)
     limiter = RateLimiter(redis_client, settings, keys, rate=0)
@@ -303,6 +305,7 @@ def test_after_check_writes_the_check_and_reschedules_the_expected_run(
     assert stale.code == AfterCode.SUPERSEDED
     assert redis_client.hmget(session, "run", "checks") == ["3", "1"]
     assert redis_client.zscore(keys.due(), "m:m1") == 500.0
+    assert float(redis_client.hget(session, "due") or 0) == 500.0  # a re-drive's place
 
 
 def test_after_check_gives_an_unused_turn_back_and_pauses_after_a_429(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -59,7 +60,9 @@ def test_registration_puts_the_first_check_in_the_due_index(
 def test_an_overdue_tracking_is_taken_over_and_run_afresh(
     tracker_app: Any, redis_client: redis.Redis
 ) -> None:
-    """Overdue past SMSBAT_REDRIVE_AFTER: a new owner, run 0, and its task in the queue."""
+    """Overdue past SMSBAT_REDRIVE_AFTER: a new owner, run 0, and its task in the queue,
+    with the lost run's due time as its ETA (its place in the rate limit's line)."""
+    due_at = time.time() - 20.0
     _register(tracker_app, "rd-lost", due_in=-20.0)
     redriver = Redriver(tracker_app, redis_client)
     assert redriver.sweep() == 1
@@ -71,6 +74,8 @@ def test_an_overdue_tracking_is_taken_over_and_run_afresh(
     message = json.loads(raw)
     assert message["headers"]["id"] == session.owner
     assert message["headers"]["task"] == "smsbat_tracker.track_message"
+    eta = datetime.fromisoformat(message["headers"]["eta"]).timestamp()
+    assert eta == pytest.approx(due_at, abs=1)
     assert _score(redis_client, "m:rd-lost") == pytest.approx(time.time(), abs=2)
     assert redriver.sweep() == 0  # taken over once; due again only after the bound
 
@@ -816,3 +821,52 @@ def test_the_follow_up_header_keeps_the_headers_a_callback_carries(
     headers = json.loads(queued)["headers"]
     assert headers["tenant"] == "acme"
     assert headers[FOLLOW_UP_HEADER] == "1"
+
+
+def test_an_acknowledgement_a_failover_lost_is_made_again_at_the_first_beat_back(
+    tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A master that dies may not have passed its last writes on to the replica promoted:
+    a follow-up acknowledged (and marked ran) just before the outage comes back unacked and
+    unmarked on the new master. The first beat after the outage makes the acknowledgement
+    again, mark included, before anything is given back: the follow-up neither runs again
+    (the fence finds the mark) nor is given back by the sweep."""
+    from smsbat_tracker.celery.redrive.follow_ups import note_receipt_on_ack
+
+    engine = tracker_app.engine
+    keys = Keys()
+    now = time.time()
+    redis_client.hset(keys.worker_queues(), "celery", repr(now))
+    engine.dispatcher.queues_seen = (0.0, set())
+    engine.send_once([(record_outcome.s(label="fo"), "fo-id", {})], {"x": 1}, maybe_sent=False)
+    kombu_qos.install(redis_client, before_ack=note_receipt_on_ack(keys))
+    connection = tracker_app.connection_for_write()
+    redriver = Redriver(tracker_app, redis_client)
+    try:
+        message = connection.default_channel.basic_get("celery", no_ack=False)
+        assert redriver.held.note_held([SimpleNamespace(message=message)], now) == 0
+        tag = str(message.delivery_tag)
+        unacked = redis_client.hget("unacked", tag)
+        message.ack()
+        assert redis_client.exists(keys.ran("fo-id"))
+        # The failover: the new master never saw the acknowledgement.
+        redis_client.hset("unacked", tag, unacked or "")
+        redis_client.zadd("unacked_index", {tag: now})
+        redis_client.delete(keys.ran("fo-id"))
+
+        def away(*args: Any, **kwargs: Any) -> Any:
+            raise redis.ConnectionError("Error 111 connecting to the old master")
+
+        monkeypatch.setattr(redriver.held.redis, "pipeline", away)
+        with pytest.raises(redis.ConnectionError):
+            redriver.held.note_held([], now + 1)
+        monkeypatch.undo()  # the new master answers
+        assert redriver.held.note_held([], now + 2) == 0
+        assert not redis_client.hexists("unacked", tag)
+        assert redis_client.zscore("unacked_index", tag) is None
+        assert redis_client.exists(keys.ran("fo-id"))
+        assert redriver.held.note_held([], now + 3) == 0
+        assert redis_client.llen("celery") == 0
+    finally:
+        kombu_qos._BEFORE_ACK.clear()
+        connection.release()

@@ -61,11 +61,13 @@ class HeldEntry(NamedTuple):
 
 
 class SessionTake(NamedTuple):
-    """A session take-over: the result, and the session's start and deadline if taken."""
+    """A session take-over: the result, and the session's start, deadline and when its
+    lost run fell due (None: not known) if taken."""
 
     result: Take
     started_at: float = 0.0
     deadline_at: float = 0.0
+    due_at: float | None = None
 
 
 class RefreshHeld(Script):
@@ -94,7 +96,13 @@ class TakeSession(Script):
     ) -> SessionTake:
         taken = self.run([due, session], [member, repr(cutoff), owner, repr(now)])
         if isinstance(taken, list):
-            return SessionTake(Take(int(taken[0])), float(taken[1]), float(taken[2]))
+            due_at = taken[3] if len(taken) > 3 else ""
+            return SessionTake(
+                Take(int(taken[0])),
+                float(taken[1]),
+                float(taken[2]),
+                float(due_at) if due_at else None,
+            )
         return SessionTake(Take(int(taken)))
 
 

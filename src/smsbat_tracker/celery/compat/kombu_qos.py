@@ -22,12 +22,21 @@ pipeline sent just before the acknowledgement, on the same Redis (the channel's 
 client; the live client, or the deferred acknowledgements' pipeline, when the ack is
 made there): after a Sentinel failover, a Redis that has the acknowledgement has the
 hook's writes too.
+
+A master that dies may not have passed its last writes on to the replica a Sentinel
+promotes (replication is asynchronous): an acknowledgement made just before, with its
+hook's writes, can be lost, and the task would run again. Acknowledgements are kept in
+memory for a moment (:func:`forget_acks_before`, at each beat), and the first beat after
+an outage makes those made since just before the last beat that reached Redis again
+(:func:`replay_acks_since`): the same deletions and hook, harmless where they held.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -36,7 +45,15 @@ import redis
 from smsbat_tracker.celery.compat import require
 from smsbat_tracker.log import get_logger
 
-__all__ = ["BELOW", "LOWEST", "PACKAGE", "install", "make_deferred_acks"]
+__all__ = [
+    "BELOW",
+    "LOWEST",
+    "PACKAGE",
+    "forget_acks_before",
+    "install",
+    "make_deferred_acks",
+    "replay_acks_since",
+]
 
 log = get_logger(__name__)
 
@@ -56,6 +73,12 @@ _ACK_CLIENT: dict[str, redis.Redis] = {}
 # never given back meanwhile.
 _DEFERRED_ACKS: dict[str, tuple[str, str, dict[str, Any]]] = {}
 _DEFERRED_LOCK = threading.Lock()
+
+# Acknowledgements made lately (monotonic time, tag, unacked index, unacked hash, headers),
+# oldest first: made again after an outage, in case the master that had them died before
+# its replica did (see the module's docstring).
+_RECENT_ACKS: deque[tuple[float, str, str, str, dict[str, Any]]] = deque()
+_RECENT_LOCK = threading.Lock()
 
 # kombu's virtual QoS.ack: forgets a delivery in this process (no Redis call).
 Forget = Callable[[Any, Any], None]
@@ -99,9 +122,9 @@ def install(client: redis.Redis | None = None, before_ack: BeforeAck | None = No
 
     @functools.wraps(original_ack)
     def ack(self: Any, delivery_tag: Any) -> None:
-        _run_before_ack(self, delivery_tag)
+        headers = _headers(self, delivery_tag)
         try:
-            original_ack(self, delivery_tag)
+            _ack_with_hook(self, delivery_tag, headers, original_ack, forget)
         except AttributeError as exc:
             log.warning(
                 "redrive.ack_on_closed_channel", tag=str(delivery_tag), error=str(exc)[:200]
@@ -156,39 +179,69 @@ def _add_before_ack(pipe: Any, headers: dict[str, Any]) -> None:
         hook(pipe, headers)
 
 
-def _run_before_ack(qos: Any, delivery_tag: Any) -> None:
-    """The ``before_ack`` hook's pipeline, on the channel's client; its errors are logged
-    (the acknowledgement then meets the same fault, and is deferred with the hook's part)."""
-    if _BEFORE_ACK.get("hook") is None:
-        return
-    headers = _headers(qos, delivery_tag)
-    if not headers:
-        return
-    try:
-        # The client kombu's own acknowledgement uses (the channel's synchronous pool):
-        # ``channel.client`` is the event loop's, with a BRPOP in flight.
-        with qos.channel.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
+def _ack_with_hook(
+    qos: Any, delivery_tag: Any, headers: dict[str, Any], original_ack: Any, forget: Forget
+) -> None:
+    """kombu's acknowledgement, with the hook's commands in the same transaction when there
+    is a hook (kombu's own pipeline, on the channel's synchronous pool: ``channel.client``
+    is the event loop's, with a BRPOP in flight)."""
+    if _BEFORE_ACK.get("hook") is None or not headers:
+        original_ack(qos, delivery_tag)
+    else:
+        with qos.pipe_or_acquire() as pipe:
             _add_before_ack(pipe, headers)
-            pipe.execute()
-    except (redis.RedisError, AttributeError) as exc:
-        log.debug("redrive.before_ack_failed", tag=str(delivery_tag), error=str(exc)[:200])
+            qos._remove_from_indices(delivery_tag, pipe).execute()
+        forget(qos, delivery_tag)
+    _note_recent(str(delivery_tag), qos.unacked_index_key, qos.unacked_key, headers)
+
+
+def _note_recent(tag: str, index: str, unacked: str, headers: dict[str, Any]) -> None:
+    with _RECENT_LOCK:
+        _RECENT_ACKS.append((time.monotonic(), tag, index, unacked, headers))
+
+
+def forget_acks_before(moment: float) -> None:
+    """Forget the acknowledgements made before ``moment`` (monotonic): a beat that reached
+    Redis since shows the master had them long enough to pass them on."""
+    with _RECENT_LOCK:
+        while _RECENT_ACKS and _RECENT_ACKS[0][0] < moment:
+            _RECENT_ACKS.popleft()
+
+
+def replay_acks_since(client: redis.Redis, moment: float) -> int:
+    """Make again the acknowledgements made since ``moment`` (monotonic), with their hook,
+    on ``client`` (the master now); returns how many. Raises :class:`redis.RedisError`
+    while Redis is away."""
+    with _RECENT_LOCK:
+        recent = [a for a in _RECENT_ACKS if a[0] >= moment]
+    if not recent:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for _, tag, index, unacked, headers in recent:
+        _add_before_ack(pipe, headers)
+        pipe.zrem(index, tag)
+        pipe.hdel(unacked, tag)
+    pipe.execute()
+    log.info("redrive.acks_replayed", tasks=len(recent))
+    return len(recent)
 
 
 def _ack_on_live_client(qos: Any, delivery_tag: Any, forget: Forget) -> None:
     """Acknowledge on the live client: the two deletions kombu's own ack makes."""
     client = _ACK_CLIENT.get("client")
+    headers = _headers(qos, delivery_tag)
     try:
         if client is None:
             raise redis.ConnectionError("no live client to acknowledge with")
         pipe = client.pipeline()
-        _add_before_ack(pipe, _headers(qos, delivery_tag))
+        _add_before_ack(pipe, headers)
         pipe.zrem(qos.unacked_index_key, delivery_tag)
         pipe.hdel(qos.unacked_key, delivery_tag)
         pipe.execute()
     except redis.RedisError as exc:
         _defer_ack(qos, delivery_tag, forget, exc)
         return
+    _note_recent(str(delivery_tag), qos.unacked_index_key, qos.unacked_key, headers)
     forget(qos, delivery_tag)
 
 
@@ -236,5 +289,7 @@ def make_deferred_acks(client: redis.Redis) -> int:
     with _DEFERRED_LOCK:
         for tag in deferred:
             _DEFERRED_ACKS.pop(tag, None)
+    for tag, (index, unacked, headers) in deferred.items():
+        _note_recent(tag, index, unacked, headers)
     log.info("redrive.acks_made", tasks=len(deferred))
     return len(deferred)

@@ -66,10 +66,11 @@ class Fence:
         self._beat = (time.monotonic(), time.time())
         self._paused_until = 0.0
 
-    def _since(self, mark: tuple[float, float]) -> float:
-        """Seconds since ``mark``: the monotonic clock stops in a suspend, the wall
-        clock may be set back; the larger of the two."""
-        return max(time.monotonic() - mark[0], time.time() - mark[1])
+    def _since(self, mark: tuple[float, float], until: tuple[float, float] | None = None) -> float:
+        """Seconds from ``mark`` to ``until`` (default now): the monotonic clock stops in a
+        suspend, the wall clock may be set back; the larger of the two."""
+        end = until or (time.monotonic(), time.time())
+        return max(end[0] - mark[0], end[1] - mark[1])
 
     def is_recent(self) -> bool:
         """Whether nothing this worker holds can have been given back by now."""
@@ -86,9 +87,7 @@ class Fence:
         Raises :class:`redis.RedisError` (the beat then does not count).
         """
         held = set(tags)
-        gap = started[0] - self._beat[0] >= self.recent or started[1] - self._beat[1] >= (
-            self.recent
-        )
+        gap = self._since(self._beat, started) >= self.recent
         found: set[str] = set()
         if gap and held:
             for chunk in chunked(sorted(held), HELD_CHUNK):

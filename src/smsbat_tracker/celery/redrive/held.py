@@ -14,12 +14,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any
+from typing import Any, Final
 
 import redis
 from celery.exceptions import ImproperlyConfigured
 
-from smsbat_tracker.celery.compat.kombu_qos import make_deferred_acks
+from smsbat_tracker.celery.compat.kombu_qos import (
+    forget_acks_before,
+    make_deferred_acks,
+    replay_acks_since,
+)
 from smsbat_tracker.celery.redrive.bounds import HEARTBEAT, HELD_CHUNK, chunked
 from smsbat_tracker.celery.redrive.giveback import GiveBack
 from smsbat_tracker.celery.tracker import Tracker
@@ -35,6 +39,11 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+# How long before the last beat that reached Redis an acknowledgement may still be missing
+# from a replica that a failover promotes (replication is asynchronous, and normally well
+# under this): those are made again at the first beat after an outage.
+REPLICA_LAG: Final = HEARTBEAT
 
 
 def held_requests() -> tuple[list[Any], list[Any]]:
@@ -96,6 +105,8 @@ class HeldRegistry:
         self._noted: set[str] = set()  # the tags the held set has, as far as we know
         self._received: dict[str, float] = {}  # tags noted at receipt -> when
         self._gone: set[str] = set()  # tags no longer held at the last beat
+        self._last_beat: float | None = None  # when the last beat that reached Redis began
+        self._beat_failed = False  # the last beat did not reach Redis
         self._queues = consumed_queues(tracker.app)
 
     def note_received(self, request: Any) -> None:
@@ -129,7 +140,13 @@ class HeldRegistry:
         later (Celery forgets a finished task a moment before it acknowledges it) is given
         back to the queue. Returns how many were.
         """
-        # Acknowledged while Redis was away: acknowledged now, before anything is given back.
+        started = time.monotonic()
+        # After an outage: the acknowledgements a dead master may not have passed on to the
+        # one promoted are made again, and those made while Redis was away are made now,
+        # before anything is given back.
+        if self._beat_failed and self._last_beat is not None:
+            replay_acks_since(self.redis, self._last_beat - REPLICA_LAG)
+        self._beat_failed = True
         make_deferred_acks(self.redis)
         ids = {
             tag: str(getattr(r, "id", "")) for r in requests if (tag := request_tag(r)) is not None
@@ -162,6 +179,8 @@ class HeldRegistry:
         pipe.pexpire(key, int(max(60.0, 10 * self.tracker.settings.redrive_after) * 1000))
         pipe.zadd(self.keys.holders(), {self.holder: now})
         pipe.execute()
+        self._beat_failed, self._last_beat = False, started
+        forget_acks_before(started - REPLICA_LAG)
         # A tag leaves the held set only once it is acknowledged or given back: should this
         # worker die in between, the sweep of the dead still finds it.
         suspects = self._gone - keep

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -101,6 +102,9 @@ class LostRuns:
         )
         if taken.result != Take.TAKEN:
             return 0
+        # The fresh run carries the lost run's due time as its ETA (past: it runs now), so
+        # it keeps its place in the rate limit's line instead of joining the back of it.
+        due_at = min(taken.due_at, now) if taken.due_at is not None else None
         self.app.send_task(
             TRACK_TASK,
             kwargs={
@@ -109,6 +113,7 @@ class LostRuns:
                 "enqueued_at": taken.started_at,
             },
             task_id=owner,
+            eta=datetime.fromtimestamp(due_at, tz=UTC) if due_at is not None else None,
             headers={PUBLISHED_AT: time.time()},
         )
         log.warning("redrive.message", message_id=message_id, task_id=owner)

@@ -59,7 +59,7 @@ local function reschedule()
   elseif ran == FAILED then
     redis.call('HINCRBY', session, 'failures', 1)
   end
-  redis.call('HSET', session, 'run', tonumber(run) + 1)
+  redis.call('HSET', session, 'run', tonumber(run) + 1, 'due', next_score)
   redis.call('ZADD', due, next_score, due_member)
   return DONE
 end
