@@ -61,27 +61,62 @@ def test_progress_off_a_terminal_is_a_line_every_tenth(
 
 
 def test_redis_out_of_reach_is_one_line(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    settings: Any,
+    sandbox: SandboxServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`status` and `campaign report` with Redis down print one line naming where Redis
-    was looked for (without its password), never a traceback."""
+    """With Redis down, `campaign report` prints one line naming where Redis was looked
+    for (without its password), never a traceback; `status` says so in one line and asks
+    the API itself."""
     from bench.workload import free_port
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SMSBAT_API_KEY", "k-cli")
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("REDIS_URL", f"redis://:pw-cli-secret@127.0.0.1:{free_port()}/0")
     from smsbat_tracker.worker import app
 
+    mid = sandbox.state.create_scripted([("delivered", 0)])
     app.reconfigure(load_settings())
     try:
-        for argv in (["status", "abc123"], ["campaign", "report", "abc"]):
-            assert main(argv) == 1
-            err = capsys.readouterr().err
-            assert err.count("\n") == 1, err
-            assert "cannot reach Redis at redis://127.0.0.1:" in err
-            assert "pw-cli-secret" not in err
+        assert main(["campaign", "report", "abc"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert "cannot reach Redis at redis://127.0.0.1:" in err
+        assert "pw-cli-secret" not in err
+        assert main(["status", mid]) == 0
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1, err
+        assert "cannot reach Redis at redis://127.0.0.1:" in err
+        assert "asked the API directly" in err
+        assert "pw-cli-secret" not in err
+        assert json.loads(out)["deliverystatus"] == "delivered"
+        assert sandbox.state.truth(mid)["polls"] == 1
     finally:
         app.close_engine()
+
+
+def test_starting_a_campaign_again_says_it_was_not_started_again(
+    worker: Any, sandbox: SandboxServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A campaign id is tracked once: `campaign start` on a finished one says so, with its
+    own count, enqueues nothing and prints the report it has."""
+    ids = [sandbox.state.create_scripted([("delivered", 0)]) for _ in range(3)]
+    path = tmp_path / "ids.txt"
+    path.write_text("\n".join(ids) + "\n")
+    assert main(["campaign", "start", "cli-again", str(path), "--deadline", "5"]) == 0
+    capsys.readouterr()
+    path.write_text("\n".join([*ids, sandbox.state.create_scripted([("delivered", 0)])]) + "\n")
+    assert main(["campaign", "start", "cli-again", str(path), "--deadline", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert (
+        "campaign cli-again: started before, with 3 messages (finished); not started again" in err
+    )
+    assert "tracking 4" not in err
+    assert "campaign cli-again" in out
+    assert "100.0 %" in out
 
 
 def test_check_config_names_every_bad_variable_at_once(
@@ -198,14 +233,15 @@ def test_status_reads_through_the_cache(
 def test_check_config_hides_secrets(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """check-config prints every setting but never the API key or the Redis password."""
+    """check-config prints every setting, by the variable that sets it, but never the API
+    key or the Redis password."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SMSBAT_API_KEY", "sk_live_cli_marker")
     monkeypatch.setenv("REDIS_URL", "redis://:redis_pw_marker@cache:6379/1")
     assert main(["check-config"]) == 0
     out = capsys.readouterr().out
-    assert "base_url = https://restapi.smsbat.com" in out
-    assert "redis_url = redis://cache:6379/1" in out
+    assert "SMSBAT_BASE_URL = https://restapi.smsbat.com" in out
+    assert "REDIS_URL = redis://cache:6379/1" in out
     assert "sk_live_cli_marker" not in out
     assert "redis_pw_marker" not in out
 
@@ -271,3 +307,30 @@ def test_campaign_start_gives_up_past_the_deadline_and_the_redrive_bound(
         + 1.0
         + 15.0
     )
+
+
+def test_a_cost_without_a_currency_is_shown_as_such() -> None:
+    """The basic status body has a cost but no currency: the report prints the amount as
+    plain "cost" and says the API gave no currency, instead of a "(unknown)" currency."""
+    import io
+
+    from smsbat_tracker.cli import print_report
+
+    report = {
+        "campaign_id": "c1",
+        "outcomes": {"delivered": 2},
+        "total": 2,
+        "pending": 0,
+        "delivery_rate": 1.0,
+        "time_to_final_p50": 1.0,
+        "time_to_final_p95": 2.0,
+        "fallback": {"extended": 0, "used": 0},
+        "cost": {"unknown": 1.45, "USD": 0.1},
+    }
+    out = io.StringIO()
+    print_report(report, out)
+    lines = out.getvalue().splitlines()
+    assert any(line.split() == ["cost", "1.4500"] for line in lines)
+    assert any(line.split() == ["cost", "(USD)", "0.1000"] for line in lines)
+    assert any("cost currency" in line and "not given by the API" in line for line in lines)
+    assert "unknown" not in out.getvalue()

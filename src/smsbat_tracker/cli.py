@@ -29,9 +29,24 @@ def _status(args: argparse.Namespace) -> int:
     from smsbat_tracker.engine.session import iso
     from smsbat_tracker.worker import app
 
-    status = get_status(args.message_id, app=app)  # through the cache: repeated calls are free
+    validate_message_id(args.message_id)
+    try:
+        # Through the cache: repeated calls are free, and the history comes with it.
+        status = get_status(args.message_id, app=app)
+        history = app.engine.cache.history(args.message_id)
+    except redis.RedisError as exc:
+        from smsbat_tracker.provider.client import SmsbatClient
+
+        where = safe_redis_url(app.settings.redis_url)
+        print(
+            f"smsbat-tracker: cannot reach Redis at {where} ({type(exc).__name__}): "
+            "asked the API directly; no cache, no history",
+            file=sys.stderr,
+        )
+        with SmsbatClient.from_settings(app.settings) as api:
+            status, history = api.get_status(args.message_id), []
     print(json.dumps(status.to_json_dict(), indent=2))
-    for entry in app.engine.cache.history(args.message_id):
+    for entry in history:
         print(f"  {iso(entry.observed_at)}  {entry.deliverystatus:<16} ({entry.source})")
     return 0
 
@@ -61,7 +76,12 @@ def print_report(
         ("viber with fallback data", str(report["fallback"]["extended"])),
         ("sms fallback used", str(report["fallback"]["used"])),
     ]
-    rows += [(f"cost ({currency})", f"{amount:.4f}") for currency, amount in report["cost"].items()]
+    rows += [
+        ("cost" if currency == "unknown" else f"cost ({currency})", f"{amount:.4f}")
+        for currency, amount in report["cost"].items()
+    ]
+    if "unknown" in report["cost"]:
+        rows.append(("cost currency", "not given by the API"))
     width = max(len(k) for k, _ in rows)
     print(f"campaign {report['campaign_id']}", file=out)
     for key, value in rows:
@@ -92,12 +112,25 @@ def _campaign(args: argparse.Namespace) -> int:
     if not ids:
         print("smsbat-tracker: no message ids given", file=sys.stderr)
         return 2
-    track_campaign.delay(args.campaign_id, ids, deadline=args.deadline)
-    print(f"campaign {args.campaign_id}: tracking {len(set(ids))} messages", file=sys.stderr)
-    if args.no_wait:
-        return 0
     runner = app.campaigns
-    total = len(set(ids))
+    known = runner.meta(args.campaign_id)
+    if known:
+        # A campaign id is tracked once: the workers would drop a second start.
+        total = int(known.get("total") or 0)
+        finished = runner.stored_report(args.campaign_id) is not None
+        print(
+            f"campaign {args.campaign_id}: started before, with {total} messages "
+            f"({'finished' if finished else 'still tracking'}); not started again",
+            file=sys.stderr,
+        )
+        if args.no_wait:
+            return 0
+    else:
+        track_campaign.delay(args.campaign_id, ids, deadline=args.deadline)
+        total = len(set(ids))
+        print(f"campaign {args.campaign_id}: tracking {total} messages", file=sys.stderr)
+        if args.no_wait:
+            return 0
     give_up = campaign_give_up(app.settings, runner.meta(args.campaign_id))
     with _Progress(total) as bar:
         report = None
@@ -179,13 +212,14 @@ def campaign_give_up(settings: Settings, meta: dict[str, str]) -> float:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from smsbat_tracker.config import load_settings
+    from smsbat_tracker.config import env_name, load_settings
 
     # Code that only enqueues needs no credentials; a worker does (--worker).
     settings = load_settings(credentials=args.worker)
-    # SecretStr fields render as '**********'; REDIS_URL is shown without its password.
+    # By the variable that sets each. SecretStr fields render as '**********'; REDIS_URL is
+    # shown without its password.
     for name, value in settings.model_dump().items():
-        print(f"{name} = {safe_redis_url(value) if name == 'redis_url' else value}")
+        print(f"{env_name(name)} = {safe_redis_url(value) if name == 'redis_url' else value}")
     if not settings.has_credentials:
         print(
             "note: no API credentials: enough to enqueue and to receive pushes; a worker "
@@ -243,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("sandbox", help="serve the simulated SMSBAT API", add_help=False)
     sub.add_parser("webhook", help="serve the webhook receiver", add_help=False)
-    status = sub.add_parser("status", help="print one message's status from the API")
+    status = sub.add_parser(
+        "status",
+        help="print one message's status and history (cached, else from the API; from the "
+        "API alone when Redis is out of reach)",
+    )
     status.add_argument("message_id")
     check = sub.add_parser(
         "check-config", help="validate the settings and print them (secrets hidden)"

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.redis_url import is_sentinel_url, parse_sentinel_url
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "env_name", "load_settings"]
 
 ENV_PREFIX = "SMSBAT_"
 
@@ -231,7 +231,9 @@ def _field_name(loc: str) -> str | None:
     return None
 
 
-def _env_name(loc: str) -> str:
+def env_name(loc: str) -> str:
+    """The environment variable that sets a field (``queue``: ``SMSBAT_QUEUE``), given its
+    name or the alias pydantic reports."""
     name = _field_name(loc)
     if name is None:
         return loc
@@ -275,7 +277,7 @@ def load_settings(*, credentials: bool = True, **overrides: Any) -> Settings:
                 message = str(error["msg"]).removeprefix("Value error, ")
                 name = _field_name(loc[0]) if loc else None
                 if name is not None:
-                    problems.append(f"{_env_name(loc[0])}: {message}")
+                    problems.append(f"{env_name(loc[0])}: {message}")
                     values[name] = Settings.model_fields[name].get_default()
                     retry = True
                 else:  # how values go together: look past the schedule's (not the login's)
