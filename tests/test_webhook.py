@@ -35,6 +35,7 @@ from smsbat_tracker.engine.engine import Engine
 from smsbat_tracker.engine.session import iso
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.provider.client import SmsbatClient
+from smsbat_tracker.store.keys import Keys
 from smsbat_tracker.tools.recipes import record_outcome
 from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
 from smsbat_tracker.tools.serving import ASGIApp, BackgroundServer, Receive, Scope, Send
@@ -540,6 +541,40 @@ def test_out_of_order_pushes_keep_the_newest(
     assert push(http, hook, at("o2", "processing", 60)).json()["status"] == "ignored"
     assert cached_status(engine, "o2") == "undeliverable"
     assert hook.settled == ["o1", "o2"]
+
+
+def test_a_push_after_the_outcome_is_ignored_and_counted_so(
+    http: httpx.Client,
+    live_hook: Hook,
+    sandbox: SandboxServer,
+    redis_client: redis.Redis,
+    tracker_app: Any,
+) -> None:
+    """Once a message's outcome is recorded (and its tracking cut back to it), a push that
+    is older than the outcome or contradicts it answers "ignored", counts as ignored, and
+    changes neither the outcome nor what get_status answers."""
+    from smsbat_tracker import metrics
+
+    mid = sandbox.state.create_scripted([("delivered", 0)])
+    track_message.delay(mid, on_delivered=record_outcome.s(label="late"))
+    [entry] = wait_for(lambda: recorded(redis_client, "late"))
+    assert entry["result"]["outcome"] == "delivered"
+    wait_for(lambda: redis_client.exists(Keys().outcome(mid)))
+    registry = metrics.get().registry
+
+    def ignored() -> float:
+        return registry.get_sample_value("smsbat_webhook_pushes_total", {"result": "ignored"}) or 0.0
+
+    before = ignored()
+    for late in (
+        body(mid, "undeliverable"),
+        {**body(mid, "processing"), "timestamp": now_iso(-60)},
+    ):
+        answer = push(http, live_hook, late)
+        assert answer.json()["status"] == "ignored", late
+    assert ignored() == before + 2
+    assert tracker_app.engine.get_status(mid).deliverystatus == "delivered"
+    assert tracker_app.engine.outcome(mid)["outcome"] == "delivered"  # type: ignore[index]
 
 
 # --------------------------------------------------------------------- the Celery path

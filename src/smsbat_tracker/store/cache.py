@@ -28,9 +28,15 @@ class StoreStatus(Script):
     file = "cache_store.lua"
 
     def __call__(
-        self, status_key: str, args: list[Any], *, client: redis.client.Pipeline | None = None
+        self,
+        status_key: str,
+        args: list[Any],
+        *,
+        client: redis.client.Pipeline | None = None,
+        outcome_key: str | None = None,
     ) -> bool:
-        return bool(self.run([status_key], args, client=client))
+        keys = [status_key] if outcome_key is None else [status_key, outcome_key]
+        return bool(self.run(keys, args, client=client))
 
 
 class StatusCache:
@@ -76,8 +82,11 @@ class StatusCache:
         observed_at: float | None = None,
         ts: float | None = None,
         pipe: redis.client.Pipeline | None = None,
+        unless_finished: bool = False,
     ) -> bool:
-        """Cache a status unless the cached one is final or newer; True when stored.
+        """Cache a status unless the cached one is final or newer (or, ``unless_finished``,
+        the message's outcome is recorded: a push after its tracking ended); True when
+        stored.
 
         With ``pipe`` the write is queued on that pipeline and True is returned at once.
         """
@@ -85,6 +94,7 @@ class StatusCache:
             self._keys.status(message_id),
             self.store_args(status, source=source, observed_at=observed_at, ts=ts),
             client=pipe,
+            outcome_key=self._keys.outcome(message_id) if unless_finished else None,
         )
         return True if pipe is not None else bool(stored)
 

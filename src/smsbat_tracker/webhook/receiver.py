@@ -226,8 +226,13 @@ class WebhookReceiver:
     # --- effect ---------------------------------------------------------------------
 
     def apply(self, push: Push) -> bool:
-        """Store the push (blocking); settle the message when it carries a final status."""
-        stored = self.engine().cache.store(push.message_id, push.status, source="push", ts=push.ts)
+        """Store the push (blocking); settle the message when it carries a final status.
+
+        A push that comes after the message's outcome is recorded is ignored: older than
+        the outcome or contradicting it, the outcome stands."""
+        stored = self.engine().cache.store(
+            push.message_id, push.status, source="push", ts=push.ts, unless_finished=True
+        )
         if push.status.is_final:
             # A duplicate settles too: if an earlier settle failed (the request answered
             # 503), the provider's retry finishes it. The settle is exactly-once, so a
