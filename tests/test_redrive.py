@@ -392,7 +392,15 @@ def test_a_task_this_worker_dropped_goes_back_to_the_queue(
     tracker_app: Any, redis_client: redis.Redis
 ) -> None:
     """A task a live worker stopped holding while still unacked (a lost connection) is given
-    back at its next beat; one it acknowledged is not."""
+    back at its next beat, and counted as restored; one it acknowledged is not."""
+    from smsbat_tracker import metrics
+
+    registry = metrics.get().registry
+
+    def restored() -> float:
+        return registry.get_sample_value("smsbat_redrives_total", {"kind": "restored"}) or 0.0
+
+    before = restored()
     for n in range(2):
         tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": n},))
     connection = tracker_app.connection_for_write()
@@ -411,6 +419,7 @@ def test_a_task_this_worker_dropped_goes_back_to_the_queue(
     # Still noted as held meanwhile: were this worker to die now, its sweep finds it.
     assert str(dropped.delivery_tag) in redis_client.smembers(Keys().held(redriver.holder))
     assert redriver.held.note_held([], now + 2) == 1  # only the unacked one
+    assert restored() == before + 1
     assert redis_client.llen("celery") == 1
     assert redis_client.hlen("unacked") == 0
     assert redis_client.smembers(Keys().held(redriver.holder)) == set()

@@ -94,3 +94,57 @@ def test_a_second_first_run_joins_and_a_stale_run_is_superseded(
     assert joined.result == {"message_id": mid, "outcome": "joined", "owner": "owner-3"}
     stale = run_check(engine, _request(engine, mid, "someone-else", run=4))
     assert stale.result == {"message_id": mid, "outcome": "superseded", "owner": "owner-3"}
+
+
+def test_a_timeout_has_no_source_even_when_the_last_check_asked_the_api(
+    engine: Engine, sandbox: SandboxServer
+) -> None:
+    """A message still processing at its deadline times out; the check at the deadline
+    asked the API, yet the result's source is None (no final status came from anywhere),
+    as the README and the outcome metric's ``none`` say."""
+    mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 600)])
+    started = time.time() - engine.settings.deadline
+    engine.register(
+        mid,
+        Subscription(),
+        owner="owner-4",
+        started_at=started,
+        deadline_at=started + engine.settings.deadline,
+        first_at=started,
+    )
+    outcome = run_check(engine, _request(engine, mid, "owner-4", started_at=started))
+    assert outcome.result is not None
+    assert outcome.result["outcome"] == "timeout"
+    assert outcome.result["deliverystatus"] == "processing"
+    assert outcome.result["polls"] == 1
+    assert outcome.result["source"] is None
+
+
+def test_a_tracking_counts_as_started_once_whatever_reruns_its_first_run(
+    engine: Engine, sandbox: SandboxServer
+) -> None:
+    """``smsbat_trackings_started_total`` counts a tracking once: not again for a copy of
+    its first run given back after a crash (same task id), nor for the fresh first run of a
+    re-drive (a new owner)."""
+    from smsbat_tracker import metrics
+    from smsbat_tracker.store.redrive_scripts import Take, TakeSession
+
+    registry = metrics.get().registry
+
+    def started() -> float:
+        return registry.get_sample_value("smsbat_trackings_started_total") or 0.0
+
+    mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 600)])
+    _register(engine, mid, "owner-5")
+    before = started()
+    assert run_check(engine, _request(engine, mid, "owner-5")).wait is not None
+    assert started() == before + 1
+    # The session expects run 1 now; a copy of run 0 given back is stale and stops.
+    run_check(engine, _request(engine, mid, "owner-5"))
+    keys = engine.keys
+    taken = TakeSession(engine.redis)(
+        keys.due(), keys.session(mid), f"m:{mid}", time.time() + 60, "owner-6", time.time()
+    )
+    assert taken.result == Take.TAKEN
+    assert run_check(engine, _request(engine, mid, "owner-6")).wait is not None
+    assert started() == before + 1

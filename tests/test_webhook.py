@@ -563,7 +563,9 @@ def test_a_push_after_the_outcome_is_ignored_and_counted_so(
     registry = metrics.get().registry
 
     def ignored() -> float:
-        return registry.get_sample_value("smsbat_webhook_pushes_total", {"result": "ignored"}) or 0.0
+        return (
+            registry.get_sample_value("smsbat_webhook_pushes_total", {"result": "ignored"}) or 0.0
+        )
 
     before = ignored()
     for late in (

@@ -82,6 +82,7 @@ class Start:
     recorded: dict[str, Any] | None  # the outcome, when the tracking has ended
     cached: CachedStatus | None
     turn: Turn | None  # None for a run that may not check (ended, or not the expected run)
+    first: bool = False  # the tracking's first run to start: counted once as started
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,7 @@ class Checks:
             json.loads(before.outcome) if before.outcome else None,
             StatusCache.parse(before.cached) if before.cached else None,
             None if before.turn.code == TurnCode.NONE else Turn.of(before.turn),
+            before.first,
         )
 
     def _turn_ask(self, message_id: str, *, ahead: float, due_at: float | None) -> TurnAsk:

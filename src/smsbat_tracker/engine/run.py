@@ -77,7 +77,7 @@ def run_check(engine: Engine, request: RunRequest) -> RunOutcome:
         ),
     )
     session, cached = start.session, start.cached
-    if first_run and session.owner == owner:
+    if start.first:  # once per tracking: not again for a re-drive or a copy given back
         metrics.get().started.inc()
     if start.recorded is not None:
         # Finished already (webhook, an earlier run, another session): claim what is ours.
@@ -131,10 +131,13 @@ def run_check(engine: Engine, request: RunRequest) -> RunOutcome:
             next_in=round(decision.seconds, 3) if isinstance(decision, Wait) else None,
         )
     if isinstance(decision, Finish):
-        if isinstance(answer, MessageStatus):
-            source: str | None = "poll"
-        else:
-            source = cached.source if cached is not None and status is cached.status else None
+        source: str | None = None  # a timeout or an error came from no final status
+        if decision.outcome in ("timeout", "error"):
+            pass
+        elif isinstance(answer, MessageStatus):
+            source = "poll"
+        elif cached is not None and status is cached.status:
+            source = cached.source
         result = build_result(
             message_id,
             decision.outcome,

@@ -168,6 +168,7 @@ class Before:
     outcome: str  # the recorded result's JSON, or ''
     cached: str | bytes  # the cached status's raw entry, or ''
     turn: TurnReply  # TurnCode.NONE when the run may not check
+    first: bool = False  # the tracking's first run to start (once per session)
 
 
 class BeforeCheck(Script):
@@ -186,12 +187,12 @@ class BeforeCheck(Script):
         run: int,
         turn: TurnAsk,
     ) -> Before:
-        fields, recorded, cached, (code, wait) = self.run(
+        fields, recorded, cached, (code, wait), first = self.run(
             [session, outcome, status, due, *turn.keys()],
             [*opening.args(), run, *turn.args()],
         )
         turn_reply = TurnReply(TurnCode(int(code)), int(wait))
-        return Before(list(fields), str(recorded or ""), cached, turn_reply)
+        return Before(list(fields), str(recorded or ""), cached, turn_reply, bool(first))
 
 
 class AbandonCode(enum.IntEnum):

@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from smsbat_tracker import metrics
 from smsbat_tracker.celery.compat.kombu_restore import require_kombu, restore_retagged
 from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, chunked
 from smsbat_tracker.celery.tracker import Tracker
@@ -48,7 +49,9 @@ class GiveBack:
         return left
 
     def restore(self, tags: Iterable[str], event: str, **fields: Any) -> int:
-        """Give back the ``tags`` still unacked; how many were (logged as ``event``)."""
+        """Give back the ``tags`` still unacked; how many were (logged as ``event``, and
+        counted in ``smsbat_redrives_total{kind="restored"}`` whatever the reason: a dead
+        worker's, a dropped one, an orphan)."""
         left = self.still_unacked(tags)
         if not left:
             return 0
@@ -61,5 +64,6 @@ class GiveBack:
                 if restore_retagged(channel, tag, self.superseded_key, now) is not None:
                     restored += 1
         if restored:
+            metrics.get().redrives.labels("restored").inc(restored)
             log.warning(event, tasks=restored, **fields)
         return restored

@@ -101,7 +101,7 @@ class Redriver:
         try:
             now = time.time() if now is None else now
             counts = metrics.get().redrives
-            counts.labels("restored").inc(self.dead.restore(now))
+            self.dead.restore(now)  # counted as restored by the give-back itself
             self.redis.zremrangebyscore(self.keys.superseded(), "-inf", repr(now - SUPERSEDED_FOR))
             cutoff = now - self.settings.redrive_after - self.lost_runs.queue_age(now)
             counts.labels("follow_up").inc(self.follow_ups.resend_lost(cutoff, now))

@@ -4,7 +4,9 @@
 -- a turn to ask the API (take_turn, lib/turn.lua), in the rate limit's line, taken ahead of
 -- the decision. A run that does not ask gives it back in its second round trip.
 -- Returns {the session's fields, the outcome's result JSON or '', the cached status or '',
--- the turn: {TURN_NONE, 0} when none was taken for it, else take_turn's reply}.
+-- the turn: {TURN_NONE, 0} when none was taken for it, else take_turn's reply, 1 when this
+-- is the tracking's first run to start (once per session: not a re-drive, nor a copy of
+-- the first run given back) else 0}.
 local session = KEYS[1]            -- the tracking's session
 local outcome_key = KEYS[2]        -- the recorded outcome
 local status = KEYS[3]             -- the cached status
@@ -40,10 +42,12 @@ local fields = open_session(session, due, owner, started_at, deadline_at, sessio
 local outcome = string.match(redis.call('GET', outcome_key) or '', '^[^\n]*')
 local cached = redis.call('GET', status) or ''
 local turn = {TURN_NONE, 0}
+local first = 0
 local expected = (not fields[SESSION_RUN]) or tonumber(fields[SESSION_RUN]) == tonumber(run)
 if outcome == '' and fields[SESSION_OWNER] == owner and expected then
+  if tonumber(run) == 0 then first = redis.call('HSETNX', session, 'begun', 1) end
   turn = take_turn(gate, gate_ms, limit_on, {bucket, pause_key, waiters, waiters_back}, {
     interval_us, tolerance_us, tokens, ahead_us, waiter, due_us, grace_us, window_us,
   })
 end
-return {fields, outcome, cached, turn}
+return {fields, outcome, cached, turn, first}
