@@ -47,6 +47,19 @@ def test_redis_keeps_tasks(compose: dict[str, Any]) -> None:
     assert any(v.endswith(":/data") for v in compose["services"]["redis"]["volumes"])
 
 
+def test_the_worker_and_the_receiver_have_health_checks(compose: dict[str, Any]) -> None:
+    """Compose checks the worker with ``smsbat-tracker health`` (its /healthz on the metrics
+    port the service sets) and the receiver with its own /healthz, each within its
+    timeout."""
+    services = compose["services"]
+    worker, web = services["worker"]["healthcheck"], services["web"]["healthcheck"]
+    assert worker["test"] == ["CMD", "smsbat-tracker", "health"]
+    assert services["worker"]["environment"]["SMSBAT_METRICS_PORT"]
+    assert "http://127.0.0.1:8000/healthz" in " ".join(web["test"])
+    for check in (worker, web):
+        assert int(check["timeout"].rstrip("s")) > 5  # the command answers within 5 s
+
+
 def test_worker_and_flower_run_the_package_app(compose: dict[str, Any]) -> None:
     """Worker and Flower start the Celery app this package defines, on the compose Redis."""
     services = compose["services"]

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import secrets
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -407,3 +410,35 @@ def test_a_master_failover_under_100_trackings_loses_and_doubles_nothing(
     assert resumed < 30
     for log in logs:
         assert cluster.password not in log.read_text(errors="replace")
+
+
+def test_a_worker_given_a_master_name_no_sentinel_watches_stops_with_one_line(
+    sentinel_cluster: SentinelCluster, tmp_path: Path
+) -> None:
+    """A typo in SMSBAT_SENTINEL_MASTER would retry quietly for good: the sentinels answer
+    but watch no such master, so the worker stops at start with one line naming the
+    variable and the masters they watch (never a password, never a traceback)."""
+    from smsbat_tracker.store.connections import known_masters
+
+    cluster = sentinel_cluster
+    right = Settings(redis_url=cluster.url, sentinel_master=cluster.master_name, api_key="k")
+    assert known_masters(right) == {cluster.master_name}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}
+    env.update(REDIS_URL=cluster.url, SMSBAT_SENTINEL_MASTER="typo", SMSBAT_API_KEY="k")
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "smsbat_tracker.worker", "worker"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    line = (
+        "SMSBAT_SENTINEL_MASTER=typo: the sentinels watch no master by that name "
+        f"(they watch: {cluster.master_name})"
+    )
+    assert line in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert cluster.password not in proc.stderr + proc.stdout

@@ -241,7 +241,10 @@ def _ping(settings: Settings) -> int:
         client.close()
         print(f"redis: ok ({where})")
     except redis.RedisError as exc:
-        print(f"redis: cannot reach {where}: {type(exc).__name__}", file=sys.stderr)
+        from smsbat_tracker.store.connections import unknown_master
+
+        reason = unknown_master(settings) or type(exc).__name__
+        print(f"redis: cannot reach {where}: {reason}", file=sys.stderr)
         failed = 1
     from smsbat_tracker.provider.client import SmsbatClient
 
@@ -262,6 +265,53 @@ def _ping(settings: Settings) -> int:
         print(f"api: {settings.base_url}: {exc}", file=sys.stderr)
         failed = 1
     return failed
+
+
+def _health(args: argparse.Namespace) -> int:
+    """A worker's health, one line per check; 1 when any fails (within 5 s)."""
+    import httpx
+
+    from smsbat_tracker.celery.health import PING_TIMEOUT, STALE_AFTER, ping_options
+    from smsbat_tracker.config import load_settings
+    from smsbat_tracker.store.connections import redis_client, unknown_master
+    from smsbat_tracker.store.keys import Keys
+
+    settings = load_settings(credentials=False)
+    where = safe_redis_url(settings.redis_url)
+    client = redis_client(settings, **ping_options())
+    try:
+        client.ping()
+        print(f"redis: ok ({where})")
+        beats = client.zrevrange(Keys(settings.key_prefix).holders(), 0, 0, withscores=True)
+    except redis.RedisError as exc:
+        wrong = unknown_master(settings)
+        reason = wrong or f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        print(f"redis: cannot reach {where}: {reason}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    port = args.port or settings.metrics_port
+    if port:
+        url = f"http://127.0.0.1:{port}/healthz"
+        try:
+            answer = httpx.get(url, timeout=2 * PING_TIMEOUT)
+            problems = answer.json().get("problems", []) if answer.status_code != 200 else []
+        except (httpx.HTTPError, ValueError) as exc:
+            problems = [f"{url}: {type(exc).__name__}"]
+        for problem in problems:
+            print(f"worker: {problem}", file=sys.stderr)
+        if problems:
+            return 1
+        print(f"worker: ok ({url})")
+        return 0
+    # No metrics port to ask: some worker's re-driver beats.
+    age = time.time() - float(beats[0][1]) if beats else None
+    if age is None or age > STALE_AFTER:
+        since = "ever" if age is None else f"{age:.1f} s"
+        print(f"worker: no re-driver has beaten for {since}", file=sys.stderr)
+        return 1
+    print(f"worker: a re-driver beat {age:.1f} s ago")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +343,18 @@ def main(argv: list[str] | None = None) -> int:
         "--worker",
         action="store_true",
         help="check what a worker needs too: API credentials (enqueuing needs none)",
+    )
+    health = sub.add_parser(
+        "health",
+        help="exit 0 when Redis answers and a worker beats (its /healthz, given a metrics "
+        "port), else 1; within 5 s",
+    )
+    health.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="the worker's metrics port on this host (default: SMSBAT_METRICS_PORT; none: "
+        "any worker's beat in Redis)",
     )
     campaign = sub.add_parser("campaign", help="track a campaign, or show its report")
     actions = campaign.add_subparsers(dest="action", required=True)
@@ -331,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "campaign":
             return _campaign(args)
+        if args.command == "health":
+            return _health(args)
         return _check_config(args)
     except ConfigError as exc:
         print(f"smsbat-tracker: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ from smsbat_tracker.config import NO_CREDENTIALS, Settings, load_settings
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import get_logger, register_secret
 from smsbat_tracker.redis_url import is_sentinel_url
-from smsbat_tracker.store.connections import socket_options
+from smsbat_tracker.store.connections import socket_options, unknown_master
 
 __all__ = ["DEFAULT_QUEUE", "TrackerStep", "init_app", "tracker_routes"]
 
@@ -180,6 +180,8 @@ class TrackerStep(bootsteps.StartStopStep):
         if not tracker.settings.has_credentials:
             # A worker calls the API; enqueuing and the webhook receiver need no credentials.
             raise SystemExit(f"smsbat-tracker: invalid settings: {NO_CREDENTIALS}")
+        if (wrong := unknown_master(tracker.settings)) is not None:
+            raise SystemExit(f"smsbat-tracker: invalid settings: {wrong}")
         # A Celery the retry patch was not made for stops the worker here, not at a retry.
         retry.install()
         # Each retry's traceback copy keeps one code position per frame, not ~190 KB of them.

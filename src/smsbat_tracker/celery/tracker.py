@@ -47,6 +47,10 @@ class Tracker:
         self._engine_lock = threading.Lock()
         self._campaigns: CampaignRunner | None = None
         self._metrics_server: tuple[Any, Path | None] | None = None
+        self._health_client: redis.Redis | None = None
+        # When this worker's re-driver last beat with Redis in reach (monotonic; its
+        # bootstep writes it): what /healthz reads.
+        self.last_beat: float | None = None
 
     @property
     def engine(self) -> Engine:
@@ -106,10 +110,13 @@ class Tracker:
 
         Call in the worker's parent before its pool starts: every process of the worker
         then counts into one multiprocess directory (``SMSBAT_METRICS_DIR``, else a new
-        temporary one), emptied first, which a scrape adds up. Stops start-up with a clear
+        temporary one), emptied first, which a scrape adds up. ``/healthz`` answers the
+        worker's health (:mod:`smsbat_tracker.celery.health`). Stops start-up with a clear
         message when the port cannot be bound.
         """
-        from prometheus_client import start_http_server
+        from prometheus_client import make_wsgi_app
+
+        from smsbat_tracker.celery.health import Health, serve
 
         settings = self.settings
         made = settings.metrics_dir is None
@@ -117,8 +124,11 @@ class Tracker:
         registry = metrics.scrape_registry(
             metrics.RedisCollector(lambda: self.engine.redis, Keys(settings.key_prefix).due())
         )
+        health = Health(self._health_redis, lambda: self.last_beat)
         try:
-            server, _ = start_http_server(settings.metrics_port, settings.metrics_host, registry)
+            server, _ = serve(
+                settings.metrics_host, settings.metrics_port, health.wsgi(make_wsgi_app(registry))
+            )
         except OSError as exc:
             if made:
                 metrics.remove_directory(path)
@@ -129,8 +139,20 @@ class Tracker:
         self._metrics_server = (server, path if made else None)
         log.info("worker.metrics", port=settings.metrics_port, directory=str(path))
 
+    def _health_redis(self) -> redis.Redis:
+        """The client /healthz pings with (short timeouts: it answers within 5 s)."""
+        from smsbat_tracker.celery.health import ping_options
+
+        client = self._health_client
+        if client is None:
+            client = self._health_client = redis_client(self.settings, **ping_options())
+        return client
+
     def stop_metrics(self) -> None:
         """Stop serving metrics; remove the temporary directory the worker made."""
+        if self._health_client is not None:
+            self._health_client.close()
+            self._health_client = None
         if self._metrics_server is not None:
             server, made = self._metrics_server
             self._metrics_server = None

@@ -28,7 +28,14 @@ from smsbat_tracker.redis_url import is_sentinel_url, parse_sentinel_url
 if TYPE_CHECKING:
     from smsbat_tracker.config import Settings
 
-__all__ = ["SOCKET_TIMEOUT", "SentinelRedis", "redis_client", "socket_options"]
+__all__ = [
+    "SOCKET_TIMEOUT",
+    "SentinelRedis",
+    "known_masters",
+    "redis_client",
+    "socket_options",
+    "unknown_master",
+]
 
 # A Redis that stops answering (frozen, or a network that drops packets rather than
 # resets) holds a call at most this long, rather than for good: every script and command
@@ -86,3 +93,44 @@ def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
     )
     client.sentinel_manager = manager
     return client
+
+
+def known_masters(settings: Settings, timeout: float = 2.0) -> set[str] | None:
+    """The master names the sentinels of ``settings.redis_url`` watch; None when no
+    sentinel answered (or the URL names no sentinels)."""
+    url = settings.redis_url
+    if not is_sentinel_url(url):
+        return None
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    names: set[str] | None = None
+    for host, port in parse_sentinel_url(url).sentinels:
+        node = redis.Redis(
+            host=host,
+            port=port,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),  # one try each: a worker's start waits on it
+        )
+        try:
+            masters = node.sentinel_masters()
+        except redis.RedisError:
+            continue
+        finally:
+            node.close()
+        names = (names or set()) | {str(name) for name in masters}
+    return names
+
+
+def unknown_master(settings: Settings) -> str | None:
+    """One line when the sentinels answer but watch no master by
+    ``SMSBAT_SENTINEL_MASTER`` (a typo would otherwise retry quietly for good); None when
+    they know it, or cannot be asked."""
+    known = known_masters(settings)
+    if known is None or settings.sentinel_master in known:
+        return None
+    return (
+        f"SMSBAT_SENTINEL_MASTER={settings.sentinel_master}: the sentinels watch no master "
+        f"by that name (they watch: {', '.join(sorted(known)) or 'none'})"
+    )

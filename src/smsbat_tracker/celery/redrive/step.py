@@ -93,6 +93,7 @@ class RedriveStep(bootsteps.StartStopStep):
         while not self._stop.wait(HEARTBEAT):
             try:
                 redriver.run_once()
+                redriver.tracker.last_beat = time.monotonic()  # what /healthz reads
                 failing = False
             except Exception as exc:  # Redis away: keep beating; the next one may work
                 # Logged once per outage; the beats after it fail the same way.
