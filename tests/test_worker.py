@@ -81,7 +81,7 @@ def test_task_log_lines_carry_task_and_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Every line a tracking task logs names the task id, the task name and the message."""
-    configure_logging(json=True)
+    configure_logging(json=True, level="DEBUG")  # a check's own line is at DEBUG
     mid = sandbox.state.create_scripted([("processing", 0), ("delivered", 0.3)])
     result = track_message.delay(mid, on_delivered=record_outcome.s())
     wait_for(lambda: recorded(redis_client))
@@ -298,3 +298,72 @@ def test_the_package_worker_registers_no_recipe_task_unless_asked() -> None:
 
     assert registered() == sorted(TRACKER_TASKS)
     assert "smsbat_tracker.recipes.record_outcome" in registered("smsbat_tracker.tools.recipes")
+
+
+def test_a_run_that_loses_redis_is_a_retry_with_its_reason_not_an_error(
+    tracker_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis going away under a tracking run (a failover, a restart) is a fault the tracker
+    heals: the run ends as a retry whose reason says so (what Flower shows), with one
+    WARNING line and no traceback, and the due index re-drives the tracking. A task the
+    due index does not cover still fails."""
+    import time
+
+    from smsbat_tracker.celery import track
+    from smsbat_tracker.celery.track import settle_message
+
+    def away(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(track, "run_check", away)
+    with capture_logs() as logs:
+        result = track_message.apply(args=("abc123",), kwargs={"enqueued_at": time.time()})
+    assert result.state == "RETRY"
+    assert (
+        repr(result.result) == "NextRun('Redis away (ConnectionError); the re-driver resumes it')"
+    )
+    [event] = [e for e in logs if e["event"] == "task.redis_away"]
+    assert event["log_level"] == "warning"
+    assert event["error"] == "ConnectionError"
+    assert "exc_info" not in event
+    monkeypatch.setattr(track, "engine_of", away)
+    assert settle_message.apply(args=("abc123",)).state == "FAILURE"
+
+
+@pytest.mark.slow
+def test_a_default_worker_logs_under_1_kb_a_tracking_and_every_line_as_json(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxServer,
+    tracker_app: Any,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    """``celery -A smsbat_tracker.worker worker -l INFO`` with its output in a file (not a
+    terminal): every line is JSON, the start-up banner (one ``worker.started`` line) and
+    the warning about running as root included, Celery's per-task lines are off, and 20
+    trackings with their callbacks log at most 1 KB each (what was logged after the
+    worker answered a ping). ``SMSBAT_TASK_LOG_LINES=true`` brings Celery's lines back."""
+    from smsbat_tracker.tools.workers import worker_process
+
+    def run(settings: Settings, label: str) -> tuple[list[dict[str, Any]], float]:
+        log = tmp_path / f"{label}.log"
+        with worker_process(settings, concurrency=4, log_path=str(log)):
+            wait_for(lambda: tracker_app.control.ping(timeout=0.5), timeout=60)
+            started = log.stat().st_size
+            ids = [sandbox.state.create_scripted([("processing", 0), ("delivered", 1.5)])]
+            ids += [sandbox.state.create_scripted([("delivered", 0.5)]) for _ in range(19)]
+            for mid in ids:
+                track_message.delay(mid, on_delivered=record_outcome.s(label=label))
+            wait_for(lambda: len(recorded(redis_client, label)) == 20, timeout=60)
+            # Read while it runs: Celery prints "worker: Warm shutdown" as it stops.
+            text = log.read_bytes()
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return lines, (len(text) - started) / 20
+
+    lines, per_tracking = run(make_settings(), "quiet")
+    events = [line["event"] for line in lines]
+    assert events.count("worker.started") == 1
+    assert not [e for e in events if e.startswith("Task ")]
+    assert per_tracking <= 1024, per_tracking
+    loud, _ = run(make_settings(task_log_lines=True), "loud")
+    assert [e for e in (line["event"] for line in loud) if e.endswith("] received")]

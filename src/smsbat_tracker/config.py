@@ -117,10 +117,16 @@ class Settings(BaseSettings):
 
     # --- Prometheus metrics served by a worker (0 = off; the receiver serves /metrics) ---
     metrics_port: int = Field(default=0, ge=0, le=65_535)
-    metrics_host: str = Field(default="0.0.0.0", min_length=1, max_length=255)  # noqa: S104
+    # Loopback by default: a port that answers anyone is a choice (compose makes it).
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, max_length=255)
     # Where a worker's processes count (prometheus-client's multiprocess directory); emptied
     # when the worker starts. Default: a new temporary directory per worker.
     metrics_dir: str | None = Field(default=None, min_length=1, max_length=4096)
+
+    # --- logs of the package's own worker -----------------------------------------------
+    # Celery's per-task lines (received, succeeded, retry: about 1 KB each, several per
+    # tracking) at INFO; off, a tracking logs about 0.7 KB at INFO (its end and callback).
+    task_log_lines: bool = False
 
     @field_validator("base_url")
     @classmethod

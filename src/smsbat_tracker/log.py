@@ -194,6 +194,9 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Python's warnings (Celery's deprecation paragraphs, its root-user warning) go through
+    # the same handler: one line each, JSON off a terminal.
+    logging.captureWarnings(True)
     # httpx logs every request at INFO; keep it for debugging only.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -22,8 +22,10 @@ countdown retries safe on Redis are set here, explicitly:
 
 from __future__ import annotations
 
+import logging
 import sys
-from typing import Any
+from functools import cached_property
+from typing import Any, Final
 
 from celery import Celery, signals
 
@@ -37,7 +39,11 @@ from smsbat_tracker.log import configure_logging
 from smsbat_tracker.redis_url import is_sentinel_url
 from smsbat_tracker.store.connections import SOCKET_TIMEOUT, socket_options
 
-__all__ = ["TrackerApp", "app", "create_app"]
+__all__ = ["CELERY_TASK_LOGGERS", "TrackerApp", "app", "create_app"]
+
+# Celery's loggers of its per-task lines: "received" (the consumer's strategy), "succeeded"
+# and "retry" (the tracer). Quiet unless SMSBAT_TASK_LOG_LINES.
+CELERY_TASK_LOGGERS: Final = ("celery.worker.strategy", "celery.app.trace")
 
 
 class TrackerApp(Celery):
@@ -48,6 +54,14 @@ class TrackerApp(Celery):
         super().__init__(*args, **kwargs)
         self.conf.update(celery_config(settings))
         self.tracker: Tracker = init_app(self, settings)
+
+    @cached_property
+    def Worker(self) -> Any:
+        """The worker class: Celery's, with its banner as one JSON line off a terminal
+        (:mod:`smsbat_tracker.celery.banner`)."""
+        from smsbat_tracker.celery.banner import Worker
+
+        return self.subclass_with_self(Worker)
 
     @property
     def settings(self) -> Settings:
@@ -188,3 +202,15 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
             settings.webhook_token.get_secret_value() if settings.webhook_token else None,
         ],
     )
+    if not settings.task_log_lines:
+        # Celery's "received", "succeeded" and "retry" lines, about 1 KB each and several
+        # per tracking: WARNING and up only (a task's failure still logs).
+        for name in CELERY_TASK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@signals.celeryd_init.connect
+def _early_logging(**_: Any) -> None:
+    # The worker checks its privileges (a warning as root) before it sets up logging:
+    # configured this early, that warning is a log line like any other, JSON off a terminal.
+    _setup_logging()

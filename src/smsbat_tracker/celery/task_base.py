@@ -15,10 +15,11 @@ from celery.exceptions import Retry
 from kombu.exceptions import OperationalError
 
 from smsbat_tracker.celery.compat.retry import install, shown_as_reason
-from smsbat_tracker.celery.names import PUBLISHED_AT
+from smsbat_tracker.celery.names import DUE_INDEXED, PUBLISHED_AT
 from smsbat_tracker.celery.tracker import Tracker, tracker_of
 from smsbat_tracker.engine.broker import routed_queue
 from smsbat_tracker.engine.engine import Engine
+from smsbat_tracker.log import get_logger
 
 __all__ = [
     "CALLBACK_ARGS",
@@ -32,6 +33,11 @@ __all__ = [
     "rerun",
     "stamp",
 ]
+
+log = get_logger(__name__)
+
+# Redis going away under a run: a failover, a restart, a frozen server (the socket timeout).
+REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 
 if TYPE_CHECKING:
     AnyTask = Task[Any, Any]
@@ -105,6 +111,15 @@ class TrackerTask(AnyTask):
                 # traceback of each (every frame's code positions, formatted): cut to this
                 # frame, that copy costs about 0.6 ms less per check.
                 raise retry.with_traceback(None) from None
+            except REDIS_AWAY as exc:
+                if self.name not in DUE_INDEXED:
+                    raise
+                # A fault the tracker heals: the run's tracking stays in the due index,
+                # and the re-driver resumes it once Redis is back (nothing can be published
+                # meanwhile). A retry with its reason, not a failure with a traceback.
+                why = f"Redis away ({type(exc).__name__}); the re-driver resumes it"
+                log.warning("task.redis_away", error=type(exc).__name__, detail=str(exc)[:200])
+                raise shown_as_reason(Retry(None, NextRun(why), None)) from None
 
 
 @contextlib.contextmanager

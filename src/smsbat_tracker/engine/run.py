@@ -116,13 +116,14 @@ def run_check(engine: Engine, request: RunRequest) -> RunOutcome:
     )
     if isinstance(decision, AwaitPush):
         # The provider pushes this message's changes; the webhook will end tracking.
-        log.info("track.awaiting_push", message_id=message_id, next_in=round(decision.seconds, 3))
+        log.debug("track.awaiting_push", message_id=message_id, next_in=round(decision.seconds, 3))
         return _next_run(engine, request, session, decision, check)
     status = decision.status
     if isinstance(decision, Wait) and decision.failed:
         log.info("track.retry", message_id=message_id, next_in=round(decision.seconds, 3))
     elif asked or (isinstance(decision, Wait) and decision.counted):
-        log.info(
+        # DEBUG: a check a few seconds; the tracking's end (track.final) is at INFO.
+        log.debug(
             "track.check",
             message_id=message_id,
             deliverystatus=status.deliverystatus if status else None,
