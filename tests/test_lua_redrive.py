@@ -72,7 +72,7 @@ def test_take_session_gives_a_lost_session_a_new_owner_once(
 ) -> None:
     """An overdue session gets the new owner and run 0, counts a re-drive, and is due now;
     the take says when the lost run fell due (its place in the rate limit's line), or None
-    for a session that does not say; taken again it has moved; a session gone drops its
+    for a session that does not say, and the lost run's task id; taken again it has moved; a session gone drops its
     entry."""
     due, session = keys.due(), keys.session("m1")
     redis_client.hset(
@@ -85,7 +85,7 @@ def test_take_session_gives_a_lost_session_a_new_owner_once(
     redis_client.zadd(due, {"m:m1": NOW - 30, "m:gone": NOW - 30, "m:old": NOW - 30})
     take = TakeSession(redis_client)
     taken = take(due, session, "m:m1", NOW - 10, "t-new", NOW)
-    assert taken == SessionTake(Take.TAKEN, 10.0, 70.0, 42.5)
+    assert taken == SessionTake(Take.TAKEN, 10.0, 70.0, 42.5, "t-1")
     assert redis_client.hgetall(session) == {
         "owner": "t-new",
         "run": "0",
@@ -95,7 +95,7 @@ def test_take_session_gives_a_lost_session_a_new_owner_once(
         "redriven": "1",
     }
     old = take(due, keys.session("old"), "m:old", NOW - 10, "t-new2", NOW)
-    assert old == SessionTake(Take.TAKEN, 5.0, 9.0, None)
+    assert old == SessionTake(Take.TAKEN, 5.0, 9.0, None, "t-2")
     assert redis_client.zscore(due, "m:m1") == NOW
     assert take(due, session, "m:m1", NOW - 10, "t-other", NOW) == SessionTake(Take.MOVED)
     assert redis_client.hget(session, "owner") == "t-new"

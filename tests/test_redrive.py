@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from datetime import datetime
@@ -61,10 +62,15 @@ def test_an_overdue_tracking_is_taken_over_and_run_afresh(
     tracker_app: Any, redis_client: redis.Redis
 ) -> None:
     """Overdue past SMSBAT_REDRIVE_AFTER: a new owner, run 0, and its task in the queue,
-    with the lost run's due time as its ETA (its place in the rate limit's line)."""
+    with the arguments the first had and the lost run's due time as its ETA (its place in
+    the rate limit's line); the lost run gets a task-succeeded event saying it was
+    superseded by the new one (Flower would show it STARTED or RETRY for good)."""
     due_at = time.time() - 20.0
     _register(tracker_app, "rd-lost", due_in=-20.0)
     redriver = Redriver(tracker_app, redis_client)
+    events = redis_client.pubsub()
+    events.psubscribe("*celeryev*")
+    assert events.get_message(timeout=2)["type"] == "psubscribe"  # type: ignore[index]
     assert redriver.sweep() == 1
     session = tracker_app.engine.session("rd-lost")
     assert session is not None
@@ -74,6 +80,18 @@ def test_an_overdue_tracking_is_taken_over_and_run_afresh(
     message = json.loads(raw)
     assert message["headers"]["id"] == session.owner
     assert message["headers"]["task"] == "smsbat_tracker.track_message"
+    assert message["headers"]["argsrepr"] == "('rd-lost',)"
+    sent: list[dict[str, Any]] = []  # task-sent (the new run's publish), then the lost run's end
+    while not [e for e in sent if e["type"] == "task-succeeded"]:
+        event = events.get_message(timeout=5)
+        assert event is not None, sent
+        sent.append(json.loads(base64.b64decode(json.loads(event["data"])["body"])))
+    [body] = [e for e in sent if e["type"] == "task-succeeded"]
+    assert body["uuid"] == "t-1"
+    assert body["result"] == repr(
+        {"outcome": "superseded", "message_id": "rd-lost", "owner": session.owner}
+    )
+    events.close()
     eta = datetime.fromisoformat(message["headers"]["eta"]).timestamp()
     assert eta == pytest.approx(due_at, abs=1)
     assert _score(redis_client, "m:rd-lost") == pytest.approx(time.time(), abs=2)

@@ -61,13 +61,14 @@ class HeldEntry(NamedTuple):
 
 
 class SessionTake(NamedTuple):
-    """A session take-over: the result, and the session's start, deadline and when its
-    lost run fell due (None: not known) if taken."""
+    """A session take-over: the result, and the session's start, deadline, when its lost
+    run fell due (None: not known) and that run's task id if taken."""
 
     result: Take
     started_at: float = 0.0
     deadline_at: float = 0.0
     due_at: float | None = None
+    previous: str = ""
 
 
 class RefreshHeld(Script):
@@ -102,6 +103,7 @@ class TakeSession(Script):
                 float(taken[1]),
                 float(taken[2]),
                 float(due_at) if due_at else None,
+                str(taken[4]) if len(taken) > 4 else "",
             )
         return SessionTake(Take(int(taken)))
 

@@ -3,8 +3,11 @@
 An entry overdue by more than ``SMSBAT_REDRIVE_AFTER`` is neither held by a live worker
 (it would be refreshed, see :mod:`.alive`) nor waiting in the broker queue (see
 :meth:`LostRuns.queue_age`), so its run was lost. It is taken over with a new token and a
-fresh run is published, at most :data:`SWEEP_LIMIT` a sweep. The lost task, should it ever
-come back, finds its token moved and stops without an API call or a callback.
+fresh run is published, at most :data:`SWEEP_LIMIT` a sweep, with the arguments the lost one
+had. The lost task, should it ever come back, finds its token moved and stops without an
+API call or a callback; meanwhile Flower would show it STARTED or RETRY for good (its worker
+died, or its run lost Redis), so the sweep sends the event that ends it: succeeded, with
+the result a superseded run returns, naming the run that took over.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class LostRuns:
         self._take_session = TakeSession(client)
         self._take_chain = TakeChain(client)
         self._release_batch = ReleaseBatch(client)
+        # Lost runs taken over since the last events were sent: (task id, its result).
+        self._superseded: list[tuple[str, dict[str, str]]] = []
 
     def queues(self) -> list[str]:
         """The broker lists the tracker's due-tracked tasks wait in (their priority's)."""
@@ -73,6 +78,7 @@ class LostRuns:
         count = 0
         for member in members:
             count += self.redrive(str(member), cutoff, now)
+        self._end_superseded()
         if members:
             log.warning(
                 "redrive.sweep", overdue=len(members), redriven=count, cutoff=round(cutoff, 3)
@@ -107,8 +113,8 @@ class LostRuns:
         due_at = min(taken.due_at, now) if taken.due_at is not None else None
         self.app.send_task(
             TRACK_TASK,
+            args=(message_id,),  # as track_message.delay(message_id, ...) sent it
             kwargs={
-                "message_id": message_id,
                 "deadline": taken.deadline_at - taken.started_at,
                 "enqueued_at": taken.started_at,
             },
@@ -117,7 +123,25 @@ class LostRuns:
             headers={PUBLISHED_AT: time.time()},
         )
         log.warning("redrive.message", message_id=message_id, task_id=owner)
+        if taken.previous:
+            result = {"outcome": "superseded", "message_id": message_id, "owner": owner}
+            self._superseded.append((taken.previous, result))
         return 1
+
+    def _end_superseded(self) -> None:
+        """Flower's last word on each lost run: succeeded, superseded by the fresh run
+        (one event dispatcher a sweep; events are best effort, as Celery's own)."""
+        ended, self._superseded = self._superseded, []
+        if not ended:
+            return
+        try:
+            with self.app.events.default_dispatcher() as dispatcher:
+                for task_id, result in ended:
+                    dispatcher.send(
+                        "task-succeeded", uuid=task_id, result=repr(result), runtime=0.0
+                    )
+        except Exception as exc:  # a lost event costs a stale row in Flower, nothing more
+            log.warning("redrive.event_failed", error=type(exc).__name__, detail=str(exc)[:200])
 
     def _redrive_chain(
         self, member: str, campaign_id: str, slot: int, cutoff: float, now: float
