@@ -72,8 +72,8 @@ def test_take_session_gives_a_lost_session_a_new_owner_once(
 ) -> None:
     """An overdue session gets the new owner and run 0, counts a re-drive, and is due now;
     the take says when the lost run fell due (its place in the rate limit's line), or None
-    for a session that does not say, and the lost run's task id; taken again it has moved; a session gone drops its
-    entry."""
+    for a session that does not say, and the lost run's task id; taken again it has moved;
+    a session gone drops its entry."""
     due, session = keys.due(), keys.session("m1")
     redis_client.hset(
         session,
