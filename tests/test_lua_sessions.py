@@ -15,12 +15,14 @@ import redis
 
 from smsbat_tracker.config import Settings
 from smsbat_tracker.engine.broker import SCAN_BUDGET, Broker
+from smsbat_tracker.engine.sessions import Sessions
 from smsbat_tracker.provider.models import MessageStatus
 from smsbat_tracker.store.cache import StatusCache
 from smsbat_tracker.store.keys import Keys, kombu_queue_list
 from smsbat_tracker.store.ratelimit import RateLimiter
 from smsbat_tracker.store.scripts import source
 from smsbat_tracker.store.session_scripts import (
+    ANSWER_ARGS,
     SESSION_FIELDS,
     AbandonCode,
     AbandonSession,
@@ -92,7 +94,7 @@ def test_the_session_fields_agree() -> None:
     text = source("lib/session.lua")
     block = re.search(r"local SESSION_FIELDS = \{(.*?)\}", text, re.DOTALL)
     assert block is not None
-    assert tuple(re.findall(r"'(\w+)'", block.group(1))) == SESSION_FIELDS
+    assert tuple(re.findall(r"'([\w:]+)'", block.group(1))) == SESSION_FIELDS
     places = re.search(r"local SESSION_OWNER, SESSION_RUN = (\d+), (\d+)", text)
     assert places is not None
     owner_at, run_at = places.groups()
@@ -116,6 +118,10 @@ def test_register_opens_the_session_once_and_adds_the_subscription(
         "pushed": None,
         "run": "0",
         "failures": None,
+        "why:in_flight": None,
+        "why:no_turn": None,
+        "why:request_failed": None,
+        "why:awaiting_push": None,
     }
     assert (first.added, first.cached, first.ended) == (True, None, False)
     assert redis_client.hgetall(keys.subs(MID)) == {"s1": SUB}
@@ -267,15 +273,18 @@ def test_after_check_writes_the_check_and_reschedules_the_expected_run(
     limiter = RateLimiter(redis_client, settings, keys, rate=0)
     cache = StatusCache(redis_client, settings, keys)
     session = keys.session(MID)
-    failed = after(redis_client, keys, limiter, Reschedule("t-1", 0, 300.0, Ran.FAILED))
+    failed = after(
+        redis_client, keys, limiter, Reschedule("t-1", 0, 300.0, Ran.FAILED, "request_failed")
+    )
     assert (failed.code, failed.settled) == (AfterCode.DONE, None)
     assert redis_client.hmget(session, "run", "failures", "checks") == ["1", "1", "0"]
+    assert redis_client.hget(session, "why:request_failed") == "1"  # the retry's reason
     answer = MessageStatus.model_validate({"deliverystatus": "weird"})
     done = after(
         redis_client,
         keys,
         limiter,
-        Reschedule("t-1", 1, 400.0, Ran.ANSWERED),
+        Reschedule("t-1", 1, 400.0, Ran.ANSWERED, "in_flight"),
         count_poll=True,
         mark_pushed=True,
         unknown_status="weird",
@@ -306,6 +315,10 @@ def test_after_check_writes_the_check_and_reschedules_the_expected_run(
     assert redis_client.hmget(session, "run", "checks") == ["3", "1"]
     assert redis_client.zscore(keys.due(), "m:m1") == 500.0
     assert float(redis_client.hget(session, "due") or 0) == 500.0  # a re-drive's place
+    parsed = Sessions.parse(MID, redis_client.hmget(session, list(SESSION_FIELDS)))
+    assert parsed is not None
+    assert parsed.retries == {"in_flight": 1, "request_failed": 1}  # NEITHER's had no kind
+    assert len(cache.store_args(answer, source="poll")) == ANSWER_ARGS
 
 
 def test_after_check_gives_an_unused_turn_back_and_pauses_after_a_429(

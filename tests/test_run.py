@@ -68,6 +68,7 @@ def test_a_final_status_ends_the_run_with_its_result(
     assert outcome.result is not None
     assert outcome.result["outcome"] == "delivered"
     assert outcome.result["source"] == "poll"
+    assert outcome.result["retries"] == {}  # found final at its first run
     assert engine.outcome(mid) is not None
 
 

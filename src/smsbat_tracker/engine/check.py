@@ -191,6 +191,7 @@ class Checks:
         counted: bool,
         failed: bool = False,
         check: Check | None = None,
+        why: str = "",
     ) -> bool:
         """A run's second round trip when tracking goes on: ``check`` is written (see
         :class:`Check`); the check is recorded (when ``counted``: an answer), or a failed
@@ -201,7 +202,7 @@ class Checks:
         of the run). The caller then stops without publishing anything.
         """
         ran = Ran.ANSWERED if counted else Ran.FAILED if failed else Ran.NEITHER
-        after = self.after(message_id, check, Reschedule(owner, run, next_at, ran))
+        after = self.after(message_id, check, Reschedule(owner, run, next_at, ran, why))
         return bool(after.code)
 
     def after(self, message_id: str, check: Check | None, step: Reschedule | Settle) -> After:

@@ -159,6 +159,7 @@ class Engine:
         counted: bool,
         failed: bool = False,
         check: Check | None = None,
+        why: str = "",
     ) -> bool:
         """A run's second round trip when tracking goes on, fenced; see
         :meth:`Checks.reschedule`."""
@@ -170,6 +171,7 @@ class Engine:
             counted=counted,
             failed=failed,
             check=check,
+            why=why,
         )
 
     def require_api(self) -> SmsbatClient:

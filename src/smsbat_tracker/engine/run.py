@@ -147,6 +147,7 @@ def run_check(engine: Engine, request: RunRequest) -> RunOutcome:
             started_at=session.started_at,
             polls=session.polls + (1 if asked else 0),
             error=decision.error,
+            retries=session.retries,
         )
         return RunOutcome(
             result=engine.settle(message_id, result, claimer=owner, check=check).result
@@ -167,9 +168,21 @@ def _next_run(
         counted=isinstance(decision, Wait) and decision.counted,
         failed=isinstance(decision, Wait) and decision.failed,
         check=check,
+        why=reason_kind(decision),
     ):
         return RunOutcome(result=superseded(request.message_id, session.owner))
     return RunOutcome(wait=wait, reason=reason(decision))
+
+
+def reason_kind(decision: Wait | AwaitPush) -> str:
+    """The kind of :func:`reason`, counted per tracking (the result's ``retries``)."""
+    if isinstance(decision, AwaitPush):
+        return "awaiting_push"
+    if decision.failed:
+        return "request_failed"
+    if not decision.counted:
+        return "no_turn"
+    return "in_flight"
 
 
 def reason(decision: Wait | AwaitPush) -> str:
@@ -218,5 +231,6 @@ def settle_from_cache(engine: Engine, message_id: str, *, claimer: str) -> dict[
         source=cached.source,
         started_at=session.started_at,
         polls=session.polls,
+        retries=session.retries,
     )
     return engine.settle(message_id, result, claimer=claimer).result

@@ -63,6 +63,8 @@ class Session:
     # The owner's run (Celery's retries count) the session expects next: with ``owner``, the
     # fencing token. None for a session stored before the tracker had one.
     run: int | None = None
+    # How many times its next run came, by kind of reason (RETRY_REASONS; none left out).
+    retries: dict[str, int] = field(default_factory=dict)
 
     @property
     def progress(self) -> Progress:
@@ -157,6 +159,7 @@ def build_result(
     error: str | None = None,
     now: float | None = None,
     campaign_id: str | None = None,
+    retries: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The result dict every callback receives (and ``track_message`` returns).
 
@@ -177,4 +180,7 @@ def build_result(
         error=error,
         status=status.to_json_dict() if status else None,
     )
+    if retries is not None:
+        # Flower keeps one reason per task: the tracking's history, counted by kind.
+        result["retries"] = dict(retries)
     return result

@@ -21,6 +21,7 @@ from smsbat_tracker.rules.seen import CachedStatus
 from smsbat_tracker.store.cache import StatusCache
 from smsbat_tracker.store.keys import Keys
 from smsbat_tracker.store.session_scripts import (
+    RETRY_REASONS,
     SESSION_FIELDS,
     AbandonSession,
     RegisterSession,
@@ -43,9 +44,10 @@ class Sessions:
     @staticmethod
     def parse(message_id: str, values: Sequence[Any]) -> Session | None:
         """A session from its :data:`SESSION_FIELDS`' values; None when there is none."""
-        owner, started, deadline, checks, polls, pushed, run, failures = values
+        owner, started, deadline, checks, polls, pushed, run, failures, *whys = values
         if owner is None or started is None or deadline is None:
             return None
+        retries = {k: int(n) for k, n in zip(RETRY_REASONS, whys, strict=True) if n}
         return Session(
             message_id=message_id,
             owner=str(owner),
@@ -56,6 +58,7 @@ class Sessions:
             pushed=bool(pushed),
             failures=int(failures or 0),
             run=None if run is None else int(run),
+            retries=retries,
         )
 
     def opening(

@@ -15,6 +15,8 @@ from typing import Any, Final
 from smsbat_tracker.store.scripts import Script
 
 __all__ = [
+    "ANSWER_ARGS",
+    "RETRY_REASONS",
     "SESSION_FIELDS",
     "AbandonCode",
     "AbandonSession",
@@ -53,7 +55,15 @@ SESSION_FIELDS: Final = (
     "pushed",
     "run",
     "failures",
+    "why:in_flight",
+    "why:no_turn",
+    "why:request_failed",
+    "why:awaiting_push",
 )
+# The kinds of reason a tracking's next run comes for, counted per session ("why:<kind>").
+RETRY_REASONS: Final = ("in_flight", "no_turn", "request_failed", "awaiting_push")
+# How many ARGV the cached answer takes in session_after.lua (StatusCache.store_args).
+ANSWER_ARGS: Final = 10
 
 
 class TurnCode(enum.IntEnum):
@@ -227,6 +237,7 @@ class Reschedule:
     run: int  # the run's number: the session must expect it
     next_at: float  # when the next run is due
     ran: Ran
+    why: str = ""  # the kind of reason the next run comes for (RETRY_REASONS), counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +329,7 @@ class AfterCheck(Script):
                 step.ran.value,
             ]
             settle = ["", 0, "", 0, 0]
+        why = step.why if isinstance(step, Reschedule) else ""
         args = [
             *resched,
             "1" if count_poll else "",
@@ -326,7 +338,9 @@ class AfterCheck(Script):
             "" if unused_turn_us is None else repr(unused_turn_us),
             "" if pause_ms is None else pause_ms,
             *settle,
-            *(["1", *answer] if answer is not None else [""]),
+            # Padded to its full length without one: ``why`` has a fixed place after it.
+            *(["1", *answer] if answer is not None else [""] * (1 + ANSWER_ARGS)),
+            why,
         ]
         code, unknown, paused, reply = self.run(
             [session, status, due, outcome, subs, claims, gate, bucket, pause_key], args

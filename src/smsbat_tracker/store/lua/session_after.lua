@@ -41,6 +41,7 @@ local source = ARGV[24]
 local ts = ARGV[25]
 local history_length = ARGV[26]
 local deliverystatus = ARGV[27]
+local why = ARGV[28]               -- RESCHEDULE: the kind of reason the next run comes for
 --! include lib/status.lua
 --! include lib/adjust.lua
 --! include lib/forget.lua
@@ -60,6 +61,7 @@ local function reschedule()
     redis.call('HINCRBY', session, 'failures', 1)
   end
   redis.call('HSET', session, 'run', tonumber(run) + 1, 'due', next_score)
+  if why and why ~= '' then redis.call('HINCRBY', session, 'why:' .. why, 1) end
   redis.call('ZADD', due, next_score, due_member)
   return DONE
 end

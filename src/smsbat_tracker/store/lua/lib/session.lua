@@ -8,6 +8,7 @@
 -- places of the fencing token's two halves in them.
 local SESSION_FIELDS = {
   'owner', 'started_at', 'deadline_at', 'checks', 'polls', 'pushed', 'run', 'failures',
+  'why:in_flight', 'why:no_turn', 'why:request_failed', 'why:awaiting_push',
 }
 local SESSION_OWNER, SESSION_RUN = 1, 7
 local function open_session(session, due, owner, started_at, deadline_at, ttl_ms, due_score,
