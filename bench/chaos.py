@@ -78,9 +78,15 @@ class Workers:
     """Two worker processes with a supervisor's restart."""
 
     def __init__(
-        self, settings: Settings, logs: Path, count: int = 2, concurrency: int = 2
+        self,
+        settings: Settings,
+        logs: Path,
+        count: int = 2,
+        concurrency: int = 2,
+        metrics_ports: list[int] | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics_ports = metrics_ports  # one per worker: each serves its metrics
         self.concurrency = concurrency
         self.logs = logs
         self.stack = contextlib.ExitStack()
@@ -88,9 +94,12 @@ class Workers:
         self.lock = threading.Lock()
 
     def start(self, index: int) -> None:
+        settings = self.settings
+        if self.metrics_ports:
+            settings = settings.model_copy(update={"metrics_port": self.metrics_ports[index]})
         proc = self.stack.enter_context(
             worker_process(
-                self.settings,
+                settings,
                 concurrency=self.concurrency,
                 pool="prefork",
                 log_path=str(self.logs / f"worker-{index}.log"),

@@ -13,11 +13,17 @@ It counts, per message, the callbacks *sent* (distinct task ids), the callbacks 
 under one task id, the *lost* (none 60 s after the deadline) and the *wrong*, and each
 outcome's lateness (from the final status at the API, or the deadline, to the callback).
 The figures go to ``bench/results/failover.json`` and the terminal.
+
+``--operator`` adds what an operator sees (:mod:`bench.operator_view`): Flower watching the
+workers from the start, each worker's metrics on a port of its own, and their logs; the
+run then also reports the trackings Flower does not show finished with their outcome, the
+metric counts against the trackings, the ERROR lines and the INFO bytes per tracking.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -32,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos import RESULTS, Workers, _reruns
+from bench.operator_view import flower_figures, flower_process, log_figures, metric_figures
 from bench.sentinel_cluster import DOWN_AFTER_MS, SentinelCluster
+from bench.workload import free_port
 from smsbat_tracker.config import load_settings
 from smsbat_tracker.store.connections import redis_client
 from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
@@ -76,9 +84,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             app.reconfigure(settings)
             client = redis_client(settings, decode_responses=True)
             recorded = f"{settings.key_prefix}:recorded:failover"
-            workers = Workers(settings, logs, concurrency=args.concurrency)
+            ports = [free_port(), free_port()] if args.operator else None
+            workers = Workers(settings, logs, concurrency=args.concurrency, metrics_ports=ports)
+            stack = contextlib.ExitStack()
+            operator: dict[str, Any] = {}
             try:
+                flower = (
+                    stack.enter_context(flower_process(settings, logs / "flower.log"))
+                    if args.operator
+                    else None
+                )
                 workers.start_all(app)
+                if flower is not None:  # every task event from here on reaches it
+                    _wait(lambda: flower.knows(2), 60)
                 t0 = time.time()
                 done = 0
                 for round_ in range(args.failovers):
@@ -106,13 +124,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"t={time.time() - t0:5.1f}s {events[-3:]}", file=sys.stderr)
                 time.sleep(10.0)  # anything doubled arrives now, or not at all
                 entries = [json.loads(x) for x in client.lrange(recorded, 0, -1)]
+                if flower is not None and ports is not None:
+                    operator = {
+                        "flower": flower_figures(flower, truth),
+                        "metrics": metric_figures(ports),
+                        "logs": log_figures(logs, len(truth)),
+                    }
             finally:
                 workers.close()
+                stack.close()
                 client.close()
         finally:
             sandbox.stop()
             cluster.stop()
-    return _analyse(truth, entries, events, args)
+    summary = _analyse(truth, entries, events, args)
+    if operator:
+        summary["operator"] = operator
+    return summary
 
 
 def _len(client: Any, key: str) -> int:
@@ -187,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=40.0, help="SMSBAT_DEADLINE")
     parser.add_argument("--concurrency", type=int, default=2, help="processes per worker")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--operator", action="store_true", help="Flower, metrics and logs as an operator sees them"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "failover.json")
     args = parser.parse_args(argv)
     summary = run(args)
