@@ -49,6 +49,7 @@ __all__ = [
     "BELOW",
     "LOWEST",
     "PACKAGE",
+    "RECENT_MAX",
     "forget_acks_before",
     "install",
     "make_deferred_acks",
@@ -77,7 +78,10 @@ _DEFERRED_LOCK = threading.Lock()
 # Acknowledgements made lately (monotonic time, tag, unacked index, unacked hash, headers),
 # oldest first: made again after an outage, in case the master that had them died before
 # its replica did (see the module's docstring).
-_RECENT_ACKS: deque[tuple[float, str, str, str, dict[str, Any]]] = deque()
+# Bounded: a beat forgets all but the last second or two; a worker whose beats stopped keeps
+# the newest (the oldest are the least at risk).
+RECENT_MAX: Final = 20_000
+_RECENT_ACKS: deque[tuple[float, str, str, str, dict[str, Any]]] = deque(maxlen=RECENT_MAX)
 _RECENT_LOCK = threading.Lock()
 
 # kombu's virtual QoS.ack: forgets a delivery in this process (no Redis call).
