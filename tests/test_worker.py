@@ -367,3 +367,37 @@ def test_a_default_worker_logs_under_1_kb_a_tracking_and_every_line_as_json(
     assert per_tracking <= 1024, per_tracking
     loud, _ = run(make_settings(task_log_lines=True), "loud")
     assert [e for e in (line["event"] for line in loud) if e.endswith("] received")]
+
+
+@pytest.mark.slow
+def test_a_worker_waiting_for_redis_logs_warnings_not_errors(tmp_path: Path) -> None:
+    """A worker whose Redis is out of reach retries, as Celery does, and says so in JSON
+    WARNING lines (its own and Celery's "consumer: Cannot connect", a fault it heals): an
+    alert on ERROR does not page on a failover."""
+    from bench.workload import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}
+    env.update(SMSBAT_API_KEY="k", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "smsbat_tracker.worker", "worker", "-l", "INFO"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[dict[str, Any]] = []
+    assert proc.stderr is not None
+    try:
+        for raw in proc.stderr:
+            lines.append(json.loads(raw))
+            if sum("Cannot connect" in str(e["event"]) for e in lines) >= 2:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    cannot = [e for e in lines if str(e["event"]).startswith("consumer: Cannot connect")]
+    assert cannot
+    assert {e["level"] for e in cannot} == {"warning"}
+    assert [e["event"] for e in lines if e["level"] in ("error", "critical")] == []

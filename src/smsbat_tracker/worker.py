@@ -44,6 +44,21 @@ __all__ = ["CELERY_TASK_LOGGERS", "TrackerApp", "app", "create_app"]
 # Celery's loggers of its per-task lines: "received" (the consumer's strategy), "succeeded"
 # and "retry" (the tracer). Quiet unless SMSBAT_TASK_LOG_LINES.
 CELERY_TASK_LOGGERS: Final = ("celery.worker.strategy", "celery.app.trace")
+# Celery's consumer logs each attempt to reach the broker again at ERROR, "Trying again" or
+# "Will retry": a fault it heals, so a WARNING in the package's worker (an alert on ERROR
+# must not page on every failover). Giving up is another line, and stays an error.
+CONSUMER_LOGGER: Final = "celery.worker.consumer.consumer"
+
+
+class _RetriedConnectionAsWarning(logging.Filter):
+    """Celery's "consumer: Cannot connect ..." line, logged as a WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and str(record.msg).startswith(
+            "consumer: Cannot connect"
+        ):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class TrackerApp(Celery):
@@ -207,6 +222,9 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
         # per tracking: WARNING and up only (a task's failure still logs).
         for name in CELERY_TASK_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+    consumer = logging.getLogger(CONSUMER_LOGGER)
+    if not any(isinstance(f, _RetriedConnectionAsWarning) for f in consumer.filters):
+        consumer.addFilter(_RetriedConnectionAsWarning())
 
 
 @signals.celeryd_init.connect
