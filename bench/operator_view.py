@@ -168,6 +168,7 @@ def log_figures(logs: Path, trackings: int) -> dict[str, Any]:
     """ERROR lines (Celery's "Cannot connect" apart), lines that are not JSON, and the
     bytes of INFO log per tracking, over every worker log in ``logs``."""
     errors: list[str] = []
+    cannot_connect = 0
     not_json = 0
     info_bytes = 0
     for path in sorted(logs.glob("worker-*.log")):
@@ -182,11 +183,15 @@ def log_figures(logs: Path, trackings: int) -> dict[str, Any]:
             level = str(event.get("level", "")).lower()
             if level == "info":
                 info_bytes += len(line.encode()) + 1
-            if level in ("error", "critical") and CANNOT_CONNECT not in str(event.get("event")):
-                errors.append(str(event.get("event"))[:200])
+            if level in ("error", "critical"):
+                if CANNOT_CONNECT in str(event.get("event")):
+                    cannot_connect += 1
+                else:
+                    errors.append(str(event.get("event"))[:200])
     return {
         "error_lines": len(errors),
         "error_examples": errors[:5],
+        "cannot_connect_error_lines": cannot_connect,
         "not_json_lines": not_json,
         "info_bytes_per_tracking": round(info_bytes / max(1, trackings)),
     }
