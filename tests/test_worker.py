@@ -373,7 +373,8 @@ def test_a_default_worker_logs_under_1_kb_a_tracking_and_every_line_as_json(
 def test_a_worker_waiting_for_redis_logs_warnings_not_errors(tmp_path: Path) -> None:
     """A worker whose Redis is out of reach retries, as Celery does, and says so in JSON
     WARNING lines (its own and Celery's "consumer: Cannot connect", a fault it heals): an
-    alert on ERROR does not page on a failover."""
+    alert on ERROR does not page on a failover. Stopped, its "Warm shutdown" message is a
+    JSON line too: every line it writes, stdout and stderr, is JSON."""
     from bench.workload import free_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}
@@ -382,22 +383,26 @@ def test_a_worker_waiting_for_redis_logs_warnings_not_errors(tmp_path: Path) -> 
         [sys.executable, "-m", "celery", "-A", "smsbat_tracker.worker", "worker", "-l", "INFO"],
         env=env,
         cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
     lines: list[dict[str, Any]] = []
-    assert proc.stderr is not None
+    assert proc.stdout is not None
     try:
-        for raw in proc.stderr:
-            lines.append(json.loads(raw))
+        for raw in proc.stdout:
+            if raw.strip():
+                lines.append(json.loads(raw))
             if sum("Cannot connect" in str(e["event"]) for e in lines) >= 2:
                 break
-    finally:
         proc.terminate()
+        lines += [json.loads(raw) for raw in proc.stdout if raw.strip()]
+    finally:
+        proc.kill()
         proc.wait(timeout=30)
-        proc.stderr.close()
+        proc.stdout.close()
     cannot = [e for e in lines if str(e["event"]).startswith("consumer: Cannot connect")]
     assert cannot
     assert {e["level"] for e in cannot} == {"warning"}
     assert [e["event"] for e in lines if e["level"] in ("error", "critical")] == []
+    assert "worker: Warm shutdown (MainProcess)" in [e["event"] for e in lines]

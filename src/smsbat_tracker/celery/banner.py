@@ -15,6 +15,7 @@ from typing import Any
 import celery
 from celery.apps.worker import Worker as CeleryWorker
 
+from smsbat_tracker.celery.compat import celery_say
 from smsbat_tracker.log import get_logger
 
 __all__ = ["Worker", "banner_fields"]
@@ -41,7 +42,12 @@ def banner_fields(worker: Any) -> dict[str, Any]:
 
 
 class Worker(CeleryWorker):
-    """Celery's worker, with its banner as one JSON line when stderr is not a terminal."""
+    """Celery's worker, with its banner, and the messages of its signal handlers
+    (:mod:`smsbat_tracker.celery.compat.celery_say`), as JSON lines off a terminal."""
+
+    def install_platform_tweaks(self, worker: Any) -> None:
+        celery_say.install()  # before the handlers that print with it are installed
+        super().install_platform_tweaks(worker)
 
     def emit_banner(self) -> None:
         if sys.stderr.isatty():
