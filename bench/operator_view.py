@@ -32,9 +32,11 @@ __all__ = [
     "Flower",
     "flower_figures",
     "flower_process",
+    "launch_flower",
     "log_figures",
     "metric_figures",
     "scrape",
+    "stop_flower",
 ]
 
 LOGIN = ("operator", "bench-login")
@@ -83,11 +85,14 @@ def _message_id(task: dict[str, Any]) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def flower_process(settings: Settings, log: Path) -> Iterator[Flower]:
-    """``celery -A smsbat_tracker.worker flower`` on a free loopback port, with a login."""
+def launch_flower(
+    settings: Settings, log: Path, login: tuple[str, str]
+) -> tuple[subprocess.Popen[bytes], int]:
+    """``celery -A smsbat_tracker.worker flower`` on a free loopback port, with ``login``
+    (its API is never open); the process (a session of its own) and its port."""
     port = free_port()
-    env = {**os.environ, **settings.to_env(), "FLOWER_BASIC_AUTH": ":".join(LOGIN)}
+    env = {**os.environ, **settings.to_env(), "FLOWER_BASIC_AUTH": ":".join(login)}
+    env.pop("FLOWER_UNAUTHENTICATED_API", None)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [
@@ -105,14 +110,31 @@ def flower_process(settings: Settings, log: Path) -> Iterator[Flower]:
             stderr=out,
             start_new_session=True,
         )
+    return proc, port
+
+
+def stop_flower(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM its process group and wait; SIGKILL it if it has not exited in 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def flower_process(settings: Settings, log: Path) -> Iterator[Flower]:
+    """Flower (:func:`launch_flower`) and a client of its API, for a run."""
+    proc, port = launch_flower(settings, log, LOGIN)
     flower = Flower(proc, port)
     try:
         yield flower
     finally:
         flower.client.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
+        stop_flower(proc)
 
 
 def flower_figures(flower: Flower, truth: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 # The Celery app reads its settings at import: give it valid ones before any import.
@@ -136,3 +139,28 @@ def kept(client: redis.Redis, message_id: str, prefix: str = "smsbat") -> tuple[
     raw = client.get(f"{prefix}:outcome:{{{message_id}}}")
     served = set(filter(None, str(raw).partition("\n")[2].split(","))) if raw else set()
     return kinds, served
+
+
+# The package's worker command, as an operator runs it.
+WORKER_COMMAND = [sys.executable, "-m", "celery", "-A", "smsbat_tracker.worker", "worker"]
+
+
+def worker_env(**variables: str) -> dict[str, str]:
+    """This environment without any variable of ours, then ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}
+    env.update(variables)
+    return env
+
+
+def run_worker_cli(cwd: Path, **variables: str) -> subprocess.CompletedProcess[str]:
+    """`celery -A smsbat_tracker.worker worker` with only ``variables`` of ours set, run to
+    its exit (a worker that refuses to start) within 60 s."""
+    return subprocess.run(
+        WORKER_COMMAND,
+        env=worker_env(**variables),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -198,6 +198,17 @@ def _mark_hook(pipe: Any, headers: dict[str, Any]) -> None:
     pipe.set(f"acked:{headers['id']}", 1)
 
 
+def _hooked_ack(channel: Any, message: Any) -> None:
+    """The patch's acknowledgement of ``message`` (with whatever hook is set)."""
+    kombu_qos._ack_with_hook(
+        channel.qos,
+        message.delivery_tag,
+        kombu_qos._headers(channel.qos, message.delivery_tag),
+        inspect.unwrap(kombu_redis.QoS.ack),
+        virtual.QoS.ack,
+    )
+
+
 def test_an_ack_with_a_hook_makes_kombus_deletions_and_the_hooks_writes_together(
     held: tuple[Any, list[Any]], redis_client: redis.Redis
 ) -> None:
@@ -209,13 +220,7 @@ def test_an_ack_with_a_hook_makes_kombus_deletions_and_the_hooks_writes_together
     kombu_qos._BEFORE_ACK["hook"] = _mark_hook
     try:
         before = _state(redis_client)
-        kombu_qos._ack_with_hook(
-            channel.qos,
-            first.delivery_tag,
-            kombu_qos._headers(channel.qos, first.delivery_tag),
-            inspect.unwrap(kombu_redis.QoS.ack),
-            virtual.QoS.ack,
-        )
+        _hooked_ack(channel, first)
     finally:
         kombu_qos._BEFORE_ACK.clear()
         kombu_qos._BEFORE_ACK.update(saved)
@@ -240,13 +245,7 @@ def test_acks_made_just_before_an_outage_are_made_again_after_it(
         lost = _state(redis_client)  # what the new master has: neither ack
         moment = time.monotonic()
         for message in (first, second):
-            kombu_qos._ack_with_hook(
-                channel.qos,
-                message.delivery_tag,
-                kombu_qos._headers(channel.qos, message.delivery_tag),
-                inspect.unwrap(kombu_redis.QoS.ack),
-                virtual.QoS.ack,
-            )
+            _hooked_ack(channel, message)
         acked = _state(redis_client)
         redis_client.flushdb()
         for key, value in lost.items():  # the failover: the acks are gone

@@ -14,11 +14,8 @@ keeps its id, and after it succeeds its record still holds the last retry's ``ex
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from bench.workload import free_port
+from bench.operator_view import launch_flower, stop_flower
 
 from smsbat_tracker.celery.campaigns import track_campaign
 from smsbat_tracker.celery.track import track_message
@@ -89,46 +86,15 @@ class Flower:
         return response.status_code == 200 and set(workers) <= set(response.json())
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, wait; SIGKILL it if it does not exit in time."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 @contextlib.contextmanager
 def flower_process(settings: Settings, log: Path) -> Iterator[Flower]:
     """``celery -A smsbat_tracker.worker flower`` on a free port, with the login."""
-    port = free_port()
-    env = {**os.environ, **settings.to_env(), "FLOWER_BASIC_AUTH": ":".join(LOGIN)}
-    env.pop("FLOWER_UNAUTHENTICATED_API", None)
-    with open(log, "ab") as log_file:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "smsbat_tracker.worker",
-                "flower",
-                f"--port={port}",
-                "--address=127.0.0.1",
-            ],
-            env=env,
-            stdout=log_file,
-            stderr=log_file,
-            start_new_session=True,
-        )
+    proc, port = launch_flower(settings, log, LOGIN)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
             yield Flower(proc, client, log)
     finally:
-        _stop(proc)
+        stop_flower(proc)
 
 
 @contextlib.contextmanager

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import secrets
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,7 +37,7 @@ from smsbat_tracker.tools.recipes import record_outcome
 from smsbat_tracker.tools.sandbox import SandboxServer
 from smsbat_tracker.tools.workers import worker_process
 from smsbat_tracker.worker import celery_config
-from tests.conftest import recorded, wait_for
+from tests.conftest import recorded, run_worker_cli, wait_for
 
 PASSWORD = "pw-sentinel-MARKER"
 THREE = (
@@ -423,16 +420,8 @@ def test_a_worker_given_a_master_name_no_sentinel_watches_stops_with_one_line(
     cluster = sentinel_cluster
     right = Settings(redis_url=cluster.url, sentinel_master=cluster.master_name, api_key="k")
     assert known_masters(right) == {cluster.master_name}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}
-    env.update(REDIS_URL=cluster.url, SMSBAT_SENTINEL_MASTER="typo", SMSBAT_API_KEY="k")
-    proc = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "smsbat_tracker.worker", "worker"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    proc = run_worker_cli(
+        tmp_path, REDIS_URL=cluster.url, SMSBAT_SENTINEL_MASTER="typo", SMSBAT_API_KEY="k"
     )
     assert proc.returncode != 0
     line = (

@@ -24,7 +24,7 @@ from smsbat_tracker.log import configure_logging
 from smsbat_tracker.tools.recipes import record_outcome
 from smsbat_tracker.tools.sandbox import SandboxServer
 from smsbat_tracker.worker import celery_config
-from tests.conftest import recorded, wait_for
+from tests.conftest import WORKER_COMMAND, recorded, run_worker_cli, wait_for, worker_env
 
 
 def test_celery_settings_make_countdowns_safe(settings: Settings) -> None:
@@ -51,24 +51,9 @@ def test_a_prefork_child_is_replaced_past_the_memory_cap(
     assert celery_config(make_settings(worker_max_memory=0))["worker_max_memory_per_child"] is None
 
 
-def _start_worker(cwd: Path, **variables: str) -> subprocess.CompletedProcess[str]:
-    """`celery -A smsbat_tracker.worker worker` with only ``variables`` of ours set."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}
-    env.update(variables)
-    return subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "smsbat_tracker.worker", "worker"],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_worker_refuses_to_start_with_bad_settings(tmp_path: Path) -> None:
     """`celery -A smsbat_tracker.worker worker` with a bad variable exits naming it."""
-    proc = _start_worker(tmp_path, SMSBAT_API_KEY="k", SMSBAT_MAX_DELAY="ten")
+    proc = run_worker_cli(tmp_path, SMSBAT_API_KEY="k", SMSBAT_MAX_DELAY="ten")
     assert proc.returncode != 0
     assert "SMSBAT_MAX_DELAY" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -267,7 +252,7 @@ def test_tracking_on_its_own_queue_leaves_callbacks_to_other_workers(
 def test_worker_refuses_to_start_without_credentials(tmp_path: Path) -> None:
     """A worker calls the API: without credentials it exits naming SMSBAT_API_KEY (code
     that only enqueues, and the webhook receiver, load without them)."""
-    proc = _start_worker(tmp_path)
+    proc = run_worker_cli(tmp_path)
     assert proc.returncode != 0
     assert "SMSBAT_API_KEY: no credentials" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -377,10 +362,9 @@ def test_a_worker_waiting_for_redis_logs_warnings_not_errors(tmp_path: Path) -> 
     JSON line too: every line it writes, stdout and stderr, is JSON."""
     from bench.workload import free_port
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBAT_", "REDIS_URL"))}
-    env.update(SMSBAT_API_KEY="k", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    env = worker_env(SMSBAT_API_KEY="k", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "smsbat_tracker.worker", "worker", "-l", "INFO"],
+        [*WORKER_COMMAND, "-l", "INFO"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
