@@ -12,6 +12,15 @@ the checks come fast enough to measure. It then runs, one after the other on tha
 It reads the worker's CPU (main process and children, from ``/proc``) before and after each
 phase, and prints the CPU per retry, per check, and their ratio. The figures go to
 ``bench/results/cpu_floor.json``.
+
+``--per-message`` measures what a user pays instead, at the default schedule (every
+setting at its default, deadline 60 s): ``--messages`` messages that turn final 8-25 s
+after the send are tracked with a callback routed to a queue this worker does not consume,
+and all the worker's CPU from the send to the last callback's publish, divided by the
+messages, is set against the same messages' checks times Celery's own no-op retry, which
+the same worker runs first at the same pace (countdowns of 5, 7.5 and 10 s, as many
+retries as the trackings made checks). The figures go to
+``bench/results/cpu_per_message.json``.
 """
 
 from __future__ import annotations
@@ -40,10 +49,18 @@ COUNTDOWN = 1.0  # the floor's retry countdown: the checks' own pace
 
 
 @app.task(bind=True, name="bench.noop_retry", max_retries=None, ignore_result=True)
-def noop_retry(self: Task[Any, Any], left: int, done_key: str) -> None:
-    """Retry ``left`` more times with a countdown, then count itself done."""
+def noop_retry(
+    self: Task[Any, Any], left: int, done_key: str, countdowns: list[float] | None = None
+) -> None:
+    """Retry ``left`` more times with a countdown (the next of ``countdowns``, the last one
+    again once they run out; else :data:`COUNTDOWN`), then count itself done."""
     if left > 0:
-        raise self.retry(kwargs={"left": left - 1, "done_key": done_key}, countdown=COUNTDOWN)
+        pace = list(countdowns or [COUNTDOWN])
+        countdown = pace.pop(0) if len(pace) > 1 else pace[0]
+        raise self.retry(
+            kwargs={"left": left - 1, "done_key": done_key, "countdowns": pace},
+            countdown=countdown,
+        )
     app.engine.redis.incr(done_key)
 
 
@@ -118,12 +135,99 @@ def run(chains: int, checks: int) -> dict[str, Any]:
     }
 
 
+# The default schedule's countdowns, without jitter: 5 s, then x1.5 up to 10 s.
+DEFAULT_PACE = [5.0, 7.5, 10.0]
+CALLBACK_QUEUE = "bench-callbacks"  # not consumed by the measured worker
+
+
+def run_per_message(messages: int, seed: int) -> dict[str, Any]:
+    """The per-message figure (see the module's docstring)."""
+    import random
+
+    from smsbat_tracker.tools.recipes import record_outcome
+
+    rng = random.Random(seed)
+    sandbox = SandboxServer(SandboxConfig(seed=seed))
+    sandbox.start()
+    with (
+        contextlib.ExitStack() as stack,
+        tempfile.TemporaryDirectory() as data,
+        PersistentRedis(free_port(), data) as server,
+    ):
+        stack.callback(sandbox.stop)
+        settings = load_settings(
+            redis_url=server.url,
+            base_url=sandbox.url,
+            api_key=sandbox.config.api_key,
+            deadline=60.0,
+        )
+        app.reconfigure(settings)
+        with worker_process(
+            settings,
+            concurrency=2,
+            pool="prefork",
+            log_path=str(RESULTS / "cpu-per-message-worker.log"),
+            imports=("bench.cpu_floor",),
+        ) as worker:
+            redis_client = app.engine.redis
+            _wait(lambda: redis_client.zcard(app.engine.keys.holders()) > 0, 60)
+            time.sleep(2.0)  # let start-up settle before the first reading
+
+            ids = [
+                sandbox.state.create_scripted(
+                    [("processing", 0), ("delivered", rng.uniform(8.0, 25.0))]
+                )
+                for _ in range(messages)
+            ]
+            callback = record_outcome.s(label="cpu").set(queue=CALLBACK_QUEUE)
+            before = proc_reading(worker.pid).cpu
+            for m in ids:
+                track_message.delay(m, on_delivered=callback)
+            _wait(lambda: redis_client.llen(CALLBACK_QUEUE) >= messages, 180)
+            tracking_cpu = proc_reading(worker.pid).cpu - before
+            checks = sum(sandbox.state.truth(m)["polls"] for m in ids)
+
+            # Celery's floor at the same pace: as many no-op retries as there were checks.
+            chains, left = messages, max(1, round(checks / messages) - 1)
+            before = proc_reading(worker.pid).cpu
+            for _ in range(chains):
+                noop_retry.delay(left, "bench:pace:done", DEFAULT_PACE)
+            _wait(lambda: int(redis_client.get("bench:pace:done") or 0) >= chains, 180)
+            floor_cpu = proc_reading(worker.pid).cpu - before
+            floor_runs = chains * (left + 1)
+    per_message = tracking_cpu / messages
+    per_run = floor_cpu / floor_runs
+    floor_per_message = checks / messages * per_run
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "worker": "celery worker --pool prefork --concurrency 2, default settings, deadline 60 s",
+        "messages": messages,
+        "checks": checks,
+        "checks_per_message": round(checks / messages, 2),
+        "cpu_ms_per_message": round(per_message * 1000, 2),
+        "floor_runs": floor_runs,
+        "floor_cpu_ms_per_run": round(per_run * 1000, 2),
+        "floor_cpu_ms_per_message": round(floor_per_message * 1000, 2),
+        "ratio": round(per_message / floor_per_message, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_floor", description=__doc__)
     parser.add_argument("--chains", type=int, default=50, help="chains, and messages")
     parser.add_argument("--checks", type=int, default=20, help="retries, and checks, each")
+    parser.add_argument(
+        "--per-message", action="store_true", help="CPU per tracked message at the default pace"
+    )
+    parser.add_argument("--messages", type=int, default=150, help="--per-message: messages")
+    parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
+    if args.per_message:
+        figures = run_per_message(args.messages, args.seed)
+        (RESULTS / "cpu_per_message.json").write_text(json.dumps(figures, indent=2))
+        print(json.dumps(figures, indent=2))
+        return 0
     figures = run(args.chains, args.checks)
     (RESULTS / "cpu_floor.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))
