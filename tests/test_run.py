@@ -149,3 +149,32 @@ def test_a_tracking_counts_as_started_once_whatever_reruns_its_first_run(
     assert taken.result == Take.TAKEN
     assert run_check(engine, _request(engine, mid, "owner-6")).wait is not None
     assert started() == before + 1
+
+
+def test_a_tracking_a_push_ended_before_its_first_run_counts_as_started(
+    engine: Engine, sandbox: SandboxServer
+) -> None:
+    """A push can end a tracking before its first run (the receiver records the outcome
+    and counts it): the first run still counts the tracking as started, so started and
+    outcomes agree across the worker's and the receiver's metrics."""
+    from smsbat_tracker import metrics
+    from smsbat_tracker.engine.run import settle_from_cache
+    from smsbat_tracker.provider.models import MessageStatus
+
+    registry = metrics.get().registry
+
+    def started() -> float:
+        return registry.get_sample_value("smsbat_trackings_started_total") or 0.0
+
+    mid = sandbox.state.create_scripted([("delivered", 0)])
+    _register(engine, mid, "owner-7")
+    engine.cache.store(
+        mid, MessageStatus.model_validate({"deliverystatus": "delivered"}), source="push"
+    )
+    assert settle_from_cache(engine, mid, claimer="receiver") is not None
+    before = started()
+    outcome = run_check(engine, _request(engine, mid, "owner-7"))
+    assert outcome.result is not None
+    assert outcome.result["outcome"] == "delivered"
+    assert started() == before + 1
+    assert sandbox.state.truth(mid)["polls"] == 0

@@ -44,8 +44,10 @@ local cached = redis.call('GET', status) or ''
 local turn = {TURN_NONE, 0}
 local first = 0
 local expected = (not fields[SESSION_RUN]) or tonumber(fields[SESSION_RUN]) == tonumber(run)
-if outcome == '' and fields[SESSION_OWNER] == owner and expected then
-  if tonumber(run) == 0 then first = redis.call('HSETNX', session, 'begun', 1) end
+local mine = fields[SESSION_OWNER] == owner and expected
+-- Counted started even when a push ended it already: the receiver counts that outcome.
+if mine and tonumber(run) == 0 then first = redis.call('HSETNX', session, 'begun', 1) end
+if outcome == '' and mine then
   turn = take_turn(gate, gate_ms, limit_on, {bucket, pause_key, waiters, waiters_back}, {
     interval_us, tolerance_us, tokens, ahead_us, waiter, due_us, grace_us, window_us,
   })
