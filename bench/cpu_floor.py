@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +70,13 @@ def _wait(predicate: Any, timeout: float) -> None:
     wait_until(predicate, timeout, "bench.cpu_floor: a phase did not finish in time")
 
 
-def run(chains: int, checks: int) -> dict[str, Any]:
-    """Both phases on one worker; the figures."""
-    sandbox = SandboxServer(SandboxConfig(seed=1))
+@contextlib.contextmanager
+def _measured_worker(
+    seed: int, log_name: str, **overrides: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], SandboxServer]]:
+    """A sandbox, a Redis and one default prefork worker (2 children) with ``overrides``,
+    started and settled; yields the worker's process and the sandbox."""
+    sandbox = SandboxServer(SandboxConfig(seed=seed))
     sandbox.start()
     with (
         contextlib.ExitStack() as stack,
@@ -79,47 +85,55 @@ def run(chains: int, checks: int) -> dict[str, Any]:
     ):
         stack.callback(sandbox.stop)
         settings = load_settings(
-            redis_url=server.url,
-            base_url=sandbox.url,
-            api_key=sandbox.config.api_key,
-            first_delay=1.0,
-            max_delay=1.0,
-            jitter=0.0,
-            rate_limit=0.0,
-            deadline=checks + 30.0,
+            redis_url=server.url, base_url=sandbox.url, api_key=sandbox.config.api_key, **overrides
         )
         app.reconfigure(settings)
         with worker_process(
             settings,
             concurrency=2,
             pool="prefork",
-            log_path=str(RESULTS / "cpu-floor-worker.log"),
+            log_path=str(RESULTS / log_name),
             imports=("bench.cpu_floor",),
         ) as worker:
             redis_client = app.engine.redis
             _wait(lambda: redis_client.zcard(app.engine.keys.holders()) > 0, 60)
             time.sleep(2.0)  # let start-up settle before the first reading
+            yield worker, sandbox
 
-            before = proc_reading(worker.pid).cpu
-            for _ in range(chains):
-                noop_retry.delay(checks, "bench:floor:done")
-            _wait(lambda: int(redis_client.get("bench:floor:done") or 0) >= chains, checks * 3 + 60)
-            floor_cpu = proc_reading(worker.pid).cpu - before
-            floor_retries = chains * checks
 
-            ids = [sandbox.state.create_scripted([("processing", 0)]) for _ in range(chains)]
+def run(chains: int, checks: int) -> dict[str, Any]:
+    """Both phases on one worker; the figures."""
+    with _measured_worker(
+        1,
+        "cpu-floor-worker.log",
+        first_delay=1.0,
+        max_delay=1.0,
+        jitter=0.0,
+        rate_limit=0.0,
+        deadline=checks + 30.0,
+    ) as (worker, sandbox):
+        redis_client = app.engine.redis
 
-            def polls() -> int:
-                return sum(sandbox.state.truth(m)["polls"] for m in ids)
+        before = proc_reading(worker.pid).cpu
+        for _ in range(chains):
+            noop_retry.delay(checks, "bench:floor:done")
+        _wait(lambda: int(redis_client.get("bench:floor:done") or 0) >= chains, checks * 3 + 60)
+        floor_cpu = proc_reading(worker.pid).cpu - before
+        floor_retries = chains * checks
 
-            before = proc_reading(worker.pid).cpu
-            started = time.monotonic()
-            for m in ids:
-                track_message.delay(m)
-            _wait(lambda: polls() >= chains * checks, checks * 3 + 60)
-            check_cpu = proc_reading(worker.pid).cpu - before
-            checked = polls()
-            wall = time.monotonic() - started
+        ids = [sandbox.state.create_scripted([("processing", 0)]) for _ in range(chains)]
+
+        def polls() -> int:
+            return sum(sandbox.state.truth(m)["polls"] for m in ids)
+
+        before = proc_reading(worker.pid).cpu
+        started = time.monotonic()
+        for m in ids:
+            track_message.delay(m)
+        _wait(lambda: polls() >= chains * checks, checks * 3 + 60)
+        check_cpu = proc_reading(worker.pid).cpu - before
+        checked = polls()
+        wall = time.monotonic() - started
     per_retry = floor_cpu / floor_retries
     per_check = check_cpu / checked
     return {
@@ -147,54 +161,34 @@ def run_per_message(messages: int, seed: int) -> dict[str, Any]:
     from smsbat_tracker.tools.recipes import record_outcome
 
     rng = random.Random(seed)
-    sandbox = SandboxServer(SandboxConfig(seed=seed))
-    sandbox.start()
-    with (
-        contextlib.ExitStack() as stack,
-        tempfile.TemporaryDirectory() as data,
-        PersistentRedis(free_port(), data) as server,
+    with _measured_worker(seed, "cpu-per-message-worker.log", deadline=60.0) as (
+        worker,
+        sandbox,
     ):
-        stack.callback(sandbox.stop)
-        settings = load_settings(
-            redis_url=server.url,
-            base_url=sandbox.url,
-            api_key=sandbox.config.api_key,
-            deadline=60.0,
-        )
-        app.reconfigure(settings)
-        with worker_process(
-            settings,
-            concurrency=2,
-            pool="prefork",
-            log_path=str(RESULTS / "cpu-per-message-worker.log"),
-            imports=("bench.cpu_floor",),
-        ) as worker:
-            redis_client = app.engine.redis
-            _wait(lambda: redis_client.zcard(app.engine.keys.holders()) > 0, 60)
-            time.sleep(2.0)  # let start-up settle before the first reading
+        redis_client = app.engine.redis
 
-            ids = [
-                sandbox.state.create_scripted(
-                    [("processing", 0), ("delivered", rng.uniform(8.0, 25.0))]
-                )
-                for _ in range(messages)
-            ]
-            callback = record_outcome.s(label="cpu").set(queue=CALLBACK_QUEUE)
-            before = proc_reading(worker.pid).cpu
-            for m in ids:
-                track_message.delay(m, on_delivered=callback)
-            _wait(lambda: redis_client.llen(CALLBACK_QUEUE) >= messages, 180)
-            tracking_cpu = proc_reading(worker.pid).cpu - before
-            checks = sum(sandbox.state.truth(m)["polls"] for m in ids)
+        ids = [
+            sandbox.state.create_scripted(
+                [("processing", 0), ("delivered", rng.uniform(8.0, 25.0))]
+            )
+            for _ in range(messages)
+        ]
+        callback = record_outcome.s(label="cpu").set(queue=CALLBACK_QUEUE)
+        before = proc_reading(worker.pid).cpu
+        for m in ids:
+            track_message.delay(m, on_delivered=callback)
+        _wait(lambda: redis_client.llen(CALLBACK_QUEUE) >= messages, 180)
+        tracking_cpu = proc_reading(worker.pid).cpu - before
+        checks = sum(sandbox.state.truth(m)["polls"] for m in ids)
 
-            # Celery's floor at the same pace: as many no-op retries as there were checks.
-            chains, left = messages, max(1, round(checks / messages) - 1)
-            before = proc_reading(worker.pid).cpu
-            for _ in range(chains):
-                noop_retry.delay(left, "bench:pace:done", DEFAULT_PACE)
-            _wait(lambda: int(redis_client.get("bench:pace:done") or 0) >= chains, 180)
-            floor_cpu = proc_reading(worker.pid).cpu - before
-            floor_runs = chains * (left + 1)
+        # Celery's floor at the same pace: as many no-op retries as there were checks.
+        chains, left = messages, max(1, round(checks / messages) - 1)
+        before = proc_reading(worker.pid).cpu
+        for _ in range(chains):
+            noop_retry.delay(left, "bench:pace:done", DEFAULT_PACE)
+        _wait(lambda: int(redis_client.get("bench:pace:done") or 0) >= chains, 180)
+        floor_cpu = proc_reading(worker.pid).cpu - before
+        floor_runs = chains * (left + 1)
     per_message = tracking_cpu / messages
     per_run = floor_cpu / floor_runs
     floor_per_message = checks / messages * per_run
