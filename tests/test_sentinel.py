@@ -307,7 +307,11 @@ def test_a_master_failover_under_100_trackings_loses_and_doubles_nothing(
     defaults = Settings.model_fields
     # The test speed-ups of every other end-to-end test; the visibility timeout and the
     # global rate limit at their defaults.
-    settings = make_settings(redis_url=cluster.url, rate_limit=defaults["rate_limit"].default)
+    # Celery's per-task lines too: should a callback ever run twice, the workers' logs
+    # (in tmp_path) say which copy ran where.
+    settings = make_settings(
+        redis_url=cluster.url, rate_limit=defaults["rate_limit"].default, task_log_lines=True
+    )
     assert settings.visibility_timeout == 3600
     assert settings.sentinel_master == cluster.master_name
     tracker_app.reconfigure(settings)
