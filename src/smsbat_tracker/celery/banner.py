@@ -16,6 +16,7 @@ import celery
 from celery.apps.worker import Worker as CeleryWorker
 
 from smsbat_tracker.celery.compat import celery_say
+from smsbat_tracker.celery.redrive.held import consumed_queues
 from smsbat_tracker.log import get_logger
 
 __all__ = ["Worker", "banner_fields"]
@@ -36,7 +37,7 @@ def banner_fields(worker: Any) -> dict[str, Any]:
         "concurrency": worker.concurrency,
         "pool": getattr(pool, "__module__", str(pool)).rsplit(".", 1)[-1],
         "task_events": bool(worker.task_events),
-        "queues": sorted(str(q) for q in app.amqp.queues.consume_from or app.amqp.queues),
+        "queues": consumed_queues(app),
         "tasks": sorted(t for t in app.tasks if not t.startswith("celery.")),
     }
 

@@ -24,6 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import redis
 
 from smsbat_tracker.celery.redrive.bounds import HEARTBEAT
+from smsbat_tracker.store.connections import one_try
 
 __all__ = ["PING_TIMEOUT", "STALE_AFTER", "Health", "ping_options", "serve"]
 
@@ -34,15 +35,11 @@ PING_TIMEOUT: Final = 2.0
 
 
 def ping_options() -> dict[str, Any]:
-    """The options of a client that answers health within 5 s: short timeouts, and no
-    retries (redis-py's default retries a refused connection for about 4 s)."""
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
+    """The options of a client that answers health within 5 s: short timeouts, one try."""
     return {
         "socket_timeout": PING_TIMEOUT,
         "socket_connect_timeout": PING_TIMEOUT,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": one_try(),
     }
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from smsbat_tracker.redis_url import is_sentinel_url, parse_sentinel_url
@@ -32,6 +34,7 @@ __all__ = [
     "SOCKET_TIMEOUT",
     "SentinelRedis",
     "known_masters",
+    "one_try",
     "redis_client",
     "socket_options",
     "unknown_master",
@@ -47,6 +50,12 @@ def socket_options() -> dict[str, float]:
     """The socket timeouts every client of the tracker gets unless told otherwise (the
     broker's transport options and the result backend's too: see celery.integration)."""
     return {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": SOCKET_TIMEOUT}
+
+
+def one_try() -> Retry:
+    """A client's retry policy of one try: redis-py's default retries a refused connection
+    for about 4 s, too long for a health check or a worker's start."""
+    return Retry(NoBackoff(), 0)
 
 
 class SentinelRedis(redis.Redis):
@@ -101,9 +110,6 @@ def known_masters(settings: Settings, timeout: float = 2.0) -> set[str] | None:
     url = settings.redis_url
     if not is_sentinel_url(url):
         return None
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
     names: set[str] | None = None
     for host, port in parse_sentinel_url(url).sentinels:
         node = redis.Redis(
@@ -111,7 +117,7 @@ def known_masters(settings: Settings, timeout: float = 2.0) -> set[str] | None:
             port=port,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),  # one try each: a worker's start waits on it
+            retry=one_try(),  # a worker's start waits on it
         )
         try:
             masters = node.sentinel_masters()

@@ -46,6 +46,8 @@ __all__ = [
 
 # A session's fields as the scripts read them (lib/session.lua's SESSION_FIELDS: a test
 # checks that they agree).
+# The kinds of reason a tracking's next run comes for, counted per session ("why:<kind>").
+RETRY_REASONS: Final = ("in_flight", "no_turn", "request_failed", "awaiting_push")
 SESSION_FIELDS: Final = (
     "owner",
     "started_at",
@@ -55,13 +57,8 @@ SESSION_FIELDS: Final = (
     "pushed",
     "run",
     "failures",
-    "why:in_flight",
-    "why:no_turn",
-    "why:request_failed",
-    "why:awaiting_push",
+    *(f"why:{kind}" for kind in RETRY_REASONS),
 )
-# The kinds of reason a tracking's next run comes for, counted per session ("why:<kind>").
-RETRY_REASONS: Final = ("in_flight", "no_turn", "request_failed", "awaiting_push")
 # How many ARGV the cached answer takes in session_after.lua (StatusCache.store_args).
 ANSWER_ARGS: Final = 10
 
