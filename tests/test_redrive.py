@@ -13,6 +13,7 @@ import pytest
 import redis
 from celery.canvas import Signature
 from kombu.exceptions import OperationalError
+from structlog.testing import capture_logs
 
 from smsbat_tracker.celery.compat import kombu_qos
 from smsbat_tracker.celery.names import PUBLISHED_AT
@@ -485,6 +486,71 @@ def test_a_task_received_in_an_outage_is_named_for_the_others_at_the_first_beat_
     assert redis_client.sismember(Keys().held(dying.holder), tag)
     sweeper = Redriver(tracker_app, redis_client)
     assert sweeper.dead.restore(now + 10) == 1
+    assert redis_client.llen("celery") == 1
+    assert redis_client.hlen("unacked") == 0
+    connection.release()
+
+
+def test_a_task_this_worker_ran_whose_ack_was_lost_is_acknowledged_again_not_run_again(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A callback the pool took (Celery acknowledges it then) whose acknowledgement never
+    reached Redis (the master died with it, or the channel a lost connection closed never
+    made it) is still unacked when it is no longer held: it is acknowledged again, with the
+    hook's marks, and not given back to run a second time (a failover test's callback ran
+    twice this way, 1 run in 6). A task the pool never took is still given back."""
+    for n in range(2):
+        tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": n},))
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    ran_message, dropped_message = (channel.basic_get("celery", no_ack=False) for _ in range(2))
+    ran = SimpleNamespace(id="ran-id", message=ran_message, time_start=None, acknowledged=False)
+    dropped = SimpleNamespace(
+        id="dropped-id", message=dropped_message, time_start=None, acknowledged=False
+    )
+    redriver = Redriver(tracker_app, redis_client)
+    now = time.time()
+    assert redriver.held.note_held([ran, dropped], now) == 0
+    ran.time_start, ran.acknowledged = time.time(), True  # on_accepted; the ack went nowhere
+    with capture_logs() as logs:
+        assert redriver.held.note_held([], now + 1) == 0  # a beat later: an ack may be on its way
+        assert redriver.held.note_held([], now + 2) == 1  # only the dropped one goes back
+    assert redis_client.hlen("unacked") == 0
+    assert redis_client.llen("celery") == 1
+    [back] = [json.loads(m) for m in redis_client.lrange("celery", 0, -1)]
+    assert back["headers"]["id"] != "ran-id"
+    events = {e["event"]: e for e in logs}
+    assert events["redrive.acked_again"]["task_ids"] == ["ran-id"]
+    assert events["redrive.restored_dropped"]["task_ids"] == ["dropped-id"]
+    connection.release()
+
+
+def test_a_task_rejected_to_requeue_while_redis_was_away_is_given_back(
+    tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task the pool ran and Celery rejected to requeue (a child lost mid-run, with
+    ``task_reject_on_worker_lost``) while Redis was away is left unacked to be given back:
+    it is, though this worker ran it."""
+    kombu_qos.install(redis_client)
+    tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 1},))
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    message = channel.basic_get("celery", no_ack=False)
+    request = SimpleNamespace(id="lost-id", message=message, time_start=None, acknowledged=False)
+    redriver = Redriver(tracker_app, redis_client)
+    now = time.time()
+    redriver.held.note_held([request], now)
+
+    def away(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("Error 111 connecting to the old master")
+
+    monkeypatch.setattr(channel.qos, "restore_by_tag", away)
+    monkeypatch.setattr(channel.qos, "_remove_from_indices", away)
+    channel.qos.reject(message.delivery_tag, requeue=True)
+    request.time_start, request.acknowledged = time.time(), True
+    monkeypatch.undo()
+    assert redriver.held.note_held([], now + 1) == 0
+    assert redriver.held.note_held([], now + 2) == 1
     assert redis_client.llen("celery") == 1
     assert redis_client.hlen("unacked") == 0
     connection.release()

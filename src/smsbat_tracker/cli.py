@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import redis
@@ -94,11 +95,41 @@ def print_report(
                 print(f"  {message_id}", file=out)
 
 
+def _write_page(campaign_id: str, path: str) -> int:
+    """``campaign report ID --html PATH``: the page, written whole or not at all."""
+    from smsbat_tracker.engine.campaign.registry import validate_campaign_id
+    from smsbat_tracker.errors import MissingExtra
+    from smsbat_tracker.report import page_of
+    from smsbat_tracker.worker import app
+
+    validate_campaign_id(campaign_id)
+    try:
+        page = page_of(app.campaigns, campaign_id)
+    except MissingExtra as exc:
+        print(f"smsbat-tracker: {exc}", file=sys.stderr)
+        return 2
+    if page is None:
+        print(f"smsbat-tracker: no campaign {campaign_id!r}", file=sys.stderr)
+        return 1
+    target = Path(path)
+    # Beside the target, then renamed over it: a reader never sees half a page.
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        partial.write_text(page, encoding="utf-8")
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"campaign {campaign_id}: report written to {target} ({len(page) // 1024} KiB)")
+    return 0
+
+
 def _campaign(args: argparse.Namespace) -> int:
     from smsbat_tracker.celery.campaigns import get_campaign_report, track_campaign
     from smsbat_tracker.worker import app
 
     if args.action == "report":
+        if args.html is not None:
+            return _write_page(args.campaign_id, args.html)
         report = get_campaign_report(args.campaign_id, app=app)
         if report is None:
             print(f"smsbat-tracker: no campaign {args.campaign_id!r}", file=sys.stderr)
@@ -369,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     report = actions.add_parser("report", help="print a campaign's report")
     report.add_argument("campaign_id")
     report.add_argument("--json", action="store_true", help="print JSON")
+    report.add_argument(
+        "--html",
+        metavar="PATH",
+        help="write the report as one self-contained HTML page with charts (needs the "
+        "'report' extra: pip install 'smsbat-tracker[report]')",
+    )
     report.add_argument(
         "--failed", action="store_true", help="list the ids that failed and timed out"
     )

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     trust_pushes: bool = True
     webhook_token: SecretStr | None = None
     webhook_open: bool = False
+    # --- campaign pages (the receiver's /campaigns/{id}; off while no password is set) --
+    # People sign in with HTTP Basic: a login a browser asks for and a password manager
+    # keeps, apart from the webhook's token (a machine's secret, in the provider's URL).
+    report_user: str = Field(default="report", min_length=1, max_length=200, pattern=r"^[^:]+$")
+    report_password: SecretStr | None = None
 
     # --- global API rate limit (requests per second across every worker; 0 = off) ---
     rate_limit: float = Field(default=50.0, ge=0, le=100_000)
@@ -207,6 +212,12 @@ class Settings(BaseSettings):
                 ("true" if value else "false") if isinstance(value, bool) else str(value)
             )
         return env
+
+    @property
+    def secret_values(self) -> list[str]:
+        """Every secret these settings hold, as text: what no log line may show."""
+        secrets = (self.api_key, self.password, self.webhook_token, self.report_password)
+        return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
 
     @property
     def has_credentials(self) -> bool:

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidMessageId",
     "MalformedResponse",
     "MessageNotFound",
+    "MissingExtra",
     "NotInitialised",
     "PermanentError",
     "RateLimited",
@@ -53,6 +54,11 @@ class UnsupportedVersion(ConfigError):
         self.package = package
         self.version = version
         self.supported = supported
+
+
+class MissingExtra(SmsbatError, ImportError):
+    """Raised when a feature needs an optional dependency that is not installed; the
+    message names the extra to install (``pip install 'smsbat-tracker[report]'``)."""
 
 
 class NotInitialised(ConfigError):

@@ -37,7 +37,8 @@ REDACTED = "[REDACTED]"
 # Keys whose values are secret wherever they appear in an event.
 _SECRET_KEYS = re.compile(
     r"(?i)^(api[_-]?key|password|passwd|secret|token|webhook[_-]?token|authorization|"
-    r"x-authorization-key|x-webhook-token|smsbat_api_key|smsbat_password|smsbat_webhook_token)$"
+    r"x-authorization-key|x-webhook-token|smsbat_api_key|smsbat_password|smsbat_webhook_token|"
+    r"smsbat_report_password|report_password)$"
 )
 # Secrets inside free text: header lines, Basic/Bearer credentials, URL tokens, URL passwords.
 _SECRET_PATTERNS = (

@@ -211,11 +211,7 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
     settings = app.settings
     configure_logging(
         level=loglevel or "INFO",
-        secrets=[
-            settings.api_key.get_secret_value() if settings.api_key else None,
-            settings.password.get_secret_value() if settings.password else None,
-            settings.webhook_token.get_secret_value() if settings.webhook_token else None,
-        ],
+        secrets=settings.secret_values,
     )
     if not settings.task_log_lines:
         # Celery's "received", "succeeded" and "retry" lines, about 1 KB each and several

@@ -69,9 +69,8 @@ def init_app(app: Celery, settings: Settings | None = None, **overrides: Any) ->
     elif overrides:
         raise TypeError("init_app: give either settings or keyword overrides, not both")
     # The package's own log lines never show these, in whatever logging the host has.
-    for secret in (settings.api_key, settings.password, settings.webhook_token):
-        if secret is not None:
-            register_secret(secret.get_secret_value())
+    for secret in settings.secret_values:
+        register_secret(secret)
     configure(app, settings)
     tracker = Tracker(app, settings)
     attach(app, tracker)  # last: an app that raised above carries no half-set tracker

@@ -23,6 +23,9 @@ Routes:
   token in either place is refused, whatever the other holds.
 - ``GET /healthz``: 200 when Redis answers PING, else 503.
 - ``GET /metrics``: the receiver's metrics, in Prometheus's text format.
+- ``GET /campaigns/{id}``: a campaign's delivery report page, for people: HTTP Basic
+  with ``SMSBAT_REPORT_USER`` (``report``) and ``SMSBAT_REPORT_PASSWORD``; 404 while no
+  password is set, 401 without the login whatever the id (:mod:`.pages`).
 - ``GET /openapi.json``: an OpenAPI 3.1 description of the above, its schemas generated
   from the models that validate the pushes and shape the answers (:class:`PushBody
   <smsbat_tracker.webhook.schema.PushBody>`).
@@ -43,6 +46,7 @@ from starlette.routing import Route
 from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.engine.engine import Engine
 from smsbat_tracker.log import get_logger
+from smsbat_tracker.webhook.pages import CampaignPages
 from smsbat_tracker.webhook.receiver import WebhookReceiver
 
 if TYPE_CHECKING:
@@ -89,8 +93,15 @@ def create_app(
             "accepted without authentication; use only for local tests",
         )
 
+    pages = CampaignPages(
+        receiver.settings,
+        receiver.engine,
+        receiver.unavailable_errors,
+        runner=receiver.shared_campaigns,
+    )
     application = Starlette(
         routes=[
+            Route("/campaigns/{campaign_id}", pages.campaign, methods=["GET"]),
             Route("/webhook", receiver.webhook, methods=["POST"]),
             Route("/healthz", receiver.healthz, methods=["GET"]),
             Route("/metrics", receiver.serve_metrics, methods=["GET"]),
@@ -99,4 +110,5 @@ def create_app(
         lifespan=receiver.lifespan,
     )
     application.state.receiver = receiver
+    application.state.pages = pages
     return application

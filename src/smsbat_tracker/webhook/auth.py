@@ -1,12 +1,17 @@
-"""Who may push: the webhook's shared secret, where a request carries it, and its check.
+"""Who may push, and who may read a campaign's page.
 
-The provider only takes a URL, so the token comes in the query parameter ``token``; the
-header ``X-Webhook-Token`` is the alternative. A wrong token in either place is refused,
-whatever the other holds.
+Pushes: the webhook's shared secret. The provider only takes a URL, so the token comes in
+the query parameter ``token``; the header ``X-Webhook-Token`` is the alternative. A wrong
+token in either place is refused, whatever the other holds.
+
+Campaign pages: people, with HTTP Basic (``SMSBAT_REPORT_USER``, ``SMSBAT_REPORT_PASSWORD``):
+a browser asks for the login, and it never travels in a URL that gets shared.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from typing import Final
 
@@ -16,10 +21,20 @@ from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import register_secret
 
-__all__ = ["TOKEN_HEADER", "TOKEN_QUERY", "carries_token", "webhook_token"]
+__all__ = [
+    "REPORT_REALM",
+    "TOKEN_HEADER",
+    "TOKEN_QUERY",
+    "carries_login",
+    "carries_token",
+    "report_login",
+    "webhook_token",
+]
 
 TOKEN_HEADER: Final = "X-Webhook-Token"  # noqa: S105 - a header name, not a secret
 TOKEN_QUERY: Final = "token"  # noqa: S105 - a parameter name
+# What a browser shows when it asks for the campaign pages' login.
+REPORT_REALM: Final = "smsbat-tracker campaign reports"
 
 
 def webhook_token(settings: Settings) -> bytes | None:
@@ -54,3 +69,35 @@ def carries_token(request: Request, token: bytes) -> bool:
         # Constant-time for each candidate; no early exit on the first mismatch either.
         matched &= hmac.compare_digest(candidate, token)
     return matched
+
+
+def report_login(settings: Settings) -> tuple[bytes, bytes] | None:
+    """The login campaign pages ask for (user, password), the password registered for
+    redaction; None when no ``SMSBAT_REPORT_PASSWORD`` is set (the pages are off)."""
+    password = settings.report_password.get_secret_value() if settings.report_password else ""
+    if not password:
+        return None
+    register_secret(password)
+    return settings.report_user.encode(), password.encode()
+
+
+def carries_login(request: Request, login: tuple[bytes, bytes]) -> bool:
+    """Whether the request's ``Authorization: Basic`` header carries ``login``; one header
+    only, compared in constant time, user and password both."""
+    headers = [
+        value for name, value in request.scope.get("headers", ()) if name == b"authorization"
+    ]
+    if len(headers) != 1:
+        return False
+    scheme, _, encoded = headers[0].partition(b" ")
+    if scheme.lower() != b"basic":
+        return False
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    user, colon, password = decoded.partition(b":")
+    # Both compared whatever the first gave: no early exit tells which one was wrong.
+    matched = hmac.compare_digest(user, login[0])
+    matched &= hmac.compare_digest(password, login[1])
+    return bool(colon) and matched

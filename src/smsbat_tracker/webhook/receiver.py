@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from smsbat_tracker.celery.tracker import Tracker
+    from smsbat_tracker.engine.campaign.runner import CampaignRunner
 
 __all__ = ["WebhookReceiver"]
 
@@ -132,6 +133,16 @@ class WebhookReceiver:
         if self._engine is None and tracker is not None and tracker.settings is self.settings:
             return tracker
         return None
+
+    @property
+    def unavailable_errors(self) -> tuple[type[BaseException], ...]:
+        """What "Redis (the cache or the broker) is unreachable" raises: answered 503."""
+        return self._unavailable
+
+    def shared_campaigns(self) -> CampaignRunner | None:
+        """The tracker's campaign runner when the receiver shares its engine."""
+        tracker = self._shared_tracker()
+        return None if tracker is None else tracker.campaigns
 
     def engine(self) -> Engine:
         """The engine pushes are stored through (see the class docstring)."""

@@ -52,6 +52,8 @@ __all__ = [
     "RECENT_MAX",
     "forget_acks_before",
     "install",
+    "left_for_requeue",
+    "make_acks",
     "make_deferred_acks",
     "replay_acks_since",
 ]
@@ -83,6 +85,10 @@ _DEFERRED_LOCK = threading.Lock()
 RECENT_MAX: Final = 20_000
 _RECENT_ACKS: deque[tuple[float, str, str, str, dict[str, Any]]] = deque(maxlen=RECENT_MAX)
 _RECENT_LOCK = threading.Lock()
+
+# Rejections to requeue that Redis was away for (their tasks are to be given back), newest
+# last; a handful at most, between two outages.
+_LEFT_FOR_REQUEUE: deque[str] = deque(maxlen=RECENT_MAX)
 
 # kombu's virtual QoS.ack: forgets a delivery in this process (no Redis call).
 Forget = Callable[[Any, Any], None]
@@ -212,20 +218,35 @@ def forget_acks_before(moment: float) -> None:
             _RECENT_ACKS.popleft()
 
 
+def make_acks(
+    client: redis.Redis, acks: list[tuple[str, str, str, dict[str, Any]]], *, note: bool = True
+) -> None:
+    """Acknowledge on ``client``: for each (tag, unacked index, unacked hash, headers), the
+    hook's commands and the two deletions kombu's own ack makes, in one pipeline; noted
+    among the recent acknowledgements unless ``note`` is false. Raises
+    :class:`redis.RedisError` while Redis is away."""
+    if not acks:
+        return
+    pipe = client.pipeline()  # one MULTI: a Redis with the acknowledgement has the hook's writes
+    for tag, index, unacked, headers in acks:
+        _add_before_ack(pipe, headers)
+        pipe.zrem(index, tag)
+        pipe.hdel(unacked, tag)
+    pipe.execute()
+    if note:
+        for tag, index, unacked, headers in acks:
+            _note_recent(tag, index, unacked, headers)
+
+
 def replay_acks_since(client: redis.Redis, moment: float) -> int:
     """Make again the acknowledgements made since ``moment`` (monotonic), with their hook,
     on ``client`` (the master now); returns how many. Raises :class:`redis.RedisError`
     while Redis is away."""
     with _RECENT_LOCK:
-        recent = [a for a in _RECENT_ACKS if a[0] >= moment]
+        recent = [a[1:] for a in _RECENT_ACKS if a[0] >= moment]
     if not recent:
         return 0
-    pipe = client.pipeline(transaction=False)
-    for _, tag, index, unacked, headers in recent:
-        _add_before_ack(pipe, headers)
-        pipe.zrem(index, tag)
-        pipe.hdel(unacked, tag)
-    pipe.execute()
+    make_acks(client, recent, note=False)
     log.info("redrive.acks_replayed", tasks=len(recent))
     return len(recent)
 
@@ -266,7 +287,16 @@ def _leave_unacked(qos: Any, delivery_tag: Any, forget: Forget, exc: BaseExcepti
     """A requeue Redis is away for: left unacked in Redis, for the re-driver to give back
     once this worker no longer holds it; forgotten here (not given back at close)."""
     log.warning("redrive.requeue_left_unacked", tag=str(delivery_tag), error=str(exc)[:200])
+    with _RECENT_LOCK:
+        _LEFT_FOR_REQUEUE.append(str(delivery_tag))
     forget(qos, delivery_tag)
+
+
+def left_for_requeue(tag: str) -> bool:
+    """Whether this worker rejected ``tag`` to requeue it while Redis was away (to be
+    given back, although the worker's pool may have run it)."""
+    with _RECENT_LOCK:
+        return tag in _LEFT_FOR_REQUEUE
 
 
 def _defer_ack(qos: Any, delivery_tag: Any, forget: Forget, exc: BaseException) -> None:
@@ -284,16 +314,9 @@ def make_deferred_acks(client: redis.Redis) -> int:
         deferred = dict(_DEFERRED_ACKS)
     if not deferred:
         return 0
-    pipe = client.pipeline()
-    for tag, (index, unacked, headers) in deferred.items():
-        _add_before_ack(pipe, headers)
-        pipe.zrem(index, tag)
-        pipe.hdel(unacked, tag)
-    pipe.execute()
+    make_acks(client, [(tag, *entry) for tag, entry in deferred.items()])
     with _DEFERRED_LOCK:
         for tag in deferred:
             _DEFERRED_ACKS.pop(tag, None)
-    for tag, (index, unacked, headers) in deferred.items():
-        _note_recent(tag, index, unacked, headers)
     log.info("redrive.acks_made", tasks=len(deferred))
     return len(deferred)

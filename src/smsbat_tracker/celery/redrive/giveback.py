@@ -18,11 +18,12 @@ from typing import Any
 import redis
 
 from smsbat_tracker import metrics
+from smsbat_tracker.celery.compat.kombu_qos import make_acks
 from smsbat_tracker.celery.compat.kombu_restore import require_kombu, restore_retagged
 from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, chunked
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.log import get_logger
-from smsbat_tracker.store.keys import Keys
+from smsbat_tracker.store.keys import Keys, kombu_unacked_index_key
 
 __all__ = ["GiveBack"]
 
@@ -67,3 +68,17 @@ class GiveBack:
             metrics.get().redrives.labels("restored").inc(restored)
             log.warning(event, tasks=restored, **fields)
         return restored
+
+    def ack_again(self, tasks: dict[str, tuple[str, dict[str, Any]]], event: str) -> int:
+        """Acknowledge the tags of ``tasks`` (tag -> (task id, message headers)) still
+        unacked: tasks this worker ran, whose acknowledgement never reached Redis (made
+        on a channel a lost connection closed, or on a master that died before passing it
+        on). Logged as ``event`` with the task ids; returns how many."""
+        left = self.still_unacked(tasks)
+        if not left:
+            return 0
+        index = kombu_unacked_index_key(self.tracker.app.conf.broker_transport_options)
+        unacked = self.tracker.engine.unacked_key()
+        make_acks(self.redis, [(tag, index, unacked, tasks[tag][1]) for tag in left])
+        log.warning(event, tasks=len(left), task_ids=[tasks[tag][0] for tag in left][:20])
+        return len(left)

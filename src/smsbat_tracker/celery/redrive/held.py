@@ -3,8 +3,10 @@
 Each second a worker notes in its *held set* (``Keys.held(holder)``) the delivery tags of
 every task it holds (countdowns, callbacks, anything), and beats in ``Keys.holders()``.
 When it stops beating, the others give back what it held (:mod:`.dead`). A task it held
-and no longer holds, still unacked a beat later, was dropped by the consumer (a lost
-connection drops the countdowns it held): it gives that back itself. A task received
+and no longer holds, still unacked a beat later, was either run here and its
+acknowledgement lost (made on a channel a lost connection closed, or on a master that
+died before passing it on): it acknowledges that one again; or dropped by the consumer (a
+lost connection drops the countdowns it held): it gives that back itself. A task received
 between two beats is noted at once (:meth:`HeldRegistry.note_received`), and a follow-up
 task the tracker sent is marked received (see :mod:`.follow_ups`).
 """
@@ -21,6 +23,7 @@ from celery.exceptions import ImproperlyConfigured
 
 from smsbat_tracker.celery.compat.kombu_qos import (
     forget_acks_before,
+    left_for_requeue,
     make_deferred_acks,
     replay_acks_since,
 )
@@ -34,6 +37,7 @@ __all__ = [
     "HeldRegistry",
     "consumed_queues",
     "held_requests",
+    "ran_here",
     "request_tag",
     "running_requests",
 ]
@@ -78,6 +82,20 @@ def request_tag(request: Any) -> str | None:
     return None if tag is None else str(tag)
 
 
+def ran_here(request: Any) -> bool:
+    """Whether this worker's pool took the request (Celery's ``on_accepted``: it has a
+    start time), or Celery acknowledged or rejected it: either way, not one to run again."""
+    if request is None:
+        return False
+    return getattr(request, "time_start", None) is not None or bool(
+        getattr(request, "acknowledged", False)
+    )
+
+
+def _headers(request: Any) -> dict[str, Any]:
+    return dict(getattr(getattr(request, "message", None), "headers", None) or {})
+
+
 def consumed_queues(app: Any) -> list[str]:
     """The queues this worker consumes (``-Q``, else every queue the app knows).
 
@@ -105,6 +123,9 @@ class HeldRegistry:
         self._noted: set[str] = set()  # the tags the held set has, as far as we know
         self._received: dict[str, float] = {}  # tags noted at receipt -> when
         self._gone: set[str] = set()  # tags no longer held at the last beat
+        # The requests behind the tags noted and gone: whether this worker ran one decides
+        # between acknowledging it again and giving it back.
+        self._requests: dict[str, Any] = {}
         self._last_beat: float | None = None  # when the last beat that reached Redis began
         self._beat_failed = False  # the last beat did not reach Redis
         self._queues = consumed_queues(tracker.app)
@@ -120,6 +141,7 @@ class HeldRegistry:
         if tag is not None:
             with self._lock:
                 self._received[tag] = time.monotonic()
+                self._requests[tag] = request
             pipe.sadd(self.keys.held(self.holder), tag)
         task_id = getattr(request, "id", None)
         if task_id:
@@ -148,9 +170,8 @@ class HeldRegistry:
             replay_acks_since(self.redis, self._last_beat - REPLICA_LAG)
         self._beat_failed = True
         make_deferred_acks(self.redis)
-        ids = {
-            tag: str(getattr(r, "id", "")) for r in requests if (tag := request_tag(r)) is not None
-        }
+        by_tag = {tag: r for r in requests if (tag := request_tag(r)) is not None}
+        ids = {tag: str(getattr(r, "id", "")) for tag, r in by_tag.items()}
         held = set(ids)
         recent = time.monotonic() - 2 * HEARTBEAT
         with self._lock:
@@ -161,6 +182,7 @@ class HeldRegistry:
             self._received = {t: at for t, at in self._received.items() if at > recent}
             keep = held | set(self._received)
             gone = self._noted - keep
+            self._requests.update(by_tag)
         key = self.keys.held(self.holder)
         # Not a transaction: a worker holding thousands of countdowns writes them in bounded
         # commands. The beat comes last, so a sweep that sees it finds the held set written.
@@ -184,12 +206,34 @@ class HeldRegistry:
         # A tag leaves the held set only once it is acknowledged or given back: should this
         # worker die in between, the sweep of the dead still finds it.
         suspects = self._gone - keep
-        restored = self.giveback.restore(suspects, "redrive.restored_dropped") if suspects else 0
+        restored = self._settle_suspects(suspects) if suspects else 0
         for chunk in chunked(suspects, HELD_CHUNK):
             self.redis.srem(key, *chunk)
         with self._lock:
             self._gone, self._noted = gone, keep
+            live = keep | gone | set(self._received)
+            self._requests = {t: r for t, r in self._requests.items() if t in live}
         return restored
+
+    def _settle_suspects(self, suspects: set[str]) -> int:
+        """Tags held before, no longer held, and maybe still unacked: one whose task this
+        worker's pool took (Celery acknowledges at that moment, or after the run) is
+        acknowledged again, never run twice; any other was dropped with a lost connection,
+        and is given back. Returns how many were given back."""
+        with self._lock:
+            requests = {tag: self._requests.get(tag) for tag in suspects}
+        ran = {
+            tag: (str(getattr(r, "id", "")), _headers(r))
+            for tag, r in requests.items()
+            if ran_here(r) and not left_for_requeue(tag)
+        }
+        if ran:
+            self.giveback.ack_again(ran, "redrive.acked_again")
+        dropped = sorted(suspects - set(ran))
+        if not dropped:
+            return 0
+        task_ids = [str(getattr(requests[t], "id", "")) for t in dropped if requests[t]][:20]
+        return self.giveback.restore(dropped, "redrive.restored_dropped", task_ids=task_ids)
 
     def retire(self, now: float) -> None:
         """A stop: this worker's last beat. Celery gives back what it held when it closes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from smsbat_tracker import metrics
@@ -114,8 +115,13 @@ class Finisher:
     def report(self, campaign_id: str, meta: dict[str, str] | None = None) -> dict[str, Any]:
         """The report as of now (partial while the campaign runs)."""
         meta = meta if meta is not None else self._registry.meta(campaign_id)
+        return build_report(campaign_id, meta, self.records(campaign_id))
+
+    def records(self, campaign_id: str) -> Iterator[tuple[str, str]]:
+        """Each recorded message's id and compact record (see
+        :func:`~smsbat_tracker.engine.campaign.report.compact`), in no order."""
         records = self.redis.hscan_iter(self.keys.campaign_outcomes(campaign_id), count=2_000)
-        return build_report(campaign_id, meta, ((str(k), str(v)) for k, v in records))
+        return ((str(k), str(v)) for k, v in records)
 
     def stored_report(self, campaign_id: str) -> dict[str, Any] | None:
         """The final report, once written."""

@@ -5,7 +5,7 @@ it."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -213,6 +213,10 @@ class CampaignRunner:
     def stored_report(self, campaign_id: str) -> dict[str, Any] | None:
         """The final report, once written."""
         return self._finisher.stored_report(campaign_id)
+
+    def records(self, campaign_id: str) -> Iterator[tuple[str, str]]:
+        """Each recorded message's id and compact record, in no order."""
+        return self._finisher.records(campaign_id)
 
     def progress(self, campaign_id: str) -> dict[str, int]:
         """Totals for a progress display: total, done, and counts per outcome."""
