@@ -128,7 +128,9 @@ def test_no_lua_in_python() -> None:
     assert offenders == []
 
 
-@pytest.mark.parametrize("patch", ["kombu_qos", "billiard_tracebacks", "retry", "celery_say"])
+@pytest.mark.parametrize(
+    "patch", ["kombu_qos", "billiard_tracebacks", "retry", "celery_say", "celery_pool"]
+)
 def test_pyproject_pins_each_patched_library_to_its_patchs_range(patch: str) -> None:
     """pyproject's requirement of each patched library is the range its patch checks."""
     module = importlib.import_module(f"smsbat_tracker.celery.compat.{patch}")

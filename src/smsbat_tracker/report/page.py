@@ -33,7 +33,7 @@ body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 h1 { font-size: 1.5rem; margin: 0 0 .2rem; } h2 { font-size: 1.15rem; margin: 2rem 0 .5rem; }
 .muted { color: #616161; }
 .tiles { display: flex; flex-wrap: wrap; gap: .75rem; margin: 1.2rem 0; }
-.tile { border: 1px solid #e0e0e0; border-radius: 8px; padding: .6rem 1rem; min-width: 8rem; }
+.tile { border: 1px solid #e0e0e0; border-radius: 8px; padding: .6rem 1rem; min-width: 6.5rem; }
 .tile .n { font-size: 1.6rem; font-weight: 600; } .tile .l { color: #616161; font-size: .85rem; }
 table { border-collapse: collapse; } td, th { padding: .25rem .8rem .25rem 0; text-align: left; }
 th { border-bottom: 1px solid #bdbdbd; font-weight: 600; } td.num { text-align: right; }
@@ -56,6 +56,11 @@ def _value(element_id: str, value: Any, shown: str, tag: str = "span", cls: str 
 
 def _seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:g} s"
+
+
+def _moment(iso: str) -> str:
+    """``2026-12-03T19:46:00.949Z`` as ``2026-12-03 19:46:00 UTC``."""
+    return iso[:19].replace("T", " ") + " UTC" if iso.endswith("Z") else iso
 
 
 def _chart(element_id: str, svg: bytes, alt: str) -> str:
@@ -162,14 +167,18 @@ def render(report: dict[str, Any], records: Iterable[tuple[str, str]]) -> str:
     campaign_id = str(report["campaign_id"])
     state = "finished" if report["finished"] else f"running: {report['pending']:,} still tracked"
     when = [
-        f"sent {report['started_at']}" if report.get("started_at") else "",
-        f"deadline {report['deadline_at']}" if report.get("deadline_at") else "",
-        f"report of {report['reported_at']}" if report.get("reported_at") else "",
+        f"{label} {_moment(report[key])}"
+        for label, key in (
+            ("sent", "started_at"),
+            ("deadline", "deadline_at"),
+            ("report of", "reported_at"),
+        )
+        if report.get(key)
     ]
     total = int(report["total"] or 0)
     body = [
         f"<h1>Campaign {_value('campaign-id', campaign_id, campaign_id)}</h1>",
-        f'<p class="muted">{escape(state)} · {escape(" · ".join(w for w in when if w))}</p>',
+        f'<p class="muted">{escape(" · ".join([state, *when]))}</p>',
         _tiles(report),
         "<h2>Outcomes</h2>",
         _outcomes(report),

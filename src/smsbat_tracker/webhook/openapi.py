@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from smsbat_tracker.provider.models import MAX_MESSAGE_ID_LENGTH, MESSAGE_ID_PATTERN
 from smsbat_tracker.webhook.auth import TOKEN_HEADER, TOKEN_QUERY
 from smsbat_tracker.webhook.schema import (
     MAX_BODY_BYTES,
@@ -38,7 +39,7 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
         "info": {
             "title": "smsbat-tracker webhook",
             "version": "1",
-            "description": "Receives SMSBAT delivery-status pushes.",
+            "description": "Receives SMSBAT delivery-status pushes; serves campaign pages.",
         },
         **servers,
         "paths": {
@@ -91,6 +92,39 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
                     },
                 }
             },
+            "/campaigns/{campaign_id}": {
+                "get": {
+                    "operationId": "campaignPage",
+                    "summary": "A campaign's delivery report page, for people",
+                    "description": "Off (404) until SMSBAT_REPORT_PASSWORD is set; HTTP Basic "
+                    "with SMSBAT_REPORT_USER and that password.",
+                    "parameters": [
+                        {
+                            "name": "campaign_id",
+                            "in": "path",
+                            "required": True,
+                            # The message-id rule: one URL path segment as it is.
+                            "schema": {
+                                "type": "string",
+                                "pattern": MESSAGE_ID_PATTERN,
+                                "maxLength": MAX_MESSAGE_ID_LENGTH,
+                            },
+                        }
+                    ],
+                    "security": [{"reportLogin": []}],
+                    "responses": {
+                        "200": {
+                            "description": "the page: self-contained HTML with SVG charts",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        },
+                        "400": _answer("not a campaign id", Rejection),
+                        "401": _answer("missing or wrong login, whatever the id", Unauthorized),
+                        "404": _answer("no such campaign, or the pages are off", Rejection),
+                        "501": _answer("the report extra (matplotlib) is not installed", Rejection),
+                        "503": _answer("Redis is unreachable; retry later", Rejection),
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
@@ -103,6 +137,7 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
             "securitySchemes": {
                 "queryToken": {"type": "apiKey", "in": "query", "name": TOKEN_QUERY},
                 "headerToken": {"type": "apiKey", "in": "header", "name": TOKEN_HEADER},
+                "reportLogin": {"type": "http", "scheme": "basic"},
             }
         },
     }

@@ -79,7 +79,7 @@ class CampaignPages:
     async def campaign(self, request: Request) -> Response:
         """``GET /campaigns/{campaign_id}``."""
         if self._login is None:
-            return JSONResponse({"error": "not found"}, 404)
+            return JSONResponse({"error": "not found", "field": None}, 404)
         if not carries_login(request, self._login):
             return JSONResponse(
                 {"error": "unauthorized"},
@@ -94,11 +94,13 @@ class CampaignPages:
         try:
             page = await run_in_threadpool(self.page, campaign_id)
         except MissingExtra as exc:
-            return JSONResponse({"error": str(exc)}, 501)
+            return JSONResponse({"error": str(exc), "field": None}, 501)
         except self._unavailable as exc:
             log.warning("report.unavailable", campaign_id=campaign_id, error=type(exc).__name__)
-            return JSONResponse({"error": "unavailable"}, 503, headers={"Retry-After": "5"})
+            return JSONResponse(
+                {"error": "unavailable", "field": None}, 503, headers={"Retry-After": "5"}
+            )
         if page is None:
-            return JSONResponse({"error": "no such campaign"}, 404)
+            return JSONResponse({"error": "no such campaign", "field": "campaign_id"}, 404)
         log.info("report.page", campaign_id=campaign_id, size=len(page))
         return HTMLResponse(page, headers=_PAGE_HEADERS)

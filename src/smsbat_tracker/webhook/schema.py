@@ -144,7 +144,7 @@ class Accepted(BaseModel):
 
 
 class Rejection(BaseModel):
-    """400, 413, 415, 422 and 503: what was wrong."""
+    """400, 404, 413, 415, 422, 501 and 503: what was wrong."""
 
     error: str
     field: str | None = Field(
@@ -153,7 +153,7 @@ class Rejection(BaseModel):
 
 
 class Unauthorized(BaseModel):
-    """401: a missing or wrong token."""
+    """401: a missing or wrong token (a push) or login (a campaign page)."""
 
     error: Literal["unauthorized"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 from celery import bootsteps, signals
 
-from smsbat_tracker.celery.compat import celery_request, kombu_qos
+from smsbat_tracker.celery.compat import celery_pool, celery_request, kombu_qos
 from smsbat_tracker.celery.names import DUE_INDEXED
 from smsbat_tracker.celery.redrive.bounds import HEARTBEAT
 from smsbat_tracker.celery.redrive.follow_ups import note_receipt_on_ack
@@ -67,6 +67,7 @@ class RedriveStep(bootsteps.StartStopStep):
         )
         redriver = self._redriver = Redriver(tracker, self._client)
         celery_request.install(redriver.fence.superseded)
+        celery_pool.install()
         signals.task_received.connect(self._received, weak=False)
         self._stop.clear()
         self._thread = threading.Thread(
