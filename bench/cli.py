@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the settings' default)",
     )
     parser.add_argument(
+        "--slow-rate",
+        type=float,
+        default=0.0,
+        help="modes b and c: share of status answers that come only after the read "
+        "timeout (default %(default)s)",
+    )
+    parser.add_argument(
         "--probe-throughput",
         action="store_true",
         help="only measure how many status checks/s the sandbox serves here",
@@ -203,6 +210,7 @@ def _main(argv: list[str] | None) -> int:
             log_dir=log_dir,
             rate_limit=args.rate_limit,
             out=sys.stderr,
+            slow_rate=args.slow_rate,
         )
         for letter in letters:
             ctx.say(f"mode {letter}: {MODES[letter].title}")

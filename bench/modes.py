@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import httpx
 import redis
 
 from bench.metrics import Observation
@@ -75,6 +76,8 @@ class BenchContext:
     log_dir: Path
     rate_limit: float | None  # None: the settings' default
     out: IO[str]
+    # Modes b and c: this share of status answers comes only after the read timeout.
+    slow_rate: float = 0.0
 
     def say(self, text: str) -> None:
         """One progress line (stderr-like; the table goes to the same stream at the end)."""
@@ -404,6 +407,17 @@ def run_push(ctx: BenchContext) -> ModeRun:
     return _run_tracker(ctx, "c", push=True)
 
 
+def _slow_answers(sandbox_url: str, rate: float, read_timeout: float) -> None:
+    """Make the sandbox answer ``rate`` of the status requests only past the read timeout
+    (the tracker gives up on those and asks again)."""
+    answer = httpx.post(
+        f"{sandbox_url}/sandbox/faults",
+        json={"slow_rate": rate, "slow_seconds": read_timeout + 2.0},
+        timeout=10,
+    )
+    answer.raise_for_status()
+
+
 def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
     config = workload_config(ctx.seed)
     # The settings name the sandbox, which (in push mode) must know the receiver first.
@@ -442,6 +456,9 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
                 workload_config(ctx.seed, push_url=push_url), sandbox_log, port=sandbox.port
             )
         )
+        if ctx.slow_rate:
+            _slow_answers(sandbox.url, ctx.slow_rate, settings.read_timeout)
+            extra["slow_rate"] = ctx.slow_rate
         # One threads worker per core, as the README advises; a prefork worker forks its own.
         count = ctx.processes if ctx.pool == "threads" else 1
         workers = [

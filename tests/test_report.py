@@ -24,8 +24,8 @@ from smsbat_tracker.celery.campaigns import get_campaign_report, track_campaign
 from smsbat_tracker.cli import main
 from smsbat_tracker.config import Settings
 from smsbat_tracker.engine.campaign.report import build_report
-from smsbat_tracker.errors import MissingExtra
-from smsbat_tracker.report import render
+from smsbat_tracker.errors import InvalidMessageId, MissingExtra
+from smsbat_tracker.report import campaign_page, render
 from smsbat_tracker.report.figures import OUTCOMES, figures_of
 from smsbat_tracker.report.page import CONTENT_SECURITY_POLICY
 from smsbat_tracker.tools.recipes import record_outcome
@@ -262,6 +262,21 @@ def test_the_cli_writes_the_page_of_the_report(
         assert page.values[element_id] == value, element_id
     assert sorted(page.rows) == sorted(small_campaign["failed_ids"] + small_campaign["timeout_ids"])
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_campaign_page_gives_the_page_through_an_app(
+    small_campaign: dict[str, Any], tracker_app: Any
+) -> None:
+    """``campaign_page`` (for a project's own views) gives the same figures through the
+    app's tracker; None for an unknown campaign; a bad id is refused by name."""
+    page = campaign_page("small", app=tracker_app)
+    assert page is not None
+    values = parsed(page).values
+    for element_id, value in expected_values(small_campaign).items():
+        assert values[element_id] == value, element_id
+    assert campaign_page("nope", app=tracker_app) is None
+    with pytest.raises(InvalidMessageId, match="campaign id"):
+        campaign_page("../x", app=tracker_app)
 
 
 def test_the_cli_writes_nothing_for_an_unknown_campaign(
