@@ -10,13 +10,12 @@ a browser asks for the login, and it never travels in a URL that gets shared.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 from typing import Final
 
 from starlette.requests import Request
 
+from smsbat_tracker.basic_auth import basic_credentials
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import ConfigError
 from smsbat_tracker.log import register_secret
@@ -89,15 +88,10 @@ def carries_login(request: Request, login: tuple[bytes, bytes]) -> bool:
     ]
     if len(headers) != 1:
         return False
-    scheme, _, encoded = headers[0].partition(b" ")
-    if scheme.lower() != b"basic":
+    credentials = basic_credentials(headers[0])
+    if credentials is None:
         return False
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    user, colon, password = decoded.partition(b":")
     # Both compared whatever the first gave: no early exit tells which one was wrong.
-    matched = hmac.compare_digest(user, login[0])
-    matched &= hmac.compare_digest(password, login[1])
-    return bool(colon) and matched
+    matched = hmac.compare_digest(credentials[0], login[0])
+    matched &= hmac.compare_digest(credentials[1], login[1])
+    return matched

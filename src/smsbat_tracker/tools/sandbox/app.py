@@ -10,12 +10,11 @@ shutdown), so any ASGI server can host :func:`create_app`.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hmac
 import json
 import math
 
+from smsbat_tracker.basic_auth import basic_credentials
 from smsbat_tracker.tools.sandbox.asgi import (
     INTERNAL,
     MALFORMED,
@@ -99,16 +98,10 @@ class SandboxApp:
             return "header"
         if authorization is None:
             return None
-        scheme, _, token = authorization.partition(b" ")
-        if scheme.lower() != b"basic":
+        credentials = basic_credentials(authorization)
+        if credentials is None:
             return None
-        try:
-            decoded = base64.b64decode(token.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            return None
-        user, colon, password = decoded.partition(b":")
-        if not colon:
-            return None
+        user, password = credentials
         # Evaluate both comparisons so timing does not reveal which part matched.
         user_ok = hmac.compare_digest(user, self._username)
         password_ok = hmac.compare_digest(password, self._password)
