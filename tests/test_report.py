@@ -196,6 +196,20 @@ def test_ids_and_statuses_are_escaped() -> None:
     assert "m&lt;i&gt;1" in text
 
 
+def test_a_report_that_outlived_its_records_still_lists_every_id() -> None:
+    """Records expire with the campaign; a report read back later may outlive some: the
+    table still lists every failed and timed-out id (the report's), and a line says the
+    charts stand on fewer records."""
+    report, records = synthetic(300)
+    page = parsed(render(report, records[:100]))
+    assert page.rows == report["failed_ids"] + report["timeout_ids"]
+    assert "records-note" not in page.values
+    text = render(report, records[:100])
+    assert 'id="records-note"' in text
+    assert "100 of the 300 messages" in text
+    assert 'id="records-note"' not in render(report, records)
+
+
 def test_without_matplotlib_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the ``report`` extra the page is refused with the install command."""
     report, records = synthetic(5)

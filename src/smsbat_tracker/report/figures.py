@@ -42,6 +42,8 @@ class Figures:
     billed: Counter[str] = field(default_factory=Counter)
     # The failed ones by id, then the timed-out ones by id (the report's order).
     not_delivered: list[Row] = field(default_factory=list)
+    # How many records there were.
+    records: int = 0
 
     @property
     def delivered_times(self) -> list[float]:
@@ -63,6 +65,7 @@ def figures_of(records: Iterable[tuple[str, str]]) -> Figures:
             raise ValueError(
                 f"campaign record of message {message_id!r} is unreadable: {exc}"
             ) from None
+        figures.records += 1
         if outcome in figures.times:
             figures.times[outcome].append(seconds)
         if record.get("c"):

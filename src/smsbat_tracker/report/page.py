@@ -139,19 +139,41 @@ def _fallback(report: dict[str, Any]) -> str:
     )
 
 
-def _not_delivered(figures: Figures) -> str:
-    if not figures.not_delivered:
+def _not_delivered(report: dict[str, Any], figures: Figures) -> str:
+    """The report's failed ids, then its timed-out ids, with what their records add."""
+    ids = [*report["failed_ids"], *report["timeout_ids"]]
+    if not ids:
         return '<p class="muted" id="not-delivered-none">Every message was delivered.</p>'
-    rows = [
-        f'<tr data-outcome="{escape(row.outcome)}"><td><code>{escape(row.message_id)}</code></td>'
-        f"<td>{escape(row.outcome)}</td><td>{escape(row.last_status or '—')}</td>"
-        f'<td class="num">{row.seconds:g}</td></tr>'
-        for row in figures.not_delivered
-    ]
+    known = {row.message_id: row for row in figures.not_delivered}
+    timed_out = set(report["timeout_ids"])
+    rows = []
+    for message_id in ids:
+        row = known.get(message_id)
+        outcome = row.outcome if row else "timeout" if message_id in timed_out else "failed"
+        status = (row.last_status if row else None) or "—"
+        seconds = f"{row.seconds:g}" if row else "—"
+        rows.append(
+            f'<tr data-outcome="{escape(outcome)}"><td><code>{escape(message_id)}</code></td>'
+            f"<td>{escape(outcome)}</td><td>{escape(status)}</td>"
+            f'<td class="num">{seconds}</td></tr>'
+        )
     return (
         '<table id="not-delivered"><thead><tr><th>message id</th><th>outcome</th>'
         "<th>last status</th><th>seconds</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _records_note(report: dict[str, Any], figures: Figures) -> str:
+    """A line when the charts stand on fewer records than the report counted (records
+    expire with the campaign's final TTL; a report read back later may outlive them)."""
+    counted = sum(report["outcomes"].values())
+    if figures.records >= counted:
+        return ""
+    return (
+        f'<p class="muted" id="records-note">The charts and the table\'s statuses come from '
+        f"{figures.records:,} of the {counted:,} messages' records: the others have expired "
+        "(SMSBAT_FINAL_TTL).</p>"
     )
 
 
@@ -180,6 +202,7 @@ def render(report: dict[str, Any], records: Iterable[tuple[str, str]]) -> str:
         f"<h1>Campaign {_value('campaign-id', campaign_id, campaign_id)}</h1>",
         f'<p class="muted">{escape(" · ".join([state, *when]))}</p>',
         _tiles(report),
+        _records_note(report, figures),
         "<h2>Outcomes</h2>",
         _outcomes(report),
         _chart("chart-outcomes", charts.outcome_counts(report["outcomes"]), "messages per outcome"),
@@ -200,7 +223,7 @@ def render(report: dict[str, Any], records: Iterable[tuple[str, str]]) -> str:
         "<h2>Viber→SMS fallback</h2>",
         _fallback(report),
         "<h2>Not delivered</h2>",
-        _not_delivered(figures),
+        _not_delivered(report, figures),
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
