@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     # A status answer slower than this is a failed request, retried in 1 s: a slow answer
     # holds a worker process while it waits, and makes the late tail (bench/RESULTS.md).
     read_timeout: float = Field(default=DEFAULT_READ_TIMEOUT, gt=0, le=300)
+    # How long a check's run waits for the answer in its worker process; a later answer is
+    # cached when it comes (up to the read timeout) and read by the next run, 1 s later.
+    # A slow answer then holds a process this long, not the read timeout: two default
+    # prefork processes keep up when some answers are slow. At least the timeouts: off.
+    answer_wait: float = Field(default=0.5, gt=0, le=300)
 
     # --- Redis: the Celery broker, the result backend and the status cache ----------
     redis_url: str = Field(default="redis://localhost:6379/0", validation_alias="REDIS_URL")

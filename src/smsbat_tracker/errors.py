@@ -11,6 +11,7 @@ be stored by Celery, so they carry status codes and field names, never secrets.
 from __future__ import annotations
 
 __all__ = [
+    "AnswerLate",
     "AuthenticationError",
     "ClientError",
     "ConfigError",
@@ -83,6 +84,11 @@ class ConnectionFailed(TransientError):
 
 class RequestTimeout(TransientError):
     """Raised when connecting to or reading from the SMSBAT API took too long."""
+
+
+class AnswerLate(RequestTimeout):
+    """Raised when a check's answer did not come within ``SMSBAT_ANSWER_WAIT``: the run
+    retries in 1 s, and the answer, should it come, is cached meanwhile."""
 
 
 class ServerError(TransientError):

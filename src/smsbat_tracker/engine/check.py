@@ -19,6 +19,7 @@ import redis
 
 from smsbat_tracker import metrics
 from smsbat_tracker.config import NO_CREDENTIALS, Settings
+from smsbat_tracker.engine.late import LateAnswers
 from smsbat_tracker.engine.session import Session
 from smsbat_tracker.engine.sessions import Sessions
 from smsbat_tracker.errors import ConfigError, RateLimited, RequestTimeout, SmsbatError
@@ -118,6 +119,10 @@ class Checks:
         self._limiter = limiter
         self._rules = rules
         self.api = api
+        # A run's request waits SMSBAT_ANSWER_WAIT in the worker; none when that is no
+        # shorter than the timeouts themselves.
+        waits = settings.answer_wait < settings.connect_timeout + settings.read_timeout
+        self.late = LateAnswers(settings.answer_wait) if waits else None
         self.before = BeforeCheck(client)
         self.after_check = AfterCheck(client)
         self._take_turn = TakeTurn(client)
@@ -247,12 +252,15 @@ class Checks:
             raise ConfigError(f"invalid settings: {NO_CREDENTIALS}")
         return self.api
 
-    def ask(self, message_id: str, turn: Turn) -> MessageStatus:
+    def ask(self, message_id: str, turn: Turn, *, late: bool = False) -> MessageStatus:
         """Ask the API for the status with a ``turn`` taken for it.
 
         Raises :class:`TryLater` when the turn was not taken (the caller waits and comes
         back), after sleeping until the token is due otherwise; raises the client's
-        :mod:`~smsbat_tracker.errors` too. Caches nothing: the caller's next step does.
+        :mod:`~smsbat_tracker.errors` too. Caches nothing: the caller's next step does;
+        but with ``late`` (a tracking's run), an answer that does not come within
+        ``SMSBAT_ANSWER_WAIT`` raises :class:`~smsbat_tracker.errors.AnswerLate` and is
+        cached when it comes (:mod:`.late`).
         """
         if not turn.taken:
             if turn.reason == "rate":
@@ -261,7 +269,14 @@ class Checks:
         if turn.wait > 0:
             metrics.get().rate_waits.labels("slept").inc()
             time.sleep(turn.wait)
-        return self.require_api().get_status(message_id)
+        api = self.require_api()
+        if not late or self.late is None:
+            return api.get_status(message_id)
+
+        def keep(status: MessageStatus) -> None:
+            self._cache.store(message_id, status, source="poll", unless_finished=True)
+
+        return self.late.get(lambda: api.get_status(message_id), keep)
 
     def poll(self, message_id: str) -> MessageStatus:
         """One status request for a one-off caller, through the gate and the global rate

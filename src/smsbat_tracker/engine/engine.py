@@ -178,9 +178,9 @@ class Engine:
         """The API client; :class:`~smsbat_tracker.errors.ConfigError` without one."""
         return self.checks.require_api()
 
-    def ask(self, message_id: str, turn: Turn) -> MessageStatus:
+    def ask(self, message_id: str, turn: Turn, *, late: bool = False) -> MessageStatus:
         """Ask the API with a ``turn`` taken for it; see :meth:`Checks.ask`."""
-        return self.checks.ask(message_id, turn)
+        return self.checks.ask(message_id, turn, late=late)
 
     def poll(self, message_id: str) -> MessageStatus:
         """One status request for a one-off caller; see :meth:`Checks.poll`."""

@@ -18,7 +18,7 @@ from smsbat_tracker import metrics
 from smsbat_tracker.engine.check import Check
 from smsbat_tracker.engine.engine import Engine
 from smsbat_tracker.engine.session import Session, build_result
-from smsbat_tracker.errors import SmsbatError
+from smsbat_tracker.errors import AnswerLate, SmsbatError
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.provider.models import MessageStatus
 from smsbat_tracker.rules.decide import (
@@ -96,7 +96,10 @@ def run_check(engine: Engine, request: RunRequest) -> RunOutcome:
     answer: Answer | None = None
     if isinstance(decision, Ask):
         try:
-            answer = engine.ask(message_id, start.turn)
+            answer = engine.ask(message_id, start.turn, late=True)
+        except AnswerLate as exc:  # not a failure: the answer is cached when it comes
+            answer = exc
+            log.info("track.answer_late", message_id=message_id, wait=engine.settings.answer_wait)
         except (TryLater, SmsbatError) as exc:
             answer = exc
             if isinstance(exc, SmsbatError):
