@@ -167,6 +167,8 @@ class Tracker:
             if self._engine is not None and self._engine_pid == os.getpid():
                 if self._campaigns is not None:
                     self._campaigns.close()
+                if self._engine.checks.late is not None:
+                    self._engine.checks.late.close()  # before the client its requests use
                 if self._engine.api is not None:
                     self._engine.api.close()
                 self._engine.redis.close()
