@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 import redis
 
-from smsbat_tracker.store.keys import KOMBU_PRIORITY_STEPS, kombu_queue_list, kombu_unacked_key
+from smsbat_tracker.store.keys import (
+    KOMBU_PRIORITY_STEPS,
+    kombu_queue_list,
+    kombu_unacked_index_key,
+    kombu_unacked_key,
+)
 from smsbat_tracker.store.session_scripts import InBroker, ScanPlace
 
 if TYPE_CHECKING:
@@ -55,6 +60,10 @@ class Broker:
     def unacked_key(self) -> str:
         """Kombu's hash of fetched, unacknowledged messages on this app's broker."""
         return kombu_unacked_key(self.app.conf.broker_transport_options if self.app else None)
+
+    def unacked_index_key(self) -> str:
+        """Kombu's sorted set of when each unacknowledged message was fetched."""
+        return kombu_unacked_index_key(self.app.conf.broker_transport_options if self.app else None)
 
     def in_broker(self, task_ids: Sequence[str], sigs: Sequence[Signature[Any]]) -> set[str]:
         """Which of ``task_ids`` the broker holds: in their queues, or unacknowledged."""

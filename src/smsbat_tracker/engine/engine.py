@@ -225,3 +225,7 @@ class Engine:
     def unacked_key(self) -> str:
         """Kombu's hash of fetched, unacknowledged messages on this app's broker."""
         return self.broker.unacked_key()
+
+    def unacked_index_key(self) -> str:
+        """Kombu's sorted set of when each unacknowledged message was fetched."""
+        return self.broker.unacked_index_key()

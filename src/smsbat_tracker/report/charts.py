@@ -65,13 +65,13 @@ def _svg(figure: Figure) -> bytes:
     return out.getvalue()
 
 
-def _seconds_axis(axes: Axes, longest: float) -> tuple[float, str]:
-    """Seconds, or minutes past three of them: (divisor, axis label)."""
+def _seconds_axis(axes: Axes, longest: float) -> float:
+    """Seconds, or minutes past three of them: the divisor; the axis is labelled."""
     if longest > 180:
         axes.set_xlabel("minutes after the send")
-        return 60.0, "min"
+        return 60.0
     axes.set_xlabel("seconds after the send")
-    return 1.0, "s"
+    return 1.0
 
 
 def outcome_counts(counts: dict[str, int]) -> bytes:
@@ -91,7 +91,7 @@ def delivered_over_time(figures: Figures, total: int) -> bytes:
     on the right-hand axis."""
     figure, axes = _figure()
     times = figures.delivered_times
-    unit, _ = _seconds_axis(axes, times[-1] if times else 0.0)
+    unit = _seconds_axis(axes, times[-1] if times else 0.0)
     if times:
         xs = [0.0] + [t / unit for t in times]
         axes.step(xs, list(range(len(xs))), where="post", color=COLOURS["delivered"])
@@ -113,7 +113,7 @@ def time_to_final(figures: Figures) -> bytes:
     figure, axes = _figure()
     present = [o for o in FINALS if figures.times[o]]
     longest = max((figures.times[o][-1] for o in present), default=0.0)
-    unit, _ = _seconds_axis(axes, longest)
+    unit = _seconds_axis(axes, longest)
     if present:
         axes.hist(
             [[t / unit for t in figures.times[o]] for o in present],

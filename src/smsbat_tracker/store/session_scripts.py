@@ -44,10 +44,10 @@ __all__ = [
     "TurnReply",
 ]
 
-# A session's fields as the scripts read them (lib/session.lua's SESSION_FIELDS: a test
-# checks that they agree).
 # The kinds of reason a tracking's next run comes for, counted per session ("why:<kind>").
 RETRY_REASONS: Final = ("in_flight", "no_turn", "request_failed", "awaiting_push")
+# A session's fields as the scripts read them (lib/session.lua's SESSION_FIELDS: a test
+# checks that they agree).
 SESSION_FIELDS: Final = (
     "owner",
     "started_at",

@@ -42,7 +42,7 @@ from smsbat_tracker.celery.redrive.giveback import GiveBack
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.engine.dispatch import FOLLOW_UP_HEADER
 from smsbat_tracker.log import get_logger
-from smsbat_tracker.store.keys import Keys, kombu_unacked_index_key
+from smsbat_tracker.store.keys import Keys
 from smsbat_tracker.store.redrive_scripts import ClaimResend, Resend
 
 __all__ = ["FollowUps", "note_receipt_on_ack"]
@@ -154,8 +154,7 @@ class FollowUps:
         """Give back the follow-ups (task id -> delivery tag) a worker fetched more than
         :data:`.bounds.ORPHAN_AFTER` ago and no live worker holds; how many were."""
         settings = self.tracker.settings
-        options = self.tracker.app.conf.broker_transport_options
-        index = kombu_unacked_index_key(options)
+        index = self.tracker.engine.unacked_index_key()
         tags = list(fetched.values())
         pipe = self.redis.pipeline(transaction=False)
         for tag in tags:

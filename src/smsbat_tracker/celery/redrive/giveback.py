@@ -23,7 +23,7 @@ from smsbat_tracker.celery.compat.kombu_restore import require_kombu, restore_re
 from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, chunked
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.log import get_logger
-from smsbat_tracker.store.keys import Keys, kombu_unacked_index_key
+from smsbat_tracker.store.keys import Keys
 
 __all__ = ["GiveBack"]
 
@@ -77,8 +77,8 @@ class GiveBack:
         left = self.still_unacked(tasks)
         if not left:
             return 0
-        index = kombu_unacked_index_key(self.tracker.app.conf.broker_transport_options)
-        unacked = self.tracker.engine.unacked_key()
+        engine = self.tracker.engine
+        index, unacked = engine.unacked_index_key(), engine.unacked_key()
         make_acks(self.redis, [(tag, index, unacked, tasks[tag][1]) for tag in left])
         log.warning(event, tasks=len(left), task_ids=[tasks[tag][0] for tag in left][:20])
         return len(left)
