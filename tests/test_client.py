@@ -317,6 +317,30 @@ def test_from_settings_talks_to_the_sandbox(wire: SandboxServer, settings: Setti
         assert client.get_status(message_id).is_delivered
 
 
+def test_the_httpx_client_is_built_only_for_a_request_that_needs_it(
+    wire: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Status checks go through urllib3 and build no httpx client (its TLS context costs
+    ~0.1 s of CPU in every worker process); a send builds one, once, and close() closes it."""
+    built: list[httpx.Client] = []
+    real_init = httpx.Client.__init__
+
+    def counting_init(self: httpx.Client, *args: Any, **kwargs: Any) -> None:
+        built.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "__init__", counting_init)
+    client = sandbox_client(wire)
+    assert client.get_status(delivered_message(wire)).is_delivered
+    assert built == []
+    message = OutgoingMessage(sender="SMSBAT", to="+380501234567", text="hello")
+    client.send_messages([message])
+    client.send_messages([message])
+    assert len(built) == 1
+    client.close()
+    assert built[0].is_closed
+
+
 # ---------------------------------------------------------------------- body parsing
 
 

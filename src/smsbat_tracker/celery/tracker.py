@@ -85,9 +85,9 @@ class Tracker:
     def warm(self) -> None:
         """Build this process's engine and Celery producer now, connected to Redis.
 
-        Built on first use instead, they cost the first task or push ~0.2 s of CPU (the HTTP
-        client's TLS context, kombu's transport imports and connection), and a burst that
-        arrives meanwhile queues behind them: 0.2-0.6 s on the first callbacks.
+        Built on first use instead, they cost the first task or push ~0.2 s of CPU (kombu's
+        transport imports and connection), and a burst that arrives meanwhile queues
+        behind them: 0.2-0.6 s on the first callbacks.
         """
         app = self.app
         try:
