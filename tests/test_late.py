@@ -15,7 +15,13 @@ from structlog.testing import capture_logs
 
 from smsbat_tracker.config import Settings
 from smsbat_tracker.engine.engine import Engine
-from smsbat_tracker.engine.late import LateAnswers
+from smsbat_tracker.engine.late import (
+    SAMPLES_MIN,
+    WAIT_FACTOR,
+    WAIT_MIN,
+    LateAnswers,
+    wait_for_answers,
+)
 from smsbat_tracker.engine.run import run_check
 from smsbat_tracker.errors import AnswerLate, RequestTimeout
 from smsbat_tracker.provider.client import SmsbatClient
@@ -77,6 +83,55 @@ def test_a_late_request_that_fails_keeps_nothing_and_raises_nowhere() -> None:
     assert finished.wait(10)
     assert kept == []
     assert not [e for e in logs if e["event"] == "track.late_answer_lost"]
+
+
+def test_the_wait_is_the_setting_until_enough_answers_were_timed() -> None:
+    """Fewer than SAMPLES_MIN answers say nothing of the provider's pace: the setting."""
+    assert wait_for_answers([], 0.5) == 0.5
+    assert wait_for_answers([0.001] * (SAMPLES_MIN - 1), 0.5) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (0.005, WAIT_MIN),  # fast answers: the floor, not 0.02 s
+        (0.1, 0.1 * WAIT_FACTOR),  # between the floor and the setting
+        (0.3, 0.5),  # slow usual answers: never past the setting
+    ],
+)
+def test_the_wait_follows_the_answers_95th_percentile(answer: float, expected: float) -> None:
+    """WAIT_FACTOR times the recent answers' p95, between WAIT_MIN and the setting; the
+    slowest 5 % (one in twenty past the others) do not move it."""
+    durations = [answer] * 95 + [2.9] * 5
+    assert wait_for_answers(durations, 0.5) == pytest.approx(expected)
+    assert wait_for_answers([*durations, 2.9], 0.5) == 0.5  # past 5 %: the slow ones count
+
+
+def test_a_process_adapts_its_wait_to_the_answers_it_timed() -> None:
+    """Answers returned count, failed requests do not; the wait is worked out again every
+    SAMPLES_MIN answers, and a late answer tells the run how long it was given."""
+    late = LateAnswers(0.5)
+    assert late.wait == 0.5
+    for _ in range(SAMPLES_MIN):
+        assert late.get(lambda: "processing", lambda _: None) == "processing"
+    assert late.wait == WAIT_MIN
+
+    def failing() -> str:
+        raise RequestTimeout("read timeout")
+
+    for _ in range(SAMPLES_MIN):
+        with pytest.raises(RequestTimeout):
+            late.get(failing, lambda _: None)
+    assert len(late._durations) == SAMPLES_MIN
+    release = threading.Event()
+    with pytest.raises(AnswerLate, match=r"0\.25 s") as raised:
+        late.get(lambda: release.wait(10), lambda _: None)
+    assert raised.value.wait == WAIT_MIN
+    release.set()
+    for _ in range(SAMPLES_MIN):  # the slow ones now make up most of the recent answers
+        late.observe(0.2)
+    assert late.wait == 0.5
+    late.close()
 
 
 def test_a_forked_process_makes_its_own_threads(monkeypatch: pytest.MonkeyPatch) -> None:

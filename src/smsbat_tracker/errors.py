@@ -87,8 +87,13 @@ class RequestTimeout(TransientError):
 
 
 class AnswerLate(RequestTimeout):
-    """Raised when a check's answer did not come within ``SMSBAT_ANSWER_WAIT``: the run
-    retries in 1 s, and the answer, should it come, is cached meanwhile."""
+    """Raised when a check's answer did not come within its wait (at most
+    ``SMSBAT_ANSWER_WAIT``): the run retries in 1 s, and the answer, should it come, is
+    cached meanwhile. ``wait``: the seconds it was given."""
+
+    def __init__(self, message: str, wait: float = 0.0) -> None:
+        super().__init__(message)
+        self.wait = wait
 
 
 class ServerError(TransientError):

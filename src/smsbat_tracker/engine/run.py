@@ -99,7 +99,7 @@ def run_check(engine: Engine, request: RunRequest) -> RunOutcome:
             answer = engine.ask(message_id, start.turn, late=True)
         except AnswerLate as exc:  # not a failure: the answer is cached when it comes
             answer = exc
-            log.info("track.answer_late", message_id=message_id, wait=engine.settings.answer_wait)
+            log.info("track.answer_late", message_id=message_id, wait=exc.wait)
         except (TryLater, SmsbatError) as exc:
             answer = exc
             if isinstance(exc, SmsbatError):
