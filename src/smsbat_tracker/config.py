@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     # A status answer slower than this is a failed request, retried in 1 s: a slow answer
     # holds a worker process while it waits, and makes the late tail (bench/RESULTS.md).
     read_timeout: float = Field(default=DEFAULT_READ_TIMEOUT, gt=0, le=300)
-    # How long a check's run waits for the answer in its worker process; a later answer is
+    # The longest a check's run waits for the answer in its worker process (less when the
+    # provider's recent answers come much sooner: engine/late.py); a later answer is
     # cached when it comes (up to the read timeout) and read by the next run, 1 s later.
     # A slow answer then holds a process this long, not the read timeout: two default
     # prefork processes keep up when some answers are slow. At least the timeouts: off.
