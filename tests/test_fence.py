@@ -32,6 +32,7 @@ from structlog.testing import capture_logs
 from smsbat_tracker.celery.compat import celery_request, kombu_restore
 from smsbat_tracker.celery.names import TRACK_TASK
 from smsbat_tracker.celery.redrive import Redriver
+from smsbat_tracker.celery.redrive.bounds import GONE_AFTER
 from smsbat_tracker.celery.redrive.fence import LOOKUP_PAUSE, MARGIN, Fence
 from smsbat_tracker.config import Settings
 from smsbat_tracker.engine.dispatch import FOLLOW_UP_HEADER
@@ -108,12 +109,15 @@ def test_the_fence_asks_redis_only_after_a_gap_in_the_beats(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """While the worker's beats are recent nothing can have been given back from under it:
-    no lookup. After a gap, a task about to run is looked up; a tracker run never is (its
-    session fences it)."""
+    no lookup. Recent is under SMSBAT_REDRIVE_AFTER by the clocks' MARGIN, and no longer
+    than GONE_AFTER (the others find a dead worker gone that soon, on the server's clock).
+    After a gap, a task about to run is looked up; a tracker run never is (its session
+    fences it)."""
     keys = Keys()
     redis_client.zadd(keys.superseded(), {"old-tag": time.time()})
     fence = Fence(redis_client, keys, settings.redrive_after)
-    assert fence.recent == settings.redrive_after - MARGIN
+    assert fence.recent == min(settings.redrive_after - MARGIN, GONE_AFTER) == GONE_AFTER
+    assert Fence(redis_client, keys, 2.0).recent == 2.0 - MARGIN
     assert fence.is_recent()
     assert not fence.superseded(_request("old-tag"))
     fence._beat = (fence._beat[0] - 10, fence._beat[1] - 10)  # ten seconds frozen
@@ -145,6 +149,19 @@ def test_the_first_beat_after_a_gap_looks_up_everything_held(
     assert not fence.superseded(_request("new-tag"))
     fence.beat_confirmed(fence.beat_started(), ["new-tag"])
     assert not fence._superseded
+
+
+def test_a_beat_that_finds_this_worker_found_dead_looks_up_everything_held(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """The others found this worker gone (its connections closed) or dead, though it beat
+    a moment ago: its next beat looks up everything it holds, as after a gap."""
+    keys = Keys()
+    redis_client.zadd(keys.superseded(), {"old-tag": time.time()})
+    fence = Fence(redis_client, keys, settings.redrive_after)
+    assert fence.beat_confirmed(fence.beat_started(), ["old-tag"]) == 0  # no gap: no lookup
+    assert fence.beat_confirmed(fence.beat_started(), ["old-tag"], found_dead=True) == 1
+    assert fence.superseded(_request("old-tag"))
 
 
 def test_an_unreachable_redis_lets_tasks_run_and_is_not_asked_at_each(

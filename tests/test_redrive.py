@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +19,14 @@ from structlog.testing import capture_logs
 from smsbat_tracker.celery.compat import kombu_qos
 from smsbat_tracker.celery.names import PUBLISHED_AT
 from smsbat_tracker.celery.redrive import LOCK_MS, RESEND_LIMIT, SWEEP_LIMIT, Redriver
-from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, ORPHAN_AFTER, RAN_FOR, RELEASE_CHUNK
+from smsbat_tracker.celery.redrive.bounds import (
+    GONE_AFTER,
+    HELD_CHUNK,
+    ORPHAN_AFTER,
+    RAN_FOR,
+    RELEASE_CHUNK,
+)
+from smsbat_tracker.celery.redrive.held import connection_name
 from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.config import Settings
 from smsbat_tracker.engine.session import Subscription, build_result
@@ -314,6 +322,107 @@ def test_what_a_dead_worker_held_goes_back_to_the_queue(
     assert redis_client.zcard(Keys().holders()) == 0
     assert not redis_client.exists(Keys().held(alive.holder))
     connection.release()
+
+
+def _named_redriver(tracker_app: Any, redis_url: str) -> tuple[Redriver, redis.Redis]:
+    """A re-driver whose client's connections carry its name, as the bootstep makes it."""
+    holder = uuid.uuid4().hex
+    client = redis.Redis.from_url(
+        redis_url, decode_responses=True, client_name=connection_name(holder)
+    )
+    return Redriver(tracker_app, client, holder), client
+
+
+def _beat_ago(client: redis.Redis, holder: str, seconds: float) -> None:
+    """Move a holder's last beat ``seconds`` back, on both clocks (no sleeping)."""
+    keys = Keys()
+    for key in (keys.beats(), keys.holders()):
+        client.zincrby(key, -seconds, holder)
+
+
+def _connected(client: redis.Redis, holder: str) -> bool:
+    names = {c.get("name") for c in client.client_list(_type="normal")}
+    return connection_name(holder) in names
+
+
+def test_a_worker_whose_connections_closed_is_gone_before_the_bound(
+    tracker_app: Any, redis_client: redis.Redis, redis_url: str
+) -> None:
+    """A worker whose process died (its kernel closed its sockets: a SIGKILL) is gone once
+    it missed GONE_AFTER of beats on the server's clock, long before SMSBAT_REDRIVE_AFTER:
+    what it held goes back then. A worker with a connection open (frozen, or only slow to
+    beat) waits for the bound, and so does one whose last beat came before the sweeping
+    worker's last outage, or whose connections carry no name."""
+    for x in (1, 2):
+        tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": x},))
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    held = [channel.basic_get("celery", no_ack=False) for _ in range(2)]
+    dying, dying_client = _named_redriver(tracker_app, redis_url)
+    frozen, frozen_client = _named_redriver(tracker_app, redis_url)
+    unnamed = Redriver(tracker_app, redis_client)
+    sweeper, sweeper_client = _named_redriver(tracker_app, redis_url)
+    now = time.time()
+    dying.held.note_held([SimpleNamespace(message=held[0])], now)
+    frozen.held.note_held([SimpleNamespace(message=held[1])], now)
+    unnamed.held.note_held([], now)
+    sweeper.held.note_held([], now)
+    assert dying.held.named
+    assert not unnamed.held.named
+    assert sweeper.dead.restore(time.time()) == 0  # every beat is fresh
+    dying_client.close()  # its process died
+    deadline = time.monotonic() + 10
+    while _connected(redis_client, dying.holder):
+        assert time.monotonic() < deadline, "the server never saw the connection close"
+        time.sleep(0.01)
+    for redriver in (dying, frozen):
+        _beat_ago(redis_client, redriver.holder, GONE_AFTER - 0.5)
+    assert sweeper.dead.find_gone(time.time(), 0.0) == []  # not quiet for long enough yet
+    for redriver in (dying, frozen):
+        _beat_ago(redis_client, redriver.holder, 0.6)
+    redis_client.zadd(Keys().holders(), {unnamed.holder: time.time() - GONE_AFTER - 0.1})
+    served = sweeper.held.beaten.served  # type: ignore[union-attr]
+    assert sweeper.dead.find_gone(time.time(), served + 5) == []  # beat before an outage
+    with capture_logs() as logs:
+        assert sweeper.dead.restore(time.time(), served - 60) == 1
+    assert [e["holders"] for e in logs if e["event"] == "redrive.gone"] == [[dying.holder]]
+    assert redis_client.hkeys("unacked") == [str(held[1].delivery_tag)]
+    assert redis_client.llen("celery") == 1
+    live = set(redis_client.zrange(Keys().holders(), 0, -1))
+    assert live == {frozen.holder, unnamed.holder, sweeper.holder}
+    assert redis_client.zrange(Keys().beats(), 0, -1) == sorted(
+        [frozen.holder, sweeper.holder], key=lambda h: redis_client.zscore(Keys().beats(), h)
+    )
+    held[1].ack()
+    for client in (frozen_client, sweeper_client):
+        client.close()
+    connection.release()
+
+
+def test_a_live_worker_found_gone_looks_up_what_it_holds_at_its_next_beat(
+    tracker_app: Any, redis_client: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker found gone though alive (its connection cut, and no beat for GONE_AFTER):
+    its next beat finds its holders score 0 and has the fence look up everything it holds
+    (the others may have given it back); a beat that finds its score as it left it does
+    not."""
+    worker, client = _named_redriver(tracker_app, redis_url)
+    monkeypatch.setattr(Redriver, "redis_uptime", lambda self: 60.0)
+    found: list[bool] = []
+    confirmed = worker.fence.beat_confirmed
+
+    def spy(started: Any, tags: Any, *, found_dead: bool = False) -> int:
+        found.append(found_dead)
+        return confirmed(started, tags, found_dead=found_dead)
+
+    monkeypatch.setattr(worker.fence, "beat_confirmed", spy)
+    worker.run_once()  # a start: nothing to find
+    worker.run_once()
+    redis_client.zadd(Keys().holders(), {worker.holder: 0})  # what Gone writes
+    worker.run_once()
+    worker.run_once()
+    assert found == [False, False, True, False]
+    client.close()
 
 
 def test_campaign_callbacks_a_dead_tick_left_are_sent_once_each(

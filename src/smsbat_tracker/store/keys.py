@@ -118,6 +118,12 @@ class Keys:
         """Sorted set: each live worker's re-driver id -> its last heartbeat (epoch)."""
         return f"{self.prefix}:holders"
 
+    def beats(self) -> str:
+        """Sorted set: each live worker's re-driver id -> its last heartbeat on the Redis
+        server's clock (only workers whose connections carry their name: see
+        smsbat_tracker.celery.redrive.dead)."""
+        return f"{self.prefix}:holders:served"
+
     def held(self, holder: str) -> str:
         """Set: the broker delivery tags a worker held at its last heartbeat."""
         return f"{self.prefix}:held:{holder}"

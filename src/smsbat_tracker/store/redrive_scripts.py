@@ -11,10 +11,15 @@ import enum
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import redis
+
 from smsbat_tracker.store.scripts import Script
 
 __all__ = [
+    "Beat",
+    "Beaten",
     "ClaimResend",
+    "Gone",
     "HeldEntry",
     "RefreshHeld",
     "ReleaseBatch",
@@ -69,6 +74,56 @@ class SessionTake(NamedTuple):
     deadline_at: float = 0.0
     due_at: float | None = None
     previous: str = ""
+
+
+class Beaten(NamedTuple):
+    """What one heartbeat found: its previous holders score (None: it had none; 0: another
+    worker found it gone) and the server's time at the beat."""
+
+    previous: float | None
+    served: float
+
+
+class Beat(Script):
+    """``redrive_beat.lua``: one worker's heartbeat, on its clock and on the server's."""
+
+    file = "redrive_beat.lua"
+
+    def __call__(
+        self,
+        holders: str,
+        beats: str,
+        holder: str,
+        now: float,
+        *,
+        named: bool,
+        client: redis.Redis | redis.client.Pipeline | None = None,
+    ) -> Any:
+        """Run the beat (on ``client``, a pipeline, when given: :meth:`parse` reads what
+        it returned)."""
+        return self.run([holders, beats], [holder, repr(now), int(named)], client=client)
+
+    @staticmethod
+    def parse(raw: Sequence[Any]) -> Beaten:
+        """The :class:`Beaten` of what :meth:`__call__` returned."""
+        previous, served = (str(x) if not isinstance(x, bytes) else x.decode() for x in raw)
+        return Beaten(float(previous) if previous else None, float(served))
+
+
+class Gone(Script):
+    """``redrive_gone.lua``: declare gone the named holders with no connection left that
+    last beat ``gone_after`` or more ago (and no earlier than ``since``), on the server's
+    clock; returns them."""
+
+    file = "redrive_gone.lua"
+
+    def __call__(
+        self, holders: str, beats: str, candidates: Sequence[str], gone_after: float, since: float
+    ) -> list[str]:
+        if not candidates:
+            return []
+        found = self.run([holders, beats], [repr(gone_after), repr(since), *candidates])
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in found]
 
 
 class RefreshHeld(Script):

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import Final, TypeVar
 
 __all__ = [
+    "GONE_AFTER",
     "HEARTBEAT",
     "HELD_CHUNK",
     "LOCK_MS",
@@ -26,6 +27,12 @@ __all__ = [
 
 # How often each worker refreshes what it holds, and sweeps when it has the lock.
 HEARTBEAT: Final = 1.0
+# A worker whose connections to Redis all closed (its process died: a SIGKILL, an OOM
+# kill, a crash) is gone once it has missed this long of beats, on the server's clock:
+# what it held goes back then instead of after SMSBAT_REDRIVE_AFTER. Longer than a beat
+# and its reconnection, so that a live worker whose connection was cut beats again first;
+# a frozen one keeps its connections and waits SMSBAT_REDRIVE_AFTER (see dead.py).
+GONE_AFTER: Final = 1.5 * HEARTBEAT
 # Trackings re-driven in one sweep at most (and dead workers, follow-ups, and a dead
 # worker's tasks looked at): a mass loss resumes over a few seconds instead of flooding
 # the queue, and no read of the due index grows with it.

@@ -8,10 +8,12 @@ old tags. Celery asks ``Request.revoked()`` before it runs a task, and the patch
 :mod:`smsbat_tracker.celery.compat.celery_request` asks :meth:`Fence.superseded`:
 
 - while this worker's beats are recent (the last one confirmed began less than
-  ``SMSBAT_REDRIVE_AFTER`` minus :data:`MARGIN` ago), nothing can have been given back
-  from under it: no Redis call;
-- after a gap, the first beat that reaches Redis looks up every tag the worker holds,
-  and keeps those superseded in memory before it counts as recent;
+  ``SMSBAT_REDRIVE_AFTER`` minus :data:`MARGIN` ago, and less than :data:`.GONE_AFTER`
+  ago: the others find a worker gone by the server's clock, which a beat's start
+  precedes), nothing can have been given back from under it: no Redis call;
+- after a gap, or when the others found it dead or gone meanwhile (:mod:`.dead`), the
+  first beat that reaches Redis looks up every tag the worker holds, and keeps those
+  superseded in memory before it counts as recent;
 - until then, a task about to run is looked up on its own (one ``ZSCORE``).
 
 A follow-up the tracker sent (a callback, a report) is also skipped when it already ran:
@@ -33,7 +35,7 @@ from typing import Any, Final
 import redis
 
 from smsbat_tracker.celery.names import TRACK_TASK
-from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, chunked
+from smsbat_tracker.celery.redrive.bounds import GONE_AFTER, HELD_CHUNK, chunked
 from smsbat_tracker.engine.dispatch import FOLLOW_UP_HEADER
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.keys import Keys
@@ -58,7 +60,7 @@ class Fence:
         self.redis = client
         self.keys = keys
         self.key = keys.superseded()
-        self.recent = max(0.5, redrive_after - MARGIN)
+        self.recent = max(0.5, min(redrive_after - MARGIN, GONE_AFTER))
         self._lock = threading.Lock()
         self._superseded: set[str] = set()
         # The start of the last beat that counts (both clocks): a fresh worker holds
@@ -80,14 +82,17 @@ class Fence:
         """The mark of a beat starting now (before it reads what the worker holds)."""
         return (time.monotonic(), time.time())
 
-    def beat_confirmed(self, started: tuple[float, float], tags: Iterable[str]) -> int:
+    def beat_confirmed(
+        self, started: tuple[float, float], tags: Iterable[str], *, found_dead: bool = False
+    ) -> int:
         """A beat that began at ``started`` reached Redis, holding ``tags`` (tracker runs
-        aside). After a gap, looks them all up first. Returns how many are superseded.
+        aside). After a gap, or when the others had ``found_dead`` this worker, looks them
+        all up first. Returns how many are superseded.
 
         Raises :class:`redis.RedisError` (the beat then does not count).
         """
         held = set(tags)
-        gap = self._since(self._beat, started) >= self.recent
+        gap = found_dead or self._since(self._beat, started) >= self.recent
         found: set[str] = set()
         if gap and held:
             for chunk in chunked(sorted(held), HELD_CHUNK):

@@ -32,9 +32,11 @@ from smsbat_tracker.celery.redrive.giveback import GiveBack
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.keys import Keys
+from smsbat_tracker.store.redrive_scripts import Beat, Beaten
 
 __all__ = [
     "HeldRegistry",
+    "connection_name",
     "consumed_queues",
     "held_requests",
     "ran_here",
@@ -48,6 +50,12 @@ log = get_logger(__name__)
 # from a replica that a failover promotes (replication is asynchronous, and normally well
 # under this): those are made again at the first beat after an outage.
 REPLICA_LAG: Final = HEARTBEAT
+
+
+def connection_name(holder: str) -> str:
+    """The name (``CLIENT SETNAME``) of the re-driver connections of worker ``holder``: the
+    others read in ``CLIENT LIST`` whether any is still open (see :mod:`.dead`)."""
+    return f"smsbat-redriver-{holder}"
 
 
 def held_requests() -> tuple[list[Any], list[Any]]:
@@ -129,6 +137,13 @@ class HeldRegistry:
         self._last_beat: float | None = None  # when the last beat that reached Redis began
         self._beat_failed = False  # the last beat did not reach Redis
         self._queues = consumed_queues(tracker.app)
+        # Whether this worker's connections carry its name (see .dead): only then can the
+        # others find it gone by its closed connections.
+        options = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+        self.named = options.get("client_name") == connection_name(holder)
+        self._beat = Beat(client)
+        # What the last beat that reached Redis found (None before the first).
+        self.beaten: Beaten | None = None
 
     def note_received(self, request: Any) -> None:
         """Note at once a task this worker just fetched (Celery's ``task_received``).
@@ -199,8 +214,10 @@ class HeldRegistry:
             pipe.hset(self.keys.worker_queues(), mapping=dict.fromkeys(self._queues, repr(now)))
         # Outlives the holder long enough for a sweep to read it after its death.
         pipe.pexpire(key, int(max(60.0, 10 * self.tracker.settings.redrive_after) * 1000))
-        pipe.zadd(self.keys.holders(), {self.holder: now})
-        pipe.execute()
+        self._beat(
+            self.keys.holders(), self.keys.beats(), self.holder, now, named=self.named, client=pipe
+        )
+        self.beaten = Beat.parse(pipe.execute()[-1])
         self._beat_failed, self._last_beat = False, started
         forget_acks_before(started - REPLICA_LAG)
         # A tag leaves the held set only once it is acknowledged or given back: should this
@@ -248,3 +265,4 @@ class HeldRegistry:
                 return
         self.redis.unlink(key)  # freed in the background, however many tags it had
         self.redis.zrem(self.keys.holders(), self.holder)
+        self.redis.zrem(self.keys.beats(), self.holder)

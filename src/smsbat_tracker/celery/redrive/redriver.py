@@ -39,16 +39,22 @@ class Redriver:
     :attr:`lost_runs`.
     """
 
-    def __init__(self, tracker: Tracker | Any, client: redis.Redis) -> None:
+    def __init__(
+        self, tracker: Tracker | Any, client: redis.Redis, holder: str | None = None
+    ) -> None:
         # The tracker, or a Celery app that carries one.
         self.tracker: Tracker = tracker if isinstance(tracker, Tracker) else tracker_of(tracker)
         self.app = self.tracker.app
         self.settings = self.tracker.settings
         self.redis = client
         self.keys = Keys(self.settings.key_prefix)
-        self.holder = uuid.uuid4().hex
+        # This worker's id; its client's connections carry its name (held.connection_name)
+        # when the worker made the client for it (the bootstep does).
+        self.holder = holder or uuid.uuid4().hex
         # Since when this worker has beaten without a break (None: not yet, or an outage).
         self.beating_since: float | None = None
+        # The same on the server's clock, from the first beat after an outage (0: a start).
+        self.since_served = 0.0
         self._fresh = True  # no beat yet: a start-up, not an outage
         self.held = HeldRegistry(self.tracker, client, self.holder)
         self.refresher = Refresher(client, self.keys)
@@ -57,6 +63,7 @@ class Redriver:
         self.lost_runs = LostRuns(self.app, client, self.keys)
         self.fence = Fence(client, self.keys, self.settings.redrive_after)
         self._unlock = Unlock(client)
+        self._uptime = 0.0  # the server's, at the last beat that read it
 
     def run_once(self) -> None:
         """One heartbeat: refresh what this worker holds, then sweep if it is this turn.
@@ -70,6 +77,7 @@ class Redriver:
         due, scheduled = held_requests()
         try:
             self.held.note_held(due + scheduled, now)
+            beaten = self.held.beaten
             self.refresher.refresh(due)
             self.fence.beat_confirmed(
                 started,
@@ -78,6 +86,9 @@ class Redriver:
                     for r in due + scheduled
                     if getattr(r, "name", None) != TRACK_TASK and (tag := request_tag(r))
                 ),
+                # Found dead, or gone, meanwhile (score 0, or its entry swept away): what
+                # it holds may have been given back.
+                found_dead=not self._fresh and (beaten is None or not beaten.previous),
             )
         except redis.RedisError:
             self.beating_since = None
@@ -85,13 +96,16 @@ class Redriver:
         if self.beating_since is None:
             # A worker starting up saw no outage; one coming back from one did.
             self.beating_since = now - (OUTAGE_GRACE if self._fresh else 0.0)
+            if not self._fresh and beaten is not None:
+                self.since_served = beaten.served
             self._fresh = False
         if now - self.beating_since >= OUTAGE_GRACE and self.redis_uptime() >= OUTAGE_GRACE:
             self.sweep()
 
     def redis_uptime(self) -> float:
         """Seconds since the Redis server started (a restart drops every worker's link)."""
-        return float(self.redis.info("server").get("uptime_in_seconds", OUTAGE_GRACE))
+        self._uptime = float(self.redis.info("server").get("uptime_in_seconds", OUTAGE_GRACE))
+        return self._uptime
 
     def sweep(self, now: float | None = None) -> int:
         """Re-drive lost trackings if this worker gets the lock; returns how many."""
@@ -101,7 +115,13 @@ class Redriver:
         try:
             now = time.time() if now is None else now
             counts = metrics.get().redrives
-            self.dead.restore(now)  # counted as restored by the give-back itself
+            # Beats from before this worker's last outage, or before Redis started, say
+            # nothing of connections open now (the server's clock: see .dead).
+            beaten = self.held.beaten
+            since = self.since_served
+            if beaten is not None and self._uptime:
+                since = max(since, beaten.served - self._uptime)
+            self.dead.restore(now, since)  # counted as restored by the give-back itself
             self.redis.zremrangebyscore(self.keys.superseded(), "-inf", repr(now - SUPERSEDED_FOR))
             cutoff = now - self.settings.redrive_after - self.lost_runs.queue_age(now)
             counts.labels("follow_up").inc(self.follow_ups.resend_lost(cutoff, now))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -21,7 +22,11 @@ from smsbat_tracker.celery.compat import celery_pool, celery_request, kombu_qos
 from smsbat_tracker.celery.names import DUE_INDEXED
 from smsbat_tracker.celery.redrive.bounds import HEARTBEAT
 from smsbat_tracker.celery.redrive.follow_ups import note_receipt_on_ack
-from smsbat_tracker.celery.redrive.held import held_requests, running_requests
+from smsbat_tracker.celery.redrive.held import (
+    connection_name,
+    held_requests,
+    running_requests,
+)
 from smsbat_tracker.celery.redrive.redriver import Redriver
 from smsbat_tracker.celery.tracker import find_tracker
 from smsbat_tracker.log import get_logger
@@ -53,9 +58,12 @@ class RedriveStep(bootsteps.StartStopStep):
         tracker = find_tracker(parent.app)
         if tracker is None:  # not an app that runs the tracker: nothing to do
             return
+        holder = uuid.uuid4().hex
         self._client = redis_client(
             tracker.settings,
             decode_responses=True,
+            # Closed by the kernel when this process dies: the others find it gone (.dead).
+            client_name=connection_name(holder),
             # Short: the receipt hook runs on the consumer's thread.
             socket_timeout=2,
             socket_connect_timeout=1,
@@ -65,7 +73,7 @@ class RedriveStep(bootsteps.StartStopStep):
             self._client,
             before_ack=note_receipt_on_ack(Keys(tracker.settings.key_prefix)),
         )
-        redriver = self._redriver = Redriver(tracker, self._client)
+        redriver = self._redriver = Redriver(tracker, self._client, holder)
         celery_request.install(redriver.fence.superseded)
         celery_pool.install()
         signals.task_received.connect(self._received, weak=False)
