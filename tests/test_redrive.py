@@ -425,6 +425,30 @@ def test_a_live_worker_found_gone_looks_up_what_it_holds_at_its_next_beat(
     client.close()
 
 
+def test_tracker_runs_received_are_noted_in_one_command_at_the_next_flush(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A tracker run a worker fetched is noted in its held set by the next flush (every
+    NOTE_EVERY, many runs in one command), not by a round trip of its own; what the flush
+    could not write, the next beat does."""
+    redriver = Redriver(tracker_app, redis_client)
+    key = Keys().held(redriver.holder)
+    runs = [
+        SimpleNamespace(id=f"run-{i}", message=SimpleNamespace(delivery_tag=f"t{i}"))
+        for i in range(3)
+    ]
+    for run in runs:
+        redriver.held.note_received(run, at_once=False)
+    assert not redis_client.exists(key)
+    assert redriver.held.flush_received() == 3
+    assert redis_client.smembers(key) == {"t0", "t1", "t2"}
+    assert redriver.held.flush_received() == 0
+    late = SimpleNamespace(id="run-late", message=SimpleNamespace(delivery_tag="t-late"))
+    redriver.held.note_received(late, at_once=False)
+    redriver.held.note_held([], time.time())  # the beat notes what was received meanwhile
+    assert "t-late" in redis_client.smembers(key)
+
+
 def test_campaign_callbacks_a_dead_tick_left_are_sent_once_each(
     tracker_app: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ __all__ = [
     "HEARTBEAT",
     "HELD_CHUNK",
     "LOCK_MS",
+    "NOTE_EVERY",
     "ORPHAN_AFTER",
     "OUTAGE_GRACE",
     "RAN_FOR",
@@ -33,6 +34,10 @@ HEARTBEAT: Final = 1.0
 # and its reconnection, so that a live worker whose connection was cut beats again first;
 # a frozen one keeps its connections and waits SMSBAT_REDRIVE_AFTER (see dead.py).
 GONE_AFTER: Final = 1.5 * HEARTBEAT
+# A tracker run a worker fetched is in its held set within this long (one command for
+# every run fetched meanwhile; other tasks are noted at once): a worker found gone has
+# little in hand that only the due index, behind the queue's backlog, would bring back.
+NOTE_EVERY: Final = 0.1
 # Trackings re-driven in one sweep at most (and dead workers, follow-ups, and a dead
 # worker's tasks looked at): a mass loss resumes over a few seconds instead of flooding
 # the queue, and no read of the due index grows with it.

@@ -130,6 +130,7 @@ class HeldRegistry:
         self._lock = threading.Lock()
         self._noted: set[str] = set()  # the tags the held set has, as far as we know
         self._received: dict[str, float] = {}  # tags noted at receipt -> when
+        self._pending: list[str] = []  # received, to be noted by flush_received
         self._gone: set[str] = set()  # tags no longer held at the last beat
         # The requests behind the tags noted and gone: whether this worker ran one decides
         # between acknowledging it again and giving it back.
@@ -145,24 +146,43 @@ class HeldRegistry:
         # What the last beat that reached Redis found (None before the first).
         self.beaten: Beaten | None = None
 
-    def note_received(self, request: Any) -> None:
-        """Note at once a task this worker just fetched (Celery's ``task_received``).
+    def note_received(self, request: Any, *, at_once: bool = True) -> None:
+        """Note a task this worker just fetched (Celery's ``task_received``): at once, or
+        with the next :meth:`flush_received` (``at_once=False``: a tracker run, noted
+        within :data:`.NOTE_EVERY` in one command for many rather than a round trip each).
 
         The heartbeat notes everything held each second; this closes that second for a
-        task fetched just before its worker dies.
+        task fetched just before its worker dies, so that the others give it back when
+        they find the worker dead (:mod:`.dead`).
         """
         tag = request_tag(request)
-        pipe = self.redis.pipeline(transaction=False)
         if tag is not None:
             with self._lock:
                 self._received[tag] = time.monotonic()
                 self._requests[tag] = request
+                if not at_once:
+                    self._pending.append(tag)
+                    return
+        pipe = self.redis.pipeline(transaction=False)
+        if tag is not None:
             pipe.sadd(self.keys.held(self.holder), tag)
         task_id = getattr(request, "id", None)
         if task_id:
             self._note_receipts(pipe, [str(task_id)])
         if len(pipe):
             pipe.execute()
+
+    def flush_received(self) -> int:
+        """Note the tags received with ``at_once=False`` since the last call; how many.
+
+        Raises :class:`redis.RedisError` (they are then noted by the next beat, which
+        notes every tag received).
+        """
+        with self._lock:
+            tags, self._pending = self._pending, []
+        for chunk in chunked(tags, HELD_CHUNK):
+            self.redis.sadd(self.keys.held(self.holder), *chunk)
+        return len(tags)
 
     def _note_receipts(self, pipe: Any, task_ids: list[str]) -> None:
         """A follow-up task the tracker sent has reached a worker (see :mod:`.follow_ups`)."""

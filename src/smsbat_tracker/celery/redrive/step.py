@@ -20,7 +20,7 @@ from celery import bootsteps, signals
 
 from smsbat_tracker.celery.compat import celery_pool, celery_request, kombu_qos
 from smsbat_tracker.celery.names import DUE_INDEXED
-from smsbat_tracker.celery.redrive.bounds import HEARTBEAT
+from smsbat_tracker.celery.redrive.bounds import HEARTBEAT, NOTE_EVERY
 from smsbat_tracker.celery.redrive.follow_ups import note_receipt_on_ack
 from smsbat_tracker.celery.redrive.held import (
     connection_name,
@@ -85,17 +85,29 @@ class RedriveStep(bootsteps.StartStopStep):
             daemon=True,
         )
         self._thread.start()
+        threading.Thread(
+            target=self._flush, args=(redriver,), name="smsbat-receipts", daemon=True
+        ).start()
 
     def _received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         redriver = self._redriver
-        # A tracker run needs no note: the due index re-drives it if it is lost (and a
-        # check then costs its two round trips only). Callbacks and the rest do.
-        if redriver is None or request is None or getattr(request, "name", None) in DUE_INDEXED:
+        if redriver is None or request is None:
             return
+        # A tracker run is noted with the next flush, many in one command (a check then
+        # costs its two round trips only). Callbacks and the rest are noted at once.
+        at_once = getattr(request, "name", None) not in DUE_INDEXED
         try:
-            redriver.held.note_received(request)
+            redriver.held.note_received(request, at_once=at_once)
         except redis.RedisError as exc:  # away: the heartbeat notes it later
             log.debug("redrive.receipt_not_noted", **_detail(exc))
+
+    def _flush(self, redriver: Redriver) -> None:
+        """Note the tracker runs received lately, every :data:`.NOTE_EVERY`."""
+        while not self._stop.wait(NOTE_EVERY):
+            try:
+                redriver.held.flush_received()
+            except redis.RedisError as exc:  # away: the heartbeat notes them later
+                log.debug("redrive.receipts_not_noted", **_detail(exc))
 
     def _loop(self, redriver: Redriver, client: redis.Redis) -> None:
         failing = False
