@@ -111,7 +111,11 @@ class RedriveStep(bootsteps.StartStopStep):
 
     def _loop(self, redriver: Redriver, client: redis.Redis) -> None:
         failing = False
-        while not self._stop.wait(HEARTBEAT):
+        # The first beat at once: a worker started after a crash of every worker gives
+        # back what the dead ones held without waiting a beat (they are gone already).
+        wait = 0.0
+        while not self._stop.wait(wait):
+            wait = HEARTBEAT
             try:
                 redriver.run_once()
                 redriver.tracker.last_beat = time.monotonic()  # what /healthz reads
