@@ -214,6 +214,49 @@ def test_before_check_opens_reads_and_takes_a_turn_for_the_expected_run(
     assert ended.turn.code == TurnCode.NONE
 
 
+def test_a_check_turned_away_keeps_its_place_in_the_line_through_its_next_runs(
+    redis_client: redis.Redis, keys: Keys, settings: Settings
+) -> None:
+    """A run the rate limit turns away leaves in the session when its check fell due; the
+    next runs ask with that time (not their own, later ETA) even after the line forgot the
+    waiter (its worker died and the run came back late); a check made clears it."""
+    register(redis_client, keys)
+    before = BeforeCheck(redis_client)
+    limiter = RateLimiter(redis_client, settings, keys, rate=1.0)
+    waiter = Keys.due_message(MID)
+    now = time.time()
+
+    def run_before(run: int, due_at: float) -> Any:
+        return before(
+            session=keys.session(MID),
+            outcome=keys.outcome(MID),
+            status=keys.status(MID),
+            due=keys.due(),
+            opening=opening(),
+            run=run,
+            turn=TurnAsk(
+                gate=keys.poll_gate(MID),
+                gate_ms=1_000,
+                limit_on=True,
+                limit_keys=limiter.keys,
+                limit_args=limiter.script_args(1, ahead=0.0, waiter=waiter, due_at=due_at),
+            ),
+        )
+
+    limiter.reserve(1, ahead=0.0)  # the one token of this second is gone
+    assert run_before(0, now - 30).turn.code == TurnCode.RATE
+    assert redis_client.hget(keys.session(MID), "line") == str(int((now - 30) * 1e6))
+    waiters = limiter.keys[2]
+    redis_client.delete(waiters)  # the line forgot it: it came back too late
+    assert run_before(0, now - 1).turn.code == TurnCode.RATE
+    assert redis_client.zscore(waiters, waiter) == int((now - 30) * 1e6)  # its first place
+    assert redis_client.hget(keys.session(MID), "line") == str(int((now - 30) * 1e6))
+    after(redis_client, keys, limiter, Reschedule("t-1", 0, 300.0, Ran.NEITHER, "rate_limited"))
+    assert redis_client.hget(keys.session(MID), "line") is not None  # still not checked
+    after(redis_client, keys, limiter, Reschedule("t-1", 1, 300.0, Ran.ANSWERED, "in_flight"))
+    assert redis_client.hget(keys.session(MID), "line") is None
+
+
 def test_abandon_drops_the_owners_session_and_the_subscription(
     redis_client: redis.Redis, keys: Keys
 ) -> None:

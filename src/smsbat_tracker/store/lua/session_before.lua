@@ -30,7 +30,7 @@ local tolerance_us = ARGV[11]
 local tokens = ARGV[12]
 local ahead_us = ARGV[13]
 local waiter = ARGV[14]
-local due_us = ARGV[15]
+local due_us = ARGV[15]            -- when the run fell due (us), its place in the line
 local grace_us = ARGV[16]
 local window_us = ARGV[17]
 --! include lib/session.lua
@@ -48,8 +48,16 @@ local mine = fields[SESSION_OWNER] == owner and expected
 -- Counted started even when a push ended it already: the receiver counts that outcome.
 if mine and tonumber(run) == 0 then first = redis.call('HSETNX', session, 'begun', 1) end
 if outcome == '' and mine then
+  -- A check the rate limit turned away keeps its place in the line (when it first fell
+  -- due) through its next runs, even when the line forgot it (its worker died or froze,
+  -- and the run came back late): the session remembers it until the check is made.
+  local line = tonumber(redis.call('HGET', session, 'line'))
+  if line and (tonumber(due_us) or math.huge) > line then due_us = string.format('%d', line) end
   turn = take_turn(gate, gate_ms, limit_on, {bucket, pause_key, waiters, waiters_back}, {
     interval_us, tolerance_us, tokens, ahead_us, waiter, due_us, grace_us, window_us,
   })
+  if turn[1] == TURN_RATE and tonumber(due_us) then
+    redis.call('HSETNX', session, 'line', due_us)
+  end
 end
 return {fields, outcome, cached, turn, first}
