@@ -399,6 +399,31 @@ def test_a_worker_whose_connections_closed_is_gone_before_the_bound(
     connection.release()
 
 
+def test_a_dead_workers_large_held_set_goes_back_in_one_sweep(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A busy worker's held set names a few seconds' worth of tasks it had finished: one
+    sweep looks through HELD_LOOKS chunks of it, so that its unacknowledged tasks go back
+    at once rather than a chunk a second."""
+    for x in (1, 2):
+        tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": x},))
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    held = [channel.basic_get("celery", no_ack=False) for _ in range(2)]
+    dead, sweeper = Redriver(tracker_app, redis_client), Redriver(tracker_app, redis_client)
+    now = time.time()
+    finished = [
+        SimpleNamespace(message=SimpleNamespace(delivery_tag=f"done-{i}"))
+        for i in range(3 * HELD_CHUNK)
+    ]
+    dead.held.note_held([*finished, *(SimpleNamespace(message=m) for m in held)], now - 30)
+    assert sweeper.dead.restore(now) == 2
+    assert redis_client.llen("celery") == 2
+    assert not redis_client.exists(Keys().held(dead.holder))
+    assert redis_client.zscore(Keys().holders(), dead.holder) is None
+    connection.release()
+
+
 def test_a_live_worker_found_gone_looks_up_what_it_holds_at_its_next_beat(
     tracker_app: Any, redis_client: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

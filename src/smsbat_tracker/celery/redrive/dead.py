@@ -27,7 +27,7 @@ from typing import Final
 
 import redis
 
-from smsbat_tracker.celery.redrive.bounds import GONE_AFTER, SWEEP_LIMIT
+from smsbat_tracker.celery.redrive.bounds import GONE_AFTER, HELD_CHUNK, SWEEP_LIMIT
 from smsbat_tracker.celery.redrive.giveback import GiveBack
 from smsbat_tracker.celery.redrive.held import connection_name
 from smsbat_tracker.celery.tracker import Tracker
@@ -39,6 +39,8 @@ __all__ = ["DeadWorkers"]
 
 log = get_logger(__name__)
 
+# Chunks of a dead worker's held set one sweep looks at (HELD_CHUNK tags each).
+HELD_LOOKS: Final = 4
 # A holder is looked for among the server's connections only once its last beat is this
 # much older than a beat, by the sweeping worker's clock (the server's clock decides).
 LOOK_AFTER: Final = 1.0
@@ -89,9 +91,10 @@ class DeadWorkers:
         """Give back to the queue what dead workers held; how many tasks. ``since``: the
         server's time of the sweeping worker's first beat after its last outage (0: none).
 
-        At most :data:`SWEEP_LIMIT` dead workers, and as many of each one's tasks, a call:
-        a worker that held more is forgotten only once its held set is empty, so the next
-        sweeps go on with it.
+        At most :data:`SWEEP_LIMIT` dead workers a call, and :data:`HELD_LOOKS` chunks of
+        each one's held set (most of which its worker had finished and acknowledged: a
+        busy worker's set names a few seconds' worth): a worker that held more is
+        forgotten only once its held set is empty, so the next sweeps go on with it.
         """
         self.find_gone(now, since)
         holders = self.keys.holders()
@@ -101,8 +104,10 @@ class DeadWorkers:
         restored = 0
         for holder in map(str, dead):
             key = self.keys.held(holder)
-            tags = [str(t) for t in self.redis.srandmember(key, SWEEP_LIMIT) or []]
-            if tags:
+            for _ in range(HELD_LOOKS):
+                tags = [str(t) for t in self.redis.srandmember(key, HELD_CHUNK) or []]
+                if not tags:
+                    break
                 restored += self.giveback.restore(tags, "redrive.restored", holder=holder)
                 self.redis.srem(key, *tags)
             if not self.redis.scard(key):
