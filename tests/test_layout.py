@@ -129,7 +129,8 @@ def test_no_lua_in_python() -> None:
 
 
 @pytest.mark.parametrize(
-    "patch", ["kombu_qos", "billiard_tracebacks", "retry", "celery_say", "celery_pool"]
+    "patch",
+    ["kombu_qos", "billiard_tracebacks", "retry", "celery_say", "celery_pool", "celery_reconnect"],
 )
 def test_pyproject_pins_each_patched_library_to_its_patchs_range(patch: str) -> None:
     """pyproject's requirement of each patched library is the range its patch checks."""

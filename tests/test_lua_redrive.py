@@ -10,7 +10,9 @@ import redis
 
 from smsbat_tracker.store.keys import Keys
 from smsbat_tracker.store.redrive_scripts import (
+    Beat,
     ClaimResend,
+    Gone,
     HeldEntry,
     RefreshHeld,
     ReleaseBatch,
@@ -178,3 +180,44 @@ def test_a_resend_is_claimed_only_on_the_entry_the_sweep_read(
     redis_client.hdel(sends, "f-1")
     assert claim(sends, index, "f-1", read='{"n": 1}', entry='{"n": 2}', now=NOW) == Resend.CHANGED
     assert not redis_client.hexists(sends, "f-1")
+
+
+def test_beat_scores_the_holder_on_both_clocks_and_returns_its_previous_score(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A beat scores its holder by the worker's clock (holders) and, when its connections
+    are named, by the server's (beats); it returns the score it found (None at first, 0
+    once found gone). A beat with unnamed connections leaves no server-clock beat."""
+    beat = Beat(redis_client)
+    server = float(redis_client.time()[0])
+    first = Beat.parse(beat(keys.holders(), keys.beats(), "w1", 100.0, named=True))
+    assert first.previous is None
+    assert server <= first.served < server + 5
+    assert redis_client.zscore(keys.beats(), "w1") == pytest.approx(first.served)
+    assert Beat.parse(beat(keys.holders(), keys.beats(), "w1", 101.0, named=True)).previous == 100.0
+    redis_client.zadd(keys.holders(), {"w1": 0})
+    assert Beat.parse(beat(keys.holders(), keys.beats(), "w1", 102.0, named=False)).previous == 0
+    assert redis_client.zscore(keys.holders(), "w1") == 102.0
+    assert redis_client.zscore(keys.beats(), "w1") is None
+
+
+def test_gone_declares_only_named_holders_quiet_for_long_enough_since_the_outage(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """Gone declares a candidate whose server-clock beat is at least gone_after old and no
+    older than since: its holders score becomes 0 and its server-clock beat goes. A recent
+    beat, one before since, a holder that retired (not in holders) or whose connections
+    carry no name (no server-clock beat) are left alone."""
+    now = float(redis_client.time()[0])
+    redis_client.zadd(keys.holders(), dict.fromkeys(("quiet", "recent", "old", "unnamed"), 50.0))
+    redis_client.zadd(
+        keys.beats(), {"quiet": now - 5, "recent": now - 0.5, "old": now - 100, "retired": now - 5}
+    )
+    gone = Gone(redis_client)
+    candidates = ["quiet", "recent", "old", "unnamed", "retired"]
+    assert gone(keys.holders(), keys.beats(), candidates, 1.5, now - 50) == ["quiet"]
+    assert redis_client.zscore(keys.holders(), "quiet") == 0
+    assert redis_client.zscore(keys.beats(), "quiet") is None
+    assert redis_client.zscore(keys.holders(), "recent") == 50.0
+    assert redis_client.zscore(keys.holders(), "retired") is None
+    assert gone(keys.holders(), keys.beats(), [], 1.5, 0.0) == []

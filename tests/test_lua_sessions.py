@@ -214,6 +214,29 @@ def test_before_check_opens_reads_and_takes_a_turn_for_the_expected_run(
     assert ended.turn.code == TurnCode.NONE
 
 
+def _before_in_line(
+    client: redis.Redis, keys: Keys, limiter: RateLimiter, *, run: int, due_at: float
+) -> Any:
+    """A tracking's run asking for its turn, 0.25 s its own wait, in the line by due_at."""
+    return BeforeCheck(client)(
+        session=keys.session(MID),
+        outcome=keys.outcome(MID),
+        status=keys.status(MID),
+        due=keys.due(),
+        opening=opening(),
+        run=run,
+        turn=TurnAsk(
+            gate=keys.poll_gate(MID),
+            gate_ms=1_000,
+            limit_on=True,
+            limit_keys=limiter.keys,
+            limit_args=limiter.script_args(
+                1, ahead=0.25, waiter=Keys.due_message(MID), due_at=due_at
+            ),
+        ),
+    )
+
+
 def test_a_check_turned_away_keeps_its_place_in_the_line_through_its_next_runs(
     redis_client: redis.Redis, keys: Keys, settings: Settings
 ) -> None:
@@ -221,40 +244,59 @@ def test_a_check_turned_away_keeps_its_place_in_the_line_through_its_next_runs(
     next runs ask with that time (not their own, later ETA) even after the line forgot the
     waiter (its worker died and the run came back late); a check made clears it."""
     register(redis_client, keys)
-    before = BeforeCheck(redis_client)
     limiter = RateLimiter(redis_client, settings, keys, rate=1.0)
-    waiter = Keys.due_message(MID)
-    now = time.time()
-
-    def run_before(run: int, due_at: float) -> Any:
-        return before(
-            session=keys.session(MID),
-            outcome=keys.outcome(MID),
-            status=keys.status(MID),
-            due=keys.due(),
-            opening=opening(),
-            run=run,
-            turn=TurnAsk(
-                gate=keys.poll_gate(MID),
-                gate_ms=1_000,
-                limit_on=True,
-                limit_keys=limiter.keys,
-                limit_args=limiter.script_args(1, ahead=0.0, waiter=waiter, due_at=due_at),
-            ),
-        )
-
+    waiters, now = limiter.keys[2], time.time()
+    earlier = {"someone-earlier": int((now - 100) * 1e6)}  # first in line: no ticket here
     limiter.reserve(1, ahead=0.0)  # the one token of this second is gone
-    assert run_before(0, now - 30).turn.code == TurnCode.RATE
+    redis_client.zadd(waiters, earlier)
+    assert _before_in_line(redis_client, keys, limiter, run=0, due_at=now - 30).turn.code == (
+        TurnCode.RATE
+    )
     assert redis_client.hget(keys.session(MID), "line") == str(int((now - 30) * 1e6))
-    waiters = limiter.keys[2]
     redis_client.delete(waiters)  # the line forgot it: it came back too late
-    assert run_before(0, now - 1).turn.code == TurnCode.RATE
-    assert redis_client.zscore(waiters, waiter) == int((now - 30) * 1e6)  # its first place
-    assert redis_client.hget(keys.session(MID), "line") == str(int((now - 30) * 1e6))
+    redis_client.zadd(waiters, earlier)
+    again = _before_in_line(redis_client, keys, limiter, run=0, due_at=now - 1)
+    assert again.turn.code == TurnCode.RATE
+    assert redis_client.zscore(waiters, Keys.due_message(MID)) == int((now - 30) * 1e6)
     after(redis_client, keys, limiter, Reschedule("t-1", 0, 300.0, Ran.NEITHER, "rate_limited"))
     assert redis_client.hget(keys.session(MID), "line") is not None  # still not checked
     after(redis_client, keys, limiter, Reschedule("t-1", 1, 300.0, Ran.ANSWERED, "in_flight"))
     assert redis_client.hget(keys.session(MID), "line") is None
+
+
+def test_the_first_in_line_books_a_ticket_its_next_run_takes(
+    redis_client: redis.Redis, keys: Keys, settings: Settings
+) -> None:
+    """First in line, a run whose token is due beyond its own wait books it anyway (a
+    ticket in the session) and is told to come back for it: later callers, who may book
+    within the line's window, can no longer take every token before it comes back. The
+    next run takes the ticket once it is due within its wait, without booking another; a
+    run too late for it asks again."""
+    register(redis_client, keys)
+    limiter = RateLimiter(redis_client, settings, keys, rate=1.0)
+    session, now = keys.session(MID), time.time()
+    limiter.reserve(1, ahead=0.0)  # the one token of this second is gone
+    first = _before_in_line(redis_client, keys, limiter, run=0, due_at=now - 5)
+    assert first.turn.code == TurnCode.RATE
+    ticket = int(redis_client.hget(session, "ticket") or 0)
+    assert now * 1e6 < ticket <= (now + 2) * 1e6
+    booked = redis_client.get(limiter.keys[0])
+    early = _before_in_line(redis_client, keys, limiter, run=0, due_at=now - 5)
+    assert early.turn.code == TurnCode.RATE  # come back later: nothing booked again
+    assert redis_client.get(limiter.keys[0]) == booked
+    redis_client.hset(session, "ticket", int((time.time() + 0.1) * 1e6))  # due: take it
+    taken = _before_in_line(redis_client, keys, limiter, run=0, due_at=now - 5)
+    assert taken.turn.code == TurnCode.TAKEN
+    assert taken.turn.wait <= 100_000
+    assert redis_client.hget(session, "ticket") is None
+    assert redis_client.get(limiter.keys[0]) == booked
+    redis_client.delete(keys.poll_gate(MID))
+    stale = int((time.time() - 5) * 1e6)
+    redis_client.hset(session, "ticket", stale)  # came far too late for it
+    late = _before_in_line(redis_client, keys, limiter, run=0, due_at=now - 5)
+    assert redis_client.hget(session, "ticket") != str(stale)
+    # Asked again, in its place: booked a token of its own, or told to come back.
+    assert late.turn.code == TurnCode.RATE or redis_client.get(limiter.keys[0]) != booked
 
 
 def test_abandon_drops_the_owners_session_and_the_subscription(

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from smsbat_tracker.store.ratelimit import TICKET_GRACE
 from smsbat_tracker.store.scripts import Script
 
 __all__ = [
@@ -196,7 +197,7 @@ class BeforeCheck(Script):
     ) -> Before:
         fields, recorded, cached, (code, wait), first = self.run(
             [session, outcome, status, due, *turn.keys()],
-            [*opening.args(), run, *turn.args()],
+            [*opening.args(), run, *turn.args(), int(TICKET_GRACE * 1_000_000)],
         )
         turn_reply = TurnReply(TurnCode(int(code)), int(wait))
         return Before(list(fields), str(recorded or ""), cached, turn_reply, bool(first))

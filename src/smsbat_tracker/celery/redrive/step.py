@@ -18,7 +18,12 @@ from typing import Any
 import redis
 from celery import bootsteps, signals
 
-from smsbat_tracker.celery.compat import celery_pool, celery_request, kombu_qos
+from smsbat_tracker.celery.compat import (
+    celery_pool,
+    celery_reconnect,
+    celery_request,
+    kombu_qos,
+)
 from smsbat_tracker.celery.names import DUE_INDEXED
 from smsbat_tracker.celery.redrive.bounds import HEARTBEAT, NOTE_EVERY
 from smsbat_tracker.celery.redrive.follow_ups import note_receipt_on_ack
@@ -76,6 +81,7 @@ class RedriveStep(bootsteps.StartStopStep):
         redriver = self._redriver = Redriver(tracker, self._client, holder)
         celery_request.install(redriver.fence.superseded)
         celery_pool.install()
+        celery_reconnect.install()
         signals.task_received.connect(self._received, weak=False)
         self._stop.clear()
         self._thread = threading.Thread(

@@ -56,10 +56,10 @@ local function reschedule()
   if s[1] ~= owner or (s[2] and tonumber(s[2]) ~= tonumber(run)) then return SUPERSEDED end
   if ran == ANSWERED then
     redis.call('HINCRBY', session, 'checks', 1)
-    redis.call('HDEL', session, 'failures', 'line')
+    redis.call('HDEL', session, 'failures', 'line', 'ticket')
   elseif ran == FAILED then
     redis.call('HINCRBY', session, 'failures', 1)
-    redis.call('HDEL', session, 'line')
+    redis.call('HDEL', session, 'line', 'ticket')
   end
   redis.call('HSET', session, 'run', tonumber(run) + 1, 'due', next_score)
   if why and why ~= '' then redis.call('HINCRBY', session, 'why:' .. why, 1) end

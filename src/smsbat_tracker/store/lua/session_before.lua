@@ -33,6 +33,7 @@ local waiter = ARGV[14]
 local due_us = ARGV[15]            -- when the run fell due (us), its place in the line
 local grace_us = ARGV[16]
 local window_us = ARGV[17]
+local ticket_grace_us = tonumber(ARGV[18])  -- how late a run may come for its ticket
 --! include lib/session.lua
 --! include lib/turn.lua
 local TURN_NONE = 3
@@ -53,11 +54,34 @@ if outcome == '' and mine then
   -- and the run came back late): the session remembers it until the check is made.
   local line = tonumber(redis.call('HGET', session, 'line'))
   if line and (tonumber(due_us) or math.huge) > line then due_us = string.format('%d', line) end
-  turn = take_turn(gate, gate_ms, limit_on, {bucket, pause_key, waiters, waiters_back}, {
-    interval_us, tolerance_us, tokens, ahead_us, waiter, due_us, grace_us, window_us,
-  })
-  if turn[1] == TURN_RATE and tonumber(due_us) then
-    redis.call('HSETNX', session, 'line', due_us)
+  -- A token booked for an earlier run of this check, beyond that run's wait (a ticket):
+  -- this run takes it when it is due within its own wait, and comes back for it otherwise;
+  -- a run too late for it (its worker died or froze meanwhile) asks as any other.
+  local ticket = tonumber(redis.call('HGET', session, 'ticket'))
+  local t = redis.call('TIME')
+  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if ticket and now_us > ticket + ticket_grace_us then
+    redis.call('HDEL', session, 'ticket')
+    ticket = nil
+  end
+  if ticket and ticket - now_us > tonumber(ahead_us) then
+    turn = {TURN_RATE, ticket - now_us - tonumber(ahead_us)}
+  elseif ticket then
+    redis.call('HDEL', session, 'ticket')
+    redis.call('SET', gate, 1, 'PX', gate_ms)  -- the interval runs from this check
+    turn = {TURN_TAKEN, math.max(0, ticket - now_us)}
+  else
+    turn = take_turn(gate, gate_ms, limit_on, {bucket, pause_key, waiters, waiters_back}, {
+      interval_us, tolerance_us, tokens, ahead_us, waiter, due_us, grace_us, window_us, '1',
+    })
+    if turn[1] == TURN_TAKEN and turn[2] > tonumber(ahead_us) then
+      -- Booked beyond this run's wait (first in line): the next run takes it.
+      redis.call('HSET', session, 'ticket', string.format('%d', now_us + turn[2]))
+      turn = {TURN_RATE, turn[2] - tonumber(ahead_us)}
+    end
+    if turn[1] == TURN_RATE and tonumber(due_us) then
+      redis.call('HSETNX', session, 'line', due_us)
+    end
   end
 end
 return {fields, outcome, cached, turn, first}

@@ -4,7 +4,10 @@
 -- ARGV: emission interval us, burst tolerance us, tokens wanted, how long the caller would
 -- wait for them (us), the caller's name ('' for one-off callers), when its request fell
 -- due (us; '' for now), how long a waiter may be late to ask again before it is forgotten
--- (us), how far ahead tokens are kept for the waiters in line (us).
+-- (us), how far ahead tokens are kept for the waiters in line (us), and optionally '1'
+-- when the caller can hold a token booked beyond its own wait (a ticket: it comes back
+-- for it), so that the first in line books up to that window ahead instead of racing
+-- later callers, who may book within the window, for a token within its own wait.
 -- Returns {1, wait}: the tokens are yours from ``wait`` us on; or {0, wait}: nothing was
 -- booked, ask again then.
 -- Fair: a caller is served only when the tokens of every waiter whose request fell due
@@ -39,7 +42,11 @@ local function reserve(K, A)
   if tat < now then tat = now end
   local line = tat + interval * (before + n) - tolerance - interval - now
   line = line - math.max(tonumber(A[8]), ahead)
-  local own = tat + interval * n - tolerance - interval - now - ahead
+  local reach = ahead
+  if A[9] == '1' and member ~= '' and before == 0 then
+    reach = math.max(ahead, tonumber(A[8]))
+  end
+  local own = tat + interval * n - tolerance - interval - now - reach
   if line > 0 or own > 0 or paused > 0 then
     local retry = math.ceil(math.max(line, own, paused))
     if member ~= '' then
