@@ -624,6 +624,26 @@ def test_a_task_dropped_in_an_outage_right_after_its_receipt_goes_back(
     connection.release()
 
 
+def test_what_the_consumer_dropped_in_an_outage_goes_back_at_the_first_beat_back(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A countdown the consumer held when Redis went away was dropped with the connection:
+    the first beat that reaches Redis again gives it back at once (acknowledgements made
+    in the outage were made first), not a beat later as in normal times."""
+    tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 1},))
+    connection = tracker_app.connection_for_write()
+    dropped = connection.default_channel.basic_get("celery", no_ack=False)
+    redriver = Redriver(tracker_app, redis_client)
+    request = SimpleNamespace(id="dropped-id", message=dropped)
+    now = time.time()
+    assert redriver.held.note_held([request], now) == 0
+    redriver.held._beat_failed = True  # the next beats failed: Redis was away
+    assert redriver.held.note_held([], now + 5) == 1  # the first beat back
+    assert redis_client.llen("celery") == 1
+    assert redis_client.hlen("unacked") == 0
+    connection.release()
+
+
 def test_a_task_received_in_an_outage_is_named_for_the_others_at_the_first_beat_back(
     tracker_app: Any, redis_client: redis.Redis
 ) -> None:

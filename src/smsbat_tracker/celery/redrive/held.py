@@ -201,7 +201,8 @@ class HeldRegistry:
         # After an outage: the acknowledgements a dead master may not have passed on to the
         # one promoted are made again, and those made while Redis was away are made now,
         # before anything is given back.
-        if self._beat_failed and self._last_beat is not None:
+        outage = self._beat_failed and self._last_beat is not None
+        if outage and self._last_beat is not None:
             replay_acks_since(self.redis, self._last_beat - REPLICA_LAG)
         self._beat_failed = True
         make_deferred_acks(self.redis)
@@ -241,13 +242,16 @@ class HeldRegistry:
         self._beat_failed, self._last_beat = False, started
         forget_acks_before(started - REPLICA_LAG)
         # A tag leaves the held set only once it is acknowledged or given back: should this
-        # worker die in between, the sweep of the dead still finds it.
-        suspects = self._gone - keep
+        # worker die in between, the sweep of the dead still finds it. After an outage the
+        # consumer dropped what it held (a lost connection), and what finished meanwhile
+        # was acknowledged above: what is gone is settled now rather than a beat later
+        # (what this worker's pool took is acknowledged again, never given back).
+        suspects = (self._gone | gone if outage else self._gone) - keep
         restored = self._settle_suspects(suspects) if suspects else 0
         for chunk in chunked(suspects, HELD_CHUNK):
             self.redis.srem(key, *chunk)
         with self._lock:
-            self._gone, self._noted = gone, keep
+            self._gone, self._noted = (gone - suspects), keep
             live = keep | gone | set(self._received)
             self._requests = {t: r for t, r in self._requests.items() if t in live}
         return restored
