@@ -424,6 +424,39 @@ def test_a_dead_workers_large_held_set_goes_back_in_one_sweep(
     connection.release()
 
 
+def test_the_redrivers_connections_carry_its_name_unless_the_server_refuses(
+    make_settings: Any, redis_client: redis.Redis, redis_url: str
+) -> None:
+    """The bootstep's client names its connections after the worker (what the others look
+    for in CLIENT LIST); a user whose ACL refuses CLIENT SETNAME gets an unnamed client
+    that works (logged), rather than a re-driver that cannot connect."""
+    from smsbat_tracker.celery.redrive.step import RedriveStep
+
+    named = RedriveStep._make_client(make_settings(), "smsbat-redriver-x1")
+    assert named.client_getname() == "smsbat-redriver-x1"
+    named.close()
+    redis_client.acl_setuser(
+        "nosetname",
+        enabled=True,
+        passwords=["+pw"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-client|setname"],
+    )
+    try:
+        host = redis_url.split("//", 1)[1]
+        with capture_logs() as logs:
+            client = RedriveStep._make_client(
+                make_settings(redis_url=f"redis://nosetname:pw@{host}"), "smsbat-redriver-x2"
+            )
+        assert client.ping()
+        assert client.client_getname() is None
+        assert [e["event"] for e in logs] == ["redrive.unnamed"]
+        client.close()
+    finally:
+        redis_client.acl_deluser("nosetname")
+
+
 def test_a_live_worker_found_gone_looks_up_what_it_holds_at_its_next_beat(
     tracker_app: Any, redis_client: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -34,6 +34,7 @@ from smsbat_tracker.celery.redrive.held import (
 )
 from smsbat_tracker.celery.redrive.redriver import Redriver
 from smsbat_tracker.celery.tracker import find_tracker
+from smsbat_tracker.config import Settings
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.connections import redis_client
 from smsbat_tracker.store.keys import Keys
@@ -64,16 +65,7 @@ class RedriveStep(bootsteps.StartStopStep):
         if tracker is None:  # not an app that runs the tracker: nothing to do
             return
         holder = uuid.uuid4().hex
-        self._client = redis_client(
-            tracker.settings,
-            decode_responses=True,
-            # Closed by the kernel when this process dies: the others find it gone (.dead).
-            client_name=connection_name(holder),
-            # Short: the receipt hook runs on the consumer's thread.
-            socket_timeout=2,
-            socket_connect_timeout=1,
-            health_check_interval=30,
-        )
+        self._client = self._make_client(tracker.settings, connection_name(holder))
         kombu_qos.install(
             self._client,
             before_ack=note_receipt_on_ack(Keys(tracker.settings.key_prefix)),
@@ -94,6 +86,30 @@ class RedriveStep(bootsteps.StartStopStep):
         threading.Thread(
             target=self._flush, args=(redriver,), name="smsbat-receipts", daemon=True
         ).start()
+
+    @staticmethod
+    def _make_client(settings: Settings, name: str) -> redis.Redis:
+        """The re-driver's client, its connections named ``name``: closed by the kernel
+        when this process dies, so that the others find it gone (:mod:`.dead`). Unnamed
+        when the server refuses ``CLIENT SETNAME`` (an ACL): the others then wait
+        ``SMSBAT_REDRIVE_AFTER``, as for a frozen worker."""
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            # Short: the receipt hook runs on the consumer's thread.
+            "socket_timeout": 2,
+            "socket_connect_timeout": 1,
+            "health_check_interval": 30,
+        }
+        client = redis_client(settings, client_name=name, **options)
+        try:
+            client.ping()
+        except redis.ResponseError as exc:
+            log.warning("redrive.unnamed", **_detail(exc))
+            client.close()
+            return redis_client(settings, **options)
+        except redis.RedisError:  # away at start: the beats retry
+            pass
+        return client
 
     def _received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         redriver = self._redriver
