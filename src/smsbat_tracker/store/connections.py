@@ -86,13 +86,13 @@ def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
         return redis.Redis.from_url(url, **kwargs)
     target = parse_sentinel_url(url)
     sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
-    # redis-py's sentinel module has no annotations.
-    manager = Sentinel(  # type: ignore[no-untyped-call]
+    # redis-py's sentinel module has annotations from 8.2 on only (the ignores cover both).
+    manager = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **kwargs
     )
     client = cast(
         SentinelRedis,
-        manager.master_for(  # type: ignore[no-untyped-call]
+        manager.master_for(  # type: ignore[no-untyped-call,unused-ignore]
             settings.sentinel_master,
             redis_class=SentinelRedis,
             db=target.db,
