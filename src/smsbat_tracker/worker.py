@@ -15,7 +15,8 @@ countdown retries safe on Redis are set here, explicitly:
 - the re-driver (:mod:`smsbat_tracker.celery.redrive`), a bootstep of every worker of an app
   that runs the tracker (:func:`smsbat_tracker.init_app`, which this app calls too):
   what a whole worker held when it died, or what a Redis restart dropped, resumes
-  within ``SMSBAT_REDRIVE_AFTER`` instead of the visibility timeout;
+  within about two seconds (a frozen worker's: ``SMSBAT_REDRIVE_AFTER``) instead of the
+  visibility timeout;
 - JSON only, task events on (Flower), and the deadline is tracked by the task itself,
   never by Celery's ``expires``.
 """
