@@ -390,3 +390,23 @@ def test_a_worker_waiting_for_redis_logs_warnings_not_errors(tmp_path: Path) -> 
     assert {e["level"] for e in cannot} == {"warning"}
     assert [e["event"] for e in lines if e["level"] in ("error", "critical")] == []
     assert "worker: Warm shutdown (MainProcess)" in [e["event"] for e in lines]
+
+
+def test_a_child_forked_while_the_engine_is_being_built_builds_its_own(
+    settings: Settings,
+) -> None:
+    """A prefork child forked while a thread of its parent holds the engine's lock (the
+    re-driver's first beat builds the parent's engine as the pool starts) gets a fresh
+    lock: it builds its own engine instead of waiting for good on a thread it does not
+    have."""
+    from celery import Celery
+
+    from smsbat_tracker.celery.tracker import Tracker
+
+    tracker = Tracker(Celery("fork-lock"), settings)
+    with tracker._engine_lock:  # a parent's thread building the engine at fork time
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 once it could take the lock
+            os._exit(0 if tracker._engine_lock.acquire(timeout=5) else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

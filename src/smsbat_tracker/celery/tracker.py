@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,18 @@ log = get_logger(__name__)
 _ATTRIBUTE = "_smsbat_tracker"
 
 
+def _fresh_lock_in_children(tracker: Tracker) -> None:
+    """Give ``tracker`` a new engine lock in every child forked from now on."""
+    ref = weakref.ref(tracker)
+
+    def renew() -> None:
+        alive = ref()
+        if alive is not None:
+            alive._engine_lock = threading.Lock()
+
+    os.register_at_fork(after_in_child=renew)
+
+
 class Tracker:
     """The tracker's state on one Celery app: :class:`Settings`, and per process one
     :class:`Engine` (Redis and API connections) and one :class:`CampaignRunner`."""
@@ -45,6 +58,10 @@ class Tracker:
         self._engine: Engine | None = None
         self._engine_pid = 0
         self._engine_lock = threading.Lock()
+        # A child forked while a thread of its parent builds the engine (the re-driver's
+        # first beat, as the pool starts) would inherit the lock held, by a thread it does
+        # not have: every child gets a fresh one.
+        _fresh_lock_in_children(self)
         self._campaigns: CampaignRunner | None = None
         self._metrics_server: tuple[Any, Path | None] | None = None
         self._health_client: redis.Redis | None = None
