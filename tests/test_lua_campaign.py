@@ -78,25 +78,48 @@ def test_claim_returns_the_due_batch_with_what_the_rules_need(
     assert redis_client.zscore(due, "a") == pytest.approx(now + 60)
     assert redis_client.zscore(due, "b") == pytest.approx(now + 60)
     assert redis_client.zscore(due, "later") == pytest.approx(now + 30)
-    assert redis_client.smembers(keys.campaign_claimed(CAMPAIGN, 0)) == {"a", "b"}
+    assert redis_client.zrange(keys.campaign_claimed(CAMPAIGN, 0), 0, -1, withscores=True) == [
+        ("a", pytest.approx(now - 2)),
+        ("b", pytest.approx(now - 1)),
+    ]
 
 
 def test_claim_puts_an_abandoned_batch_back_first_and_a_run_taken_over_claims_nothing(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
-    """campaign_claim.lua: the batch a chain left noted is due again at once; a run that is
-    not the chain's current one claims nothing and changes nothing."""
+    """campaign_claim.lua: the batch a chain left noted is due again at once, each message
+    at the time it fell due, so it keeps its place in the rate limit's line ahead of what
+    fell due since; a run that is not the chain's current one claims nothing and changes
+    nothing."""
     now = time.time()
     due, noted = keys.campaign_due(CAMPAIGN), keys.campaign_claimed(CAMPAIGN, 0)
     redis_client.hset(keys.campaign(CAMPAIGN), "tick:0", "r:2")
-    redis_client.zadd(due, {"lost": now + 60})  # leased by the tick that died
-    redis_client.sadd(noted, "lost")
+    redis_client.zadd(due, {"lost": now + 60, "since": now - 3})  # "lost": leased, its tick died
+    redis_client.zadd(noted, {"lost": now - 7})
     assert _claim(redis_client, keys, now=now, run="r:1") == []
     assert redis_client.zscore(due, "lost") == pytest.approx(now + 60)
-    assert redis_client.smembers(noted) == {"lost"}
+    assert redis_client.zrange(noted, 0, -1) == ["lost"]
+    back = _claim(redis_client, keys, now=now, run="r:2")
+    assert [(c.message_id, c.due_at) for c in back] == [
+        ("lost", pytest.approx(now - 7)),
+        ("since", pytest.approx(now - 3)),
+    ]
+    assert redis_client.zrange(noted, 0, -1) == ["lost", "since"]
+
+
+def test_claim_puts_back_a_batch_an_older_version_noted_as_a_plain_set(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """campaign_claim.lua: a batch noted as a plain set (no due times, as before the claimed
+    set kept them) is due again now, and noted anew with its due times."""
+    now = time.time()
+    due, noted = keys.campaign_due(CAMPAIGN), keys.campaign_claimed(CAMPAIGN, 0)
+    redis_client.hset(keys.campaign(CAMPAIGN), "tick:0", "r:2")
+    redis_client.zadd(due, {"lost": now + 60})
+    redis_client.sadd(noted, "lost")
     [back] = _claim(redis_client, keys, now=now, run="r:2")
     assert (back.message_id, back.due_at) == ("lost", pytest.approx(now))
-    assert redis_client.smembers(noted) == {"lost"}
+    assert redis_client.type(noted) == "zset"
 
 
 def _turns(

@@ -125,11 +125,31 @@ def test_take_chain_gives_a_lost_chain_a_new_run_once(
     assert redis_client.zscore(due, "c:gone:0") is None
 
 
+def test_release_batch_puts_back_each_message_when_it_fell_due(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """At most ``limit`` claimed messages a call are due again, the earliest first, each at
+    the time it fell due (its place in the rate limit's line), not now; only those still
+    in the due set; the count left goes down to 0."""
+    campaign_due, claimed = keys.campaign_due("camp"), keys.campaign_claimed("camp", 0)
+    fell_due = {f"m{i}": NOW - 10 + i for i in range(4)}
+    redis_client.zadd(campaign_due, dict.fromkeys(["m0", "m1", "m2"], NOW + 60))  # m3 finished
+    redis_client.zadd(claimed, fell_due)
+    release = ReleaseBatch(redis_client)
+    assert release(campaign_due, claimed, NOW, 3) == 1
+    assert release(campaign_due, claimed, NOW, 3) == 0
+    assert not redis_client.exists(claimed)
+    assert redis_client.zrange(campaign_due, 0, -1, withscores=True) == [
+        (m, fell_due[m]) for m in ("m0", "m1", "m2")
+    ]
+
+
 def test_release_batch_puts_back_a_bounded_part_a_call(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
-    """At most ``limit`` claimed messages a call are due now again (only those still in
-    the due set); the count left goes down to 0 and the claimed set is gone."""
+    """A batch noted as a plain set (by an older version: no due times) goes back due now,
+    at most ``limit`` messages a call (only those still in the due set); the count left
+    goes down to 0 and the claimed set is gone."""
     campaign_due, claimed = keys.campaign_due("camp"), keys.campaign_claimed("camp", 0)
     ids = [f"m{i}" for i in range(5)]
     redis_client.zadd(campaign_due, dict.fromkeys(ids[:4], NOW + 60))  # m4 finished meanwhile

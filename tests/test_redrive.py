@@ -259,20 +259,21 @@ def test_a_lost_tick_chain_is_taken_over_with_its_batch(
     )
     keys = Keys()
     # The lost tick had claimed two messages (leased a minute ahead) and died.
+    fell_due = {"rd-c0": time.time() - 9, "rd-c1": time.time() - 8}
     redis_client.zadd(
         keys.campaign_due("rd-camp"), {"rd-c0": time.time() + 60, "rd-c1": time.time() + 60}
     )
-    redis_client.sadd(keys.campaign_claimed("rd-camp", 0), "rd-c0", "rd-c1")
+    redis_client.zadd(keys.campaign_claimed("rd-camp", 0), fell_due)
     redis_client.zadd(keys.due(), {"c:rd-camp:0": time.time() - 20})
     before = runner.chains("rd-camp")[0]
     assert Redriver(tracker_app, redis_client).sweep() == 1
     after = runner.chains("rd-camp")[0]
     assert after != before
     assert after.endswith(":0")
-    for mid in ("rd-c0", "rd-c1"):
-        score = redis_client.zscore(keys.campaign_due("rd-camp"), mid)
-        assert score is not None
-        assert score <= time.time()
+    for mid in ("rd-c0", "rd-c1"):  # due again, in their places in the line
+        assert redis_client.zscore(keys.campaign_due("rd-camp"), mid) == pytest.approx(
+            fell_due[mid]
+        )
     [raw] = redis_client.lrange(TRACK_LIST, 0, -1)
     assert json.loads(raw)["headers"]["task"] == "smsbat_tracker.campaign_tick"
     assert not runner.holds("rd-camp", 0, before)  # the lost chain's ticks stop
@@ -591,10 +592,10 @@ def test_a_taken_over_tick_run_neither_claims_nor_forgets_the_new_runs_batch(
     assert Redriver(tracker_app, redis_client).sweep() == 1
     new = runner.chains("rd-two")[0]
     claimed = keys.campaign_claimed("rd-two", 0)
-    redis_client.sadd(claimed, "rd-t1")  # the new run's batch, in flight
+    redis_client.zadd(claimed, {"rd-t1": now})  # the new run's batch, in flight
     result = runner.tick("rd-two", 0, old)
     assert result.claimed == 0
-    assert redis_client.smembers(claimed) == {"rd-t1"}
+    assert redis_client.zrange(claimed, 0, -1) == ["rd-t1"]
     assert runner.tick("rd-two", 0, new).claimed == 2  # its own batch back first, then due
 
 
@@ -982,7 +983,7 @@ def test_a_lost_chains_large_batch_is_put_back_in_bounded_calls(
     ids = [f"bb-{i}" for i in range(2 * RELEASE_CHUNK + 200)]
     redis_client.hset(keys.campaign("big"), mapping={"tick:0": "old:3"})
     redis_client.zadd(keys.campaign_due("big"), dict.fromkeys(ids, now + 60))
-    redis_client.sadd(keys.campaign_claimed("big", 0), *ids)
+    redis_client.zadd(keys.campaign_claimed("big", 0), dict.fromkeys(ids, now - 5))
     redis_client.zadd(keys.due(), {"c:big:0": now - 20})
     calls: list[int] = []
     release = ReleaseBatch.__call__

@@ -88,7 +88,8 @@ class Keys:
         return f"{self.prefix}:campaign:{{{campaign_id}}}:report"
 
     def campaign_claimed(self, campaign_id: str, slot: int) -> str:
-        """Set: the messages the tick chain ``slot`` claimed for the batch it is checking."""
+        """Sorted set: the messages the tick chain ``slot`` claimed for the batch it is
+        checking, each scored by when it fell due (where it goes back if the tick dies)."""
         return f"{self.prefix}:campaign:{{{campaign_id}}}:claimed:{slot}"
 
     def campaign_unsent(self, campaign_id: str) -> str:

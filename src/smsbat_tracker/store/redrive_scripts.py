@@ -175,8 +175,8 @@ class TakeChain(Script):
 
 
 class ReleaseBatch(Script):
-    """``redrive_release_batch.lua``: put back at most ``limit`` claimed messages, due
-    now; how many are left."""
+    """``redrive_release_batch.lua``: put back at most ``limit`` claimed messages, each
+    due when it fell due (``now`` for a batch noted without due times); how many are left."""
 
     file = "redrive_release_batch.lua"
 
