@@ -201,9 +201,10 @@ class HeldRegistry:
         # After an outage: the acknowledgements a dead master may not have passed on to the
         # one promoted are made again, and those made while Redis was away are made now,
         # before anything is given back.
-        outage = self._beat_failed and self._last_beat is not None
-        if outage and self._last_beat is not None:
-            replay_acks_since(self.redis, self._last_beat - REPLICA_LAG)
+        last = self._last_beat if self._beat_failed else None  # the beat before the outage
+        outage = last is not None
+        if last is not None:
+            replay_acks_since(self.redis, last - REPLICA_LAG)
         self._beat_failed = True
         make_deferred_acks(self.redis)
         by_tag = {tag: r for r in requests if (tag := request_tag(r)) is not None}

@@ -63,7 +63,6 @@ class Redriver:
         self.lost_runs = LostRuns(self.app, client, self.keys)
         self.fence = Fence(client, self.keys, self.settings.redrive_after)
         self._unlock = Unlock(client)
-        self._uptime = 0.0  # the server's, at the last beat that read it
 
     def run_once(self) -> None:
         """One heartbeat: refresh what this worker holds, then sweep if it is this turn.
@@ -99,16 +98,21 @@ class Redriver:
             if not self._fresh and beaten is not None:
                 self.since_served = beaten.served
             self._fresh = False
-        if now - self.beating_since >= OUTAGE_GRACE and self.redis_uptime() >= OUTAGE_GRACE:
-            self.sweep()
+        if now - self.beating_since >= OUTAGE_GRACE:
+            uptime = self.redis_uptime()
+            if uptime >= OUTAGE_GRACE:
+                self.sweep(uptime=uptime)
 
     def redis_uptime(self) -> float:
         """Seconds since the Redis server started (a restart drops every worker's link)."""
-        self._uptime = float(self.redis.info("server").get("uptime_in_seconds", OUTAGE_GRACE))
-        return self._uptime
+        return float(self.redis.info("server").get("uptime_in_seconds", OUTAGE_GRACE))
 
-    def sweep(self, now: float | None = None) -> int:
-        """Re-drive lost trackings if this worker gets the lock; returns how many."""
+    def sweep(self, now: float | None = None, uptime: float | None = None) -> int:
+        """Re-drive lost trackings if this worker gets the lock; returns how many.
+
+        ``uptime``: the Redis server's, as the beat read it (beats from before its start
+        say nothing of connections open now); None when not read.
+        """
         lock = self.keys.redrive_lock()
         if not self.redis.set(lock, self.holder, nx=True, px=LOCK_MS):
             return 0
@@ -119,8 +123,8 @@ class Redriver:
             # nothing of connections open now (the server's clock: see .dead).
             beaten = self.held.beaten
             since = self.since_served
-            if beaten is not None and self._uptime:
-                since = max(since, beaten.served - self._uptime)
+            if beaten is not None and uptime:
+                since = max(since, beaten.served - uptime)
             self.dead.restore(now, since)  # counted as restored by the give-back itself
             self.redis.zremrangebyscore(self.keys.superseded(), "-inf", repr(now - SUPERSEDED_FOR))
             cutoff = now - self.settings.redrive_after - self.lost_runs.queue_age(now)
