@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,6 +27,7 @@ from smsbat_tracker.celery.redrive.bounds import (
     RAN_FOR,
     RELEASE_CHUNK,
 )
+from smsbat_tracker.celery.redrive.giveback import due_time
 from smsbat_tracker.celery.redrive.held import connection_name
 from smsbat_tracker.celery.track import track_message
 from smsbat_tracker.config import Settings
@@ -423,6 +425,45 @@ def test_a_dead_workers_large_held_set_goes_back_in_one_sweep(
     assert not redis_client.exists(Keys().held(dead.holder))
     assert redis_client.zscore(Keys().holders(), dead.holder) is None
     connection.release()
+
+
+def test_a_dead_workers_tasks_go_back_so_that_the_most_overdue_are_fetched_first(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """What a dead worker held goes back latest due first: kombu pops from the right, so
+    the task with no due time (a callback) is fetched first, then the runs due longest
+    ago, and the runs due later last, whatever order the held set listed them in."""
+    now = time.time()
+    etas = {"late": now + 30, "early": now - 20, "middle": now - 5}
+    for name, at in etas.items():
+        tracker_app.send_task(
+            "smsbat_tracker.recipes.record_outcome",
+            args=({"x": name},),
+            eta=datetime.fromtimestamp(at, tz=UTC),
+        )
+    tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": "callback"},))
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    held = [channel.basic_get("celery", no_ack=False) for _ in range(4)]
+    dead, sweeper = Redriver(tracker_app, redis_client), Redriver(tracker_app, redis_client)
+    dead.held.note_held([SimpleNamespace(message=m) for m in reversed(held)], now - 30)
+    assert sweeper.dead.restore(now) == 4
+    queued = [json.loads(raw) for raw in redis_client.lrange("celery", 0, -1)]
+    fetched_next_first = [
+        json.loads(base64.b64decode(m["body"]))[0][0]["x"] for m in reversed(queued)
+    ]
+    assert fetched_next_first == ["callback", "early", "middle", "late"]
+    connection.release()
+
+
+def test_due_time_reads_the_eta_header_and_anything_else_is_due_at_once() -> None:
+    """An unacked entry's due time is its ``eta`` header; none, or an entry that cannot be
+    read, is due at once (-inf): given back last, fetched first."""
+    entry = [{"headers": {"eta": "2026-12-04T06:00:00+00:00"}}, "", "celery"]
+    assert due_time(json.dumps(entry)) == datetime(2026, 12, 4, 6, tzinfo=UTC).timestamp()
+    assert due_time(json.dumps([{"headers": {"eta": None}}, "", "celery"])) == -math.inf
+    assert due_time(b"not json") == -math.inf
+    assert due_time(json.dumps({"headers": {}})) == -math.inf
 
 
 def test_the_redrivers_connections_carry_its_name_unless_the_server_refuses(

@@ -47,10 +47,16 @@ SWEEP_LIMIT: Final = 200
 OUTAGE_GRACE: Final = 2 * HEARTBEAT
 # A follow-up lost before any worker received it is sent again at most this often.
 RESEND_LIMIT: Final = 3
-# A follow-up fetched this long ago, unacknowledged, that no live worker holds is given
-# back (follow_ups.py): longer than any reconnection after a failover or a Redis restart,
-# since a live worker names everything it holds again at its first beat after one.
-ORPHAN_AFTER: Final = 30.0
+# A follow-up fetched this long ago, unacknowledged and never noted received, that no live
+# worker holds is given back (follow_ups.py). Its fetcher died between kombu's fetch and
+# the note of its receipt (a worker notes at once what it fetches; killed in between, it
+# leaves the task in no held set); or a live worker's note was lost with Redis, and its
+# first beat back names the task again: a sweep comes only OUTAGE_GRACE after the
+# sweeper's own outage. Longer than that and a reconnection (0.25-1 s); a worker that
+# holds the task anyway (its beats stopped longer, as a frozen one's) finds its copy
+# superseded (.fence). Was 30 s: a callback fetched by a worker killed in that window
+# came 44 s late in a crash run.
+ORPHAN_AFTER: Final = 10.0
 # A delivery given back under a new tag is remembered this long (Keys.superseded): a
 # worker frozen longer than this, holding the old copy, would run it when it wakes up.
 SUPERSEDED_FOR: Final = 86_400.0

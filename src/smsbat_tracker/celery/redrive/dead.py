@@ -27,7 +27,7 @@ from typing import Final
 
 import redis
 
-from smsbat_tracker.celery.redrive.bounds import GONE_AFTER, HELD_CHUNK, SWEEP_LIMIT
+from smsbat_tracker.celery.redrive.bounds import GONE_AFTER, HELD_CHUNK, SWEEP_LIMIT, chunked
 from smsbat_tracker.celery.redrive.giveback import GiveBack
 from smsbat_tracker.celery.redrive.held import connection_name
 from smsbat_tracker.celery.tracker import Tracker
@@ -104,12 +104,13 @@ class DeadWorkers:
         restored = 0
         for holder in map(str, dead):
             key = self.keys.held(holder)
-            for _ in range(HELD_LOOKS):
-                tags = [str(t) for t in self.redis.srandmember(key, HELD_CHUNK) or []]
-                if not tags:
-                    break
+            # All the looks at once, so that they go back in one due order (.giveback);
+            # forgotten only once given back (a sweeper dying meanwhile leaves them noted).
+            tags = [str(t) for t in self.redis.srandmember(key, HELD_CHUNK * HELD_LOOKS) or []]
+            if tags:
                 restored += self.giveback.restore(tags, "redrive.restored", holder=holder)
-                self.redis.srem(key, *tags)
+                for chunk in chunked(tags, HELD_CHUNK):
+                    self.redis.srem(key, *chunk)
             if not self.redis.scard(key):
                 self.redis.zrem(holders, holder)
                 self.redis.zrem(self.keys.beats(), holder)

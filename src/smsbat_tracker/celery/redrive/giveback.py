@@ -11,8 +11,11 @@ worker that was only frozen, and wakes up holding its copy, does not run it too
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -25,9 +28,20 @@ from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.keys import Keys
 
-__all__ = ["GiveBack"]
+__all__ = ["GiveBack", "due_time"]
 
 log = get_logger(__name__)
+
+
+def due_time(raw: str | bytes) -> float:
+    """When an unacknowledged message (kombu's ``unacked`` entry) is due: its Celery ``eta``
+    header as a timestamp; ``-inf`` when it has none (due at once) or it cannot be read."""
+    try:
+        payload = json.loads(raw)[0]
+        eta = payload["headers"].get("eta")
+        return datetime.fromisoformat(eta).timestamp() if eta else -math.inf
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return -math.inf
 
 
 class GiveBack:
@@ -49,11 +63,30 @@ class GiveBack:
             left += [tag for tag, there in zip(chunk, pipe.execute(), strict=True) if there]
         return left
 
+    def in_giving_order(self, tags: Iterable[str]) -> list[str]:
+        """The ``tags`` still unacked, in the order to give them back: the latest due first.
+
+        Each goes back to the end of its queue consumed next, so the last given back is
+        fetched first: the tasks due longest ago (a tracking's run keeps its place in the
+        rate limit's line) and those with no due time (a callback, its outcome known)
+        reach a worker's pool ahead of runs that have time. Given back in the order a
+        worker's held set happened to list them, a run whose turn had come waited behind
+        a hundred that were only going to be told to come back later.
+        """
+        unacked = self.tracker.engine.unacked_key()
+        found: list[tuple[float, str]] = []
+        for chunk in chunked(tags, HELD_CHUNK):
+            raws = self.redis.hmget(unacked, chunk)
+            found += [(due_time(raw), tag) for tag, raw in zip(chunk, raws, strict=True) if raw]
+        found.sort(key=lambda pair: pair[0], reverse=True)
+        return [tag for _, tag in found]
+
     def restore(self, tags: Iterable[str], event: str, **fields: Any) -> int:
-        """Give back the ``tags`` still unacked; how many were (logged as ``event``, and
-        counted in ``smsbat_redrives_total{kind="restored"}`` whatever the reason: a dead
-        worker's, a dropped one, an orphan)."""
-        left = self.still_unacked(tags)
+        """Give back the ``tags`` still unacked, the latest due first (see
+        :meth:`in_giving_order`); how many were (logged as ``event``, and counted in
+        ``smsbat_redrives_total{kind="restored"}`` whatever the reason: a dead worker's, a
+        dropped one, an orphan)."""
+        left = self.in_giving_order(tags)
         if not left:
             return 0
         require_kombu()
