@@ -11,11 +11,13 @@ what it relies on (tests/test_compat*.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import metadata
+from typing import Any
 
 from smsbat_tracker.errors import UnsupportedVersion
 
-__all__ = ["require", "version_tuple"]
+__all__ = ["patch_once", "patched", "require", "version_tuple"]
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -42,3 +44,20 @@ def require(package: str, lowest: str, below: str) -> str:
     if not version_tuple(lowest) <= version_tuple(version) < version_tuple(below):
         raise UnsupportedVersion(package, version, f">={lowest},<{below}")
     return version
+
+
+def patched(owner: Any, name: str, mark: str) -> bool:
+    """Whether ``owner.<name>`` carries the patch marked ``mark``."""
+    return bool(getattr(getattr(owner, name, None), mark, False))
+
+
+def patch_once(owner: Any, name: str, wrap: Callable[[Any], Any], mark: str) -> bool:
+    """Replace ``owner.<name>`` with ``wrap(owner.<name>)``, marked ``mark``, unless it is
+    marked already (a second install, or the same patch imported twice); True when it
+    patched."""
+    if patched(owner, name, mark):
+        return False
+    wrapped = wrap(getattr(owner, name))
+    setattr(wrapped, mark, True)
+    setattr(owner, name, wrapped)
+    return True

@@ -22,7 +22,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, Final
 
-from smsbat_tracker.celery.compat import require
+from smsbat_tracker.celery.compat import patch_once, patched, require
 from smsbat_tracker.log import get_logger
 
 __all__ = ["BELOW", "LOWEST", "PACKAGE", "install", "installed", "keep_handed_jobs"]
@@ -61,7 +61,6 @@ def keep_handed_jobs(flush: Callable[[Any], None]) -> Callable[[Any], None]:
         if kept:
             log.info("pool.kept_handed_jobs", jobs=kept)
 
-    setattr(keeping, _MARK, True)
     return keeping
 
 
@@ -72,13 +71,11 @@ def install() -> None:
     require(PACKAGE, LOWEST, BELOW)
     from celery.concurrency.asynpool import AsynPool
 
-    if getattr(AsynPool.flush, _MARK, False):
-        return
-    AsynPool.flush = keep_handed_jobs(AsynPool.flush)  # type: ignore[method-assign,assignment]
+    patch_once(AsynPool, "flush", keep_handed_jobs, _MARK)
 
 
 def installed() -> bool:
     """Whether ``AsynPool.flush`` carries this patch."""
     from celery.concurrency.asynpool import AsynPool
 
-    return bool(getattr(AsynPool.flush, _MARK, False))
+    return patched(AsynPool, "flush", _MARK)

@@ -21,7 +21,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, Final
 
-from smsbat_tracker.celery.compat import require
+from smsbat_tracker.celery.compat import patch_once, patched, require
 
 __all__ = ["BELOW", "INTERVALS", "LOWEST", "PACKAGE", "install", "installed", "quick_retries"]
 
@@ -50,7 +50,6 @@ def quick_retries(
             with contextlib.suppress(AttributeError):
                 del conn.ensure_connection
 
-    setattr(quick, _MARK, True)
     return quick
 
 
@@ -61,13 +60,11 @@ def install() -> None:
     require(PACKAGE, LOWEST, BELOW)
     from celery.worker.consumer.consumer import Consumer
 
-    if getattr(Consumer.ensure_connected, _MARK, False):
-        return
-    Consumer.ensure_connected = quick_retries(Consumer.ensure_connected)  # type: ignore[method-assign,assignment]
+    patch_once(Consumer, "ensure_connected", quick_retries, _MARK)
 
 
 def installed() -> bool:
     """Whether ``Consumer.ensure_connected`` carries this patch."""
     from celery.worker.consumer.consumer import Consumer
 
-    return bool(getattr(Consumer.ensure_connected, _MARK, False))
+    return patched(Consumer, "ensure_connected", _MARK)

@@ -20,10 +20,10 @@ import functools
 from collections.abc import Callable
 from typing import Any, Final
 
-from smsbat_tracker.celery.compat import require
+from smsbat_tracker.celery.compat import patch_once, patched, require
 from smsbat_tracker.log import get_logger
 
-__all__ = ["BELOW", "LOWEST", "PACKAGE", "install", "installed"]
+__all__ = ["BELOW", "LOWEST", "PACKAGE", "fenced", "install", "installed"]
 
 log = get_logger(__name__)
 
@@ -49,9 +49,11 @@ def install(superseded: Callable[[Any], bool]) -> None:
     from celery.worker.request import Request
 
     _FENCE["fence"] = superseded
-    if getattr(Request.revoked, _MARK, False):
-        return
-    original = Request.revoked
+    patch_once(Request, "revoked", fenced, _MARK)
+
+
+def fenced(original: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """``Request.revoked``, also true (the request skipped) for one the fence names."""
 
     @functools.wraps(original)
     def revoked(self: Any) -> bool:
@@ -63,8 +65,7 @@ def install(superseded: Callable[[Any], bool]) -> None:
         _skip(self)
         return True
 
-    setattr(revoked, _MARK, True)
-    Request.revoked = revoked  # type: ignore[method-assign]
+    return revoked
 
 
 def uninstall() -> None:
@@ -76,7 +77,7 @@ def installed() -> bool:
     """Whether Celery's worker Request carries this patch."""
     from celery.worker.request import Request
 
-    return bool(getattr(Request.revoked, _MARK, False))
+    return patched(Request, "revoked", _MARK)
 
 
 def _skip(request: Any) -> None:
