@@ -22,6 +22,7 @@ from smsbat_tracker.celery.names import PUBLISHED_AT
 from smsbat_tracker.celery.redrive import LOCK_MS, RESEND_LIMIT, SWEEP_LIMIT, Redriver
 from smsbat_tracker.celery.redrive.bounds import (
     GONE_AFTER,
+    HANDED_AFTER,
     HELD_CHUNK,
     ORPHAN_AFTER,
     RAN_FOR,
@@ -454,6 +455,70 @@ def test_a_dead_workers_tasks_go_back_so_that_the_most_overdue_are_fetched_first
     ]
     assert fetched_next_first == ["callback", "early", "middle", "late"]
     connection.release()
+
+
+@pytest.mark.parametrize("then", ["gone", "quiet"])
+def test_what_a_frozen_worker_handed_to_its_pool_waits_for_it(
+    tracker_app: Any, redis_client: redis.Redis, then: str
+) -> None:
+    """A worker that stops beating but is not gone (frozen: its connections stay open) gets
+    back only what it had not handed to its pool: a task past Celery's ``revoked()`` check
+    runs when the worker wakes up, and a copy given back would run too. Once the worker
+    is found gone, or has been quiet for HANDED_AFTER, that one goes back as well."""
+    for x in ("waiting", "handed"):
+        tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": x},))
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    waiting, handed = (channel.basic_get("celery", no_ack=False) for _ in range(2))
+    frozen, sweeper = Redriver(tracker_app, redis_client), Redriver(tracker_app, redis_client)
+    now = time.time()
+    name = "smsbat_tracker.recipes.record_outcome"
+    requests = [
+        SimpleNamespace(message=waiting, name=name),
+        SimpleNamespace(message=handed, name=name, _apply_result=object()),
+    ]
+    frozen.held.note_held(requests, now - 10)
+    keys = Keys()
+    assert redis_client.smembers(keys.held_handed(frozen.holder)) == {str(handed.delivery_tag)}
+    assert sweeper.dead.restore(now) == 1
+    [back] = redis_client.lrange("celery", 0, -1)
+    assert json.loads(back)["headers"]["id"] == waiting.headers["id"]
+    assert redis_client.zscore(keys.holders(), frozen.holder) is not None  # still waited for
+    if then == "gone":
+        redis_client.zadd(keys.holders(), {frozen.holder: 0})
+        assert sweeper.dead.restore(now) == 1
+    else:
+        assert sweeper.dead.restore(now - 10 + HANDED_AFTER + 1) == 1
+    assert redis_client.llen("celery") == 2
+    assert redis_client.zscore(keys.holders(), frozen.holder) is None
+    assert not redis_client.exists(keys.held_handed(frozen.holder))
+    connection.release()
+
+
+def test_the_handed_set_holds_what_the_fence_let_through_until_it_is_done(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A follow-up the fence lets through is noted as handed with the next flush; a
+    tracking run (its session fences it) is not. The beat writes the set anew from what
+    the worker holds: a task done since leaves it."""
+    redriver = Redriver(tracker_app, redis_client)
+    key = Keys().held_handed(redriver.holder)
+    callback = SimpleNamespace(
+        name="smsbat_tracker.recipes.record_outcome",
+        id="cb-1",
+        message=SimpleNamespace(delivery_tag="tag-cb", headers={}),
+    )
+    run = SimpleNamespace(
+        name="smsbat_tracker.track_message",
+        id="run-1",
+        message=SimpleNamespace(delivery_tag="tag-run", headers={}),
+    )
+    assert redriver.fence.superseded(callback) is False
+    assert redriver.fence.superseded(run) is False
+    redriver.held.flush_received()
+    assert redis_client.smembers(key) == {"tag-cb"}
+    redriver.held.note_held([], time.time())  # the callback ran and was acknowledged
+    assert not redis_client.exists(key)
 
 
 def test_due_time_reads_the_eta_header_and_anything_else_is_due_at_once() -> None:

@@ -129,6 +129,12 @@ class Keys:
         """Set: the broker delivery tags a worker held at its last heartbeat."""
         return f"{self.prefix}:held:{holder}"
 
+    def held_handed(self, holder: str) -> str:
+        """Set: the delivery tags of the follow-ups (and other tasks the tracker cannot
+        fence by a token) that a worker had handed to its pool: a frozen worker runs them
+        when it wakes up, whatever was given back meanwhile."""
+        return f"{self.prefix}:held:{holder}:handed"
+
     def superseded(self) -> str:
         """Sorted set: delivery tags given back to the queue under a new tag -> when.
 

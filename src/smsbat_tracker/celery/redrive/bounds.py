@@ -11,6 +11,7 @@ from typing import Final, TypeVar
 
 __all__ = [
     "GONE_AFTER",
+    "HANDED_AFTER",
     "HEARTBEAT",
     "HELD_CHUNK",
     "LOCK_MS",
@@ -57,6 +58,12 @@ RESEND_LIMIT: Final = 3
 # superseded (.fence). Was 30 s: a callback fetched by a worker killed in that window
 # came 44 s late in a crash run.
 ORPHAN_AFTER: Final = 10.0
+# The tasks a worker that stopped beating had handed to its pool go back only once it is
+# found gone (its process died) or this long after its last beat: a frozen worker runs
+# them when it wakes up (Celery asks revoked() only before the hand-off), so giving them
+# back sooner would run them twice. A node lost with its connections open (a power cut)
+# delays them by this much.
+HANDED_AFTER: Final = 60.0
 # A delivery given back under a new tag is remembered this long (Keys.superseded): a
 # worker frozen longer than this, holding the old copy, would run it when it wakes up.
 SUPERSEDED_FOR: Final = 86_400.0

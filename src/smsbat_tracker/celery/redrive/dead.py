@@ -23,11 +23,17 @@ touched.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final, cast
 
 import redis
 
-from smsbat_tracker.celery.redrive.bounds import GONE_AFTER, HELD_CHUNK, SWEEP_LIMIT, chunked
+from smsbat_tracker.celery.redrive.bounds import (
+    GONE_AFTER,
+    HANDED_AFTER,
+    HELD_CHUNK,
+    SWEEP_LIMIT,
+    chunked,
+)
 from smsbat_tracker.celery.redrive.giveback import GiveBack
 from smsbat_tracker.celery.redrive.held import connection_name
 from smsbat_tracker.celery.tracker import Tracker
@@ -99,14 +105,22 @@ class DeadWorkers:
         self.find_gone(now, since)
         holders = self.keys.holders()
         dead = self.redis.zrangebyscore(
-            holders, "-inf", repr(now - self.settings.redrive_after), start=0, num=SWEEP_LIMIT
+            holders,
+            "-inf",
+            repr(now - self.settings.redrive_after),
+            start=0,
+            num=SWEEP_LIMIT,
+            withscores=True,
         )
         restored = 0
-        for holder in map(str, dead):
+        for member, beat in cast("list[tuple[Any, float]]", dead):
+            holder = str(member)
             key = self.keys.held(holder)
+            keep = self.left_to_it(holder, float(beat), now)
             # All the looks at once, so that they go back in one due order (.giveback);
             # forgotten only once given back (a sweeper dying meanwhile leaves them noted).
-            tags = [str(t) for t in self.redis.srandmember(key, HELD_CHUNK * HELD_LOOKS) or []]
+            looked = self.redis.srandmember(key, HELD_CHUNK * HELD_LOOKS) or []
+            tags = [t for t in map(str, looked) if t not in keep]
             if tags:
                 restored += self.giveback.restore(tags, "redrive.restored", holder=holder)
                 for chunk in chunked(tags, HELD_CHUNK):
@@ -114,4 +128,14 @@ class DeadWorkers:
             if not self.redis.scard(key):
                 self.redis.zrem(holders, holder)
                 self.redis.zrem(self.keys.beats(), holder)
+                self.redis.delete(self.keys.held_handed(holder))
         return restored
+
+    def left_to_it(self, holder: str, beat: float, now: float) -> set[str]:
+        """The tags a worker that stopped beating at ``beat`` had handed to its pool, which
+        wait for it: a frozen worker runs them when it wakes up (Celery asks ``revoked()``
+        only before the hand-off), so a copy given back would run as well. None once it is
+        gone (score 0: its process died, .find_gone) or quiet for :data:`.HANDED_AFTER`."""
+        if beat <= 0 or now - beat >= HANDED_AFTER:
+            return set()
+        return {str(t) for t in self.redis.smembers(self.keys.held_handed(holder))}

@@ -67,6 +67,9 @@ class Fence:
         # nothing anyone could have given back.
         self._beat = (time.monotonic(), time.time())
         self._paused_until = 0.0
+        # Told of each copy the fence lets through (it goes to the pool now): the held
+        # registry notes it apart (HeldRegistry.note_handed).
+        self.on_handed: Callable[[Any], None] | None = None
 
     def _since(self, mark: tuple[float, float], until: tuple[float, float] | None = None) -> float:
         """Seconds from ``mark`` to ``until`` (default now): the monotonic clock stops in a
@@ -110,7 +113,14 @@ class Fence:
     def superseded(self, request: Any) -> bool:
         """Whether ``request``'s copy was given back from under this worker, or is a
         follow-up that already ran (Celery asks before it runs the task; see the module's
-        docstring)."""
+        docstring). A copy let through is handed to the pool: :attr:`on_handed` is told."""
+        if self._superseded_copy(request):
+            return True
+        if self.on_handed is not None:
+            self.on_handed(request)
+        return False
+
+    def _superseded_copy(self, request: Any) -> bool:
         if getattr(request, "name", None) == TRACK_TASK:
             return False
         message = getattr(request, "message", None)

@@ -27,7 +27,8 @@ from smsbat_tracker.celery.compat.kombu_qos import (
     make_deferred_acks,
     replay_acks_since,
 )
-from smsbat_tracker.celery.redrive.bounds import HEARTBEAT, HELD_CHUNK, chunked
+from smsbat_tracker.celery.names import DUE_INDEXED
+from smsbat_tracker.celery.redrive.bounds import HANDED_AFTER, HEARTBEAT, HELD_CHUNK, chunked
 from smsbat_tracker.celery.redrive.giveback import GiveBack
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.log import get_logger
@@ -38,6 +39,8 @@ __all__ = [
     "HeldRegistry",
     "connection_name",
     "consumed_queues",
+    "fenced_by_token",
+    "handed_to_pool",
     "held_requests",
     "ran_here",
     "request_tag",
@@ -82,6 +85,21 @@ def running_requests() -> list[Any]:
     while True:
         with contextlib.suppress(RuntimeError):  # changed while being copied: copy again
             return list(state.active_requests)
+
+
+def fenced_by_token(request: Any) -> bool:
+    """Whether a copy of ``request`` that runs after another stops by itself: a tracking's
+    run (its session's token) or a campaign tick (its chain's run)."""
+    return getattr(request, "name", None) in DUE_INDEXED
+
+
+def handed_to_pool(request: Any) -> bool:
+    """Whether this worker handed ``request`` to its pool (``execute_using_pool``, after
+    Celery's ``revoked()`` check) or a pool process started it: it runs even after a freeze."""
+    return (
+        getattr(request, "_apply_result", None) is not None
+        or getattr(request, "time_start", None) is not None
+    )
 
 
 def request_tag(request: Any) -> str | None:
@@ -131,6 +149,10 @@ class HeldRegistry:
         self._noted: set[str] = set()  # the tags the held set has, as far as we know
         self._received: dict[str, float] = {}  # tags noted at receipt -> when
         self._pending: list[str] = []  # received, to be noted by flush_received
+        # Tags handed to the pool that a token does not fence (see note_handed); those
+        # not written to Redis yet.
+        self._handed: set[str] = set()
+        self._handed_pending: list[str] = []
         self._gone: set[str] = set()  # tags no longer held at the last beat
         # The requests behind the tags noted and gone: whether this worker ran one decides
         # between acknowledging it again and giving it back.
@@ -172,16 +194,33 @@ class HeldRegistry:
         if len(pipe):
             pipe.execute()
 
+    def note_handed(self, request: Any) -> None:
+        """A task about to be handed to the pool (Celery asked ``revoked()``, the fence said
+        no): unless a token fences it, it is noted apart with the next
+        :meth:`flush_received`. Should this worker freeze, the others leave it to this
+        worker rather than give it back (:mod:`.dead`): it would run here on waking up,
+        past any check, and the copy given back would run too."""
+        tag = request_tag(request)
+        if tag is None or fenced_by_token(request):
+            return
+        with self._lock:
+            self._handed.add(tag)
+            self._handed_pending.append(tag)
+
     def flush_received(self) -> int:
-        """Note the tags received with ``at_once=False`` since the last call; how many.
+        """Note the tags received with ``at_once=False``, and those handed to the pool,
+        since the last call; how many were received.
 
         Raises :class:`redis.RedisError` (they are then noted by the next beat, which
-        notes every tag received).
+        notes every tag received and handed).
         """
         with self._lock:
             tags, self._pending = self._pending, []
+            handed, self._handed_pending = self._handed_pending, []
         for chunk in chunked(tags, HELD_CHUNK):
             self.redis.sadd(self.keys.held(self.holder), *chunk)
+        if handed:
+            self.redis.sadd(self.keys.held_handed(self.holder), *handed)
         return len(tags)
 
     def _note_receipts(self, pipe: Any, task_ids: list[str]) -> None:
@@ -220,6 +259,11 @@ class HeldRegistry:
             keep = held | set(self._received)
             gone = self._noted - keep
             self._requests.update(by_tag)
+            self._handed = (self._handed & keep) | {
+                t for t, r in by_tag.items() if handed_to_pool(r) and not fenced_by_token(r)
+            }
+            handed = sorted(self._handed)
+            self._handed_pending = []
         key = self.keys.held(self.holder)
         # Not a transaction: a worker holding thousands of countdowns writes them in bounded
         # commands. The beat comes last, so a sweep that sees it finds the held set written.
@@ -235,7 +279,14 @@ class HeldRegistry:
         if self._queues:
             pipe.hset(self.keys.worker_queues(), mapping=dict.fromkeys(self._queues, repr(now)))
         # Outlives the holder long enough for a sweep to read it after its death.
-        pipe.pexpire(key, int(max(60.0, 10 * self.tracker.settings.redrive_after) * 1000))
+        ttl_ms = int(max(2 * HANDED_AFTER, 10 * self.tracker.settings.redrive_after) * 1000)
+        pipe.pexpire(key, ttl_ms)
+        # What it has handed to its pool, written whole (a finished task leaves it).
+        handed_key = self.keys.held_handed(self.holder)
+        pipe.delete(handed_key)
+        if handed:
+            pipe.sadd(handed_key, *handed)
+            pipe.pexpire(handed_key, ttl_ms)
         self._beat(
             self.keys.holders(), self.keys.beats(), self.holder, now, named=self.named, client=pipe
         )

@@ -62,6 +62,7 @@ class Redriver:
         self.follow_ups = FollowUps(self.tracker, client)
         self.lost_runs = LostRuns(self.app, client, self.keys)
         self.fence = Fence(client, self.keys, self.settings.redrive_after)
+        self.fence.on_handed = self.held.note_handed
         self._unlock = Unlock(client)
 
     def run_once(self) -> None:
