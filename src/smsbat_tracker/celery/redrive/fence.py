@@ -20,9 +20,14 @@ A follow-up the tracker sent (a callback, a report) is also skipped when it alre
 its acknowledgement marked it (``Keys.ran``, see :mod:`.follow_ups`), and a copy that a
 failover brought back (the new master never saw it popped) or a give-back returned finds
 the mark. That costs one ``EXISTS`` per follow-up. A tracking's own runs are fenced by
-its session (a superseded run stops at its first Redis call), and cost nothing here. A
-task already running when the worker froze runs to its end: nothing can stop it, and the
-README says so.
+its session (a superseded run stops at its first Redis call), and cost nothing here.
+
+Celery asks ``revoked()`` only before it hands a task to the pool: a task handed over
+(running, or waiting for a pool process) when the worker froze runs when it wakes up,
+whatever the fence would say. So the fence tells :attr:`Fence.on_handed` of each copy it
+lets through; the held registry notes it apart, and the others leave it to the frozen
+worker instead of giving it back (:mod:`.dead`), until the worker is found gone or has
+been quiet for :data:`.bounds.HANDED_AFTER`.
 """
 
 from __future__ import annotations
