@@ -371,3 +371,13 @@ def test_an_acknowledgement_made_late_marks_the_follow_up_too(
     assert not redis_client.hexists("unacked", "tag-late")
     assert redis_client.zscore(keys.unreceived(), "late-id") is None
     assert redis_client.exists(keys.ran("late-id"))
+
+
+def test_celery_marks_a_request_it_handed_to_the_pool() -> None:
+    """What ``held.handed_to_pool`` relies on (the tasks a frozen worker runs on waking up,
+    past ``revoked()``): both hand-off paths keep the pool's result as ``_apply_result``
+    (None before), and a request a pool process started has a ``time_start``."""
+    source = inspect.getsource(celery_request_module)
+    assert source.count("self._apply_result = maybe(ref, result)") >= 2
+    assert celery_request_module.Request._apply_result is None
+    assert "self.time_start = " in inspect.getsource(celery_request_module.Request.on_accepted)

@@ -284,8 +284,9 @@ class HeldRegistry:
         # What it has handed to its pool, written whole (a finished task leaves it).
         handed_key = self.keys.held_handed(self.holder)
         pipe.delete(handed_key)
+        for chunk in chunked(handed, HELD_CHUNK):
+            pipe.sadd(handed_key, *chunk)
         if handed:
-            pipe.sadd(handed_key, *handed)
             pipe.pexpire(handed_key, ttl_ms)
         self._beat(
             self.keys.holders(), self.keys.beats(), self.holder, now, named=self.named, client=pipe
