@@ -321,10 +321,12 @@ def test_what_a_dead_worker_held_goes_back_to_the_queue(
     assert redis_client.zrange(Keys().holders(), 0, -1) == [alive.holder]
     assert alive.dead.restore(now + 60) == 1
     assert redis_client.hlen("unacked") == 0
-    # A stop that gave everything back leaves nothing.
+    # A stop that gave everything back leaves nothing, its handed set included.
+    redis_client.sadd(Keys().held_handed(alive.holder), "handed-before-the-stop")
     alive.held.retire(now + 60)
     assert redis_client.zcard(Keys().holders()) == 0
     assert not redis_client.exists(Keys().held(alive.holder))
+    assert not redis_client.exists(Keys().held_handed(alive.holder))
     connection.release()
 
 

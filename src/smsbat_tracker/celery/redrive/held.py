@@ -341,5 +341,6 @@ class HeldRegistry:
                 self.redis.zadd(self.keys.holders(), {self.holder: now})
                 return
         self.redis.unlink(key)  # freed in the background, however many tags it had
+        self.redis.unlink(self.keys.held_handed(self.holder))
         self.redis.zrem(self.keys.holders(), self.holder)
         self.redis.zrem(self.keys.beats(), self.holder)
