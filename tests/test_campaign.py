@@ -259,3 +259,36 @@ def test_a_tick_chain_is_one_task_in_flower(
         task_prerun.disconnect(note)
     assert len(runs) > tracker_app.settings.campaign_ticks  # it ticked more than once a chain
     assert len(set(runs)) <= tracker_app.settings.campaign_ticks
+
+
+@pytest.mark.parametrize(("rate_limit", "polled"), [(50.0, 10), (0.0, 40)])
+def test_a_tick_under_a_rate_limit_hands_its_process_back_after_one_batch(
+    tracker_app: Any,
+    make_settings: Any,
+    sandbox: SandboxServer,
+    rate_limit: float,
+    polled: int,
+) -> None:
+    """Under a rate limit a tick run checks one batch and hands its worker process back
+    (its next run comes at once, behind the checks and callbacks waiting for a process):
+    a batch's requests go at the limit's pace, and a tick that worked through batch after
+    batch slept that pace out on the process while the worker's other tasks waited
+    seconds. Without a limit it works through every due batch within its budget."""
+    from smsbat_tracker.celery.campaigns import campaign_tick
+    from smsbat_tracker.celery.task_base import NextRun
+
+    tracker_app.reconfigure(make_settings(campaign_batch=10, rate_limit=rate_limit))
+    runner = tracker_app.campaigns
+    ids = list(make_messages(sandbox, 40))
+    runner.register(
+        "one-batch",
+        ids,
+        deadline=60,
+        subscription=Subscription(),
+        on_report=None,
+        enqueued_at=time.time() - 30,  # every first check is due
+    )
+    slot, run = next(iter(runner.chains("one-batch").items()))
+    with pytest.raises(NextRun):  # called directly, Celery raises the retry's reason
+        campaign_tick("one-batch", slot=slot, run=run)
+    assert sum(sandbox.state.truth(m)["polls"] for m in ids) == polled

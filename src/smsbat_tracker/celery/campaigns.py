@@ -44,9 +44,22 @@ __all__ = ["campaign_tick", "get_campaign_report", "track_campaign"]
 
 log = get_logger(__name__)
 
-# A campaign tick works through due batches for this long before handing over: short,
-# so that a worker killed mid-tick loses little.
+# Without a rate limit, a campaign tick works through due batches for this long before
+# handing over (fewer task round trips at thousands of checks a second): short, so that a
+# worker killed mid-tick loses little.
 _TICK_BUDGET = 2.0
+
+
+def tick_budget(*, limited: bool) -> float:
+    """How long one campaign tick run works through due batches before it hands its
+    worker process back.
+
+    Under a rate limit, one batch (the limit's share of a second for its chain): a batch's
+    requests go out at the limit's pace, so a tick that looped would sleep out the pace on
+    the process, and a campaign's chains would hold a worker's every process for seconds
+    while its checks, and the callbacks of final messages, waited behind them.
+    """
+    return 0.0 if limited else _TICK_BUDGET
 
 
 class CampaignTask(TrackerTask):
@@ -186,7 +199,7 @@ def campaign_tick(
     if fenced and not runner.holds(campaign_id, cast(int, slot), cast(str, run)):
         log.info("campaign.tick_superseded", campaign_id=campaign_id, slot=slot)
         return {"claimed": 0, "api_calls": 0, "recorded": 0, "superseded": True}
-    until = time.monotonic() + _TICK_BUDGET
+    until = time.monotonic() + tick_budget(limited=runner.engine.limiter.enabled)
     claimed = calls = recorded = 0
     while True:
         result = runner.tick(campaign_id, slot, run)
