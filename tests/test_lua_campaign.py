@@ -180,6 +180,70 @@ def test_turns_without_a_turn_puts_the_batch_back_as_it_was(
     assert redis_client.get(keys.rate_limit()) is None
 
 
+def _chain_turns(
+    client: redis.Redis, keys: Keys, limiter: RateLimiter, ids: list[str], due_at: float
+) -> Turn:
+    """Run campaign_turns.lua for chain 0's batch ``ids``, due at ``due_at``, at the
+    batch's own pace plus a quarter second (as a tick asks)."""
+    return Turns(client)(
+        rate_keys=limiter.keys,
+        due_key=keys.campaign_due(CAMPAIGN),
+        gate_keys=[keys.poll_gate(m) for m in ids],
+        limited=True,
+        gate_ms=1000,
+        reserve_args=limiter.script_args(
+            len(ids), ahead=len(ids) / limiter.rate + 0.25, waiter="c:camp:0", due_at=due_at
+        ),
+        messages=[(m, due_at) for m in ids],
+        ticket_key=keys.campaign_ticket(CAMPAIGN, 0),
+        ticket_grace=1.0,
+    )
+
+
+def test_a_chain_first_in_line_holds_a_ticket_its_next_tick_takes(
+    redis_client: redis.Redis, keys: Keys, settings: Settings
+) -> None:
+    """A chain's batch first in line, whose tokens are due beyond its own wait, books them
+    anyway (the chain's ticket) and goes back in the due set, told to come back for them:
+    trackings behind it can no longer keep the bucket booked further ahead than a batch
+    may wait. The chain's next tick takes the ticket, booking nothing more, once it is due
+    within its wait; a tick too late for it asks again in its place."""
+    limiter = RateLimiter(redis_client, settings, keys, rate=50)
+    ticket_key = keys.campaign_ticket(CAMPAIGN, 0)
+    sec, usec = redis_client.time()
+    tat = sec * 1_000_000 + usec + 700_000  # the bucket booked 0.7 s ahead
+    redis_client.set(keys.rate_limit(), tat, px=10_000)
+    now = time.time()
+    due = keys.campaign_due(CAMPAIGN)
+    ids = ["a", "b", "c"]
+    redis_client.zadd(due, dict.fromkeys(ids, now + 60))  # leased by the claim
+    first = _chain_turns(redis_client, keys, limiter, ids, now - 1)
+    assert not first.booked  # not yet: the tick comes back when the tokens come due
+    assert 0 < first.wait_us <= 700_000
+    assert redis_client.zscore(due, "a") == pytest.approx(now - 1)  # back as it was
+    booked = int(redis_client.get(keys.rate_limit()))
+    assert booked == tat + 3 * limiter.interval_us  # its three tokens are booked
+    last, count = redis_client.get(ticket_key).split(":")
+    assert count == "3"
+    assert int(last) >= tat
+    again = _chain_turns(redis_client, keys, limiter, ids, now - 1)  # came back early
+    assert not again.booked
+    assert int(redis_client.get(keys.rate_limit())) == booked  # nothing booked again
+    # Due within the batch's wait: the next tick takes it, gates and all.
+    redis_client.set(ticket_key, f"{int((time.time() + 0.1) * 1e6)}:3")
+    taken = _chain_turns(redis_client, keys, limiter, ids, now - 1)
+    assert taken.booked
+    assert taken.gates == [True, True, True]
+    assert taken.wait_us <= 100_000
+    assert not redis_client.exists(ticket_key)
+    assert int(redis_client.get(keys.rate_limit())) == booked
+    # Far too late for a ticket: asked again, in its place in the line.
+    redis_client.delete(*(keys.poll_gate(m) for m in ids))
+    redis_client.set(ticket_key, f"{int((time.time() - 5) * 1e6)}:3")
+    _chain_turns(redis_client, keys, limiter, ids, now - 1)
+    assert int(redis_client.get(keys.rate_limit())) == booked + 3 * limiter.interval_us
+
+
 def _after(
     client: redis.Redis,
     keys: Keys,

@@ -121,15 +121,27 @@ class Turns(Script):
         gate_ms: int,
         reserve_args: Sequence[Any],
         messages: Sequence[tuple[str, float]],
+        ticket_key: str = "",
+        ticket_grace: float = 0.0,
     ) -> Turn:
         """``rate_keys``: RateLimiter.keys; ``reserve_args``: RateLimiter.script_args;
-        ``gate_keys``: each message's gate, in the order of ``messages`` (id, due time)."""
+        ``gate_keys``: each message's gate, in the order of ``messages`` (id, due time).
+        ``ticket_key``: the tick chain's ticket ('' for a tick outside a chain, which holds
+        none), taken up to ``ticket_grace`` seconds after its tokens came due."""
         if len(gate_keys) != len(messages):
             raise ValueError("one gate key per message")
-        args: list[Any] = ["1" if limited else "", gate_ms, *reserve_args, len(messages)]
+        args: list[Any] = [
+            "1" if limited else "",
+            gate_ms,
+            *reserve_args,
+            "1" if ticket_key else "",
+            int(ticket_grace * 1_000_000),
+            len(messages),
+        ]
         for message_id, due_at in messages:
             args += [message_id, repr(due_at)]
-        code, wait_us, gates = self.run([*rate_keys, due_key, *gate_keys], args)
+        keys = [*rate_keys, due_key, ticket_key or due_key, *gate_keys]
+        code, wait_us, gates = self.run(keys, args)
         return Turn(
             TurnsCode(int(code)) is TurnsCode.BOOKED, int(wait_us), [bool(int(g)) for g in gates]
         )

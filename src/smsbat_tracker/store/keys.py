@@ -92,6 +92,11 @@ class Keys:
         checking, each scored by when it fell due (where it goes back if the tick dies)."""
         return f"{self.prefix}:campaign:{{{campaign_id}}}:claimed:{slot}"
 
+    def campaign_ticket(self, campaign_id: str, slot: int) -> str:
+        """The rate-limit tokens the tick chain ``slot`` booked ahead for its next batch:
+        ``"<us the last is due>:<count>"``, expiring soon after they come due."""
+        return f"{self.prefix}:campaign:{{{campaign_id}}}:ticket:{slot}"
+
     def campaign_unsent(self, campaign_id: str) -> str:
         """Hash: message id -> ms at which its recorded outcome's callback was claimed."""
         return f"{self.prefix}:campaign:{{{campaign_id}}}:unsent"

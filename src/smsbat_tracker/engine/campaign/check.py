@@ -22,6 +22,7 @@ from smsbat_tracker.rules.decide import (
 )
 from smsbat_tracker.rules.seen import CachedStatus
 from smsbat_tracker.store.campaign_scripts import Turns
+from smsbat_tracker.store.ratelimit import TICKET_GRACE
 
 __all__ = ["BatchCheck", "parse_cached", "read_cached"]
 
@@ -59,8 +60,10 @@ class BatchCheck:
         progress: dict[str, Progress],
         *,
         waiter: str,
+        slot: int | None = None,
     ) -> tuple[int, float | None, dict[str, Decision], dict[str, Answer]]:
-        """Check a claimed batch (``due``: each id's due time).
+        """Check a claimed batch (``due``: each id's due time) for the tick chain ``slot``
+        (None: a tick outside a chain, which holds no ticket).
 
         Returns the API calls made; when the rate limit has no turn for the batch yet, the
         seconds until it has (the messages to ask are then back in the due set); each
@@ -87,7 +90,8 @@ class BatchCheck:
         if to_call:
             # One booking for the batch, in the limit's line by its oldest message: a batch
             # never holds a worker waiting behind older checks; it goes back in the due
-            # set and its tick comes back when its turn comes. Then each message's gate,
+            # set and its tick comes back when its turn comes (first in line, with its
+            # tokens booked ahead: the chain's ticket). Then each message's gate,
             # the per-message minimum interval shared with track_message and get_status.
             booking = self._turns(
                 rate_keys=limiter.keys,
@@ -103,6 +107,8 @@ class BatchCheck:
                     due_at=min(line_position(progress[m], due_at=due[m], now=now) for m in to_call),
                 ),
                 messages=[(m, due[m]) for m in to_call],
+                ticket_key="" if slot is None else self.keys.campaign_ticket(campaign_id, slot),
+                ticket_grace=TICKET_GRACE,
             )
             wait = booking.wait_us / 1_000_000
             if not booking.booked:

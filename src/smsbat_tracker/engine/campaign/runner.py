@@ -173,7 +173,7 @@ class CampaignRunner:
             for c in claimed
         }
         api_calls, turn, decisions, answers = self._check.check(
-            campaign_id, due, cached, progress, waiter=f"c:{campaign_id}:{slot}"
+            campaign_id, due, cached, progress, waiter=f"c:{campaign_id}:{slot}", slot=slot
         )
         # A message the rules found pushed stays trusted to be pushed once its cache entry
         # expires, as a tracking's session keeps it (noted in round trip two).
