@@ -54,10 +54,11 @@ def tick_budget(*, limited: bool) -> float:
     """How long one campaign tick run works through due batches before it hands its
     worker process back.
 
-    Under a rate limit, one batch (the limit's share of a second for its chain): a batch's
-    requests go out at the limit's pace, so a tick that looped would sleep out the pace on
-    the process, and a campaign's chains would hold a worker's every process for seconds
-    while its checks, and the callbacks of final messages, waited behind them.
+    Under a rate limit, one batch (its chain's share of what the limit allows in
+    ``CLAIM_SECONDS``): a batch's requests go out at the limit's pace, so a tick that
+    looped would sleep out the pace on the process, and a campaign's chains would hold a
+    worker's every process for seconds while its checks, and the callbacks of final
+    messages, waited behind them.
     """
     return 0.0 if limited else _TICK_BUDGET
 
