@@ -45,6 +45,19 @@ def make_messages(sandbox: SandboxServer, n: int, *, never_final: int = 0) -> di
     return truth
 
 
+def register_due(runner: Any, campaign_id: str, ids: list[str]) -> None:
+    """Register a campaign of ``ids`` sent 30 s ago (every first check is due), with no
+    callbacks, straight through the runner (no worker ticks it)."""
+    runner.register(
+        campaign_id,
+        ids,
+        deadline=60,
+        subscription=Subscription(),
+        on_report=None,
+        enqueued_at=time.time() - 30,
+    )
+
+
 def test_campaign_reports_every_outcome_once(
     worker: Any, sandbox: SandboxServer, redis_client: redis.Redis
 ) -> None:
@@ -146,14 +159,7 @@ def test_batch_without_a_turn_at_the_rate_limit_goes_back_in_line(
     messages are due again as before, and the tick comes back when the turn comes."""
     runner = tracker_app.campaigns
     ids = list(make_messages(sandbox, 3))
-    runner.register(
-        "turn",
-        ids,
-        deadline=60,
-        subscription=Subscription(),
-        on_report=None,
-        enqueued_at=time.time() - 30,
-    )
+    register_due(runner, "turn", ids)
     due_key = Keys().campaign_due("turn")
     before = dict(redis_client.zrange(due_key, 0, -1, withscores=True))
     slot, run = next(iter(runner.chains("turn").items()))
@@ -280,14 +286,7 @@ def test_a_tick_under_a_rate_limit_hands_its_process_back_after_one_batch(
     tracker_app.reconfigure(make_settings(campaign_batch=10, rate_limit=rate_limit))
     runner = tracker_app.campaigns
     ids = list(make_messages(sandbox, 40))
-    runner.register(
-        "one-batch",
-        ids,
-        deadline=60,
-        subscription=Subscription(),
-        on_report=None,
-        enqueued_at=time.time() - 30,  # every first check is due
-    )
+    register_due(runner, "one-batch", ids)
     slot, run = next(iter(runner.chains("one-batch").items()))
     with pytest.raises(NextRun):  # called directly, Celery raises the retry's reason
         campaign_tick("one-batch", slot=slot, run=run)
