@@ -123,17 +123,30 @@ def test_claim_puts_back_a_batch_an_older_version_noted_as_a_plain_set(
 
 
 def _turns(
-    client: redis.Redis, keys: Keys, limiter: RateLimiter, ids: list[str], now: float
+    client: redis.Redis,
+    keys: Keys,
+    limiter: RateLimiter,
+    ids: list[str],
+    now: float,
+    *,
+    ahead: float = 5.0,
+    chain: bool = False,
 ) -> Turn:
-    """Run campaign_turns.lua for ``ids``, each due a second ago."""
+    """Run campaign_turns.lua for ``ids``, each due a second ago, waiting at most ``ahead``
+    for the tokens; ``chain``: as tick chain 0, in the line by that due time, which can
+    hold a ticket (taken up to 1 s late)."""
     return Turns(client)(
         rate_keys=limiter.keys,
         due_key=keys.campaign_due(CAMPAIGN),
         gate_keys=[keys.poll_gate(m) for m in ids],
         limited=limiter.enabled,
         gate_ms=1000,
-        reserve_args=limiter.script_args(len(ids), ahead=5.0, waiter="c:camp:0"),
+        reserve_args=limiter.script_args(
+            len(ids), ahead=ahead, waiter="c:camp:0", due_at=now - 1 if chain else None
+        ),
         messages=[(m, now - 1) for m in ids],
+        ticket_key=keys.campaign_ticket(CAMPAIGN, 0) if chain else "",
+        ticket_grace=1.0,
     )
 
 
@@ -180,26 +193,6 @@ def test_turns_without_a_turn_puts_the_batch_back_as_it_was(
     assert redis_client.get(keys.rate_limit()) is None
 
 
-def _chain_turns(
-    client: redis.Redis, keys: Keys, limiter: RateLimiter, ids: list[str], due_at: float
-) -> Turn:
-    """Run campaign_turns.lua for chain 0's batch ``ids``, due at ``due_at``, at the
-    batch's own pace plus a quarter second (as a tick asks)."""
-    return Turns(client)(
-        rate_keys=limiter.keys,
-        due_key=keys.campaign_due(CAMPAIGN),
-        gate_keys=[keys.poll_gate(m) for m in ids],
-        limited=True,
-        gate_ms=1000,
-        reserve_args=limiter.script_args(
-            len(ids), ahead=len(ids) / limiter.rate + 0.25, waiter="c:camp:0", due_at=due_at
-        ),
-        messages=[(m, due_at) for m in ids],
-        ticket_key=keys.campaign_ticket(CAMPAIGN, 0),
-        ticket_grace=1.0,
-    )
-
-
 def test_a_chain_first_in_line_holds_a_ticket_its_next_tick_takes(
     redis_client: redis.Redis, keys: Keys, settings: Settings
 ) -> None:
@@ -216,8 +209,13 @@ def test_a_chain_first_in_line_holds_a_ticket_its_next_tick_takes(
     now = time.time()
     due = keys.campaign_due(CAMPAIGN)
     ids = ["a", "b", "c"]
+    pace = len(ids) / limiter.rate + 0.25  # a tick waits its batch's pace and a quarter second
+
+    def turns() -> Turn:
+        return _turns(redis_client, keys, limiter, ids, now, ahead=pace, chain=True)
+
     redis_client.zadd(due, dict.fromkeys(ids, now + 60))  # leased by the claim
-    first = _chain_turns(redis_client, keys, limiter, ids, now - 1)
+    first = turns()
     assert not first.booked  # not yet: the tick comes back when the tokens come due
     assert 0 < first.wait_us <= 700_000
     assert redis_client.zscore(due, "a") == pytest.approx(now - 1)  # back as it was
@@ -226,12 +224,12 @@ def test_a_chain_first_in_line_holds_a_ticket_its_next_tick_takes(
     last, count = redis_client.get(ticket_key).split(":")
     assert count == "3"
     assert int(last) >= tat
-    again = _chain_turns(redis_client, keys, limiter, ids, now - 1)  # came back early
+    again = turns()  # came back early
     assert not again.booked
     assert int(redis_client.get(keys.rate_limit())) == booked  # nothing booked again
     # Due within the batch's wait: the next tick takes it, gates and all.
     redis_client.set(ticket_key, f"{int((time.time() + 0.1) * 1e6)}:3")
-    taken = _chain_turns(redis_client, keys, limiter, ids, now - 1)
+    taken = turns()
     assert taken.booked
     assert taken.gates == [True, True, True]
     assert taken.wait_us <= 100_000
@@ -240,7 +238,7 @@ def test_a_chain_first_in_line_holds_a_ticket_its_next_tick_takes(
     # Far too late for a ticket: asked again, in its place in the line.
     redis_client.delete(*(keys.poll_gate(m) for m in ids))
     redis_client.set(ticket_key, f"{int((time.time() - 5) * 1e6)}:3")
-    _chain_turns(redis_client, keys, limiter, ids, now - 1)
+    turns()
     assert int(redis_client.get(keys.rate_limit())) == booked + 3 * limiter.interval_us
 
 
