@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 import redis
+from celery.app.task import Context
 from celery.canvas import Signature
 from kombu.exceptions import OperationalError
 from structlog.testing import capture_logs
 
 from smsbat_tracker.celery.compat import kombu_qos
-from smsbat_tracker.celery.names import PUBLISHED_AT
+from smsbat_tracker.celery.names import DUE_AT, PUBLISHED_AT, TRACK_TASK
 from smsbat_tracker.celery.redrive import LOCK_MS, RESEND_LIMIT, SWEEP_LIMIT, Redriver
 from smsbat_tracker.celery.redrive.bounds import (
     GONE_AFTER,
@@ -30,7 +31,7 @@ from smsbat_tracker.celery.redrive.bounds import (
 )
 from smsbat_tracker.celery.redrive.giveback import due_time
 from smsbat_tracker.celery.redrive.held import connection_name
-from smsbat_tracker.celery.track import track_message
+from smsbat_tracker.celery.track import _due_at, track_message
 from smsbat_tracker.config import Settings
 from smsbat_tracker.engine.session import Subscription, build_result
 from smsbat_tracker.rules.decide import Finish
@@ -74,8 +75,9 @@ def test_an_overdue_tracking_is_taken_over_and_run_afresh(
     tracker_app: Any, redis_client: redis.Redis
 ) -> None:
     """Overdue past SMSBAT_REDRIVE_AFTER: a new owner, run 0, and its task in the queue,
-    with the arguments the first had and the lost run's due time as its ETA (its place in
-    the rate limit's line); the lost run gets a task-succeeded event saying it was
+    with the arguments the first had and the lost run's due time in its DUE_AT header (its
+    place in the rate limit's line), not as an ETA (due now, it counts against the
+    fetching worker's prefetch limit); the lost run gets a task-succeeded event saying it was
     superseded by the new one (Flower would show it STARTED or RETRY for good)."""
     due_at = time.time() - 20.0
     _register(tracker_app, "rd-lost", due_in=-20.0)
@@ -104,10 +106,24 @@ def test_an_overdue_tracking_is_taken_over_and_run_afresh(
         {"outcome": "superseded", "message_id": "rd-lost", "owner": session.owner}
     )
     events.close()
-    eta = datetime.fromisoformat(message["headers"]["eta"]).timestamp()
-    assert eta == pytest.approx(due_at, abs=1)
+    assert message["headers"]["eta"] is None
+    assert message["headers"][DUE_AT] == pytest.approx(due_at, abs=1)
     assert _score(redis_client, "m:rd-lost") == pytest.approx(time.time(), abs=2)
     assert redriver.sweep() == 0  # taken over once; due again only after the bound
+
+
+def test_a_run_takes_its_place_in_the_line_from_its_eta_or_its_due_at_header() -> None:
+    """A run's due time (its place in the rate limit's line) is its ETA; a run given back
+    or re-driven without one reads the DUE_AT header Celery puts on its request; neither
+    (or a header that is no time, or one to come) means now."""
+    now = time.time()
+    eta = datetime.fromtimestamp(now - 5, tz=UTC)
+    assert _due_at(Context({"eta": eta.isoformat()}), now) == pytest.approx(now - 5)
+    assert _due_at(Context({"eta": eta}), now) == pytest.approx(now - 5)
+    assert _due_at(Context({"eta": None, DUE_AT: now - 7}), now) == now - 7
+    assert _due_at(Context({"eta": None, DUE_AT: now + 7}), now) == now
+    assert _due_at(Context({"eta": None, DUE_AT: "soon"}), now) == now
+    assert _due_at(Context({"eta": None}), now) == now
 
 
 def test_a_tracking_late_by_less_than_the_bound_is_left_alone(
@@ -459,6 +475,50 @@ def test_a_dead_workers_tasks_go_back_so_that_the_most_overdue_are_fetched_first
     connection.release()
 
 
+def test_a_dead_workers_overdue_runs_go_back_due_now_with_their_due_time_in_a_header(
+    tracker_app: Any, redis_client: redis.Redis
+) -> None:
+    """A tracker run whose ETA passed goes back without it, its due time in the DUE_AT
+    header: the worker that fetches it counts it against its prefetch limit, so callbacks
+    (fetched first) do not wait behind a dead worker's overdue runs. A run not yet due
+    keeps its ETA (held until then), and so does a user's task, overdue or not; the give
+    back's order reads either."""
+    now = time.time()
+    sent = {
+        "overdue-run": (TRACK_TASK, now - 20),
+        "later-run": (TRACK_TASK, now + 30),
+        "overdue-callback": ("smsbat_tracker.recipes.record_outcome", now - 10),
+    }
+    for name, (task, at) in sent.items():
+        tracker_app.send_task(
+            task, args=(name,), eta=datetime.fromtimestamp(at, tz=UTC), queue="celery"
+        )
+    connection = tracker_app.connection_for_write()
+    channel = connection.default_channel
+    held = [channel.basic_get("celery", no_ack=False) for _ in range(3)]
+    dead, sweeper = Redriver(tracker_app, redis_client), Redriver(tracker_app, redis_client)
+    dead.held.note_held([SimpleNamespace(message=m) for m in held], now - 30)
+    assert sweeper.dead.restore(now) == 3
+    queued = [
+        json.loads(raw) for key in ("celery", TRACK_LIST) for raw in redis_client.lrange(key, 0, -1)
+    ]
+    headers = {json.loads(base64.b64decode(m["body"]))[0][0]: m["headers"] for m in queued}
+    assert headers["overdue-run"]["eta"] is None
+    assert headers["overdue-run"][DUE_AT] == pytest.approx(now - 20, abs=0.01)
+    assert datetime.fromisoformat(headers["later-run"]["eta"]).timestamp() == pytest.approx(
+        now + 30, abs=0.01
+    )
+    assert DUE_AT not in headers["later-run"]
+    assert datetime.fromisoformat(headers["overdue-callback"]["eta"]).timestamp() == (
+        pytest.approx(now - 10, abs=0.01)
+    )
+    assert DUE_AT not in headers["overdue-callback"]
+    # Given back again (its next worker died too), it goes back in its due order.
+    entry = json.dumps([queued[0] | {"headers": headers["overdue-run"]}, "", "celery"])
+    assert due_time(entry) == pytest.approx(now - 20, abs=0.01)
+    connection.release()
+
+
 @pytest.mark.parametrize("then", ["gone", "quiet"])
 def test_what_a_frozen_worker_handed_to_its_pool_waits_for_it(
     tracker_app: Any, redis_client: redis.Redis, then: str
@@ -524,13 +584,15 @@ def test_the_handed_set_holds_what_the_fence_let_through_until_it_is_done(
 
 
 def test_due_time_reads_the_eta_header_and_anything_else_is_due_at_once() -> None:
-    """An unacked entry's due time is its ``eta`` header; none, or an entry that cannot be
-    read, is due at once (-inf): given back last, fetched first."""
+    """An unacked entry's due time is its ``eta`` header, else its DUE_AT header; neither,
+    or an entry that cannot be read, is due at once (-inf): given back last, fetched
+    first."""
     entry = [{"headers": {"eta": "2026-12-04T06:00:00+00:00"}}, "", "celery"]
     assert due_time(json.dumps(entry)) == datetime(2026, 12, 4, 6, tzinfo=UTC).timestamp()
     assert due_time(json.dumps([{"headers": {"eta": None}}, "", "celery"])) == -math.inf
     assert due_time(b"not json") == -math.inf
     assert due_time(json.dumps({"headers": {}})) == -math.inf
+    assert due_time(json.dumps([{"headers": {"eta": None, DUE_AT: 1.5}}, "", "c"])) == 1.5
 
 
 def test_the_redrivers_connections_carry_its_name_unless_the_server_refuses(

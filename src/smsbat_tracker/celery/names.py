@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "DUE_AT",
     "DUE_INDEXED",
     "PUBLISHED_AT",
     "SETTLE_TASK",
@@ -28,3 +29,9 @@ DUE_INDEXED: Final = frozenset({TRACK_TASK, TICK_TASK})
 TRACK_PRIORITY: Final = 6
 # Publish time stamped on the tracker's due-indexed tasks (the re-driver's queue age).
 PUBLISHED_AT: Final = "smsbat_published_at"
+# When a due-indexed task given back (or re-driven) after its ETA had passed fell due: the
+# ETA moves to this header, so that the worker that fetches it counts it against its
+# prefetch limit (Celery fetches a task with an ETA past that limit, and one restarted
+# after a crash took every overdue run at once, its callbacks waiting behind them), and the
+# run keeps its place in the rate limit's line all the same.
+DUE_AT: Final = "smsbat_due_at"

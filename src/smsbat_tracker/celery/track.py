@@ -29,7 +29,7 @@ import redis
 from celery import Celery, current_app, shared_task
 from celery.utils import uuid
 
-from smsbat_tracker.celery.names import SETTLE_TASK, TRACK_TASK
+from smsbat_tracker.celery.names import DUE_AT, SETTLE_TASK, TRACK_TASK
 from smsbat_tracker.celery.task_base import (
     CALLBACK_ARGS,
     AnyTask,
@@ -189,7 +189,7 @@ def track_message(
             run=run,
             started_at=started,
             deadline_at=started + (deadline if deadline is not None else engine.settings.deadline),
-            due_at=_due_at(self.request.eta, now),
+            due_at=_due_at(self.request, now),
             now=now,
         ),
     )
@@ -198,13 +198,18 @@ def track_message(
     raise rerun(self, countdown=outcome.wait, exc=NextRun(outcome.reason))
 
 
-def _due_at(eta: Any, now: float) -> float:
-    """When this run fell due: its ETA (the countdown it was scheduled with), else now."""
+def _due_at(request: Any, now: float) -> float:
+    """When this run fell due: its ETA (the countdown it was scheduled with), or the due
+    time it was given back or re-driven with (:data:`DUE_AT`), else now."""
+    eta = request.eta
     if isinstance(eta, str):
         with contextlib.suppress(ValueError):
             return min(datetime.fromisoformat(eta).timestamp(), now)
     elif isinstance(eta, datetime):
         return min(eta.timestamp(), now)
+    due = getattr(request, DUE_AT, None)
+    if isinstance(due, int | float) and not isinstance(due, bool):
+        return min(float(due), now)
     return now
 
 

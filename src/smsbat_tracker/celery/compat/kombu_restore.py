@@ -18,6 +18,7 @@ another worker relies on. It reads kombu's internals ``QoS._remove_from_indices`
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any, Final
 
 from smsbat_tracker.celery.compat import require
@@ -37,11 +38,18 @@ def require_kombu() -> None:
 
 
 def restore_retagged(
-    channel: Any, tag: str, superseded_key: str, now: float, *, client: Any = None
+    channel: Any,
+    tag: str,
+    superseded_key: str,
+    now: float,
+    *,
+    client: Any = None,
+    edit: Callable[[dict[str, Any]], None] | None = None,
 ) -> str | None:
     """Give the message fetched under ``tag`` back to the head of its queue (the end
     consumed next) with a new delivery tag, and note ``tag`` in ``superseded_key``
-    (scored ``now``), atomically.
+    (scored ``now``), atomically. ``edit`` may change the message (its payload: headers,
+    properties, body) before it goes back.
 
     Returns the new tag, or None when ``tag`` was no longer unacknowledged (acknowledged
     or given back meanwhile: nothing is written).
@@ -61,6 +69,8 @@ def restore_retagged(
         if raw:
             payload, exchange, routing_key = loads(bytes_to_str(raw))
             payload["properties"]["delivery_tag"] = new_tag
+            if edit is not None:
+                edit(payload)
             pipe.zadd(superseded_key, {tag: now})
             # At the consuming end (kombu pops from the right): it was published before
             # everything queued now, and is the most overdue.

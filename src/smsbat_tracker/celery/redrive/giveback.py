@@ -11,10 +11,11 @@ worker that was only frozen, and wakes up holding its copy, does not run it too
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -23,25 +24,61 @@ import redis
 from smsbat_tracker import metrics
 from smsbat_tracker.celery.compat.kombu_qos import make_acks
 from smsbat_tracker.celery.compat.kombu_restore import require_kombu, restore_retagged
+from smsbat_tracker.celery.names import DUE_AT, DUE_INDEXED
 from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, chunked
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.keys import Keys
 
-__all__ = ["GiveBack", "due_time"]
+__all__ = ["GiveBack", "due_now", "due_time"]
 
 log = get_logger(__name__)
 
 
 def due_time(raw: str | bytes) -> float:
     """When an unacknowledged message (kombu's ``unacked`` entry) is due: its Celery ``eta``
-    header as a timestamp; ``-inf`` when it has none (due at once) or it cannot be read."""
+    header as a timestamp, or the due time given back with it (:data:`DUE_AT`); ``-inf``
+    when it has neither (due at once) or it cannot be read."""
     try:
-        payload = json.loads(raw)[0]
-        eta = payload["headers"].get("eta")
-        return datetime.fromisoformat(eta).timestamp() if eta else -math.inf
+        headers = json.loads(raw)[0]["headers"]
+        return _due_of(headers)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return -math.inf
+
+
+def _due_of(headers: dict[str, Any]) -> float:
+    eta = headers.get("eta")
+    if eta:
+        return datetime.fromisoformat(eta).timestamp()
+    due = headers.get(DUE_AT)
+    return float(due) if due is not None else -math.inf
+
+
+def due_now(now: float) -> Callable[[dict[str, Any]], None]:
+    """An edit of a message given back at ``now`` (``restore_retagged``'s ``edit``): a
+    tracker run or tick whose ETA has passed goes back without it, its due time in the
+    :data:`DUE_AT` header instead.
+
+    Celery fetches a task with an ETA past the worker's prefetch limit, to hold it until
+    it is due; one already due goes to the pool at once all the same. A worker restarted
+    after a crash then took every overdue run a dead worker had held in one go, and the
+    callbacks sent meanwhile, served first by the broker (priority 0), waited behind them:
+    0.8-0.9 s in the crash runs. Due now, the runs are fetched as the prefetch limit lets
+    them, and the run reads its place in the rate limit's line from the header. Other
+    tasks keep what they were sent with: a user's task may read its own ETA.
+    """
+
+    def edit(payload: dict[str, Any]) -> None:
+        headers = payload.get("headers")
+        if not isinstance(headers, dict) or headers.get("task") not in DUE_INDEXED:
+            return
+        with contextlib.suppress(ValueError, TypeError):
+            due = _due_of(headers)
+            if headers.get("eta") and due <= now:
+                headers["eta"] = None
+                headers[DUE_AT] = due
+
+    return edit
 
 
 class GiveBack:
@@ -94,8 +131,10 @@ class GiveBack:
         now = time.time()
         with self.tracker.app.connection_for_write() as connection:
             channel: Any = connection.default_channel  # kombu's Redis channel
+            edit = due_now(now)
             for tag in left:
-                if restore_retagged(channel, tag, self.superseded_key, now) is not None:
+                new_tag = restore_retagged(channel, tag, self.superseded_key, now, edit=edit)
+                if new_tag is not None:
                     restored += 1
         if restored:
             metrics.get().redrives.labels("restored").inc(restored)

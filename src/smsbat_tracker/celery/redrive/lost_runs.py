@@ -15,12 +15,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
-from smsbat_tracker.celery.names import PUBLISHED_AT, TICK_TASK, TRACK_PRIORITY, TRACK_TASK
+from smsbat_tracker.celery.names import (
+    DUE_AT,
+    PUBLISHED_AT,
+    TICK_TASK,
+    TRACK_PRIORITY,
+    TRACK_TASK,
+)
 from smsbat_tracker.celery.redrive.bounds import RELEASE_CHUNK, SWEEP_LIMIT
 from smsbat_tracker.engine.broker import routed_queue
 from smsbat_tracker.log import get_logger
@@ -108,9 +113,12 @@ class LostRuns:
         )
         if taken.result != Take.TAKEN:
             return 0
-        # The fresh run carries the lost run's due time as its ETA (past: it runs now), so
-        # it keeps its place in the rate limit's line instead of joining the back of it.
-        due_at = min(taken.due_at, now) if taken.due_at is not None else None
+        # The fresh run carries the lost run's due time (past: it runs now), so it keeps its
+        # place in the rate limit's line instead of joining the back of it. In a header, not
+        # as its ETA: see DUE_AT.
+        headers: dict[str, Any] = {PUBLISHED_AT: time.time()}
+        if taken.due_at is not None:
+            headers[DUE_AT] = min(taken.due_at, now)
         self.app.send_task(
             TRACK_TASK,
             args=(message_id,),  # as track_message.delay(message_id, ...) sent it
@@ -119,8 +127,7 @@ class LostRuns:
                 "enqueued_at": taken.started_at,
             },
             task_id=owner,
-            eta=datetime.fromtimestamp(due_at, tz=UTC) if due_at is not None else None,
-            headers={PUBLISHED_AT: time.time()},
+            headers=headers,
         )
         log.warning("redrive.message", message_id=message_id, task_id=owner)
         if taken.previous:
