@@ -246,7 +246,7 @@ def test_a_check_turned_away_keeps_its_place_in_the_line_through_its_next_runs(
     register(redis_client, keys)
     limiter = RateLimiter(redis_client, settings, keys, rate=1.0)
     waiters, now = limiter.keys[2], time.time()
-    earlier = {"someone-earlier": int((now - 100) * 1e6)}  # it and the booked token: window full
+    earlier = {"someone-earlier": int((now - 100) * 1e6)}  # first in line: no ticket here
     limiter.reserve(1, ahead=0.0)  # the one token of this second is gone
     redis_client.zadd(waiters, earlier)
     assert _before_in_line(redis_client, keys, limiter, run=0, due_at=now - 30).turn.code == (

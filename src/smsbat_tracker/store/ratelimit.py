@@ -82,9 +82,9 @@ RESERVE_AHEAD: Final = 1.0
 # How far ahead tokens are kept for the callers waiting in line (or the caller's own wait,
 # when longer).
 LINE_WINDOW: Final = 1.0
-# A tracking whose turn is within LINE_WINDOW books its token up to that far ahead, beyond
-# its run's own wait, and its next run comes for it (session_before.lua's ticket): a run
-# that comes more than this late asks again, in its place in the line.
+# A tracking first in line books its token up to LINE_WINDOW ahead, beyond its run's own
+# wait, and its next run comes for it (session_before.lua's ticket): a run that comes
+# more than this late asks again, in its place in the line.
 TICKET_GRACE: Final = 1.0
 
 

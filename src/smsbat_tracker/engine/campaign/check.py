@@ -90,8 +90,8 @@ class BatchCheck:
         if to_call:
             # One booking for the batch, in the limit's line by its oldest message: a batch
             # never holds a worker waiting behind older checks; it goes back in the due
-            # set and its tick comes back when its turn comes (within the line's window,
-            # with its tokens booked ahead: the chain's ticket). Then each message's gate,
+            # set and its tick comes back when its turn comes (first in line, with its
+            # tokens booked ahead: the chain's ticket). Then each message's gate,
             # the per-message minimum interval shared with track_message and get_status.
             booking = self._turns(
                 rate_keys=limiter.keys,

@@ -2,9 +2,9 @@
 -- rate limit's line, or the batch goes back in the due set as it was; then each message's
 -- gate, the per-message minimum interval shared with the tracking's turn. A message
 -- checked by someone else within the interval gives its token back.
--- A tick chain whose turn is within the line's window books its batch's tokens up to the
--- window ahead, as a tracking does (lib/reserve.lua), and holds them as the chain's
--- ticket instead of sleeping on its worker: the batch goes back in the due set and the chain's next tick,
+-- A tick chain first in line books its batch's tokens up to the line's window ahead, as a
+-- tracking does (lib/reserve.lua), and holds them as the chain's ticket instead of
+-- sleeping on its worker: the batch goes back in the due set and the chain's next tick,
 -- back when the tokens come due, takes them. Without this, trackings behind the batch
 -- kept the tokens booked further ahead than a batch may wait, and the campaign's first
 -- checks waited until the trackings thinned out.
@@ -86,7 +86,7 @@ if limited then
       return {DEFERRED, wait, {}}
     end
     if wait > ahead then
-      -- Booked beyond the batch's own wait (a ticket): the chain's next tick takes it.
+      -- Booked beyond the batch's own wait (first in line): the chain's next tick takes it.
       redis.call('SET', ticket_key, string.format('%d:%d', now + wait, n),
                  'PX', math.ceil((wait + ticket_grace_us) / 1000) + 1000)
       put_back()

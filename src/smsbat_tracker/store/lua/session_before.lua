@@ -75,7 +75,7 @@ if outcome == '' and mine then
       interval_us, tolerance_us, tokens, ahead_us, waiter, due_us, grace_us, window_us, '1',
     })
     if turn[1] == TURN_TAKEN and turn[2] > tonumber(ahead_us) then
-      -- Booked beyond this run's wait (a ticket): the next run takes it.
+      -- Booked beyond this run's wait (first in line): the next run takes it.
       redis.call('HSET', session, 'ticket', string.format('%d', now_us + turn[2]))
       turn = {TURN_RATE, turn[2] - tonumber(ahead_us)}
     end
