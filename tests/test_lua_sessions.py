@@ -264,25 +264,6 @@ def test_a_check_turned_away_keeps_its_place_in_the_line_through_its_next_runs(
     assert redis_client.hget(keys.session(MID), "line") is None
 
 
-def test_a_run_behind_others_within_the_window_books_a_ticket(
-    redis_client: redis.Redis, keys: Keys, settings: Settings
-) -> None:
-    """Not first in line, but with its turn within the line's window, a run whose token is
-    due beyond its own wait books it as a ticket all the same: turned away instead, it
-    came back again and again while callers due after it, asking when the bucket had room
-    within their own wait, took the tokens."""
-    register(redis_client, keys)
-    limiter = RateLimiter(redis_client, settings, keys, rate=10.0)
-    session, now = keys.session(MID), time.time()
-    limiter.reserve(5, ahead=1.0)  # booked half a second ahead
-    redis_client.zadd(limiter.keys[2], {"someone-earlier": int((now - 100) * 1e6)})
-    run = _before_in_line(redis_client, keys, limiter, run=0, due_at=now - 30)
-    assert run.turn.code == TurnCode.RATE  # come back for the ticket
-    ticket = int(redis_client.hget(session, "ticket") or 0)
-    assert (now + 0.25) * 1e6 < ticket <= (now + 1.0) * 1e6
-    assert redis_client.zscore(limiter.keys[2], Keys.due_message(MID)) is None
-
-
 def test_the_first_in_line_books_a_ticket_its_next_run_takes(
     redis_client: redis.Redis, keys: Keys, settings: Settings
 ) -> None:

@@ -261,26 +261,6 @@ def test_late_waiters_hold_up_the_line_only_beyond_its_window(
     assert 0.8 < wait <= LINE_WINDOW + 0.2
 
 
-def test_a_batch_waiting_in_line_holds_room_for_all_its_tokens(
-    limiter_for: Callable[..., RateLimiter], redis_client: redis.Redis, settings: Settings
-) -> None:
-    """A waiter for n tokens (a campaign's batch) stands in the line n times: a caller due
-    after it books only when all the batch's tokens and its own fit in the window (counted
-    as one, the batch was starved by the trackings behind it). Served, the batch leaves
-    the line whole."""
-    limiter = limiter_for(10, burst=1)
-    waiters = Keys(settings.key_prefix).rate_waiters()
-    now = time.time()
-    assert limiter.reserve(1, ahead=0.0)[0]
-    assert not limiter.reserve(15, ahead=0.0, waiter="c:camp:0", due_at=now - 5)[0]
-    assert redis_client.zcard(waiters) == 15
-    booked, wait = limiter.reserve(1, ahead=0.2, waiter="m:later", due_at=now)
-    assert not booked  # 15 tokens then its own: past the 1 s window
-    assert wait > 0.3
-    assert limiter.reserve(15, ahead=2.0, waiter="c:camp:0", due_at=now - 5)[0]
-    assert redis_client.zrange(waiters, 0, -1) == ["m:later"]
-
-
 def test_when_a_pause_ends_the_line_goes_in_order(
     limiter_for: Callable[..., RateLimiter], redis_client: redis.Redis
 ) -> None:

@@ -6,11 +6,8 @@
 -- due (us; '' for now), how long a waiter may be late to ask again before it is forgotten
 -- (us), how far ahead tokens are kept for the waiters in line (us), and optionally '1'
 -- when the caller can hold a token booked beyond its own wait (a ticket: it comes back
--- for it), so that a waiter whose turn is within that window books up to the window
--- ahead instead of racing later callers for a token within its own wait (when only the
--- first in line could, a waiter behind it was turned away again and again while callers
--- due later, asking when the bucket happened to have room, took the tokens: checks that
--- fell due together were served up to 7 s apart in crash runs).
+-- for it), so that the first in line books up to that window ahead instead of racing
+-- later callers, who may book within the window, for a token within its own wait.
 -- Returns {1, wait}: the tokens are yours from ``wait`` us on; or {0, wait}: nothing was
 -- booked, ask again then.
 -- Fair: a caller is served only when the tokens of every waiter whose request fell due
@@ -21,13 +18,6 @@
 -- goes in order. The window
 -- is wider than a caller's own wait, so that waiters who come back late (their worker was
 -- busy) hold up the line only when more than the window's worth of them are late.
--- A waiter for n tokens (a campaign's batch) stands in the line as n entries (its name,
--- then name#2 .. name#n), so that the callers behind it leave room for all its tokens.
-local function line_names(member, n)
-  local names = {member}
-  for k = 2, n do names[k] = member .. '#' .. k end
-  return names
-end
 local function reserve(K, A)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -53,16 +43,15 @@ local function reserve(K, A)
   local line = tat + interval * (before + n) - tolerance - interval - now
   line = line - math.max(tonumber(A[8]), ahead)
   local reach = ahead
-  if A[9] == '1' and member ~= '' then reach = math.max(ahead, tonumber(A[8])) end
+  if A[9] == '1' and member ~= '' and before == 0 then
+    reach = math.max(ahead, tonumber(A[8]))
+  end
   local own = tat + interval * n - tolerance - interval - now - reach
   if line > 0 or own > 0 or paused > 0 then
     local retry = math.ceil(math.max(line, own, paused))
     if member ~= '' then
-      local at, back = string.format('%d', due), string.format('%d', now + retry + tonumber(A[7]))
-      for _, name in ipairs(line_names(member, n)) do
-        redis.call('ZADD', K[3], at, name)
-        redis.call('ZADD', K[4], back, name)
-      end
+      redis.call('ZADD', K[3], string.format('%d', due), member)
+      redis.call('ZADD', K[4], string.format('%d', now + retry + tonumber(A[7])), member)
       redis.call('PEXPIRE', K[3], 60000)
       redis.call('PEXPIRE', K[4], 60000)
     end
@@ -72,9 +61,8 @@ local function reserve(K, A)
   local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
   redis.call('SET', K[1], string.format('%d', new_tat), 'PX', ttl_ms)
   if member ~= '' then
-    local names = line_names(member, n)
-    redis.call('ZREM', K[3], unpack(names))
-    redis.call('ZREM', K[4], unpack(names))
+    redis.call('ZREM', K[3], member)
+    redis.call('ZREM', K[4], member)
   end
   local wait = new_tat - tolerance - interval - now
   if wait < 0 then wait = 0 end
