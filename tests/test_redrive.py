@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError
 from structlog.testing import capture_logs
 
 from smsbat_tracker.celery.compat import kombu_qos
-from smsbat_tracker.celery.names import DUE_AT, PUBLISHED_AT, TICK_TASK, TRACK_TASK
+from smsbat_tracker.celery.names import DUE_AT, PUBLISHED_AT, TRACK_TASK
 from smsbat_tracker.celery.redrive import LOCK_MS, RESEND_LIMIT, SWEEP_LIMIT, Redriver
 from smsbat_tracker.celery.redrive.bounds import (
     GONE_AFTER,
@@ -29,7 +29,7 @@ from smsbat_tracker.celery.redrive.bounds import (
     RAN_FOR,
     RELEASE_CHUNK,
 )
-from smsbat_tracker.celery.redrive.giveback import due_time, line_member
+from smsbat_tracker.celery.redrive.giveback import due_time
 from smsbat_tracker.celery.redrive.held import connection_name
 from smsbat_tracker.celery.track import _due_at, track_message
 from smsbat_tracker.config import Settings
@@ -516,34 +516,6 @@ def test_a_dead_workers_overdue_runs_go_back_due_now_with_their_due_time_in_a_he
     # Given back again (its next worker died too), it goes back in its due order.
     entry = json.dumps([queued[0] | {"headers": headers["overdue-run"]}, "", "celery"])
     assert due_time(entry) == pytest.approx(now - 20, abs=0.01)
-    connection.release()
-
-
-def test_a_dead_workers_runs_leave_the_rate_limits_line_as_they_go_back(
-    tracker_app: Any, redis_client: redis.Redis
-) -> None:
-    """The runs a dead worker held leave the rate limit's line when they go back: standing
-    in it until they were WAITER_GRACE late, they held up the callers behind them (their
-    sessions keep their places). Waiters whose runs are not given back stay."""
-    now = time.time()
-    _, _, waiters, back = tracker_app.engine.limiter.keys
-    for member in ("m:rd-line", "c:rd-camp:1", "m:rd-other"):
-        redis_client.zadd(waiters, {member: int((now - 5) * 1e6)})
-        redis_client.zadd(back, {member: int((now + 5) * 1e6)})
-    tracker_app.send_task(TRACK_TASK, args=("rd-line",), queue="celery")
-    tracker_app.send_task(TICK_TASK, args=("rd-camp",), kwargs={"slot": 1}, queue="celery")
-    tracker_app.send_task("smsbat_tracker.recipes.record_outcome", args=({"x": 1},))
-    connection = tracker_app.connection_for_write()
-    channel = connection.default_channel
-    held = [channel.basic_get("celery", no_ack=False) for _ in range(3)]
-    raws = redis_client.hvals(tracker_app.engine.unacked_key())
-    assert sorted(map(str, map(line_member, raws))) == ["None", "c:rd-camp:1", "m:rd-line"]
-    assert line_member(b"not json") is None
-    dead, sweeper = Redriver(tracker_app, redis_client), Redriver(tracker_app, redis_client)
-    dead.held.note_held([SimpleNamespace(message=m) for m in held], now - 30)
-    assert sweeper.dead.restore(now) == 3
-    assert redis_client.zrange(waiters, 0, -1) == ["m:rd-other"]
-    assert redis_client.zrange(back, 0, -1) == ["m:rd-other"]
     connection.release()
 
 

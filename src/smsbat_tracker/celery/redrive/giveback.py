@@ -11,7 +11,6 @@ worker that was only frozen, and wakes up holding its copy, does not run it too
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import math
@@ -25,13 +24,13 @@ import redis
 from smsbat_tracker import metrics
 from smsbat_tracker.celery.compat.kombu_qos import make_acks
 from smsbat_tracker.celery.compat.kombu_restore import require_kombu, restore_retagged
-from smsbat_tracker.celery.names import DUE_AT, DUE_INDEXED, TICK_TASK
+from smsbat_tracker.celery.names import DUE_AT, DUE_INDEXED
 from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, chunked
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.keys import Keys
 
-__all__ = ["GiveBack", "due_now", "due_time", "line_member"]
+__all__ = ["GiveBack", "due_now", "due_time"]
 
 log = get_logger(__name__)
 
@@ -53,29 +52,6 @@ def _due_of(headers: dict[str, Any]) -> float:
         return datetime.fromisoformat(eta).timestamp()
     due = headers.get(DUE_AT)
     return float(due) if due is not None else -math.inf
-
-
-def line_member(raw: str | bytes) -> str | None:
-    """The rate limit's waiter name of the tracker run in an unacknowledged message
-    (kombu's ``unacked`` entry): a tracking's member of the due index, or a tick chain's
-    ``c:<campaign>:<slot>``; None for any other task, or a message that cannot be read."""
-    try:
-        payload = json.loads(raw)[0]
-        task = payload["headers"].get("task")
-        if task not in DUE_INDEXED:
-            return None
-        body = payload["body"]
-        if payload["properties"].get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args, kwargs, _ = json.loads(body)
-        if task == TICK_TASK:  # campaign_tick(campaign_id, slot, run), as runner.tick names it
-            campaign_id = args[0] if args else kwargs["campaign_id"]
-            slot = args[1] if len(args) > 1 else kwargs.get("slot")
-            return f"c:{campaign_id}:{slot}"
-        message_id = args[0] if args else kwargs["message_id"]
-        return Keys.due_message(str(message_id))
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return None
 
 
 def due_now(now: float) -> Callable[[dict[str, Any]], None]:
@@ -134,54 +110,22 @@ class GiveBack:
         worker's held set happened to list them, a run whose turn had come waited behind
         a hundred that were only going to be told to come back later.
         """
-        return self._read(tags)[0]
-
-    def _read(self, tags: Iterable[str]) -> tuple[list[str], list[str]]:
-        """:meth:`in_giving_order`'s tags, and the rate limit's waiter names of the
-        tracker runs among them (:func:`line_member`)."""
         unacked = self.tracker.engine.unacked_key()
         found: list[tuple[float, str]] = []
-        members: list[str] = []
         for chunk in chunked(tags, HELD_CHUNK):
             raws = self.redis.hmget(unacked, chunk)
-            for tag, raw in zip(chunk, raws, strict=True):
-                if raw:
-                    found.append((due_time(raw), tag))
-                    member = line_member(raw)
-                    if member is not None:
-                        members.append(member)
+            found += [(due_time(raw), tag) for tag, raw in zip(chunk, raws, strict=True) if raw]
         found.sort(key=lambda pair: pair[0], reverse=True)
-        return [tag for _, tag in found], members
-
-    def leave_line(self, members: list[str]) -> None:
-        """Take ``members`` out of the rate limit's line (they keep their places in their
-        sessions, and take them again when they next ask)."""
-        if not members:
-            return
-        _, _, waiters, back = self.tracker.engine.limiter.keys
-        for chunk in chunked(members, HELD_CHUNK):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zrem(waiters, *chunk)
-            pipe.zrem(back, *chunk)
-            pipe.execute()
+        return [tag for _, tag in found]
 
     def restore(self, tags: Iterable[str], event: str, **fields: Any) -> int:
         """Give back the ``tags`` still unacked, the latest due first (see
         :meth:`in_giving_order`); how many were (logged as ``event``, and counted in
         ``smsbat_redrives_total{kind="restored"}`` whatever the reason: a dead worker's, a
-        dropped one, an orphan).
-
-        The tracker runs among them leave the rate limit's line first. A run the line
-        turned away stands in it until it asks again, or ``WAITER_GRACE`` (2 s) after it
-        was due back: a worker killed while its runs stood at the front of the line held
-        up every caller behind them meanwhile (1 and 8 polls in the two seconds after a
-        single kill in a crash run, against 50 a second). Their sessions keep their places
-        (the ``line`` field), which they take again when they ask.
-        """
-        left, members = self._read(tags)
+        dropped one, an orphan)."""
+        left = self.in_giving_order(tags)
         if not left:
             return 0
-        self.leave_line(members)
         require_kombu()
         restored = 0
         now = time.time()
