@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError
 from structlog.testing import capture_logs
 
 from smsbat_tracker.celery.compat import kombu_qos
-from smsbat_tracker.celery.names import DUE_AT, PUBLISHED_AT, TICK_TASK, TRACK_TASK
+from smsbat_tracker.celery.names import DUE_AT, PUBLISHED_AT, TRACK_TASK
 from smsbat_tracker.celery.redrive import LOCK_MS, RESEND_LIMIT, SWEEP_LIMIT, Redriver
 from smsbat_tracker.celery.redrive.bounds import (
     GONE_AFTER,
@@ -29,7 +29,7 @@ from smsbat_tracker.celery.redrive.bounds import (
     RAN_FOR,
     RELEASE_CHUNK,
 )
-from smsbat_tracker.celery.redrive.giveback import due_member, due_time
+from smsbat_tracker.celery.redrive.giveback import due_time
 from smsbat_tracker.celery.redrive.held import connection_name
 from smsbat_tracker.celery.track import _due_at, track_message
 from smsbat_tracker.config import Settings
@@ -480,13 +480,10 @@ def test_a_dead_workers_overdue_runs_go_back_due_now_with_their_due_time_in_a_he
 ) -> None:
     """A tracker run whose ETA passed goes back without it, its due time in the DUE_AT
     header: the worker that fetches it counts it against its prefetch limit, so callbacks
-    (fetched first) do not wait behind a dead worker's overdue runs. Its due entry is
-    scored now, so that the sweep's grace runs from the give-back (the entry still said
-    when the run fell due before its worker died). A run not yet due keeps its ETA (held
-    until then) and its entry, and a user's task its ETA, overdue or not; the give back's
-    order reads either."""
+    (fetched first) do not wait behind a dead worker's overdue runs. A run not yet due
+    keeps its ETA (held until then), and so does a user's task, overdue or not; the give
+    back's order reads either."""
     now = time.time()
-    redis_client.zadd(Keys().due(), {"m:overdue-run": now - 20, "m:later-run": now + 30})
     sent = {
         "overdue-run": (TRACK_TASK, now - 20),
         "later-run": (TRACK_TASK, now + 30),
@@ -516,9 +513,6 @@ def test_a_dead_workers_overdue_runs_go_back_due_now_with_their_due_time_in_a_he
         pytest.approx(now - 10, abs=0.01)
     )
     assert DUE_AT not in headers["overdue-callback"]
-    assert _score(redis_client, "m:overdue-run") == pytest.approx(time.time(), abs=1)
-    assert _score(redis_client, "m:later-run") == pytest.approx(now + 30, abs=0.01)
-    assert redis_client.zcard(Keys().due()) == 2  # no entry made for anything else
     # Given back again (its next worker died too), it goes back in its due order.
     entry = json.dumps([queued[0] | {"headers": headers["overdue-run"]}, "", "celery"])
     assert due_time(entry) == pytest.approx(now - 20, abs=0.01)
@@ -587,23 +581,6 @@ def test_the_handed_set_holds_what_the_fence_let_through_until_it_is_done(
     assert redis_client.smembers(key) == {"tag-cb"}
     redriver.held.note_held([], time.time())  # the callback ran and was acknowledged
     assert not redis_client.exists(key)
-
-
-def test_due_member_names_a_tracker_runs_or_a_ticks_entry_in_the_due_index() -> None:
-    """A message's due index member: ``m:<message id>`` for a tracker run (by position or
-    by keyword), ``c:<campaign>:<slot>`` for a chain's tick; None for any other task, a
-    tick outside a chain, or a body that cannot be read."""
-
-    def payload(task: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-        body = base64.b64encode(json.dumps([args, kwargs, {}]).encode()).decode()
-        return {"headers": {"task": task}, "body": body, "properties": {"body_encoding": "base64"}}
-
-    assert due_member(payload(TRACK_TASK, ["m1"], {})) == "m:m1"
-    assert due_member(payload(TRACK_TASK, [], {"message_id": "m2"})) == "m:m2"
-    assert due_member(payload(TICK_TASK, ["camp"], {"slot": 2, "run": "r"})) == "c:camp:2"
-    assert due_member(payload(TICK_TASK, ["camp"], {})) is None
-    assert due_member(payload("smsbat_tracker.recipes.record_outcome", ["m1"], {})) is None
-    assert due_member({"headers": {"task": TRACK_TASK}, "body": "!", "properties": {}}) is None
 
 
 def test_due_time_reads_the_eta_header_and_anything_else_is_due_at_once() -> None:

@@ -11,7 +11,6 @@ worker that was only frozen, and wakes up holding its copy, does not run it too
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import math
@@ -25,13 +24,13 @@ import redis
 from smsbat_tracker import metrics
 from smsbat_tracker.celery.compat.kombu_qos import make_acks
 from smsbat_tracker.celery.compat.kombu_restore import require_kombu, restore_retagged
-from smsbat_tracker.celery.names import DUE_AT, DUE_INDEXED, TICK_TASK
+from smsbat_tracker.celery.names import DUE_AT, DUE_INDEXED
 from smsbat_tracker.celery.redrive.bounds import HELD_CHUNK, chunked
 from smsbat_tracker.celery.tracker import Tracker
 from smsbat_tracker.log import get_logger
 from smsbat_tracker.store.keys import Keys
 
-__all__ = ["GiveBack", "due_member", "due_now", "due_time"]
+__all__ = ["GiveBack", "due_now", "due_time"]
 
 log = get_logger(__name__)
 
@@ -55,27 +54,7 @@ def _due_of(headers: dict[str, Any]) -> float:
     return float(due) if due is not None else -math.inf
 
 
-def due_member(payload: dict[str, Any]) -> str | None:
-    """The due index member of the tracker run or tick in a message's payload
-    (``m:<message id>``, ``c:<campaign id>:<slot>``); None for any other task, or one that
-    cannot be read."""
-    try:
-        task = payload["headers"].get("task")
-        if task not in DUE_INDEXED:
-            return None
-        body = payload["body"]
-        if payload["properties"].get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args, kwargs, _ = json.loads(body)
-        if task == TICK_TASK:  # campaign_tick(campaign_id, slot, run)
-            slot = args[1] if len(args) > 1 else kwargs["slot"]
-            return Keys.due_tick(str(args[0] if args else kwargs["campaign_id"]), int(slot))
-        return Keys.due_message(str(args[0] if args else kwargs["message_id"]))
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return None
-
-
-def due_now(now: float, overdue: list[str] | None = None) -> Callable[[dict[str, Any]], None]:
+def due_now(now: float) -> Callable[[dict[str, Any]], None]:
     """An edit of a message given back at ``now`` (``restore_retagged``'s ``edit``): a
     tracker run or tick whose ETA has passed goes back without it, its due time in the
     :data:`DUE_AT` header instead.
@@ -87,8 +66,6 @@ def due_now(now: float, overdue: list[str] | None = None) -> Callable[[dict[str,
     0.8-0.9 s in the crash runs. Due now, the runs are fetched as the prefetch limit lets
     them, and the run reads its place in the rate limit's line from the header. Other
     tasks keep what they were sent with: a user's task may read its own ETA.
-
-    ``overdue`` collects the due index members of the runs edited (:func:`due_member`).
     """
 
     def edit(payload: dict[str, Any]) -> None:
@@ -100,9 +77,6 @@ def due_now(now: float, overdue: list[str] | None = None) -> Callable[[dict[str,
             if headers.get("eta") and due <= now:
                 headers["eta"] = None
                 headers[DUE_AT] = due
-                member = due_member(payload)
-                if overdue is not None and member is not None:
-                    overdue.append(member)
 
     return edit
 
@@ -157,31 +131,15 @@ class GiveBack:
         now = time.time()
         with self.tracker.app.connection_for_write() as connection:
             channel: Any = connection.default_channel  # kombu's Redis channel
-            overdue: list[str] = []
-            edit = due_now(now, overdue)
+            edit = due_now(now)
             for tag in left:
                 new_tag = restore_retagged(channel, tag, self.superseded_key, now, edit=edit)
                 if new_tag is not None:
                     restored += 1
-        self.due_from(overdue, now)
         if restored:
             metrics.get().redrives.labels("restored").inc(restored)
             log.warning(event, tasks=restored, **fields)
         return restored
-
-    def due_from(self, members: list[str], now: float) -> None:
-        """Score the due entries of ``members`` (overdue runs just given back) ``now``:
-        the re-driver's grace before it takes a tracking over starts from the give-back.
-
-        A worker refreshes the entries of the runs it holds only at its next beat, and the
-        entries of a dead worker's runs still carried the times they fell due before it
-        died: right after a restart the other worker's sweep, 0.9 s after the give-back,
-        took over 38 trackings whose runs were just back in the queue (crash seed 6), and
-        their fresh runs went to the back of the queue. Only existing entries are scored.
-        """
-        due = Keys(self.tracker.settings.key_prefix).due()
-        for chunk in chunked(dict.fromkeys(members), HELD_CHUNK):
-            self.redis.zadd(due, dict.fromkeys(chunk, now), xx=True)
 
     def ack_again(self, tasks: dict[str, tuple[str, dict[str, Any]]], event: str) -> int:
         """Acknowledge the tags of ``tasks`` (tag -> (task id, message headers)) still
