@@ -31,7 +31,7 @@ TRACK_PRIORITY: Final = 6
 PUBLISHED_AT: Final = "smsbat_published_at"
 # When a due-indexed task given back (or re-driven) after its ETA had passed fell due: the
 # ETA moves to this header, so that the worker that fetches it counts it against its
-# prefetch limit (Celery fetches a task with an ETA past that limit, and one restarted
-# after a crash took every overdue run at once, its callbacks waiting behind them), and the
-# run keeps its place in the rate limit's line all the same.
+# prefetch limit (Celery fetches a task with an ETA past that limit: a worker took every
+# overdue run at once and fetched nothing else until its pool had worked through them),
+# and the run keeps its place in the rate limit's line all the same.
 DUE_AT: Final = "smsbat_due_at"

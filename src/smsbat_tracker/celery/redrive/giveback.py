@@ -60,12 +60,14 @@ def due_now(now: float) -> Callable[[dict[str, Any]], None]:
     :data:`DUE_AT` header instead.
 
     Celery fetches a task with an ETA past the worker's prefetch limit, to hold it until
-    it is due; one already due goes to the pool at once all the same. A worker restarted
-    after a crash then took every overdue run a dead worker had held in one go, and the
-    callbacks sent meanwhile, served first by the broker (priority 0), waited behind them:
-    0.8-0.9 s in the crash runs. Due now, the runs are fetched as the prefetch limit lets
-    them, and the run reads its place in the rate limit's line from the header. Other
-    tasks keep what they were sent with: a user's task may read its own ETA.
+    it is due; one already due goes to the pool at once all the same. A worker that
+    restored a dead worker's tasks, or reconnected after a Redis restart, then took every
+    overdue run in one go and fetched nothing else (callbacks included) until its pool had
+    worked through them: in the five seconds after a Redis restart in the crash run the
+    line polled 39 times a second on average over four runs, 45 over six with this. Due
+    now, the runs are fetched as the prefetch limit lets them, and the run reads its place
+    in the rate limit's line from the header. Other tasks keep what they were sent with:
+    a user's task may read its own ETA.
     """
 
     def edit(payload: dict[str, Any]) -> None:
