@@ -479,10 +479,10 @@ def test_a_dead_workers_overdue_runs_go_back_due_now_with_their_due_time_in_a_he
     tracker_app: Any, redis_client: redis.Redis
 ) -> None:
     """A tracker run whose ETA passed goes back without it, its due time in the DUE_AT
-    header: the worker that fetches it counts it against its prefetch limit, so callbacks
-    (fetched first) do not wait behind a dead worker's overdue runs. A run not yet due
-    keeps its ETA (held until then), and so does a user's task, overdue or not; the give
-    back's order reads either."""
+    header: the worker that fetches it counts it against its prefetch limit, instead of
+    taking every overdue run a dead worker held at once and fetching nothing else until
+    its pool has worked through them. A run not yet due keeps its ETA (held until then),
+    and so does a user's task, overdue or not; the give back's order reads either."""
     now = time.time()
     sent = {
         "overdue-run": (TRACK_TASK, now - 20),
