@@ -74,9 +74,12 @@ def due_now(now: float) -> Callable[[dict[str, Any]], None]:
         headers = payload.get("headers")
         if not isinstance(headers, dict) or headers.get("task") not in DUE_INDEXED:
             return
+        eta = headers.get("eta")
+        if not eta:
+            return
         with contextlib.suppress(ValueError, TypeError):
-            due = _due_of(headers)
-            if headers.get("eta") and due <= now:
+            due = datetime.fromisoformat(eta).timestamp()
+            if due <= now:
                 headers["eta"] = None
                 headers[DUE_AT] = due
 
