@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import subprocess
 import tempfile
@@ -198,7 +199,7 @@ def run_per_message(messages: int, seed: int) -> dict[str, Any]:
         before = proc_reading(worker.pid).cpu
         started = time.monotonic()
         for pace in paces:
-            gaps = [b - a for a, b in zip(pace, pace[1:], strict=False)]
+            gaps = [b - a for a, b in itertools.pairwise(pace)]
             noop_retry.apply_async(
                 (len(pace) - 1, "bench:pace:done", gaps or [COUNTDOWN]),
                 countdown=max(0.0, pace[0] - (time.monotonic() - started)),
