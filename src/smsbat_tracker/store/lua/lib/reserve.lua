@@ -46,21 +46,9 @@ local function reserve(K, A)
   if A[9] == '1' and member ~= '' and before == 0 then
     reach = math.max(ahead, tonumber(A[8]))
   end
-  -- Within the window the older waiters go first: a caller books only once the tokens of
-  -- the waiters ahead of it would fit in its wait too, up to half of it. When tokens free
-  -- up, the oldest caller back in time takes them rather than whoever asks first, and
-  -- none is held back for long by older ones that have not come back yet.
-  local precedence = math.min(interval * before, reach / 2)
-  local own = tat + interval * n + precedence - tolerance - interval - now - reach
+  local own = tat + interval * n - tolerance - interval - now - reach
   if line > 0 or own > 0 or paused > 0 then
-    local retry = math.max(line, own, paused)
-    if member ~= '' then
-      -- A waiter comes back when its place in the line (the older waiters served first)
-      -- brings its token within its wait, not at the next free token: the waiters within
-      -- the window do not all come back every few tenths of a second, a task run each.
-      retry = math.max(retry, tat + interval * (before + n) - tolerance - interval - now - reach)
-    end
-    retry = math.ceil(retry)
+    local retry = math.ceil(math.max(line, own, paused))
     if member ~= '' then
       redis.call('ZADD', K[3], string.format('%d', due), member)
       redis.call('ZADD', K[4], string.format('%d', now + retry + tonumber(A[7])), member)
