@@ -21,7 +21,11 @@ messages, is set against Celery's own no-op retry at the same pace, on the same 
 right after: one chain of no-op retries a tracked message, each run at the moment (from
 its phase's start) that one of the message's checks was made. So the floor has as many
 runs as the trackings made checks, spread over the same seconds in the same bunches, and
-pays the worker's idle costs (its timers, beats and polls) for as long.
+pays the worker's idle costs (its timers, beats and polls) for as long. A second such
+floor (``follow_up_*``) makes each chain do what the trackings do besides their checks'
+runs: carry the callback's signature in its arguments and, on its last run, send that
+callback with a tracking's result. The tracking's figure counts the callback's publish
+as its own cost; this one shows how much of the difference that publish is.
 
 It also reports the floor of earlier versions of this benchmark (``burst_*``): one chain
 a message, all sent at once with the schedule's countdowns without jitter (5, 7.5, 10 s),
@@ -35,6 +39,7 @@ the same runs spread as the checks are. The figures go to
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import itertools
 import json
@@ -45,7 +50,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from celery import Task
+from celery import Task, signature
 
 from bench.sampling import proc_reading
 from bench.workload import free_port, wait_until
@@ -58,21 +63,37 @@ from smsbat_tracker.worker import app
 
 RESULTS = Path(__file__).parent / "results"
 COUNTDOWN = 1.0  # the floor's retry countdown: the checks' own pace
+# A result one of the trackings' callbacks got: what the floor's follow-ups are sent with.
+FOLLOW_UP_RESULT = "bench:follow_up:result"
 
 
 @app.task(bind=True, name="bench.noop_retry", max_retries=None, ignore_result=True)
 def noop_retry(
-    self: Task[Any, Any], left: int, done_key: str, countdowns: list[float] | None = None
+    self: Task[Any, Any],
+    left: int,
+    done_key: str,
+    countdowns: list[float] | None = None,
+    follow_up: dict[str, Any] | None = None,
 ) -> None:
     """Retry ``left`` more times with a countdown (the next of ``countdowns``, the last one
-    again once they run out; else :data:`COUNTDOWN`), then count itself done."""
+    again once they run out; else :data:`COUNTDOWN`), then send ``follow_up`` (a signature
+    dict, when one is given) with the result stored at :data:`FOLLOW_UP_RESULT`, and count
+    itself done."""
     if left > 0:
         pace = list(countdowns or [COUNTDOWN])
         countdown = pace.pop(0) if len(pace) > 1 else pace[0]
         raise self.retry(
-            kwargs={"left": left - 1, "done_key": done_key, "countdowns": pace},
+            kwargs={
+                "left": left - 1,
+                "done_key": done_key,
+                "countdowns": pace,
+                "follow_up": follow_up,
+            },
             countdown=countdown,
         )
+    if follow_up is not None:
+        result = json.loads(app.engine.redis.get(FOLLOW_UP_RESULT) or "{}")
+        signature(follow_up, app=app).apply_async((result,))
     app.engine.redis.incr(done_key)
 
 
@@ -159,6 +180,32 @@ def run(chains: int, checks: int) -> dict[str, Any]:
     }
 
 
+def _paced_floor(
+    pid: int, paces: list[list[float]], done_key: str, follow_up: dict[str, Any] | None = None
+) -> tuple[float, float]:
+    """One no-op chain a pace, a run at each of its moments (seconds from the start); the
+    worker's CPU seconds and the wall seconds until every chain is done."""
+    redis_client = app.engine.redis
+    before = proc_reading(pid).cpu
+    started = time.monotonic()
+    for pace in paces:
+        gaps = [b - a for a, b in itertools.pairwise(pace)]
+        noop_retry.apply_async(
+            (len(pace) - 1, done_key, gaps or [COUNTDOWN], follow_up),
+            countdown=max(0.0, pace[0] - (time.monotonic() - started)),
+        )
+    _wait(lambda: int(redis_client.get(done_key) or 0) >= len(paces), 180)
+    return proc_reading(pid).cpu - before, time.monotonic() - started
+
+
+def _a_callback_result(redis_client: Any) -> dict[str, Any]:
+    """The result the first callback in :data:`CALLBACK_QUEUE` was sent with."""
+    message = json.loads(redis_client.lindex(CALLBACK_QUEUE, 0))
+    args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    result: dict[str, Any] = args[0]
+    return result
+
+
 # The default schedule's countdowns, without jitter: 5 s, then x1.5 up to 10 s.
 DEFAULT_PACE = [5.0, 7.5, 10.0]
 CALLBACK_QUEUE = "bench-callbacks"  # not consumed by the measured worker
@@ -197,17 +244,12 @@ def run_per_message(messages: int, seed: int) -> dict[str, Any]:
         paces = [p for p in paces if p]  # a message settled without a check has no chain
 
         # Celery's floor at the same pace: a no-op run at each check's moment.
-        before = proc_reading(worker.pid).cpu
-        started = time.monotonic()
-        for pace in paces:
-            gaps = [b - a for a, b in itertools.pairwise(pace)]
-            noop_retry.apply_async(
-                (len(pace) - 1, "bench:pace:done", gaps or [COUNTDOWN]),
-                countdown=max(0.0, pace[0] - (time.monotonic() - started)),
-            )
-        _wait(lambda: int(redis_client.get("bench:pace:done") or 0) >= len(paces), 180)
-        floor_cpu = proc_reading(worker.pid).cpu - before
-        floor_wall = time.monotonic() - started
+        floor_cpu, floor_wall = _paced_floor(worker.pid, paces, "bench:pace:done")
+        # The same, each chain ending with the follow-up a tracking sends: the callback's
+        # signature rides in every run's arguments (as a tracking's does), and the last run
+        # sends it with a result one of the trackings' callbacks got.
+        redis_client.set(FOLLOW_UP_RESULT, json.dumps(_a_callback_result(redis_client)))
+        follow_cpu, _ = _paced_floor(worker.pid, paces, "bench:follow:done", dict(callback))
 
         # The earlier versions' floor: every chain at once, countdowns without jitter.
         chains, left = messages, max(1, round(checks / messages) - 1)
@@ -233,6 +275,8 @@ def run_per_message(messages: int, seed: int) -> dict[str, Any]:
         "floor_cpu_ms_per_message": round(floor_per_message * 1000, 2),
         "floor_wall_s": round(floor_wall, 1),
         "ratio": round(per_message / floor_per_message, 3),
+        "follow_up_floor_cpu_ms_per_message": round(follow_cpu / messages * 1000, 2),
+        "follow_up_ratio": round(tracking_cpu / follow_cpu, 3),
         "burst_floor_runs": burst_runs,
         "burst_floor_cpu_ms_per_run": round(burst_per_run * 1000, 2),
         "burst_ratio": round(per_message / (checks / messages * burst_per_run), 3),
