@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "timeout (default %(default)s)",
     )
     parser.add_argument(
+        "--worker-app",
+        default="smsbat_tracker.worker",
+        help="modes b and c: the module `celery -A` loads for the workers, e.g. "
+        "bench.user_app, a user's own Celery app after init_app (default %(default)s)",
+    )
+    parser.add_argument(
         "--probe-throughput",
         action="store_true",
         help="only measure how many status checks/s the sandbox serves here",
@@ -211,6 +217,7 @@ def _main(argv: list[str] | None) -> int:
             rate_limit=args.rate_limit,
             out=sys.stderr,
             slow_rate=args.slow_rate,
+            worker_app=args.worker_app,
         )
         for letter in letters:
             ctx.say(f"mode {letter}: {MODES[letter].title}")

@@ -78,6 +78,8 @@ class BenchContext:
     out: IO[str]
     # Modes b and c: this share of status answers comes only after the read timeout.
     slow_rate: float = 0.0
+    # Modes b and c: what the workers' ``celery -A`` loads (a user's app after init_app).
+    worker_app: str = "smsbat_tracker.worker"
 
     def say(self, text: str) -> None:
         """One progress line (stderr-like; the table goes to the same stream at the end)."""
@@ -262,6 +264,7 @@ def _callbacks_worker(
             settings,
             concurrency=CALLBACK_THREADS,
             queues=(DEFAULT_QUEUE,),
+            app=ctx.worker_app,
             log_path=str(ctx.log_dir / f"mode-{letter}-callbacks.log"),
         )
     )
@@ -469,6 +472,7 @@ def _run_tracker(ctx: BenchContext, letter: str, *, push: bool) -> ModeRun:
                     pool=ctx.pool,
                     queues=_tracking_queues(ctx),
                     log_path=str(worker_log),
+                    app=ctx.worker_app,
                 )
             )
             for _ in range(count)

@@ -1,7 +1,8 @@
 """A real ``celery worker`` subprocess, for the demo, the tests and the benchmarks.
 
-It runs the package's own app (``-A smsbat_tracker.worker``) with the given settings in its
-environment, in a process group of its own so that stopping it takes its pool children too.
+It runs the package's own app (``-A smsbat_tracker.worker``), or another that calls
+``init_app``, with the given settings in its environment, in a process group of its own
+so that stopping it takes its pool children too.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ def worker_process(
     queues: Sequence[str] = (),
     log_path: str = os.devnull,
     imports: Sequence[str] = (),
+    app: str = "smsbat_tracker.worker",
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real ``celery worker`` subprocess using ``settings``; stopped on exit.
 
     ``queues``: the ``-Q`` list; empty, every queue the settings name. ``imports``: more
     task modules for the worker to load (``--include``), beside the demo's recipes.
+    ``app``: what ``celery -A`` loads, the package's own app by default (a user's app
+    module that calls ``init_app`` reads the same settings from the environment).
     """
     env = {**os.environ, **settings.to_env()}
     only = ["--queues", ",".join(queues)] if queues else []
@@ -46,7 +50,7 @@ def worker_process(
                 "-m",
                 "celery",
                 "-A",
-                "smsbat_tracker.worker",
+                app,
                 "worker",
                 "--pool",
                 pool,
