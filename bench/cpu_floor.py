@@ -56,7 +56,7 @@ from celery import Task, signature
 from bench.sampling import proc_reading
 from bench.workload import free_port, wait_until
 from smsbat_tracker.celery.track import track_message
-from smsbat_tracker.config import load_settings
+from smsbat_tracker.config import Settings, load_settings
 from smsbat_tracker.tools.embedded import PersistentRedis
 from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
 from smsbat_tracker.tools.workers import worker_process
@@ -103,11 +103,9 @@ def _wait(predicate: Any, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def _measured_worker(
-    seed: int, log_name: str, **overrides: Any
-) -> Iterator[tuple[subprocess.Popen[bytes], SandboxServer]]:
-    """A sandbox, a Redis and one default prefork worker (2 children) with ``overrides``,
-    started and settled; yields the worker's process and the sandbox."""
+def sandboxed_app(seed: int, **overrides: Any) -> Iterator[tuple[Settings, SandboxServer]]:
+    """A sandbox and a Redis, and the package's app configured for them with the default
+    settings but ``overrides``; yields the settings and the sandbox."""
     sandbox = SandboxServer(SandboxConfig(seed=seed))
     sandbox.start()
     with (
@@ -120,17 +118,29 @@ def _measured_worker(
             redis_url=server.url, base_url=sandbox.url, api_key=sandbox.config.api_key, **overrides
         )
         app.reconfigure(settings)
-        with worker_process(
+        yield settings, sandbox
+
+
+@contextlib.contextmanager
+def _measured_worker(
+    seed: int, log_name: str, **overrides: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], SandboxServer]]:
+    """A sandbox, a Redis and one default prefork worker (2 children) with ``overrides``,
+    started and settled; yields the worker's process and the sandbox."""
+    with (
+        sandboxed_app(seed, **overrides) as (settings, sandbox),
+        worker_process(
             settings,
             concurrency=2,
             pool="prefork",
             log_path=str(RESULTS / log_name),
             imports=("bench.cpu_floor",),
-        ) as worker:
-            redis_client = app.engine.redis
-            _wait(lambda: redis_client.zcard(app.engine.keys.holders()) > 0, 60)
-            time.sleep(2.0)  # let start-up settle before the first reading
-            yield worker, sandbox
+        ) as worker,
+    ):
+        redis_client = app.engine.redis
+        _wait(lambda: redis_client.zcard(app.engine.keys.holders()) > 0, 60)
+        time.sleep(2.0)  # let start-up settle before the first reading
+        yield worker, sandbox
 
 
 def run(chains: int, checks: int) -> dict[str, Any]:

@@ -25,20 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.workload import free_port
+from bench.cpu_floor import sandboxed_app
 from smsbat_tracker.celery.task_base import as_signature_dict
-from smsbat_tracker.config import load_settings
 from smsbat_tracker.engine.run import RunRequest, run_check
 from smsbat_tracker.engine.session import Subscription, build_result
-from smsbat_tracker.tools.embedded import PersistentRedis
 from smsbat_tracker.tools.recipes import record_outcome
-from smsbat_tracker.tools.sandbox import SandboxConfig, SandboxServer
+from smsbat_tracker.tools.sandbox import SandboxServer
 from smsbat_tracker.worker import app
 
 RESULTS = Path(__file__).parent / "results"
@@ -58,25 +55,13 @@ def _timed(op: Callable[[], Any], runs: int) -> float:
 
 def measure(runs: int) -> dict[str, float]:
     """Each part's median thread CPU, in microseconds."""
-    sandbox = SandboxServer(SandboxConfig(seed=1))
-    sandbox.start()
-    try:
-        with tempfile.TemporaryDirectory() as data, PersistentRedis(free_port(), data) as server:
-            # Every setting at its default but the answer wait, long enough that a request
-            # runs in the calling thread (where it is timed), not in the request thread.
-            settings = load_settings(
-                redis_url=server.url,
-                base_url=sandbox.url,
-                api_key=sandbox.config.api_key,
-                answer_wait=300.0,
-            )
-            app.reconfigure(settings)
-            try:
-                return _measure(runs, sandbox)
-            finally:
-                app.close_engine()
-    finally:
-        sandbox.stop()
+    # Every setting at its default but the answer wait, long enough that a request runs
+    # in the calling thread (where it is timed), not in the request thread.
+    with sandboxed_app(1, answer_wait=300.0) as (_settings, sandbox):
+        try:
+            return _measure(runs, sandbox)
+        finally:
+            app.close_engine()
 
 
 def _measure(runs: int, sandbox: SandboxServer) -> dict[str, float]:
