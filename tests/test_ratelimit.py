@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from smsbat_tracker.config import Settings
 from smsbat_tracker.errors import RateLimited, ServerError
+from smsbat_tracker.store import ratelimit
 from smsbat_tracker.store.keys import Keys
 from smsbat_tracker.store.ratelimit import (
     DEFAULT_PAUSE,
@@ -240,6 +241,28 @@ def test_a_waiter_that_never_comes_back_is_forgotten(
         return redis_client.zcard(waiters) == 0
 
     wait_for(swept, timeout=WAITER_GRACE + 3, interval=0.2)
+
+
+def test_waiters_not_back_give_up_their_room_once_tokens_go_unused(
+    limiter_for: Callable[..., RateLimiter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiters due back by now that have not asked again (their worker died) stop holding
+    room in the line once tokens have gone unused for half its window: the line does not
+    stand still, every caller turned away with the bucket idle, until they are forgotten
+    (here never: a grace of 30 s). While the bucket is busy, their room is kept."""
+    monkeypatch.setattr(ratelimit, "WAITER_GRACE", 30.0)
+    limiter = limiter_for(2, burst=1)  # a token every 0.5 s: the 1 s window holds two
+    old = time.time() - 60
+    assert limiter.reserve(1, ahead=0.0)[0]
+    for i in range(4):
+        assert not limiter.reserve(1, ahead=0.0, waiter=f"ghost{i}", due_at=old)[0]
+    now = time.time()
+    assert not limiter.reserve(1, ahead=0.5, waiter="new", due_at=now)[0]
+    wait_for(
+        lambda: limiter.reserve(1, ahead=0.5, waiter="new", due_at=now)[0],
+        timeout=10,
+        interval=0.1,
+    )
 
 
 def test_late_waiters_hold_up_the_line_only_beyond_its_window(

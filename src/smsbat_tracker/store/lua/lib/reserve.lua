@@ -17,7 +17,12 @@
 -- turned away by a pause takes its place in the line too: when the pause ends, the line
 -- goes in order. The window
 -- is wider than a caller's own wait, so that waiters who come back late (their worker was
--- busy) hold up the line only when more than the window's worth of them are late.
+-- busy) hold up the line only when more than the window's worth of them are late. Once
+-- tokens have gone unused for half the window (or the bucket has expired), the waiters
+-- that were due back by now give up that room: they are not on their way (their worker
+-- died or froze), and the line would stand still, every caller turned away, until they
+-- were forgotten. Their places are kept elsewhere (a tracking's session, a batch's
+-- oldest message) for when they do ask again.
 local function reserve(K, A)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -28,7 +33,15 @@ local function reserve(K, A)
   local ahead = tonumber(A[4])
   local member = A[5]
   local due = tonumber(A[6]) or now
-  local gone = redis.call('ZRANGEBYSCORE', K[4], '-inf', now, 'LIMIT', 0, 100)
+  local grace = tonumber(A[7])
+  local window = tonumber(A[8])
+  local booked_until = redis.call('GET', K[1])
+  local tat = tonumber(booked_until or now)
+  -- Forgotten: more than the grace late. Idle: the waiters expected back by now, too.
+  local forget_before = now
+  if not booked_until or tat < now - window / 2 then forget_before = now + grace end
+  local gone = redis.call('ZRANGEBYSCORE', K[4], '-inf', string.format('%d', forget_before),
+                          'LIMIT', 0, 100)
   if #gone > 0 then
     redis.call('ZREM', K[3], unpack(gone))
     redis.call('ZREM', K[4], unpack(gone))
@@ -38,20 +51,19 @@ local function reserve(K, A)
     if first and first < due then due = first end
   end
   local before = redis.call('ZCOUNT', K[3], '-inf', string.format('(%d', due))
-  local tat = tonumber(redis.call('GET', K[1]) or now)
   if tat < now then tat = now end
   local line = tat + interval * (before + n) - tolerance - interval - now
-  line = line - math.max(tonumber(A[8]), ahead)
+  line = line - math.max(window, ahead)
   local reach = ahead
   if A[9] == '1' and member ~= '' and before == 0 then
-    reach = math.max(ahead, tonumber(A[8]))
+    reach = math.max(ahead, window)
   end
   local own = tat + interval * n - tolerance - interval - now - reach
   if line > 0 or own > 0 or paused > 0 then
     local retry = math.ceil(math.max(line, own, paused))
     if member ~= '' then
       redis.call('ZADD', K[3], string.format('%d', due), member)
-      redis.call('ZADD', K[4], string.format('%d', now + retry + tonumber(A[7])), member)
+      redis.call('ZADD', K[4], string.format('%d', now + retry + grace), member)
       redis.call('PEXPIRE', K[3], 60000)
       redis.call('PEXPIRE', K[4], 60000)
     end
