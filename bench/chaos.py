@@ -539,10 +539,10 @@ def _analyse(
     for row in rows:
         by_kind[row["kind"]].append(row["late"])
 
-    def q(p: float) -> float | None:
-        if not lateness:
+    def q(p: float, values: list[float] = lateness) -> float | None:
+        if not values:
             return None
-        return round(lateness[min(len(lateness) - 1, int(p * len(lateness)))], 2)
+        return round(values[min(len(values) - 1, int(p * len(values)))], 2)
 
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -565,8 +565,7 @@ def _analyse(
             "mean": round(statistics.fmean(lateness), 2) if lateness else None,
             "over_30s": sum(1 for x in lateness if x > 30),
             "p99_by_kind": {
-                kind: sorted(values)[min(len(values) - 1, int(0.99 * len(values)))]
-                for kind, values in sorted(by_kind.items())
+                kind: q(0.99, sorted(values)) for kind, values in sorted(by_kind.items())
             },
         },
     }

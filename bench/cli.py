@@ -38,6 +38,7 @@ from bench.report import (
     targets,
     write_json,
 )
+from smsbat_tracker.tools.workers import PACKAGE_APP
 
 __all__ = ["build_parser", "main"]
 
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--worker-app",
-        default="smsbat_tracker.worker",
+        default=PACKAGE_APP,
         help="modes b and c: the module `celery -A` loads for the workers, e.g. "
         "bench.user_app, a user's own Celery app after init_app (default %(default)s)",
     )

@@ -37,7 +37,7 @@ from bench.metrics import Observation
 from bench.sampling import Sampler, proc_reading
 from bench.workload import SandboxProcess, create_messages, terminate, workload_config
 from smsbat_tracker.config import Settings, load_settings
-from smsbat_tracker.tools.workers import worker_process
+from smsbat_tracker.tools.workers import PACKAGE_APP, worker_process
 
 if TYPE_CHECKING:
     from smsbat_tracker.worker import TrackerApp
@@ -79,7 +79,7 @@ class BenchContext:
     # Modes b and c: this share of status answers comes only after the read timeout.
     slow_rate: float = 0.0
     # Modes b and c: what the workers' ``celery -A`` loads (a user's app after init_app).
-    worker_app: str = "smsbat_tracker.worker"
+    worker_app: str = PACKAGE_APP
 
     def say(self, text: str) -> None:
         """One progress line (stderr-like; the table goes to the same stream at the end)."""

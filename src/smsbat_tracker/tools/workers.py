@@ -14,10 +14,14 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import Final
 
 from smsbat_tracker.config import Settings
 
-__all__ = ["stop_process_group", "worker_process"]
+__all__ = ["PACKAGE_APP", "stop_process_group", "worker_process"]
+
+# What `celery -A` loads by default: the package's own app.
+PACKAGE_APP: Final = "smsbat_tracker.worker"
 
 
 @contextlib.contextmanager
@@ -29,7 +33,7 @@ def worker_process(
     queues: Sequence[str] = (),
     log_path: str = os.devnull,
     imports: Sequence[str] = (),
-    app: str = "smsbat_tracker.worker",
+    app: str = PACKAGE_APP,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real ``celery worker`` subprocess using ``settings``; stopped on exit.
 
